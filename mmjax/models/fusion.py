@@ -1,0 +1,157 @@
+"""Fusion of per-modality token sequences, chosen by ``config.model.fusion.kind``.
+
+Every kind takes ``{modality: {"tokens": [B, T, D_m], "pooled": [B, D_m], "mask": [B, T] | None}}``
+and returns ``{"tokens": [B, T', W], "pooled": [B, W'], "mask": [B, T'] | None}``:
+
+- ``concat``: single stream (VisualBERT/UNITER-like). Tokens of every modality, projected to the
+  fusion width and tagged with a learned modality embedding, are concatenated behind a learned
+  fusion [CLS] token and run through shared transformer layers; pooled = that [CLS].
+- ``cross_attention``: the ``query`` modality (text by default) runs self-attention and attends to
+  the other modalities' tokens in every layer (ALBEF/BLIP-like); pooled = its first token.
+- ``co_attention``: two streams (ViLBERT-like), each layer lets each stream attend to the other's
+  previous state; pooled = the two streams' masked means, concatenated.
+- ``late``: no token interaction; the encoders' pooled features are concatenated and mixed by a
+  two-layer MLP; tokens are the projected sequences side by side (for heads that want them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models import layers
+
+Array = jax.Array
+Features = Mapping[str, Mapping[str, Array | None]]
+
+FUSION_KINDS = ("concat", "cross_attention", "co_attention", "late")
+
+
+def _mask_or_ones(f: Mapping[str, Array | None]) -> Array:
+    t = f["tokens"]
+    return jnp.ones(t.shape[:2], jnp.int32) if f["mask"] is None else f["mask"]
+
+
+class Fusion(nn.Module):
+    kind: str = "cross_attention"
+    width: int = 64
+    depth: int = 1
+    num_heads: int = 4
+    mlp_dim: int | None = None
+    query: str = "text"
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+    attn_implementation: str | None = None
+    remat: str | None = None
+
+    def _encoder(self, name: str, cross: bool) -> layers.Encoder:
+        return layers.Encoder(
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim or 4 * self.width,
+            pre_norm=True,
+            final_norm=True,
+            activation=self.activation,
+            cross_attention=cross,
+            layer_norm_eps=self.layer_norm_eps,
+            dropout=self.dropout,
+            dtype=self.dtype,
+            attn_implementation=self.attn_implementation,
+            remat=self.remat,
+            name=name,
+        )
+
+    def _project(self, features: Features, order: Sequence[str]) -> dict[str, Array]:
+        return {
+            m: nn.Dense(self.width, dtype=self.dtype, name=f"{m}_proj")(features[m]["tokens"])
+            for m in order
+        }
+
+    @nn.compact
+    def __call__(
+        self, features: Features, *, train: bool = False
+    ) -> dict[str, Array | None]:
+        order = sorted(features)
+        if self.kind not in FUSION_KINDS:
+            raise ValueError(f"unknown fusion kind {self.kind!r} (model.fusion.kind); "
+                             f"known: {FUSION_KINDS}")
+        if len(order) < 2:
+            raise ValueError(f"fusion needs two or more modalities, got {order}")
+        tokens = self._project(features, order)
+        masks = {m: _mask_or_ones(features[m]) for m in order}
+
+        if self.kind == "concat":
+            seq = []
+            for m in order:
+                emb = self.param(f"{m}_type", nn.initializers.normal(0.02), (self.width,))
+                seq.append(tokens[m] + emb.astype(self.dtype))
+            b = seq[0].shape[0]
+            cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.width))
+            seq.insert(0, jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)))
+            mask = jnp.concatenate([jnp.ones((b, 1), jnp.int32)] + [masks[m] for m in order], 1)
+            x = jnp.concatenate(seq, axis=1)
+            x = self._encoder("encoder", cross=False)(x, mask, train=train)
+            return {"tokens": x, "pooled": x[:, 0], "mask": mask}
+
+        if self.kind == "cross_attention":
+            if self.query not in features:
+                raise ValueError(f"fusion query modality {self.query!r} (model.fusion.query) "
+                                 f"is not among the encoders {order}")
+            others = [m for m in order if m != self.query]
+            ctx = jnp.concatenate([tokens[m] for m in others], axis=1)
+            ctx_mask = jnp.concatenate([masks[m] for m in others], axis=1)
+            x = self._encoder("encoder", cross=True)(
+                tokens[self.query], masks[self.query], ctx, ctx_mask, train=train
+            )
+            return {"tokens": x, "pooled": x[:, 0], "mask": masks[self.query]}
+
+        if self.kind == "co_attention":
+            if len(order) != 2:
+                raise ValueError(f"co_attention fuses exactly two modalities, got {order}")
+            a, b = order
+            xa, xb = tokens[a], tokens[b]
+            block = lambda name: layers.Block(  # noqa: E731
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim or 4 * self.width,
+                activation=self.activation,
+                cross_attention=True,
+                layer_norm_eps=self.layer_norm_eps,
+                dropout=self.dropout,
+                dtype=self.dtype,
+                attn_implementation=self.attn_implementation,
+                name=name,
+            )
+            for i in range(self.depth):
+                xa, xb = (
+                    block(f"{a}_layer_{i}")(xa, masks[a], xb, masks[b], train),
+                    block(f"{b}_layer_{i}")(xb, masks[b], xa, masks[a], train),
+                )
+            norm = lambda name: nn.LayerNorm(  # noqa: E731
+                epsilon=self.layer_norm_eps, dtype=self.dtype, name=name
+            )
+            xa, xb = norm(f"{a}_norm")(xa), norm(f"{b}_norm")(xb)
+            pooled = jnp.concatenate(
+                [layers.masked_mean(xa, masks[a]), layers.masked_mean(xb, masks[b])], axis=-1
+            )
+            return {
+                "tokens": jnp.concatenate([xa, xb], axis=1),
+                "pooled": pooled,
+                "mask": jnp.concatenate([masks[a], masks[b]], axis=1),
+            }
+
+        # late
+        pooled = jnp.concatenate([features[m]["pooled"].astype(self.dtype) for m in order], -1)
+        h = nn.Dense(self.mlp_dim or 4 * self.width, dtype=self.dtype, name="mlp_fc1")(pooled)
+        h = nn.Dropout(self.dropout)(layers.get_activation(self.activation)(h), not train)
+        pooled = nn.Dense(self.width, dtype=self.dtype, name="mlp_fc2")(h)
+        return {
+            "tokens": jnp.concatenate([tokens[m] for m in order], axis=1),
+            "pooled": pooled,
+            "mask": jnp.concatenate([masks[m] for m in order], axis=1),
+        }

@@ -1,0 +1,273 @@
+"""Transformer building blocks shared by every tower and by fusion.
+
+One attention module and one block serve the ViT, the BERT-style text encoder and the fusion
+layers, so that options (pre/post LayerNorm, activation, qkv bias, causal mask, attention backend)
+exist once and a Hugging Face checkpoint maps onto the very modules the trainer uses.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+# width, depth, mlp_dim, num_heads; one table for image and text towers (big_vision's sizes).
+_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "mu": (32, 1, 128, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+}
+
+
+def decode_variant(variant: str) -> dict[str, int]:
+    """Decodes a size string such as ``"B/16"`` (ViT) or ``"B"`` (text) into layer sizes.
+
+    The part after "/" is the patch size; it is absent for text towers. Sizes live here only, so
+    every tower of a given name has the same shape.
+    """
+    m = re.fullmatch(r"(?P<size>[A-Za-z]+)(/(?P<patch>\d+))?", variant)
+    if m is None or m.group("size") not in _SIZES:
+        raise ValueError(
+            f"unknown model variant {variant!r}; expected one of {sorted(_SIZES)} "
+            "optionally followed by /<patch size>, e.g. 'B/16'"
+        )
+    width, depth, mlp_dim, heads = _SIZES[m.group("size")]
+    out = {"width": width, "depth": depth, "mlp_dim": mlp_dim, "num_heads": heads}
+    if m.group("patch"):
+        out["patch_size"] = int(m.group("patch"))
+    return out
+
+
+def quick_gelu(x: Array) -> Array:
+    """CLIP's sigmoid approximation of GELU."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": nn.relu,
+    "silu": nn.silu,
+}
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def padding_mask(q_mask: Array | None, kv_mask: Array | None) -> Array | None:
+    """[B, Tq] and [B, Tk] validity masks -> boolean attention mask [B, 1, Tq, Tk]."""
+    if kv_mask is None:
+        return None
+    kv = kv_mask.astype(bool)[:, None, None, :]
+    if q_mask is None:
+        return kv
+    return jnp.logical_and(q_mask.astype(bool)[:, None, :, None], kv)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with HF-compatible projections (query/key/value/out).
+
+    ``implementation`` is passed to ``jax.nn.dot_product_attention``: None lets JAX choose (XLA
+    everywhere), "cudnn" asks for the fused kernel on NVIDIA GPUs, "xla" forces the reference path.
+    Rows whose keys are all masked (padding queries) produce finite values, never NaN.
+    """
+
+    num_heads: int
+    qkv_bias: bool = True
+    causal: bool = False
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    implementation: str | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        context: Array | None = None,
+        mask: Array | None = None,
+        *,
+        train: bool = False,
+    ) -> Array:
+        context = x if context is None else context
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+        head_dim = width // self.num_heads
+        dense = lambda name, bias: nn.DenseGeneral(  # noqa: E731
+            (self.num_heads, head_dim), use_bias=bias, dtype=self.dtype, name=name
+        )
+        q = dense("query", self.qkv_bias)(x)
+        k = dense("key", self.qkv_bias)(context)
+        v = dense("value", self.qkv_bias)(context)
+        if mask is not None:
+            mask = jnp.broadcast_to(
+                mask, (x.shape[0], 1, x.shape[1], context.shape[1])
+            )
+        y = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=self.causal, implementation=self.implementation
+        )
+        y = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(y)
+        return nn.Dropout(self.dropout)(y, deterministic=not train)
+
+
+class Mlp(nn.Module):
+    mlp_dim: int
+    activation: str = "gelu"
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool = False) -> Array:
+        width = x.shape[-1]
+        h = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
+        h = get_activation(self.activation)(h)
+        h = nn.Dense(width, dtype=self.dtype, name="fc2")(h)
+        return nn.Dropout(self.dropout)(h, deterministic=not train)
+
+
+class Block(nn.Module):
+    """A transformer layer: self-attention, optional cross-attention, MLP.
+
+    ``pre_norm=True`` is the ViT/CLIP layout (LN before each sublayer); ``False`` is BERT's
+    (LN after each residual sum). Cross-attention (``context`` given) makes the block a fusion
+    layer whose queries are ``x`` and keys/values ``context``.
+    """
+
+    num_heads: int
+    mlp_dim: int
+    pre_norm: bool = True
+    activation: str = "gelu"
+    qkv_bias: bool = True
+    causal: bool = False
+    cross_attention: bool = False
+    layer_norm_eps: float = 1e-6
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    attn_implementation: str | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        mask: Array | None = None,
+        context: Array | None = None,
+        context_mask: Array | None = None,
+        train: bool = False,
+    ) -> Array:
+        norm = lambda name: nn.LayerNorm(  # noqa: E731
+            epsilon=self.layer_norm_eps, dtype=self.dtype, name=name
+        )
+        attn = lambda name, causal: Attention(  # noqa: E731
+            self.num_heads,
+            qkv_bias=self.qkv_bias,
+            causal=causal,
+            dropout=self.dropout,
+            dtype=self.dtype,
+            implementation=self.attn_implementation,
+            name=name,
+        )
+
+        def sublayer(h: Array, fn: Callable[[Array], Array], name: str) -> Array:
+            if self.pre_norm:
+                return h + fn(norm(f"{name}_norm")(h))
+            return norm(f"{name}_norm")(h + fn(h))
+
+        x = sublayer(
+            x,
+            lambda h: attn("attn", self.causal)(h, mask=padding_mask(mask, mask), train=train),
+            "attn",
+        )
+        if self.cross_attention:
+            if context is None:
+                raise ValueError("a cross-attention block needs a context sequence")
+            x = sublayer(
+                x,
+                lambda h: attn("cross_attn", False)(
+                    h, context, mask=padding_mask(mask, context_mask), train=train
+                ),
+                "cross_attn",
+            )
+        mlp = Mlp(self.mlp_dim, self.activation, self.dropout, self.dtype, name="mlp")
+        return sublayer(x, lambda h: mlp(h, train=train), "mlp")
+
+
+def remat_block(policy: str | None) -> type[Block]:
+    """Block, rematerialised under a named ``jax.checkpoint_policies`` policy when one is given."""
+    if not policy:
+        return Block
+    if not hasattr(jax.checkpoint_policies, policy):
+        raise ValueError(f"unknown remat policy {policy!r} (model.remat)")
+    # train (argument 5, counting self) selects dropout, so it must stay a Python bool.
+    return nn.remat(Block, policy=getattr(jax.checkpoint_policies, policy), static_argnums=(5,))
+
+
+class Encoder(nn.Module):
+    """A stack of ``depth`` Blocks named ``layer_<i>``, with an optional final LayerNorm."""
+
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    pre_norm: bool = True
+    final_norm: bool = True
+    activation: str = "gelu"
+    qkv_bias: bool = True
+    causal: bool = False
+    cross_attention: bool = False
+    layer_norm_eps: float = 1e-6
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    attn_implementation: str | None = None
+    remat: str | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        mask: Array | None = None,
+        context: Array | None = None,
+        context_mask: Array | None = None,
+        *,
+        train: bool = False,
+    ) -> Array:
+        block_cls = remat_block(self.remat)
+        for i in range(self.depth):
+            x = block_cls(
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim,
+                pre_norm=self.pre_norm,
+                activation=self.activation,
+                qkv_bias=self.qkv_bias,
+                causal=self.causal,
+                cross_attention=self.cross_attention,
+                layer_norm_eps=self.layer_norm_eps,
+                dropout=self.dropout,
+                dtype=self.dtype,
+                attn_implementation=self.attn_implementation,
+                name=f"layer_{i}",
+            )(x, mask, context, context_mask, train)
+        if self.final_norm:
+            x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="final_norm")(x)
+        return x
+
+
+def masked_mean(x: Array, mask: Array | None) -> Array:
+    """Mean over the token axis of [B, T, D], counting only tokens where mask is 1."""
+    if mask is None:
+        return x.mean(axis=1)
+    m = mask.astype(x.dtype)[..., None]
+    return (x * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1)

@@ -1,0 +1,116 @@
+"""BERT-style text encoder; the one text tower of mmjax (BERT and CLIP text load into it, #3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models import layers
+
+Array = jax.Array
+
+
+class TextEncoder(nn.Module):
+    """Token + position (+ segment) embeddings, a transformer, and pooling.
+
+    Returns ``{"tokens": [B, L, D], "pooled": [B, D], "mask": [B, L]}``. Options cover both
+    families: BERT is ``pre_norm=False, embed_norm=True, final_norm=False, pooler=True,
+    pool="cls"``; CLIP text is ``pre_norm=True, causal=True, final_norm=True, pool="last"`` (or
+    "argmax" on token ids, as older CLIP checkpoints do), quick_gelu activation, no segments.
+
+    Pooling: "cls" first token, "mean" masked mean, "last" last valid token by mask,
+    "argmax" the position of the largest token id (CLIP's end-of-text token).
+    """
+
+    vocab_size: int
+    variant: str = "mu"
+    width: int | None = None
+    depth: int | None = None
+    mlp_dim: int | None = None
+    num_heads: int | None = None
+    max_len: int = 512
+    type_vocab_size: int = 2
+    pre_norm: bool = False
+    embed_norm: bool = True
+    final_norm: bool = False
+    causal: bool = False
+    pool: str = "cls"
+    pooler: bool = False
+    activation: str = "gelu"
+    qkv_bias: bool = True
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+    attn_implementation: str | None = None
+    remat: str | None = None
+
+    def sizes(self) -> dict[str, int]:
+        size = layers.decode_variant(self.variant)
+        size.pop("patch_size", None)
+        for key in ("width", "depth", "mlp_dim", "num_heads"):
+            if getattr(self, key) is not None:
+                size[key] = getattr(self, key)
+        return size
+
+    @nn.compact
+    def __call__(
+        self,
+        ids: Array,
+        mask: Array | None = None,
+        segment_ids: Array | None = None,
+        *,
+        train: bool = False,
+    ) -> dict[str, Array]:
+        s = self.sizes()
+        d = s["width"]
+        length = ids.shape[1]
+        if length > self.max_len:
+            raise ValueError(f"text length {length} exceeds the encoder's max_len {self.max_len}")
+        if mask is None:
+            mask = jnp.ones_like(ids)
+        init = nn.initializers.normal(stddev=0.02)
+        x = nn.Embed(self.vocab_size, d, embedding_init=init, name="token_embedding")(ids)
+        pos = self.param("position_embedding", init, (self.max_len, d), jnp.float32)
+        x = x + pos[None, :length]
+        if self.type_vocab_size:
+            seg = jnp.zeros_like(ids) if segment_ids is None else segment_ids
+            x = x + nn.Embed(
+                self.type_vocab_size, d, embedding_init=init, name="segment_embedding"
+            )(seg)
+        x = x.astype(self.dtype)
+        if self.embed_norm:
+            x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="embed_norm")(x)
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        x = layers.Encoder(
+            depth=s["depth"],
+            num_heads=s["num_heads"],
+            mlp_dim=s["mlp_dim"],
+            pre_norm=self.pre_norm,
+            final_norm=self.final_norm,
+            activation=self.activation,
+            qkv_bias=self.qkv_bias,
+            causal=self.causal,
+            layer_norm_eps=self.layer_norm_eps,
+            dropout=self.dropout,
+            dtype=self.dtype,
+            attn_implementation=self.attn_implementation,
+            remat=self.remat,
+            name="encoder",
+        )(x, mask, train=train)
+        batch = jnp.arange(ids.shape[0])
+        if self.pool == "cls":
+            pooled = x[:, 0]
+        elif self.pool == "mean":
+            pooled = layers.masked_mean(x, mask)
+        elif self.pool == "last":
+            pooled = x[batch, jnp.maximum(mask.sum(axis=1) - 1, 0)]
+        elif self.pool == "argmax":
+            pooled = x[batch, jnp.argmax(ids, axis=1)]
+        else:
+            raise ValueError(f"unknown text pool {self.pool!r}; use cls, mean, last or argmax")
+        if self.pooler:
+            pooled = jnp.tanh(nn.Dense(d, dtype=self.dtype, name="pooler")(pooled))
+        return {"tokens": x, "pooled": pooled, "mask": mask}

@@ -1,0 +1,111 @@
+"""Vision Transformer image encoder; its size comes from a variant string ("mu/8", "B/16")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models import layers
+
+Array = jax.Array
+
+
+class ViT(nn.Module):
+    """ViT returning ``{"tokens": [B, N, D], "pooled": [B, D], "mask": None}``.
+
+    ``width``/``depth``/``mlp_dim``/``num_heads``/``patch_size`` override the variant's values
+    (None keeps them), so a demo-sized tower needs no new variant name. The layout options
+    (``class_token``, ``embed_norm``, ``final_norm``, ``pool_norm``, ``pooler``) exist so the
+    Hugging Face ViT and CLIP vision towers load into this same module (#3).
+
+    Pooling: "cls" (needs ``class_token``), "gap" (mean of patch tokens), "none" (first token).
+    GUIDE §6: cuDNN's fused attention wants even sequence lengths, so ``gap`` without a class
+    token is the fast default for towers trained from scratch.
+    """
+
+    variant: str = "mu/8"
+    width: int | None = None
+    depth: int | None = None
+    mlp_dim: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    class_token: bool = False
+    pool: str = "gap"
+    embed_norm: bool = False
+    final_norm: bool = True
+    pool_norm: bool = False
+    pooler: bool = False
+    activation: str = "gelu"
+    qkv_bias: bool = True
+    layer_norm_eps: float = 1e-6
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+    attn_implementation: str | None = None
+    remat: str | None = None
+
+    def sizes(self) -> dict[str, int]:
+        size = layers.decode_variant(self.variant)
+        for key in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
+            if getattr(self, key) is not None:
+                size[key] = getattr(self, key)
+        if "patch_size" not in size:
+            raise ValueError(f"ViT variant {self.variant!r} names no patch size (e.g. 'B/16')")
+        return size
+
+    @nn.compact
+    def __call__(self, image: Array, *, train: bool = False) -> dict[str, Array | None]:
+        s = self.sizes()
+        p = s["patch_size"]
+        if image.shape[1] % p or image.shape[2] % p:
+            raise ValueError(f"image size {image.shape[1:3]} is not a multiple of patch {p}")
+        x = nn.Conv(
+            s["width"], (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+            name="embedding",
+        )(image.astype(self.dtype))
+        b, h, w, d = x.shape
+        x = x.reshape(b, h * w, d)
+        if self.class_token:
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, d), jnp.float32)
+            x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)), x], axis=1)
+        pos = self.param(
+            "pos_embedding", nn.initializers.normal(stddev=0.02), (1, x.shape[1], d), jnp.float32
+        )
+        x = x + pos.astype(x.dtype)
+        if self.embed_norm:
+            x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="embed_norm")(x)
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        x = layers.Encoder(
+            depth=s["depth"],
+            num_heads=s["num_heads"],
+            mlp_dim=s["mlp_dim"],
+            pre_norm=True,
+            final_norm=self.final_norm,
+            activation=self.activation,
+            qkv_bias=self.qkv_bias,
+            layer_norm_eps=self.layer_norm_eps,
+            dropout=self.dropout,
+            dtype=self.dtype,
+            attn_implementation=self.attn_implementation,
+            remat=self.remat,
+            name="encoder",
+        )(x, train=train)
+        if self.pool == "cls":
+            if not self.class_token:
+                raise ValueError("pool='cls' needs class_token=True")
+            pooled = x[:, 0]
+        elif self.pool == "gap":
+            pooled = x[:, 1:].mean(axis=1) if self.class_token else x.mean(axis=1)
+        elif self.pool == "none":
+            pooled = x[:, 0]
+        else:
+            raise ValueError(f"unknown ViT pool {self.pool!r}; use cls, gap or none")
+        if self.pool_norm:
+            pooled = nn.LayerNorm(
+                epsilon=self.layer_norm_eps, dtype=self.dtype, name="pool_norm"
+            )(pooled)
+        if self.pooler:
+            pooled = jnp.tanh(nn.Dense(d, dtype=self.dtype, name="pooler")(pooled))
+        return {"tokens": x, "pooled": pooled, "mask": None}
