@@ -165,16 +165,16 @@ def sigmoid_xent(
         raise ValueError(
             f"sigmoid_xent: targets of shape {targets.shape} do not match logits {logits.shape}"
         )
-    # log σ(x) and log(1-σ(x)) = log σ(-x), both stable for large |x|.
-    per_class = -(targets * jax.nn.log_sigmoid(logits) + (1 - targets) * jax.nn.log_sigmoid(-logits))
+    # log(1 - sigmoid(x)) = log_sigmoid(-x): both terms stay stable for large |x|.
+    per_class = -(
+        targets * jax.nn.log_sigmoid(logits) + (1 - targets) * jax.nn.log_sigmoid(-logits)
+    )
     per_example = jnp.mean(per_class.reshape(logits.shape[0], -1), axis=-1)
     return _weighted_mean(per_example, _valid(batch, logits.shape[0])), {}
 
 
 @register("mse")
-def mse(
-    outputs: Mapping, batch: Mapping, cfg: Mapping
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+def mse(outputs: Mapping, batch: Mapping, cfg: Mapping) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean squared error of ``outputs["predictions"]`` [B] or [B,D] against ``batch[target]``.
 
     Averages over the D dims of each example, then over valid examples; ``mae`` likewise. A [B,1]

@@ -133,9 +133,7 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda x: (x.ndim if hasattr(x, "ndim") else np.ndim(x)) >= 2, params)
 
 
-def make_optimizer(
-    opt_cfg: Mapping, params: Any, total_steps: int
-) -> optax.GradientTransformation:
+def make_optimizer(opt_cfg: Mapping, params: Any, total_steps: int) -> optax.GradientTransformation:
     """Builds the optax transformation described by ``opt_cfg`` for ``params``.
 
     The chain is: clip (global norm over trainable leaves) → algorithm → decoupled weight decay →
@@ -151,7 +149,7 @@ def make_optimizer(
     if clip_norm < 0:
         raise ValueError(f"optimizer.clip_norm={clip_norm} must be >= 0 (0 turns clipping off)")
     if weight_decay and name == "adam":
-        # Plain Adam would silently drop it (or couple it to the gradient); make the choice explicit.
+        # Plain Adam would drop it silently or couple it to the gradient; make the choice explicit.
         raise ValueError(
             f"optimizer.weight_decay={weight_decay} is set with optimizer.name='adam'; "
             "use name='adamw' for decoupled weight decay, or weight_decay=0"
@@ -171,7 +169,9 @@ def make_optimizer(
     else:
         momentum = float(_get(opt_cfg, "momentum", 0.0))
         if momentum:
-            parts.append(optax.trace(decay=momentum, nesterov=bool(_get(opt_cfg, "nesterov", False))))
+            parts.append(
+                optax.trace(decay=momentum, nesterov=bool(_get(opt_cfg, "nesterov", False)))
+            )
     if weight_decay:
         # After the adaptive/momentum step, so that decay is decoupled from the gradient statistics.
         # A callable mask adapts to the trainable subtree that optax.partition hands in.
@@ -184,7 +184,9 @@ def make_optimizer(
         return tx
     mask = trainable_mask(params, freeze)  # Raises early if the regex matches nothing.
     if not any(jax.tree.leaves(mask)):
-        raise ValueError(f"optimizer.freeze={freeze!r} matches every parameter; nothing would train")
+        raise ValueError(
+            f"optimizer.freeze={freeze!r} matches every parameter; nothing would train"
+        )
 
     def labels(tree: Any) -> Any:
         return jax.tree.map(lambda t: "train" if t else "freeze", trainable_mask(tree, freeze))
