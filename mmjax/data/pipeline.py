@@ -46,6 +46,12 @@ def build_tokenizer(data_config: Any) -> WordTokenizer:
     return shapes_tokenizer()
 
 
+def dataset_info(data_config: Any, tokenizer: WordTokenizer) -> dict[str, int]:
+    """Sizes a model takes from its data: the vocabulary and the number of answer classes."""
+    _check_name(data_config)
+    return {"vocab_size": tokenizer.vocab_size, "num_classes": len(shapes.ANSWERS)}
+
+
 def _source(data_config: Any, split: str) -> shapes.ShapesSource:
     _check_name(data_config)
     if split not in _SPLITS:
@@ -65,8 +71,12 @@ def _source(data_config: Any, split: str) -> shapes.ShapesSource:
 
 
 def _to_batch(
-    indices: np.ndarray, *, source: shapes.ShapesSource, tokenizer: WordTokenizer,
-    text_field: str, max_len: int,
+    indices: np.ndarray,
+    *,
+    source: shapes.ShapesSource,
+    tokenizer: WordTokenizer,
+    text_field: str,
+    max_len: int,
 ) -> dict[str, Any]:
     """Indices → model batch: images scaled to [-1, 1], the chosen text tokenized, int32 labels."""
     raw = source.get_batch(indices)
@@ -144,8 +154,7 @@ def train_iterator(
         raise ValueError(f"bad process_index {process_index} for process_count {process_count}")
     if batch_size < 1 or batch_size % process_count:
         raise ValueError(
-            f"batch_size {batch_size} must be a positive multiple of process_count "
-            f"{process_count}"
+            f"batch_size {batch_size} must be a positive multiple of process_count {process_count}"
         )
     source = _source(data_config, "train")
     per_process = batch_size // process_count

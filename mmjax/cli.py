@@ -1,0 +1,71 @@
+"""Shared command-line plumbing: config flags, logging, and the error contract.
+
+Every CLI ends a failure with a non-zero exit and a last stderr line that names the culprit
+(GUIDE §3), so ``run_main`` turns any exception into ``error: <message>`` as the final line.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def define_config_flag() -> None:
+    config_flags.DEFINE_config_file(
+        "config", None, "config file, optionally with an argument: configs/x.py[:arg]",
+        lock_config=True,
+    )
+
+
+def _explain_override_error(argv: Sequence[str], error: BaseException) -> str:
+    """Names the --config.* override that failed (ml_collections reports it obliquely)."""
+    text = str(error)
+    for arg in argv:
+        m = re.match(r"--config\.([\w.]+)(=.*)?$", arg)
+        if not m:
+            continue
+        key = m.group(1)
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf in text or key in text:
+            return f"bad config override {arg}: no such key or bad value for config.{key} ({text})"
+    return f"bad command line: {type(error).__name__}: {text}"
+
+
+def parse_flags(argv: Sequence[str]) -> None:
+    try:
+        FLAGS(list(argv))
+    except Exception as e:
+        _fail(_explain_override_error(argv, e), code=2)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    sys.stderr.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def run_main(main: Callable[[], object], argv: Sequence[str] | None = None) -> None:
+    """Parses flags, configures logging, runs ``main``; failures end with an ``error:`` line."""
+    argv = list(sys.argv if argv is None else argv)
+    parse_flags(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("absl", "orbax", "jax._src", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        main()
+    except KeyboardInterrupt:
+        _fail("interrupted", code=130)
+    except Exception as e:
+        traceback.print_exc(file=sys.stderr)
+        _fail(f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__)

@@ -1,0 +1,67 @@
+"""Where metrics go: ``WORKDIR/metrics.jsonl`` (the contract) and TensorBoard event files.
+
+Each JSONL record is written with one ``write`` of a whole line and flushed, so a run killed at
+any moment leaves a file of valid lines. Only process 0 writes (``enabled=False`` elsewhere).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.generic | np.ndarray):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep the line parseable
+    return v
+
+
+class MetricWriter:
+    def __init__(self, workdir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair_tail()
+        self._file = self.path.open("a", encoding="utf-8")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def _repair_tail(self) -> None:
+        """Drops a last line cut short by a kill, so the file stays valid JSON lines."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with self.path.open("rb+") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+    def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "split": split, **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "split") and isinstance(v, int | float):
+                    self._tb.add_scalar(f"{split}/{k}", v, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
