@@ -4,9 +4,14 @@ r"""Embedded default: answer questions about generated shapes with a fused image
 
 The `shapes` data (mmjax/data/shapes.py) is generated offline: 32-px images with two objects
 (3 shapes x 6 colours, each in its own 8x8 cell) and questions such as "what colour is the
-circle ?" or "what shape is the red one ?". A tiny ViT (patch 8, width 64, depth 2) and a 2-layer
-text encoder are fused by one cross-attention layer (text attends to image); the classification
-head answers from the fused [CLS]. About 98% val accuracy in under three minutes on 2 CPU cores.
+circle ?" or "what shape is the red one ?". The towers are embedding stems: a ViT patch embedding
+(patch 8, width 64) and BERT-style token embeddings, both with depth 0, fused by two
+cross-attention layers (text attends to image); the classification head answers from the fused
+[CLS]. Depth 0 is deliberate: tower self-attention layers before fusion blend the two objects'
+features into every token at initialisation, and in measurements on this data one such layer per
+tower left the model on the 42% plateau (question type known, object not bound) for 1,500 steps,
+while embedding-only towers bound colour to shape within 300 steps. Deeper towers are one
+override away (--config.model.image.depth=2).
 
 Arguments (comma-separated after the path, e.g. `configs/default.py:image_only,tiny`):
   image_only  every question is one constant string: only the image is informative
@@ -31,12 +36,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 1500
+    c.total_steps = 800
     c.batch_size = 128
     c.eval_batch_size = 500
     c.log_every = 50
-    c.eval_every = 500
-    c.checkpoint_every = 500
+    c.eval_every = 200
+    c.checkpoint_every = 200
 
     c.parallel = ml_collections.ConfigDict({"mode": "pmap"})
 
@@ -54,14 +59,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     width = 64
     c.model = ml_collections.ConfigDict({
         "image": {
-            "kind": "vit", "variant": "mu/8", "width": width, "depth": 2, "num_heads": 4,
+            "kind": "vit", "variant": "mu/8", "width": width, "depth": 0, "num_heads": 4,
             "mlp_dim": 4 * width, "pool": "gap",
         },
         "text": {
-            "kind": "text", "variant": "mu", "width": width, "depth": 2, "num_heads": 4,
+            "kind": "text", "variant": "mu", "width": width, "depth": 0, "num_heads": 4,
             "mlp_dim": 4 * width, "vocab_size": 0, "max_len": 16,  # vocab_size 0: from data
         },
-        "fusion": {"kind": "cross_attention", "width": width, "depth": 1, "num_heads": 4},
+        "fusion": {"kind": "cross_attention", "width": width, "depth": 2, "num_heads": 4},
         "heads": {"answer": {"kind": "classification", "num_classes": 0}},  # 0: from data
         "dropout": 0.0,
         "dtype": "float32",

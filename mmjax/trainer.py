@@ -183,9 +183,9 @@ def _fill_from_data(config: ml_collections.ConfigDict, info: Mapping[str, int]) 
     model = config.model
     for key in model:
         enc = model[key]
-        if isinstance(enc, ml_collections.ConfigDict) and enc.get("kind") == "text":
-            if not enc.get("vocab_size"):
-                enc.vocab_size = info["vocab_size"]
+        is_text = isinstance(enc, ml_collections.ConfigDict) and enc.get("kind") == "text"
+        if is_text and not enc.get("vocab_size"):
+            enc.vocab_size = info["vocab_size"]
     for head in model.heads.values():
         if head.get("kind") == "classification" and not head.get("num_classes"):
             head.num_classes = info["num_classes"]
@@ -360,9 +360,10 @@ class Trainer:
             "last_checkpoint": last_saved,
         }
         if self.process_index == 0:
+            nan = float("nan")
             print(
-                f"done: step {final_step}, val {metric_name} {val.get(metric_name, float('nan')):.4f}"
-                f", test {metric_name} {test.get(metric_name, float('nan')):.4f}, "
+                f"done: step {final_step}, val {metric_name} {val.get(metric_name, nan):.4f}, "
+                f"test {metric_name} {test.get(metric_name, nan):.4f}, "
                 f"wall {wall:.1f} s, workdir {self.workdir}",
                 flush=True,
             )

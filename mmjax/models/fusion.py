@@ -43,6 +43,7 @@ class Fusion(nn.Module):
     num_heads: int = 4
     mlp_dim: int | None = None
     query: str = "text"
+    pool: str = "first"
     activation: str = "gelu"
     layer_norm_eps: float = 1e-6
     dropout: float = 0.0
@@ -73,6 +74,15 @@ class Fusion(nn.Module):
             for m in order
         }
 
+    def _pool(self, x: Array, mask: Array) -> Array:
+        if self.pool == "first":
+            return x[:, 0]
+        if self.pool == "mean":
+            return layers.masked_mean(x, mask)
+        raise ValueError(
+            f"unknown fusion pool {self.pool!r} (model.fusion.pool); use first or mean"
+        )
+
     @nn.compact
     def __call__(
         self, features: Features, *, train: bool = False
@@ -97,7 +107,7 @@ class Fusion(nn.Module):
             mask = jnp.concatenate([jnp.ones((b, 1), jnp.int32)] + [masks[m] for m in order], 1)
             x = jnp.concatenate(seq, axis=1)
             x = self._encoder("encoder", cross=False)(x, mask, train=train)
-            return {"tokens": x, "pooled": x[:, 0], "mask": mask}
+            return {"tokens": x, "pooled": self._pool(x, mask), "mask": mask}
 
         if self.kind == "cross_attention":
             if self.query not in features:
@@ -109,14 +119,16 @@ class Fusion(nn.Module):
             x = self._encoder("encoder", cross=True)(
                 tokens[self.query], masks[self.query], ctx, ctx_mask, train=train
             )
-            return {"tokens": x, "pooled": x[:, 0], "mask": masks[self.query]}
+            qmask = masks[self.query]
+            return {"tokens": x, "pooled": self._pool(x, qmask), "mask": qmask}
 
         if self.kind == "co_attention":
             if len(order) != 2:
                 raise ValueError(f"co_attention fuses exactly two modalities, got {order}")
             a, b = order
             xa, xb = tokens[a], tokens[b]
-            block = lambda name: layers.Block(  # noqa: E731
+            block_cls = layers.remat_block(self.remat)
+            block = lambda name: block_cls(
                 num_heads=self.num_heads,
                 mlp_dim=self.mlp_dim or 4 * self.width,
                 activation=self.activation,
@@ -132,7 +144,7 @@ class Fusion(nn.Module):
                     block(f"{a}_layer_{i}")(xa, masks[a], xb, masks[b], train),
                     block(f"{b}_layer_{i}")(xb, masks[b], xa, masks[a], train),
                 )
-            norm = lambda name: nn.LayerNorm(  # noqa: E731
+            norm = lambda name: nn.LayerNorm(
                 epsilon=self.layer_norm_eps, dtype=self.dtype, name=name
             )
             xa, xb = norm(f"{a}_norm")(xa), norm(f"{b}_norm")(xb)

@@ -69,14 +69,17 @@ def get_activation(name: str) -> Callable[[Array], Array]:
     return ACTIVATIONS[name]
 
 
-def padding_mask(q_mask: Array | None, kv_mask: Array | None) -> Array | None:
-    """[B, Tq] and [B, Tk] validity masks -> boolean attention mask [B, 1, Tq, Tk]."""
+def padding_mask(kv_mask: Array | None) -> Array | None:
+    """[B, Tk] key validity -> boolean attention mask [B, 1, 1, Tk].
+
+    Only keys are masked, as Hugging Face does: padded query rows attend to the valid keys, stay
+    ordinary finite vectors, and are ignored by pooling and losses. Masking queries too would
+    leave rows with no valid key, which XLA turns into uniform weights but fused kernels need
+    not handle the same way.
+    """
     if kv_mask is None:
         return None
-    kv = kv_mask.astype(bool)[:, None, None, :]
-    if q_mask is None:
-        return kv
-    return jnp.logical_and(q_mask.astype(bool)[:, None, :, None], kv)
+    return kv_mask.astype(bool)[:, None, None, :]
 
 
 class Attention(nn.Module):
@@ -84,7 +87,7 @@ class Attention(nn.Module):
 
     ``implementation`` is passed to ``jax.nn.dot_product_attention``: None lets JAX choose (XLA
     everywhere), "cudnn" asks for the fused kernel on NVIDIA GPUs, "xla" forces the reference path.
-    Rows whose keys are all masked (padding queries) produce finite values, never NaN.
+    ``mask`` is boolean, broadcastable to [B, 1, Tq, Tk]; every query row needs a valid key.
     """
 
     num_heads: int
@@ -108,7 +111,7 @@ class Attention(nn.Module):
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
         head_dim = width // self.num_heads
-        dense = lambda name, bias: nn.DenseGeneral(  # noqa: E731
+        dense = lambda name, bias: nn.DenseGeneral(
             (self.num_heads, head_dim), use_bias=bias, dtype=self.dtype, name=name
         )
         q = dense("query", self.qkv_bias)(x)
@@ -169,10 +172,10 @@ class Block(nn.Module):
         context_mask: Array | None = None,
         train: bool = False,
     ) -> Array:
-        norm = lambda name: nn.LayerNorm(  # noqa: E731
+        norm = lambda name: nn.LayerNorm(
             epsilon=self.layer_norm_eps, dtype=self.dtype, name=name
         )
-        attn = lambda name, causal: Attention(  # noqa: E731
+        attn = lambda name, causal: Attention(
             self.num_heads,
             qkv_bias=self.qkv_bias,
             causal=causal,
@@ -189,7 +192,7 @@ class Block(nn.Module):
 
         x = sublayer(
             x,
-            lambda h: attn("attn", self.causal)(h, mask=padding_mask(mask, mask), train=train),
+            lambda h: attn("attn", self.causal)(h, mask=padding_mask(mask), train=train),
             "attn",
         )
         if self.cross_attention:
@@ -198,7 +201,7 @@ class Block(nn.Module):
             x = sublayer(
                 x,
                 lambda h: attn("cross_attn", False)(
-                    h, context, mask=padding_mask(mask, context_mask), train=train
+                    h, context, mask=padding_mask(context_mask), train=train
                 ),
                 "cross_attn",
             )

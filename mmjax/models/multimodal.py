@@ -139,7 +139,10 @@ class Heads(nn.Module):
             fields = {f.name for f in dataclasses.fields(cls)}
             if "dropout" in fields:
                 kwargs.setdefault("dropout", self.dropout)
-            out[task] = cls(**kwargs, dtype=self.dtype, name=task)(features, train=train)
+            if isinstance(kwargs.get("dtype"), str):
+                kwargs["dtype"] = get_dtype(kwargs["dtype"])
+            kwargs.setdefault("dtype", self.dtype)
+            out[task] = cls(**kwargs, name=task)(features, train=train)
         return out
 
 

@@ -60,7 +60,7 @@ class ResidualBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool = False) -> Array:
-        conv = lambda f, k, s, name, relu=True: ConvBN(  # noqa: E731
+        conv = lambda f, k, s, name, relu=True: ConvBN(
             f, k, s, relu, self.bn_axis_name, self.dtype, name=name
         )
         out_features = self.features * (4 if self.bottleneck else 1)

@@ -51,7 +51,7 @@ class TextEncoder(nn.Module):
         size = layers.decode_variant(self.variant)
         size.pop("patch_size", None)
         for key in ("width", "depth", "mlp_dim", "num_heads"):
-            if getattr(self, key):
+            if getattr(self, key) is not None:
                 size[key] = getattr(self, key)
         return size
 

@@ -49,7 +49,7 @@ class ViT(nn.Module):
     def sizes(self) -> dict[str, int]:
         size = layers.decode_variant(self.variant)
         for key in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
-            if getattr(self, key):
+            if getattr(self, key) is not None:
                 size[key] = getattr(self, key)
         if "patch_size" not in size:
             raise ValueError(f"ViT variant {self.variant!r} names no patch size (e.g. 'B/16')")
