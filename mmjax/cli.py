@@ -47,8 +47,16 @@ def parse_flags(argv: Sequence[str]) -> None:
 
 
 def _fail(message: str, code: int = 1) -> None:
+    """Exits with ``code``; the last stderr line is ``error: `` + the message's last line.
+
+    Multi-line messages (a config file's own traceback, say) are printed whole first, since
+    their last line is the one that names the culprit.
+    """
+    lines = [line for line in message.splitlines() if line.strip()] or ["unknown error"]
     sys.stderr.flush()
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    if len(lines) > 1:
+        print("\n".join(lines[:-1]), file=sys.stderr)
+    print(f"error: {lines[-1]}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
@@ -68,4 +76,4 @@ def run_main(main: Callable[[], object], argv: Sequence[str] | None = None) -> N
         _fail("interrupted", code=130)
     except Exception as e:
         traceback.print_exc(file=sys.stderr)
-        _fail(f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__)
+        _fail(f"{type(e).__name__}: {e}")

@@ -1,0 +1,182 @@
+"""End-to-end training, resume, checkpoints and the CLI error contract, on the tiny default."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs.default import get_config
+from mmjax import trainer
+from mmjax.checkpoint import Checkpointer
+from mmjax.writers import MetricWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-m", "mmjax.train", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def _lines(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_trains_writes_outputs_and_resumes(tmp_path):
+    wd = tmp_path / "run"
+    first = _run_cli("--config", "configs/default.py:tiny", "--workdir", str(wd))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "done: step 20" in first.stdout
+
+    lines = _lines(wd)
+    train = [r for r in lines if r["split"] == "train"]
+    assert [r["step"] for r in train] == [5, 10, 15, 20]
+    for r in train:
+        assert {"loss", "answer_loss", "lr", "steps_per_s"} <= set(r)
+        assert np.isfinite(r["loss"]) and r["loss"] == pytest.approx(r["answer_loss"])
+    val = [r for r in lines if r["split"] == "val"]
+    assert [r["step"] for r in val] == [10, 20]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in val)
+    assert [r["split"] for r in lines if r["step"] == 20][-1] == "test"
+    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [
+        10, 20,
+    ]
+    assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
+
+    second = _run_cli(
+        "--config", "configs/default.py:tiny", "--workdir", str(wd), "--config.total_steps=30"
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from checkpoint step 20" in second.stderr
+    new_train = [r for r in _lines(wd)[len(lines):] if r["split"] == "train"]
+    assert [r["step"] for r in new_train] == [25, 30]
+
+
+def test_cli_config_typo_names_key(tmp_path):
+    result = _run_cli(
+        "--config", "configs/default.py:tiny", "--workdir", str(tmp_path / "w"),
+        "--config.no_such_key=1", timeout=120,
+    )
+    assert result.returncode != 0
+    assert "no_such_key" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_unknown_config_argument_names_it(tmp_path):
+    result = _run_cli(
+        "--config", "configs/default.py:bogus_arg", "--workdir", str(tmp_path / "w"), timeout=120
+    )
+    assert result.returncode != 0
+    assert "bogus_arg" in result.stderr.strip().splitlines()[-1]
+
+
+def _tiny(**overrides) -> object:
+    config = get_config("tiny")
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def test_frozen_tower_is_bit_identical_after_training(tmp_path):
+    config = _tiny(**{"optimizer.freeze": "^image/", "total_steps": 10, "eval_every": 10})
+    trainer.train_and_evaluate(config, tmp_path)
+
+    fresh = trainer.Trainer(config, tmp_path)
+    initial = fresh.init_state()
+    ckpt = Checkpointer(tmp_path)
+    step, restored, _ = ckpt.restore_latest(initial)
+    ckpt.close()
+    assert step == 10
+    frozen = jax.tree.leaves(jax.tree.map(
+        lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+        initial.params["image"], restored.params["image"],
+    ))
+    assert frozen and all(frozen)
+    moved = jax.tree.leaves(jax.tree.map(
+        lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)),
+        initial.params["text"], restored.params["text"],
+    ))
+    assert all(moved)
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path):
+    config = _tiny(**{"optimizer.lr": 1e30, "optimizer.clip_norm": 0.0, "log_every": 1})
+    with pytest.raises(trainer.NonFiniteLossError, match=r"at step \d+"):
+        trainer.train_and_evaluate(config, tmp_path)
+
+
+def test_batch_size_not_divisible_by_devices_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(jax, "local_device_count", lambda: 3)
+    with pytest.raises(ValueError, match="batch_size=16"):
+        trainer.Trainer(_tiny(), tmp_path)
+
+
+def test_loss_without_head_is_named(tmp_path):
+    config = get_config("tiny")
+    config.unlock()
+    config.losses.caption = 1.0
+    with pytest.raises(ValueError, match=r"losses\.caption"):
+        trainer.Trainer(config, tmp_path)
+
+
+def _tree(rng: np.random.Generator) -> dict:
+    w = rng.normal(size=(3, 4)).astype(np.float32)
+    return {"w": w, "step": np.asarray(rng.integers(9), np.int32)}
+
+
+def test_checkpointer_keeps_latest_and_best(tmp_path):
+    rng = np.random.default_rng(0)
+    ckpt = Checkpointer(tmp_path, keep=2, best_metric="accuracy")
+    accuracy = {1: 0.5, 2: 0.9, 3: 0.6, 4: None, 5: 0.4, 6: None}
+    trees = {}
+    for step, acc in accuracy.items():
+        trees[step] = _tree(rng)
+        ckpt.save(step, trees[step], {"next_index": step},
+                  None if acc is None else {"accuracy": acc})
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 5, 6]  # the newest two, and the best (0.9 at step 2)
+    step, state, data = ckpt.restore_latest(trees[6])
+    ckpt.close()
+    assert step == 6 and data == {"next_index": 6}
+    np.testing.assert_array_equal(state["w"], trees[6]["w"])
+
+
+def test_restore_skips_a_damaged_newest_checkpoint(tmp_path):
+    rng = np.random.default_rng(1)
+    ckpt = Checkpointer(tmp_path, best_metric=None)
+    trees = {s: _tree(rng) for s in (1, 2)}
+    for s, t in trees.items():
+        ckpt.save(s, t, {"next_index": s})
+    ckpt.close()
+    for f in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    ckpt = Checkpointer(tmp_path, best_metric=None)
+    step, state, data = ckpt.restore_latest(trees[1])
+    ckpt.close()
+    assert step == 1 and data == {"next_index": 1}
+    np.testing.assert_array_equal(state["w"], trees[1]["w"])
+
+
+def test_metric_writer_drops_a_torn_last_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train"}\n{"step": 2, "spl')
+    writer = MetricWriter(tmp_path, tensorboard=False)
+    writer.write(3, "val", {"accuracy": np.float32(0.5), "loss": float("nan")})
+    writer.close()
+    lines = _lines(tmp_path)
+    assert [r["step"] for r in lines] == [1, 3]
+    assert lines[1]["accuracy"] == 0.5 and lines[1]["loss"] == "nan"
