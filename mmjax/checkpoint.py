@@ -82,8 +82,15 @@ class Checkpointer:
         )
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
-        """Restores ``step`` into the structure, shapes and shardings of ``target``."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        """Restores ``step`` into the structure, shapes and shardings of ``target``.
+
+        ``target`` holds arrays or ``jax.ShapeDtypeStruct``s; their shardings decide where the
+        restored arrays live, which is what lets a checkpoint move between topologies.
+        """
+        to_abstract = ocp.utils.to_shape_dtype_struct
+        abstract = jax.tree.map(
+            lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else to_abstract(x), target
+        )
         try:
             restored = self.manager.restore(
                 step,

@@ -30,6 +30,10 @@ LossFn = Callable[[dict, dict, Mapping], tuple[jax.Array, dict[str, jax.Array]]]
 
 LOSSES: dict[str, LossFn] = {}
 
+# Losses whose value couples the examples of a batch (in-batch negatives): gradient accumulation
+# must see the whole accumulated batch at once for them (see trainer.accumulated_grads).
+BATCH_COUPLED: set[str] = {"infonce"}
+
 # CLIP clamps the multiplier exp(logit_scale) at 100 so that the temperature cannot run away.
 MAX_LOGIT_SCALE = 100.0
 # Stands in for -inf on masked logits: finite, so rows that are all padding stay NaN-free.

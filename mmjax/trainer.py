@@ -17,6 +17,8 @@ import functools
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -80,6 +82,38 @@ def tasks_from_config(config: ml_collections.ConfigDict) -> tuple[Task, ...]:
     return tuple(tasks)
 
 
+def forward(
+    params: Any,
+    model_state: Any,
+    batch: Mapping[str, Any],
+    rng: jax.Array | None,
+    *,
+    model: Any,
+    train: bool,
+) -> tuple[dict[str, Any], Any]:
+    """Model outputs per task, and the updated non-parameter state (BatchNorm statistics)."""
+    variables = {"params": params, **model_state}
+    rngs = {"dropout": rng} if rng is not None else {}
+    if train and model_state:
+        return model.apply(variables, batch, train=True, rngs=rngs, mutable=list(model_state))
+    return model.apply(variables, batch, train=train, rngs=rngs), model_state
+
+
+def task_losses(
+    outputs: Mapping[str, Any], batch: Mapping[str, Any], tasks: tuple[Task, ...]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """L = Σ λ·L_task over ``tasks``, with each task's loss and metrics."""
+    metrics: dict[str, jax.Array] = {}
+    per_task = {}
+    for t in tasks:
+        value, task_metrics = losses_lib.get_loss(t.loss)(outputs[t.name], batch, t.cfg)
+        per_task[t.name] = value
+        metrics[f"{t.name}_loss"] = value
+        metrics.update({f"{t.name}_{k}": v for k, v in task_metrics.items()})
+    total = losses_lib.weighted_total(per_task, {t.name: t.weight for t in tasks})
+    return total, metrics
+
+
 def compute_losses(
     params: Any,
     model_state: Any,
@@ -91,24 +125,124 @@ def compute_losses(
     train: bool,
 ) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
     """Weighted total L = Σ λ·L_task, with each task's loss and metrics, and the new model state."""
-    variables = {"params": params, **model_state}
-    rngs = {"dropout": rng} if rng is not None else {}
-    if train and model_state:
-        outputs, new_state = model.apply(
-            variables, batch, train=True, rngs=rngs, mutable=list(model_state)
-        )
-    else:
-        outputs, new_state = model.apply(variables, batch, train=train, rngs=rngs), model_state
-    metrics: dict[str, jax.Array] = {}
-    per_task = {}
-    for t in tasks:
-        value, task_metrics = losses_lib.get_loss(t.loss)(outputs[t.name], batch, t.cfg)
-        per_task[t.name] = value
-        metrics[f"{t.name}_loss"] = value
-        metrics.update({f"{t.name}_{k}": v for k, v in task_metrics.items()})
-    total = losses_lib.weighted_total(per_task, {t.name: t.weight for t in tasks})
+    outputs, new_state = forward(params, model_state, batch, rng, model=model, train=train)
+    total, metrics = task_losses(outputs, batch, tasks)
     metrics["loss"] = total
     return total, (metrics, new_state)
+
+
+def _split_micro(batch: Any, k: int) -> Any:
+    """[B, ...] → [k, B/k, ...] with micro-batch i = rows i, i+k, i+2k, ...
+
+    Strided rather than contiguous so that, under the mesh path, every device's rows split into
+    its own micro-batches without moving data between devices.
+    """
+
+    def split(x: jax.Array) -> jax.Array:
+        if x.shape[0] % k:
+            raise ValueError(
+                f"per-device batch of {x.shape[0]} is not divisible by grad_accum_steps={k}"
+            )
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def _merge_micro(x: jax.Array) -> jax.Array:
+    return x.reshape(-1, *x.shape[2:])
+
+
+def accumulated_grads(
+    params: Any,
+    model_state: Any,
+    batch: Mapping[str, Any],
+    rng: jax.Array,
+    *,
+    model: Any,
+    tasks: tuple[Task, ...],
+    accum_steps: int,
+) -> tuple[Any, dict[str, jax.Array], Any]:
+    """Gradients of the batch's loss computed in ``accum_steps`` micro-batches.
+
+    Per-example losses: the mean of micro-batch gradients, identical to the full batch.
+    Batch-coupled losses (``losses.BATCH_COUPLED``, e.g. InfoNCE): GradCache. Pass 1 runs every
+    micro-batch forward without gradients and keeps those tasks' outputs (embeddings); the loss
+    is evaluated once on the concatenated outputs, so negatives span the whole accumulated batch,
+    and its gradient w.r.t. the outputs is taken. Pass 2 re-runs each micro-batch (same dropout
+    rng) and back-propagates ``<stop_gradient(dL/d outputs), outputs>`` plus its per-example
+    losses. Memory is that of one micro-batch plus the cached outputs; compute is one extra
+    forward pass.
+    """
+    k = accum_steps
+    micro = _split_micro(batch, k)
+    coupled = tuple(t for t in tasks if t.loss in losses_lib.BATCH_COUPLED)
+    local = tuple(t for t in tasks if t.loss not in losses_lib.BATCH_COUPLED)
+    names = [t.name for t in coupled]
+    micro_rng = lambda i: jax.random.fold_in(rng, i)
+
+    metrics: dict[str, jax.Array] = {}
+    cached_grads = None
+    if coupled:
+
+        def outputs_of(i: jax.Array, mb: Any) -> dict[str, Any]:
+            out, _ = forward(params, model_state, mb, micro_rng(i), model=model, train=True)
+            return {n: out[n] for n in names}
+
+        cached = jax.lax.stop_gradient(
+            jax.lax.map(lambda a: outputs_of(*a), (jnp.arange(k), micro))
+        )
+
+        def coupled_loss(outs: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+            # Per-example leaves [k, b, ...] merge to [k*b, ...]; scalars (a temperature) are
+            # the same in every micro-batch, so micro-batch 0's copy carries the gradient.
+            merged = jax.tree.map(lambda x: _merge_micro(x) if x.ndim >= 2 else x[0], outs)
+            full = jax.tree.map(_merge_micro, micro)
+            return task_losses(merged, full, coupled)
+
+        (_, coupled_metrics), cached_grads = jax.value_and_grad(
+            coupled_loss, has_aux=True
+        )(cached)
+        metrics.update(coupled_metrics)
+
+    def surrogate(p: Any, state: Any, i: jax.Array, mb: Any) -> tuple[jax.Array, Any]:
+        out, new_state = forward(p, state, mb, micro_rng(i), model=model, train=True)
+        value = jnp.zeros((), jnp.float32)
+        aux: dict[str, jax.Array] = {}
+        if local:
+            local_total, aux = task_losses(out, mb, local)
+            value = value + local_total / k
+        if coupled:
+            g_i = jax.tree.map(lambda g: g[i], cached_grads)
+            value = value + sum(
+                jnp.vdot(g.astype(jnp.float32), o.astype(jnp.float32))
+                for g, o in zip(
+                    jax.tree.leaves(g_i), jax.tree.leaves({n: out[n] for n in names}), strict=True
+                )
+            )
+        return value, (aux, new_state)
+
+    def body(carry: Any, xs: Any) -> tuple[Any, None]:
+        grads_acc, aux_acc, state = carry
+        i, mb = xs
+        (_, (aux, state)), g = jax.value_and_grad(surrogate, has_aux=True)(params, state, i, mb)
+        grads_acc = jax.tree.map(jnp.add, grads_acc, g)
+        aux_acc = jax.tree.map(lambda a, b: a + b / k, aux_acc, aux)
+        return (grads_acc, aux_acc, state), None
+
+    aux0 = jax.eval_shape(
+        lambda: surrogate(params, model_state, jnp.zeros((), jnp.int32),
+                          jax.tree.map(lambda x: x[0], micro))[1][0]
+    )
+    init = (
+        jax.tree.map(jnp.zeros_like, params),
+        jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux0),
+        model_state,
+    )
+    (grads, local_metrics, model_state), _ = jax.lax.scan(body, init, (jnp.arange(k), micro))
+    metrics.update(local_metrics)
+    per_task = {t.name: metrics[f"{t.name}_loss"] for t in tasks}
+    metrics["loss"] = losses_lib.weighted_total(per_task, {t.name: t.weight for t in tasks})
+    return grads, metrics, model_state
 
 
 def train_step(
@@ -119,15 +253,26 @@ def train_step(
     tx: optax.GradientTransformation,
     tasks: tuple[Task, ...],
     axis_name: str | None = parallel.AXIS,
+    accum_steps: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on this device's share of the batch; pure, so it can be pmapped."""
+    """One optimizer step; pure, so it can be pmapped (``axis_name``) or jitted over a mesh.
+
+    Under pmap each device computes gradients of its share and ``lax.pmean`` averages them;
+    under the mesh path (``axis_name=None``) the batch is one global array and the mean is global.
+    """
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
-    grad_fn = jax.value_and_grad(compute_losses, has_aux=True)
-    (_, (metrics, model_state)), grads = grad_fn(
-        state.params, state.model_state, batch, rng, model=model, tasks=tasks, train=True
-    )
+    if accum_steps > 1:
+        grads, metrics, model_state = accumulated_grads(
+            state.params, state.model_state, batch, rng, model=model, tasks=tasks,
+            accum_steps=accum_steps,
+        )
+    else:
+        grad_fn = jax.value_and_grad(compute_losses, has_aux=True)
+        (_, (metrics, model_state)), grads = grad_fn(
+            state.params, state.model_state, batch, rng, model=model, tasks=tasks, train=True
+        )
     if axis_name is not None:
         grads = lax.pmean(grads, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -191,16 +336,37 @@ def _fill_from_data(config: ml_collections.ConfigDict, info: Mapping[str, int]) 
             head.num_classes = info["num_classes"]
 
 
-def _host_mean(window: list[dict[str, Any]]) -> dict[str, float]:
-    stacked = jax.device_get(window)
-    return {k: float(np.mean([np.asarray(m[k])[0] for m in stacked])) for k in stacked[0]}
-
-
 def _check_finite(window: list[tuple[int, dict[str, Any]]]) -> None:
     for step, m in window:
-        value = float(np.asarray(jax.device_get(m["loss"]))[0])
+        value = float(m["loss"])
         if not math.isfinite(value):
             raise NonFiniteLossError(f"non-finite loss ({value}) at step {step}")
+
+
+class _Preemption:
+    """SIGTERM (what schedulers send before killing a job) → save at the current step, exit 0.
+
+    A lone process gets no preemption notice from Orbax, so the signal is caught here; with
+    several processes Orbax's ``reached_preemption`` (jax.distributed's sync point) is also asked,
+    so that every process stops at the same step.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _Preemption:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM received: saving a checkpoint and stopping")
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class Trainer:
@@ -211,24 +377,31 @@ class Trainer:
         self.workdir = Path(workdir)
         self.process_index = jax.process_index()
         self.process_count = jax.process_count()
-        n_dev = jax.local_device_count() * self.process_count
+        self.par = parallel.make_parallel(config.parallel)
+        n_dev = jax.device_count()
         if config.batch_size % n_dev:
             raise ValueError(
                 f"batch_size={config.batch_size} is not a multiple of the {n_dev} devices"
             )
-        if config.parallel.mode != "pmap":
-            raise ValueError(f"parallel.mode={config.parallel.mode!r}: only 'pmap' exists yet")
+        self.accum_steps = int(config.get("grad_accum_steps", 1) or 1)
+        if (config.batch_size // n_dev) % self.accum_steps:
+            raise ValueError(
+                f"grad_accum_steps={self.accum_steps} does not divide the per-device batch of "
+                f"{config.batch_size // n_dev}"
+            )
         self.tokenizer = pipeline.build_tokenizer(config.data)
         _fill_from_data(config, pipeline.dataset_info(config.data, self.tokenizer))
         self.tasks = tasks_from_config(config)
-        self.model = build_model(config.model, bn_axis_name=parallel.AXIS)
+        self.model = build_model(config.model, bn_axis_name=self.par.axis_name)
         self.schedule = optim.make_schedule(config.optimizer, config.total_steps)
+        self.tx = None
 
     def sample_batch(self) -> dict[str, Any]:
         batch = next(iter(pipeline.eval_batches(self.config.data, "val", batch_size=2)))
         return {k: v for k, v in batch.items() if k != "valid"}
 
     def init_state(self) -> TrainState:
+        """Fresh state on the host's default device (float32 params, seed from config)."""
         root = jax.random.PRNGKey(self.config.seed)
         init_rng, train_rng = jax.random.split(root)
         init = jax.jit(functools.partial(self.model.init, train=False))
@@ -243,14 +416,23 @@ class Trainer:
             rng=train_rng,
         )
 
-    def evaluate(self, p_eval: Any, state: Any, split: str) -> dict[str, float]:
+    def _local_rows(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """This process's share of a global eval batch."""
+        if self.process_count == 1:
+            return batch
+        n = len(batch["valid"]) // self.process_count
+        lo = self.process_index * n
+        return jax.tree.map(lambda x: x[lo : lo + n], batch)
+
+    def evaluate(self, eval_fn: Any, state: Any, split: str) -> dict[str, float]:
         bs = self.config.get("eval_batch_size") or self.config.batch_size
-        bs = bs // self.process_count
+        n_dev = jax.device_count()
+        bs = max(n_dev, bs // n_dev * n_dev)
         total: dict[str, float] = {}
         for batch in pipeline.eval_batches(self.config.data, split, batch_size=bs):
-            sums = jax.device_get(p_eval(state, parallel.shard_batch(batch)))
+            sums = self.par.fetch(eval_fn(state, self.par.put_batch(self._local_rows(batch))))
             for k, v in sums.items():
-                total[k] = total.get(k, 0.0) + float(np.asarray(v)[0])
+                total[k] = total.get(k, 0.0) + float(v)
         return _summarise_eval(total, self.tasks)
 
     def run(self) -> dict[str, Any]:
@@ -264,6 +446,10 @@ class Trainer:
         state = self.init_state()
         n_params = sum(x.size for x in jax.tree.leaves(state.params))
         log.info("model: %s parameters under %s", f"{n_params:,}", sorted(state.params))
+        log.info(
+            "parallel: %s over %d devices (%d processes)%s", self.par.mode, jax.device_count(),
+            self.process_count, f", fsdp={self.par.fsdp}" if self.par.mode == "mesh" else "",
+        )
 
         metric_name, mode = primary_metric(self.tasks)
         ckpt = Checkpointer(self.workdir, best_metric=metric_name, best_mode=mode)
@@ -276,12 +462,14 @@ class Trainer:
             process_count=self.process_count,
         )
         try:
-            restored = ckpt.restore_latest(state)
+            restored = ckpt.restore_latest(self.par.checkpoint_target(state))
             if restored is not None:
                 step0, state, data_state = restored
                 data_iter.set_state(data_state)
                 log.info("resumed from checkpoint step %d", step0)
-            return self._loop(state, data_iter, ckpt, writer, t_start, metric_name)
+            with _Preemption() as preemption:
+                return self._loop(state, data_iter, ckpt, writer, t_start, metric_name,
+                                  preemption)
         finally:
             ckpt.close()
             writer.close()
@@ -294,62 +482,75 @@ class Trainer:
         writer: MetricWriter,
         t_start: float,
         metric_name: str,
+        preemption: _Preemption,
     ) -> dict[str, Any]:
         cfg = self.config
+        par = self.par
         total_steps = cfg.total_steps
-        first_step = int(state.step) + 1
-        p_train = jax.pmap(
-            functools.partial(train_step, model=self.model, tx=self.tx, tasks=self.tasks),
-            axis_name=parallel.AXIS,
-            donate_argnums=(0,),
-        )
-        p_eval = jax.pmap(
-            functools.partial(eval_step, model=self.model, tasks=self.tasks),
-            axis_name=parallel.AXIS,
-        )
-        rstate = parallel.replicate(state)
+        first_step = int(jax.device_get(state.step)) + 1
+        dstate = par.put_state(state)
         del state
+        train_fn = par.compile_train(functools.partial(
+            train_step, model=self.model, tx=self.tx, tasks=self.tasks,
+            axis_name=par.axis_name, accum_steps=self.accum_steps,
+        ))
+        eval_fn = par.compile_eval(functools.partial(
+            eval_step, model=self.model, tasks=self.tasks, axis_name=par.axis_name
+        ))
         window: list[tuple[int, Any]] = []
         val: dict[str, float] = {}
         last_saved = first_step - 1
         bar = _progress(first_step - 1, total_steps, enabled=self.process_index == 0)
         t_log, steps_since = time.time(), 0
-        next_batch = parallel.shard_batch(next(data_iter)) if first_step <= total_steps else None
+        next_batch = par.put_batch(next(data_iter)) if first_step <= total_steps else None
+        step = first_step - 1
         for step in range(first_step, total_steps + 1):
-            rstate, metrics = p_train(rstate, next_batch)
+            dstate, metrics = train_fn(dstate, next_batch)
             window.append((step, metrics))
             steps_since += 1
             data_state = data_iter.get_state()
             if step < total_steps:  # host prepares the next batch while the device computes
-                next_batch = parallel.shard_batch(next(data_iter))
-            if step % cfg.log_every == 0 or step == total_steps:
-                _check_finite(window)
-                record = _host_mean([m for _, m in window])
+                next_batch = par.put_batch(next(data_iter))
+            stop = preemption.requested or (
+                self.process_count > 1 and ckpt.manager.reached_preemption(step)
+            )
+            if step % cfg.log_every == 0 or step == total_steps or stop:
+                fetched = [(s, par.fetch(m)) for s, m in window]
+                _check_finite(fetched)
+                record = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]}
                 now = time.time()
                 record["steps_per_s"] = steps_since / max(now - t_log, 1e-9)
                 record["lr"] = float(self.schedule(step - 1))
                 writer.write(step, "train", record)
                 bar.update(step, record["loss"], record["steps_per_s"])
                 window, t_log, steps_since = [], now, 0
+            if stop:
+                ckpt.save(step, par.state_for_checkpoint(dstate), data_state)
+                ckpt.wait()
+                bar.close()
+                log.warning("preempted: checkpoint saved at step %d; rerun to resume", step)
+                return {"step": step, "preempted": True, "last_checkpoint": step}
             eval_now = step % cfg.eval_every == 0 or step == total_steps
             if eval_now:
-                val = self.evaluate(p_eval, rstate, "val")
+                val = self.evaluate(eval_fn, dstate, "val")
                 writer.write(step, "val", val)
                 bar.note(f"step {step} val " + " ".join(
                     f"{k}={v:.4f}" for k, v in val.items() if k.endswith(("accuracy", "loss"))
                 ))
             if step % cfg.checkpoint_every == 0 or step == total_steps:
-                _check_finite(window)
+                if window:
+                    _check_finite([(s, par.fetch(m)) for s, m in window])
                 ckpt.save(
-                    step, parallel.unreplicate(rstate), data_state, val if eval_now else None
+                    step, par.state_for_checkpoint(dstate), data_state,
+                    val if eval_now else None,
                 )
                 last_saved = step
         bar.close()
         final_step = max(total_steps, first_step - 1)
         if not val:  # nothing trained in this call (already at total_steps): still report
-            val = self.evaluate(p_eval, rstate, "val")
+            val = self.evaluate(eval_fn, dstate, "val")
             writer.write(final_step, "val", val)
-        test = self.evaluate(p_eval, rstate, "test")
+        test = self.evaluate(eval_fn, dstate, "test")
         writer.write(final_step, "test", test)
         wall = time.time() - t_start
         summary = {
