@@ -10,6 +10,10 @@ from absl import flags
 from mmjax import cli
 
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics.jsonl and events")
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process runs "
+                    "(else MMJAX_COORDINATOR, or what SLURM / TPU pods provide)")
+flags.DEFINE_integer("num_processes", 0, "number of processes (with --coordinator_address)")
+flags.DEFINE_integer("process_id", -1, "this process's index (with --coordinator_address)")
 cli.define_config_flag()
 FLAGS = flags.FLAGS
 
@@ -19,8 +23,11 @@ def main() -> None:
         raise ValueError("--workdir is required")
     if FLAGS.config is None:
         raise ValueError("--config is required (e.g. configs/default.py)")
-    from mmjax import trainer  # after flag parsing: keeps --help fast
+    from mmjax import parallel, trainer  # after flag parsing: keeps --help fast
 
+    parallel.maybe_initialize_distributed(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
