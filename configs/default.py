@@ -71,7 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "fusion": {"kind": "cross_attention", "width": width, "depth": 2, "num_heads": 4},
         "heads": {"answer": {"kind": "classification", "num_classes": 0}},  # 0: from data
         "dropout": 0.0,
-        "dtype": "float32",
+        "dtype": "float32",  # compute dtype; params stay float32
+        "remat": "",  # a jax.checkpoint_policies name, e.g. "nothing_saveable"; "" = off
     })
     c.losses = ml_collections.ConfigDict({"answer": 1.0})
 
@@ -85,6 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "b2": 0.999,
         "clip_norm": 1.0,
         "freeze": "",
+        "mu_dtype": "",  # "bfloat16": Adam's first moment in bf16
     })
 
     if "tiny" in args:

@@ -10,6 +10,8 @@ towers are frozen) is a config value, so sweeps and fine-tuning recipes need no 
 * ``weight_decay`` (default 0): decoupled (AdamW-style, multiplied by the current learning rate)
   and applied only where :func:`decay_mask` is True, never to biases or norm scales;
 * ``b1``, ``b2``, ``eps`` (adam/adamw); ``momentum`` (default 0) and ``nesterov`` (sgd);
+* ``mu_dtype`` (default ``""`` = the params' float32): ``"bfloat16"`` stores Adam's first moment
+  in bf16, halving that buffer on accelerators (the second moment stays float32 for stability);
 * ``clip_norm`` (default 0 = off): clip the global gradient norm of trainable leaves first;
 * ``freeze`` (default ``""``): a regex searched in each leaf's path (:func:`path_str`); matching
   leaves get exactly zero updates and carry no optimizer state, so a frozen pretrained tower stays
@@ -46,6 +48,15 @@ def _require(opt_cfg: Mapping, key: str) -> Any:
     if value is None:
         raise ValueError(f"optimizer.{key} is required")
     return value
+
+
+def _moment_dtype(opt_cfg: Mapping) -> Any:
+    name = _get(opt_cfg, "mu_dtype", "")
+    if name in ("", "float32"):
+        return None
+    if name != "bfloat16":
+        raise ValueError(f"optimizer.mu_dtype={name!r} is not one of '', 'float32', 'bfloat16'")
+    return jnp.bfloat16
 
 
 def make_schedule(opt_cfg: Mapping, total_steps: int) -> optax.Schedule:
@@ -164,6 +175,7 @@ def make_optimizer(opt_cfg: Mapping, params: Any, total_steps: int) -> optax.Gra
                 b1=float(_get(opt_cfg, "b1", 0.9)),
                 b2=float(_get(opt_cfg, "b2", 0.999)),
                 eps=float(_get(opt_cfg, "eps", 1e-8)),
+                mu_dtype=_moment_dtype(opt_cfg),
             )
         )
     else:

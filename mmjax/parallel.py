@@ -43,15 +43,18 @@ def maybe_initialize_distributed(
 
     Explicit arguments win; otherwise ``MMJAX_COORDINATOR``/``MMJAX_NUM_PROCESSES``/
     ``MMJAX_PROCESS_ID``; otherwise the cluster environments JAX detects itself (SLURM, TPU pods,
-    Open MPI) when ``SLURM_NTASKS`` > 1 or ``TPU_WORKER_HOSTNAMES`` lists several hosts. On CPU
-    the cross-process collectives use gloo.
+    Open MPI) when ``MMJAX_DISTRIBUTED=auto`` (what the scripts/ launchers set), ``SLURM_NTASKS``
+    > 1 or ``TPU_WORKER_HOSTNAMES`` lists several hosts. On CPU the cross-process collectives use
+    gloo.
     """
     coordinator = coordinator or os.environ.get("MMJAX_COORDINATOR", "")
     num_processes = num_processes or int(os.environ.get("MMJAX_NUM_PROCESSES", "0"))
     if process_id < 0:
         process_id = int(os.environ.get("MMJAX_PROCESS_ID", "-1"))
-    cluster = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get(
-        "TPU_WORKER_HOSTNAMES", ""
+    cluster = (
+        os.environ.get("MMJAX_DISTRIBUTED", "") == "auto"
+        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
     )
     if not coordinator and not cluster:
         return

@@ -238,3 +238,15 @@ def test_config_errors_name_the_key(overrides, match):
     params = _params(np.random.default_rng(5))
     with pytest.raises(ValueError, match=match):
         optim.make_optimizer(_cfg(**overrides), params, total_steps=10)
+
+
+def test_bf16_first_moment_when_asked():
+    params = {"w": jnp.asarray(np.random.default_rng(5).normal(size=(4, 3)), jnp.float32)}
+    cfg = ml_collections.ConfigDict({"name": "adamw", "lr": 1e-3, "mu_dtype": "bfloat16"})
+    state = optim.make_optimizer(cfg, params, total_steps=10).init(params)
+    is_adam = lambda s: hasattr(s, "mu")
+    adam = next(s for s in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(s))
+    assert adam.mu["w"].dtype == jnp.bfloat16 and adam.nu["w"].dtype == jnp.float32
+    cfg.mu_dtype = "float8"
+    with pytest.raises(ValueError, match=r"optimizer\.mu_dtype"):
+        optim.make_optimizer(cfg, params, total_steps=10)
