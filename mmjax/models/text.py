@@ -22,7 +22,9 @@ class TextEncoder(nn.Module):
     "argmax" on token ids, as older CLIP checkpoints do), quick_gelu activation, no segments.
 
     Pooling: "cls" first token, "mean" masked mean, "last" last valid token by mask,
-    "argmax" the position of the largest token id (CLIP's end-of-text token).
+    "argmax" the position of the largest token id (CLIP's end-of-text token), "eos" the first
+    position whose id is ``eos_token_id`` (newer CLIP checkpoints; position 0 when absent, as in
+    Hugging Face).
     """
 
     vocab_size: int
@@ -38,6 +40,7 @@ class TextEncoder(nn.Module):
     final_norm: bool = False
     causal: bool = False
     pool: str = "cls"
+    eos_token_id: int = 2
     pooler: bool = False
     activation: str = "gelu"
     qkv_bias: bool = True
@@ -109,8 +112,10 @@ class TextEncoder(nn.Module):
             pooled = x[batch, jnp.maximum(mask.sum(axis=1) - 1, 0)]
         elif self.pool == "argmax":
             pooled = x[batch, jnp.argmax(ids, axis=1)]
+        elif self.pool == "eos":
+            pooled = x[batch, jnp.argmax(ids == self.eos_token_id, axis=1)]
         else:
-            raise ValueError(f"unknown text pool {self.pool!r}; use cls, mean, last or argmax")
+            raise ValueError(f"unknown text pool {self.pool!r}; use cls, mean, last, argmax or eos")
         if self.pooler:
             pooled = jnp.tanh(nn.Dense(d, dtype=self.dtype, name="pooler")(pooled))
         return {"tokens": x, "pooled": pooled, "mask": mask}

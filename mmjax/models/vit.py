@@ -21,6 +21,8 @@ class ViT(nn.Module):
     (``class_token``, ``embed_norm``, ``final_norm``, ``pool_norm``, ``pooler``) exist so the
     Hugging Face ViT and CLIP vision towers load into this same module (#3).
 
+    ``patch_bias=False`` drops the patch-embedding bias, as CLIP's vision tower does.
+
     Pooling: "cls" (needs ``class_token``), "gap" (mean of patch tokens), "none" (first token).
     GUIDE §6: cuDNN's fused attention wants even sequence lengths, so ``gap`` without a class
     token is the fast default for towers trained from scratch.
@@ -40,6 +42,7 @@ class ViT(nn.Module):
     pooler: bool = False
     activation: str = "gelu"
     qkv_bias: bool = True
+    patch_bias: bool = True
     layer_norm_eps: float = 1e-6
     dropout: float = 0.0
     dtype: Any = jnp.float32
@@ -62,8 +65,8 @@ class ViT(nn.Module):
         if image.shape[1] % p or image.shape[2] % p:
             raise ValueError(f"image size {image.shape[1:3]} is not a multiple of patch {p}")
         x = nn.Conv(
-            s["width"], (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-            name="embedding",
+            s["width"], (p, p), strides=(p, p), padding="VALID", use_bias=self.patch_bias,
+            dtype=self.dtype, name="embedding",
         )(image.astype(self.dtype))
         b, h, w, d = x.shape
         x = x.reshape(b, h * w, d)
