@@ -23,6 +23,9 @@ def main() -> None:
         raise ValueError("--workdir is required")
     if FLAGS.config is None:
         raise ValueError("--config is required (e.g. configs/default.py)")
+    from mmjax import xla_flags
+
+    xla_flags.apply_default_flags()  # before JAX starts its backend; user XLA_FLAGS win
     from mmjax import parallel, trainer  # after flag parsing: keeps --help fast
 
     parallel.maybe_initialize_distributed(
