@@ -69,11 +69,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict({
         "image": {
             "kind": "vit", "variant": "B/16", "class_token": False, "pool": "gap",
+            "init_from": "",  # HF folder or mmjax checkpoint/workdir
             "embed_norm": True, "final_norm": True, "activation": "gelu",
             "layer_norm_eps": 1e-5,
         },
         "text": {
             "kind": "text", "variant": "M",  # width 512, 12 layers, MLP 2048, 8 heads
+            "init_from": "",  # HF folder or mmjax checkpoint/workdir
             "vocab_size": 49_408, "max_len": 80, "type_vocab_size": 0,
             "pre_norm": True, "embed_norm": False, "final_norm": True, "causal": True,
             "pool": "last", "activation": "gelu", "layer_norm_eps": 1e-5,

@@ -63,10 +63,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "image": {
             "kind": "vit", "variant": "mu/8", "width": width, "depth": 0, "num_heads": 4,
             "mlp_dim": 4 * width, "pool": "gap",
+            "init_from": "",  # an HF folder or an mmjax checkpoint/workdir; "" = fresh
         },
         "text": {
             "kind": "text", "variant": "mu", "width": width, "depth": 0, "num_heads": 4,
             "mlp_dim": 4 * width, "vocab_size": 0, "max_len": 16,  # vocab_size 0: from data
+            "init_from": "",
         },
         "fusion": {"kind": "cross_attention", "width": width, "depth": 2, "num_heads": 4},
         "heads": {"answer": {"kind": "classification", "num_classes": 0}},  # 0: from data

@@ -63,10 +63,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict({
         "image": {
             "kind": "vit", "variant": "B/16", "class_token": False, "pool": "gap",
+            "init_from": "",  # HF folder or mmjax checkpoint/workdir
             "activation": "gelu", "layer_norm_eps": 1e-6,
         },
         "text": {
             "kind": "text", "variant": "B", "vocab_size": 30_522, "max_len": 512,
+            "init_from": "",  # HF folder or mmjax checkpoint/workdir
             "type_vocab_size": 2, "pre_norm": False, "embed_norm": True, "final_norm": False,
             "causal": False, "pool": "cls", "pooler": True, "activation": "gelu",
             "layer_norm_eps": 1e-12,

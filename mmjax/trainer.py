@@ -33,7 +33,7 @@ import optax
 from jax import lax
 
 from mmjax import losses as losses_lib
-from mmjax import optim, parallel
+from mmjax import optim, parallel, transfer
 from mmjax.checkpoint import Checkpointer
 from mmjax.data import pipeline
 from mmjax.models.multimodal import build_model, loss_spec
@@ -389,8 +389,12 @@ class Trainer:
                 f"grad_accum_steps={self.accum_steps} does not divide the per-device batch of "
                 f"{config.batch_size // n_dev}"
             )
-        self.tokenizer = pipeline.build_tokenizer(config.data)
-        _fill_from_data(config, pipeline.dataset_info(config.data, self.tokenizer))
+        # The workdir keeps the tokenizer and label vocabulary built from train data, so that a
+        # resumed run reads exactly the ids it trained with.
+        transfer.apply_encoder_overrides(config, log)  # towers' shapes from their init_from
+        self.tokenizer = pipeline.build_tokenizer(config.data, workdir=workdir)
+        self.data_info = pipeline.dataset_info(config.data, self.tokenizer, workdir=workdir)
+        _fill_from_data(config, self.data_info)
         self.tasks = tasks_from_config(config)
         self.model = build_model(config.model, bn_axis_name=self.par.axis_name)
         self.schedule = optim.make_schedule(config.optimizer, config.total_steps)
@@ -407,6 +411,7 @@ class Trainer:
         init = jax.jit(functools.partial(self.model.init, train=False))
         variables = init({"params": init_rng, "dropout": init_rng}, self.sample_batch())
         params = variables.pop("params")
+        params = transfer.apply_init_from(self.config, params, log)  # pretrained towers
         self.tx = optim.make_optimizer(self.config.optimizer, params, self.config.total_steps)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
@@ -454,6 +459,9 @@ class Trainer:
         metric_name, mode = primary_metric(self.tasks)
         ckpt = Checkpointer(self.workdir, best_metric=metric_name, best_mode=mode)
         writer = MetricWriter(self.workdir, enabled=is_main)
+        skipped = {k: v for k, v in self.data_info.items() if k.startswith("skipped_")}
+        if any(skipped.values()):
+            log.warning("skipped bad records (data.skip_bad=True): %s", skipped)
         data_iter = pipeline.train_iterator(
             cfg.data,
             batch_size=cfg.batch_size,

@@ -180,3 +180,32 @@ def test_metric_writer_drops_a_torn_last_line(tmp_path):
     lines = _lines(tmp_path)
     assert [r["step"] for r in lines] == [1, 3]
     assert lines[1]["accuracy"] == 0.5 and lines[1]["loss"] == "nan"
+
+
+def test_training_starts_from_hf_bert_and_vit_towers(tmp_path):
+    """config.model.{text,image}.init_from = HF folders: towers load, the rest starts fresh."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    bert_dir, vit_dir = tmp_path / "bert", tmp_path / "vit"
+    transformers.BertModel(transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=48, max_position_embeddings=16,
+    )).save_pretrained(bert_dir)
+    transformers.ViTModel(transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=40,
+    )).save_pretrained(vit_dir)
+
+    config = _tiny(**{"model.text.init_from": str(bert_dir), "model.image.init_from": str(vit_dir),
+                      "total_steps": 6, "eval_every": 6, "log_every": 2})
+    run = trainer.Trainer(config, tmp_path / "run")
+    initial = run.init_state()
+    embedding = transformers.BertModel.from_pretrained(bert_dir).embeddings.word_embeddings
+    np.testing.assert_allclose(
+        np.asarray(initial.params["text"]["token_embedding"]["embedding"]),
+        embedding.weight.detach().numpy(), rtol=0, atol=0,
+    )
+    assert config.model.text.width == 32 and config.model.image.depth == 1
+    summary = run.run()
+    assert summary["step"] == 6 and np.isfinite(summary["val"]["loss"])

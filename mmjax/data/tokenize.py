@@ -7,7 +7,10 @@ the same text encoder serves both this and Hugging Face checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -101,3 +104,119 @@ def shapes_tokenizer() -> WordTokenizer:
     words += shapes.CONSTANT_TEXT.split()
     words += list(shapes.COLOURS) + list(shapes.SHAPES)
     return WordTokenizer(words)
+
+
+class WordPieceTokenizer:
+    """A word-piece tokenizer trained on a dataset's own train texts (``tokenizers`` library).
+
+    Folder and TFDS datasets have open vocabularies, so words are split into sub-words learnt
+    offline from the train split; the trained tokenizer is saved in the workdir so a resumed run
+    (and evaluation) reuses exactly the same ids. Rows follow the BERT layout of
+    ``WordTokenizer``: ``[CLS] pieces [SEP]`` then ``[PAD]``.
+    """
+
+    PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
+
+    def __init__(self, tokenizer: Any):
+        self._tok = tokenizer
+        for i, name in enumerate(_SPECIALS):
+            if tokenizer.token_to_id(name) != i:
+                raise ValueError(f"word-piece tokenizer must map {name} to id {i}")
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 2000) -> WordPieceTokenizer:
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, special_tokens=list(_SPECIALS), show_progress=False
+        )
+        tok.train_from_iterator(list(texts), trainer)
+        # The trainer breaks frequency ties in hash order, so ids differ between runs; renumber
+        # in a fixed order (specials, then by string) so the same texts give the same ids.
+        vocab = tok.get_vocab()
+        rest = sorted(set(vocab) - set(_SPECIALS))
+        ordered = {w: i for i, w in enumerate([*_SPECIALS, *rest])}
+        tok.model = models.WordPiece(ordered, unk_token="[UNK]", continuing_subword_prefix="##")
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: str | Path) -> WordPieceTokenizer:
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_file(str(path)))
+
+    def save(self, path: str | Path) -> None:
+        """Writes atomically, so a run killed mid-save never leaves a half-written tokenizer."""
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        self._tok.save(str(tmp))
+        os.replace(tmp, path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask), both int32 ``[N, max_len]``; pieces beyond ``max_len - 2`` are dropped."""
+        if max_len < 2:
+            raise ValueError(f"max_len must leave room for [CLS] and [SEP], got {max_len}")
+        if isinstance(texts, str):
+            raise TypeError("encode takes a sequence of texts, not a single string")
+        ids = np.full((len(texts), max_len), self.PAD, np.int32)
+        for r, enc in enumerate(self._tok.encode_batch(list(texts), add_special_tokens=False)):
+            pieces = enc.ids[: max_len - 2]
+            ids[r, 0] = self.CLS
+            ids[r, 1 : 1 + len(pieces)] = pieces
+            ids[r, 1 + len(pieces)] = self.SEP
+        return ids, (ids != self.PAD).astype(np.int32)
+
+    def decode(self, ids: np.ndarray | Sequence[int] | Sequence[Sequence[int]]) -> list[str]:
+        arr = np.atleast_2d(np.asarray(ids))
+        return [self._tok.decode([int(i) for i in row]) for row in arr]
+
+
+class HFTokenizer:
+    """Adapts a Hugging Face tokenizer (a folder) to ``.vocab_size`` / ``.encode(texts, L)``."""
+
+    def __init__(self, tokenizer: Any):
+        self._tok = tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    def encode(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        out = self._tok(
+            list(texts), max_length=max_len, padding="max_length", truncation=True,
+            return_tensors="np",
+        )
+        return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
+
+    def decode(self, ids: np.ndarray | Sequence[int] | Sequence[Sequence[int]]) -> list[str]:
+        arr = np.atleast_2d(np.asarray(ids))
+        return self._tok.batch_decode(arr.tolist(), skip_special_tokens=True)
+
+
+def load_hf_tokenizer(path: str) -> Any:
+    """A tokenizer folder: through ``mmjax.hf`` when it exists, else transformers directly.
+
+    ``mmjax.hf.load_tokenizer`` may already return an object with our interface; anything else
+    is wrapped. Imported lazily: transformers takes seconds to import.
+    """
+    try:
+        from mmjax.hf import load_tokenizer  # type: ignore[attr-defined]
+    except ImportError:
+        load_tokenizer = None
+    if load_tokenizer is not None:
+        tok = load_tokenizer(path)
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+    if hasattr(tok, "encode") and hasattr(tok, "vocab_size") and not hasattr(tok, "batch_decode"):
+        return tok
+    return HFTokenizer(tok)

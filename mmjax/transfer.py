@@ -1,0 +1,389 @@
+"""Pretrained towers in training: ``config.model.<modality>.init_from``.
+
+A tower starts from a Hugging Face folder (BERT, ViT, either tower of CLIP) or from an mmjax
+checkpoint (a workdir written by ``python -m mmjax.convert`` or by training, a step directory, or
+its ``state`` item). Only that tower's subtree ``params[<modality>]`` is replaced; everything else
+keeps its fresh initialisation, and the log says which is which. ``encoder_overrides`` reads the
+architecture from the source, so a config that names only ``kind`` and ``init_from`` builds a
+tower whose shapes fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmjax import hf
+
+HF_CONFIG = "hf_config.json"  # written next to an mmjax checkpoint converted from Hugging Face
+_MODEL_OPTIONS = ("fusion", "heads", "dropout", "dtype", "attn_implementation", "remat")
+_IMAGE_KINDS = ("vit", "resnet")
+
+
+class TransferError(ValueError):
+    """A tower cannot start from its ``init_from``; the message names the key and tensor."""
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(file.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _workdir_of(path: Path) -> Path | None:
+    """The workdir above a checkpoint path (for its hf_config.json / config.json), if any."""
+    for p in (path, *path.parents[:3]):
+        if (p / "checkpoints").is_dir():
+            return p
+    return None
+
+
+def checkpoint_state_dir(path: str | Path) -> Path:
+    """``…/checkpoints/<newest step>/state`` for a workdir, a step directory or a state dir."""
+    p = Path(path)
+    if p.name != "state" and not (p / "state").is_dir():
+        steps_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        steps = sorted(int(s.name) for s in steps_dir.glob("*") if s.name.isdigit())
+        if not steps:
+            raise TransferError(f"{path}: neither a Hugging Face folder (config.json) nor an "
+                                "mmjax checkpoint (DIR/checkpoints/<step>/state)")
+        p = steps_dir / str(steps[-1])
+    if p.name != "state":
+        p = p / "state"
+    if not p.is_dir():
+        raise TransferError(f"{path}: no checkpoint state at {p}")
+    return p
+
+
+def read_checkpoint_params(path: str | Path) -> dict[str, Any]:
+    """The ``params`` tree of an mmjax checkpoint, as numpy arrays, without a target structure.
+
+    Restoring without a target reads only what is there, so a training checkpoint (with optimizer
+    state) and a converted one (params only) load alike.
+    """
+    import orbax.checkpoint as ocp
+
+    state_dir = checkpoint_state_dir(path)
+    try:
+        tree = ocp.StandardCheckpointer().restore(state_dir.absolute())
+    except Exception as e:  # orbax raises many types; all mean "unusable"
+        raise TransferError(f"{state_dir}: cannot be restored: {type(e).__name__}: {e}") from e
+    if not isinstance(tree, Mapping) or "params" not in tree:
+        raise TransferError(f"{state_dir}: the checkpoint has no 'params'")
+    return _to_numpy(tree["params"])
+
+
+def _to_numpy(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: _to_numpy(v) for k, v in tree.items()}
+    return np.asarray(tree)
+
+
+def write_checkpoint(workdir: str | Path, params: Mapping[str, Any],
+                     hf_config: Mapping[str, Any] | None = None, step: int = 0) -> Path:
+    """Writes ``{"params": params}`` as ``workdir/checkpoints/<step>/state`` (trainer layout)."""
+    from mmjax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(workdir, best_metric=None, asynchronous=False)
+    ckpt.save(step, {"params": dict(params)}, {})
+    ckpt.close()
+    if hf_config is not None:
+        (Path(workdir) / HF_CONFIG).write_text(json.dumps(dict(hf_config), indent=2) + "\n")
+    return Path(workdir)
+
+
+def _hf_part(cfg: Mapping[str, Any], kind: str | None, where: str) -> str:
+    """Which tower of a Hugging Face model a ``kind`` wants: "text" or "image"."""
+    mt = cfg["model_type"]
+    if mt == "resnet":
+        raise TransferError(f"{where}: ResNet towers cannot start from Hugging Face yet (their "
+                            "BatchNorm statistics live outside params); use mmjax.hf.load")
+    part = {"bert": "text", "vit": "image"}.get(mt)
+    if part is None:  # clip holds both
+        part = "image" if kind in _IMAGE_KINDS else "text"
+    if kind is not None and (kind in _IMAGE_KINDS) != (part == "image"):
+        raise TransferError(f"{where}: a {mt} model has no tower for kind={kind!r}")
+    if kind == "resnet":
+        raise TransferError(f"{where}: Hugging Face {mt} towers load into kind='vit', not resnet")
+    return part
+
+
+def _hf_overrides(cfg: Mapping[str, Any], kind: str | None, where: str) -> dict[str, Any]:
+    part = _hf_part(cfg, kind, where)
+    mt = cfg["model_type"]
+    if mt == "bert":
+        return hf.bert_text_options(cfg)
+    if mt == "vit":
+        return hf.vit_image_options(cfg)
+    if part == "text":
+        return hf.clip_text_options(cfg.get("text_config", {}))
+    return hf.clip_vision_options(cfg.get("vision_config", {}))
+
+
+def encoder_overrides(init_from: str, kind: str | None = None,
+                      modality: str | None = None) -> dict[str, Any]:
+    """Encoder config options implied by ``init_from`` (width, depth, heads, norms, pooling...).
+
+    ``kind`` ("text"/"vit") picks the tower of a CLIP folder. For an mmjax checkpoint the
+    options come from its ``hf_config.json`` (written by ``mmjax.convert``) or, for a training
+    workdir, from ``config.json``'s ``model.<modality>``; the BERT/ViT pooler is assumed present.
+    """
+    where = f"init_from={init_from!r}"
+    if is_hf_folder(init_from):
+        cfg = hf.read_config(init_from)
+        out = _hf_overrides(cfg, kind, where)
+        if cfg["model_type"] in ("bert", "vit"):
+            pooled = any(k.startswith(("pooler.", f"{cfg['model_type']}.pooler."))
+                         for k in _weight_names(init_from))
+            out["pooler"] = pooled
+        return out
+    work = _workdir_of(Path(init_from))
+    if work is not None and (work / HF_CONFIG).is_file():
+        cfg = json.loads((work / HF_CONFIG).read_text())
+        return _hf_overrides(cfg, kind, where)
+    if work is not None and (work / "config.json").is_file() and modality:
+        model = json.loads((work / "config.json").read_text()).get("model", {})
+        enc = dict(model.get(modality) or {})
+        for key in ("kind", "init_from", "dropout", "dtype", "attn_implementation", "remat"):
+            enc.pop(key, None)
+        return enc
+    return {}
+
+
+def _weight_names(path: str | Path) -> list[str]:
+    st = Path(path) / "model.safetensors"
+    if st.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(st), "np") as f:
+            return list(f.keys())
+    return list(hf.read_weights(path))
+
+
+def encoder_entries(model_cfg: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """``{modality: encoder config}`` of ``config.model`` (every key but the model options)."""
+    return {k: v for k, v in model_cfg.items()
+            if k not in _MODEL_OPTIONS and (isinstance(v, Mapping) or hasattr(v, "to_dict"))
+            and "kind" in v}
+
+
+def apply_encoder_overrides(config: Any, log: logging.Logger | None = None) -> None:
+    """Writes ``encoder_overrides`` into every ``config.model.<modality>`` that has init_from.
+
+    The source's architecture wins over values in the config (a pretrained tower cannot change
+    shape); a changed value is logged.
+    """
+    log = log or logging.getLogger(__name__)
+    for modality, enc in encoder_entries(config.model).items():
+        init_from = enc.get("init_from", "")
+        if not init_from:
+            continue
+        over = encoder_overrides(init_from, enc.get("kind"), modality)
+        ctx = config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext()
+        with ctx:
+            for key, value in over.items():
+                old = enc.get(key, None)
+                if old not in (None, 0, "") and old != value:
+                    log.info("model.%s.%s=%r replaced by %r from %s", modality, key, old, value,
+                             init_from)
+                try:
+                    enc[key] = value
+                except (TypeError, AttributeError) as e:
+                    raise TransferError(f"model.{modality}.{key}: cannot take {value!r} from "
+                                        f"{init_from}: {e}") from e
+
+
+def load_tower(init_from: str, modality: str, kind: str | None = None) -> dict[str, Any]:
+    """The params subtree of one tower from a Hugging Face folder or an mmjax checkpoint."""
+    where = f"model.{modality}.init_from={init_from!r}"
+    if is_hf_folder(init_from):
+        cfg = hf.read_config(init_from)
+        part = _hf_part(cfg, kind, where)
+        _, variables = hf.load(init_from)
+        return _to_numpy(variables["params"][part])
+    params = read_checkpoint_params(init_from)
+    if modality in params:
+        return params[modality]
+    part = "image" if kind in _IMAGE_KINDS else "text"
+    if part in params:  # a converted checkpoint names towers "text"/"image"
+        return params[part]
+    raise TransferError(f"{where}: the checkpoint has no params/{modality} "
+                        f"(it has {sorted(params)})")
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_fit(loaded: Mapping[str, Any], fresh: Mapping[str, Any], modality: str,
+               where: str) -> None:
+    got, want = _flat(loaded, f"{modality}/"), _flat(fresh, f"{modality}/")
+    for name in sorted(want):
+        if name not in got:
+            raise TransferError(f"{where}: missing tensor {name}")
+    for name in sorted(got):
+        if name not in want:
+            raise TransferError(f"{where}: unexpected tensor {name} (the config's tower has "
+                                "no such parameter)")
+        if tuple(np.shape(got[name])) != tuple(np.shape(want[name])):
+            raise TransferError(f"{where}: tensor {name} has shape {tuple(np.shape(got[name]))}, "
+                                f"the model expects {tuple(np.shape(want[name]))}")
+
+
+def _fit_positions(tower: dict[str, Any], fresh: Mapping[str, Any], modality: str,
+                   where: str, log: logging.Logger) -> dict[str, Any]:
+    """Resizes a ViT's position embeddings to this run's square patch grid (bilinear).
+
+    A pretrained ViT is tied to its training resolution only through ``pos_embedding``;
+    resampling the grid, as the ViT paper does for fine-tuning, lets it read other image sizes.
+    """
+    import jax
+
+    old, new = tower.get("pos_embedding"), fresh.get("pos_embedding")
+    if old is None or new is None or np.shape(old) == np.shape(new):
+        return tower
+    extra = 1 if "cls" in tower else 0
+    n_old, n_new = old.shape[1] - extra, new.shape[1] - extra
+    g_old, g_new = math.isqrt(n_old), math.isqrt(n_new)
+    if g_old**2 != n_old or g_new**2 != n_new or old.shape[2] != new.shape[2]:
+        raise TransferError(f"{where}: tensor {modality}/pos_embedding has shape {old.shape}, "
+                            f"the model expects {tuple(new.shape)} (only square grids resize)")
+    grid = np.asarray(old[:, extra:]).reshape(1, g_old, g_old, -1)
+    grid = jax.image.resize(grid, (1, g_new, g_new, grid.shape[-1]), "bilinear")
+    pos = np.concatenate([np.asarray(old[:, :extra]), np.asarray(grid).reshape(1, n_new, -1)], 1)
+    log.info("%s: position embeddings resized from a %dx%d to a %dx%d patch grid", where,
+             g_old, g_old, g_new, g_new)
+    return {**tower, "pos_embedding": pos}
+
+
+def apply_init_from(config: Any, params: Mapping[str, Any],
+                    log: logging.Logger | None = None) -> dict[str, Any]:
+    """``params`` with every tower that has ``init_from`` replaced by its pretrained subtree.
+
+    Shapes and names are checked against the freshly initialised subtree, so a mismatch fails
+    before training with the tensor named. The loaded and fresh top-level names are logged.
+    """
+    import jax.numpy as jnp
+
+    log = log or logging.getLogger(__name__)
+    out = dict(params)
+    loaded_names = []
+    for modality, enc in encoder_entries(config.model).items():
+        init_from = enc.get("init_from", "")
+        if not init_from:
+            continue
+        where = f"model.{modality}.init_from={init_from!r}"
+        if modality not in params:
+            raise TransferError(f"{where}: the model has no params/{modality}")
+        tower = load_tower(init_from, modality, enc.get("kind"))
+        if enc.get("kind") == "vit":
+            tower = _fit_positions(tower, params[modality], modality, where, log)
+        _check_fit(tower, params[modality], modality, where)
+        dtypes = _flat(params[modality])
+        out[modality] = _unflat({k: jnp.asarray(v, dtypes[k].dtype)
+                                 for k, v in _flat(tower).items()})
+        loaded_names.append(modality)
+        log.info("%s: loaded %d tensors into params/%s", where, len(_flat(tower)), modality)
+    fresh = sorted(k for k in out if k not in loaded_names)
+    if loaded_names:
+        log.info("init_from: loaded %s; fresh %s", sorted(loaded_names), fresh)
+    return out
+
+
+def _unflat(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, v in flat.items():
+        node = out
+        *parents, leaf = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+def _export_model(params: Mapping[str, Any], cfg: Mapping[str, Any], modality: str,
+                  where: str) -> tuple[Any, dict[str, Any]]:
+    """The HF wrapper and its variables for params read from an mmjax checkpoint."""
+    mt = cfg["model_type"]
+    if mt == "clip":
+        missing = [k for k in ("text", "image", "text_projection", "visual_projection",
+                               "logit_scale") if k not in params]
+        if missing:
+            raise TransferError(f"{where}: a CLIP export needs params/{missing[0]}")
+        tree = {k: params[k] for k in ("text", "image", "text_projection", "visual_projection",
+                                       "logit_scale")}
+        return hf.build(cfg), {"params": tree}
+    part = "text" if mt == "bert" else "image"
+    name = modality or part
+    if name not in params:
+        raise TransferError(f"{where}: the checkpoint has no params/{name} (it has "
+                            f"{sorted(params)}); pick the tower with --modality")
+    tower = params[name]
+    pos = tower.get("pos_embedding")
+    if mt == "vit" and pos is not None:  # trained at another resolution (see _fit_positions)
+        grid = math.isqrt(pos.shape[1] - 1)
+        if grid * grid == pos.shape[1] - 1:
+            size = grid * hf.vit_image_options(cfg)["patch_size"]
+            if hf.image_size(cfg) != (size, size):
+                cfg = {**cfg, "image_size": size}
+    model = hf.build(cfg, pooler="pooler" in tower)
+    return model, {"params": {part: tower}}
+
+
+def convert(src: str, dst: str = "", *, verify: bool = False, like: str = "",
+            modality: str = "", seed: int = 0) -> list[tuple[str, float]] | None:
+    """Hugging Face folder → mmjax checkpoint, or mmjax checkpoint → Hugging Face folder.
+
+    The direction follows ``src``. With ``verify`` the Hugging Face side (``src`` or the written
+    ``dst``) is run against mmjax and the per-layer table is printed and returned.
+    """
+    if is_hf_folder(src):
+        model, variables = hf.load(src)
+        hf_dir = src
+        if dst:
+            write_checkpoint(dst, variables["params"], json.loads(model.hf_config))
+            print(f"wrote mmjax checkpoint {Path(dst) / 'checkpoints'} (init_from: {dst})")
+    else:
+        checkpoint_state_dir(src)  # fails first, naming src, if it is neither format
+        work = _workdir_of(Path(src))
+        if like:
+            cfg = hf.read_config(like)
+        elif work is not None and (work / HF_CONFIG).is_file():
+            cfg = json.loads((work / HF_CONFIG).read_text())
+        else:
+            raise TransferError(f"{src}: no {HF_CONFIG} next to the checkpoint; give --like "
+                                "HF_DIR naming the architecture")
+        params = read_checkpoint_params(src)
+        model, variables = _export_model(params, cfg, modality, src)
+        # Validates names and shapes against the config before anything is written.
+        hf.variables_from_hf(model, hf.state_dict(model, variables), f"{src}: ")
+        if not dst:
+            raise TransferError("--output is required to verify an mmjax checkpoint (it is "
+                                "compared through the Hugging Face folder written there)")
+        hf.save(model, variables, dst)
+        print(f"wrote Hugging Face folder {dst}")
+        hf_dir = dst
+    if not verify:
+        return None
+    rows = hf.compare(hf_dir, model, variables, seed=seed)
+    print(hf.format_table(rows))
+    worst = max(d for _, d in rows)
+    print(f"max abs difference {worst:.3e} ({'ok' if worst <= 1e-4 else 'ABOVE 1e-4'})")
+    return rows
