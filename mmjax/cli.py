@@ -19,6 +19,9 @@ FLAGS = flags.FLAGS
 
 
 def define_config_flag() -> None:
+    """Defines ``--config`` once per process (several CLI modules may be imported together)."""
+    if "config" in FLAGS:
+        return
     config_flags.DEFINE_config_file(
         "config", None, "config file, optionally with an argument: configs/x.py[:arg]",
         lock_config=True,

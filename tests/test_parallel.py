@@ -99,9 +99,10 @@ def test_losses_agree_across_devices_modes_and_processes(tmp_path):
     _assert_close("8 devices mesh data=8", eight["mesh"], reference)
     _assert_close("8 devices mesh data=2 x fsdp=4", eight["mesh:4"], reference)
 
-    two = _two_processes(["pmap", "mesh:4"], tmp_path / "two")
-    _assert_close("2 processes x 4 devices pmap", two["pmap"], reference)
-    _assert_close("2 processes x 4 devices mesh fsdp=4", two["mesh:4"], reference)
+    # Across processes the FSDP mesh is the demanding case: parameters are sharded over devices of
+    # both processes and every step all-gathers and reduce-scatters through gloo.
+    two = _two_processes(["mesh:4"], tmp_path / "two")
+    _assert_close("2 processes x 4 devices mesh data=2 x fsdp=4", two["mesh:4"], reference)
 
 
 def test_gradcache_accumulation_matches_full_batch_for_contrastive_loss():

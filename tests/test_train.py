@@ -120,7 +120,7 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
 
 
 def test_batch_size_not_divisible_by_devices_is_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(jax, "local_device_count", lambda: 3)
+    monkeypatch.setattr(jax, "device_count", lambda: 3)
     with pytest.raises(ValueError, match="batch_size=16"):
         trainer.Trainer(_tiny(), tmp_path)
 
