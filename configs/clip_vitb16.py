@@ -51,7 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every = 1_000
     c.checkpoint_every = 1_000
 
-    c.parallel = ml_collections.ConfigDict({"mode": "pmap"})
+    c.grad_accum_steps = 1
+    c.parallel = ml_collections.ConfigDict({"mode": "pmap", "fsdp": 1})
 
     # Placeholder source until #4 brings image-text data; image_size and max_len are also the
     # shapes of the benchmark's synthetic batches.
@@ -99,6 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "b2": 0.98,
         "clip_norm": 1.0,
         "freeze": "",
+        "mu_dtype": "",
     })
 
     if "tiny" in args:

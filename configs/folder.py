@@ -39,7 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every = 200
     c.checkpoint_every = 200
 
-    c.parallel = ml_collections.ConfigDict({"mode": "pmap"})
+    c.grad_accum_steps = 1
+    c.parallel = ml_collections.ConfigDict({"mode": "pmap", "fsdp": 1})
 
     c.data = ml_collections.ConfigDict({
         "name": "folder",
@@ -72,6 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "heads": {"answer": {"kind": "classification", "num_classes": 0}},  # 0: from data
         "dropout": 0.0,
         "dtype": "float32",
+        "remat": "",
     })
     c.losses = ml_collections.ConfigDict({"answer": 1.0})
 
@@ -85,6 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "b2": 0.999,
         "clip_norm": 1.0,
         "freeze": "",
+        "mu_dtype": "",
     })
 
     if "tiny" in args:

@@ -46,7 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every = 1_000
     c.checkpoint_every = 1_000
 
-    c.parallel = ml_collections.ConfigDict({"mode": "pmap"})
+    c.grad_accum_steps = 1
+    c.parallel = ml_collections.ConfigDict({"mode": "pmap", "fsdp": 1})
 
     # Placeholder source until #4; image_size and max_len are the synthetic batches' shapes.
     c.data = ml_collections.ConfigDict({
@@ -96,6 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "b2": 0.999,
         "clip_norm": 1.0,
         "freeze": "",
+        "mu_dtype": "",
     })
 
     if "tiny" in args:
