@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import signal
@@ -609,8 +608,3 @@ class _progress:  # noqa: N801 - a tiny tqdm wrapper, used like a function
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Library entry point of ``python -m mmjax.train``."""
     return Trainer(config, workdir).run()
-
-
-def load_config_json(workdir: str | Path) -> dict[str, Any]:
-    """The config a workdir was trained with (for tools that inspect a finished run)."""
-    return json.loads((Path(workdir) / "config.json").read_text())
