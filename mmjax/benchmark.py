@@ -26,7 +26,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
@@ -36,8 +35,7 @@ from mmjax import cli, parallel
 from mmjax import flops as flops_lib
 from mmjax.models import layers
 from mmjax.models.multimodal import MODEL_OPTIONS, build_model, get_dtype
-from mmjax.optim import make_optimizer
-from mmjax.trainer import NonFiniteLossError, TrainState, tasks_from_config, train_step
+from mmjax.trainer import NonFiniteLossError, create_state, tasks_from_config, train_step
 
 # Dense bf16 peak of one H100/H200 SXM (vendor datasheet), the MFU denominator by default.
 HOPPER_PEAK_TFLOPS = 989.0
@@ -178,19 +176,12 @@ def run_benchmark(
     model = build_model(config.model, bn_axis_name=par.axis_name)
     host_batch = synthetic_batch(config, batch_size, seed=config.seed)
 
-    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    init = jax.jit(functools.partial(model.init, train=False))
     sample = jax.tree.map(lambda x: x[:2], host_batch)
-    variables = init({"params": init_rng, "dropout": init_rng}, sample)
-    params = variables.pop("params")
-    tx = make_optimizer(config.optimizer, params, config.total_steps)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-        model_state=dict(variables), rng=train_rng,
-    )
+    state, tx = create_state(model, config, sample)
+    params = state.params
     n_params = sum(x.size for x in jax.tree.leaves(params))
     rstate = par.put_state(state)
-    del state, params, variables
+    del state, params
     train_fn = par.compile_train(functools.partial(
         train_step, model=model, tx=tx, tasks=tasks, axis_name=par.axis_name,
         accum_steps=accum_steps,

@@ -19,7 +19,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +305,35 @@ def eval_step(
     return sums
 
 
+def create_state(
+    model: Any,
+    config: ml_collections.ConfigDict,
+    sample_batch: Mapping[str, Any],
+    *,
+    params_hook: Callable[[Any], Any] | None = None,
+) -> tuple[TrainState, optax.GradientTransformation]:
+    """A fresh TrainState (float32 params from ``config.seed``) and the optimizer built for it.
+
+    ``params_hook`` edits the initial params before the optimizer sees them (the trainer loads
+    pretrained towers there), so optimizer state and freezing masks match the final tree.
+    """
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = dict(init({"params": init_rng, "dropout": init_rng}, sample_batch))
+    params = variables.pop("params")
+    if params_hook is not None:
+        params = params_hook(params)
+    tx = optim.make_optimizer(config.optimizer, params, config.total_steps)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        model_state=variables,
+        rng=train_rng,
+    )
+    return state, tx
+
+
 def primary_metric(tasks: tuple[Task, ...]) -> tuple[str, str]:
     """(name, "max"|"min") used for the best checkpoint: accuracy if any task classifies."""
     for t in tasks:
@@ -404,21 +433,12 @@ class Trainer:
         return {k: v for k, v in batch.items() if k != "valid"}
 
     def init_state(self) -> TrainState:
-        """Fresh state on the host's default device (float32 params, seed from config)."""
-        root = jax.random.PRNGKey(self.config.seed)
-        init_rng, train_rng = jax.random.split(root)
-        init = jax.jit(functools.partial(self.model.init, train=False))
-        variables = init({"params": init_rng, "dropout": init_rng}, self.sample_batch())
-        params = variables.pop("params")
-        params = transfer.apply_init_from(self.config, params, log)  # pretrained towers
-        self.tx = optim.make_optimizer(self.config.optimizer, params, self.config.total_steps)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=self.tx.init(params),
-            model_state=dict(variables),
-            rng=train_rng,
+        """Fresh state with pretrained towers (``model.<tower>.init_from``) loaded in place."""
+        state, self.tx = create_state(
+            self.model, self.config, self.sample_batch(),
+            params_hook=lambda p: transfer.apply_init_from(self.config, p, log),
         )
+        return state
 
     def _local_rows(self, batch: dict[str, Any]) -> dict[str, Any]:
         """This process's share of a global eval batch."""
