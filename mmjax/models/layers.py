@@ -49,6 +49,17 @@ def decode_variant(variant: str) -> dict[str, int]:
     return out
 
 
+def tower_sizes(variant: str, **overrides: int | None) -> dict[str, int]:
+    """``decode_variant(variant)`` with every override that is not None applied on top.
+
+    Both towers size themselves through this, so "a variant plus explicit widths" means the
+    same thing for images and text.
+    """
+    size = decode_variant(variant)
+    size.update({k: v for k, v in overrides.items() if v is not None})
+    return size
+
+
 def quick_gelu(x: Array) -> Array:
     """CLIP's sigmoid approximation of GELU."""
     return x * jax.nn.sigmoid(1.702 * x)

@@ -51,11 +51,11 @@ class TextEncoder(nn.Module):
     remat: str | None = None
 
     def sizes(self) -> dict[str, int]:
-        size = layers.decode_variant(self.variant)
+        size = layers.tower_sizes(
+            self.variant, width=self.width, depth=self.depth, mlp_dim=self.mlp_dim,
+            num_heads=self.num_heads,
+        )
         size.pop("patch_size", None)
-        for key in ("width", "depth", "mlp_dim", "num_heads"):
-            if getattr(self, key) is not None:
-                size[key] = getattr(self, key)
         return size
 
     @nn.compact

@@ -50,10 +50,10 @@ class ViT(nn.Module):
     remat: str | None = None
 
     def sizes(self) -> dict[str, int]:
-        size = layers.decode_variant(self.variant)
-        for key in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
-            if getattr(self, key) is not None:
-                size[key] = getattr(self, key)
+        size = layers.tower_sizes(
+            self.variant, width=self.width, depth=self.depth, mlp_dim=self.mlp_dim,
+            num_heads=self.num_heads, patch_size=self.patch_size,
+        )
         if "patch_size" not in size:
             raise ValueError(f"ViT variant {self.variant!r} names no patch size (e.g. 'B/16')")
         return size
