@@ -4,7 +4,9 @@ XLA reads ``XLA_FLAGS`` once, when the first backend starts, so :func:`apply_def
 run before any JAX computation (safest: before ``import jax``); this module itself imports no JAX
 for that reason. A flag the user already names in ``XLA_FLAGS`` is left as the user set it, so
 any default here can be switched off from the command line
-(``XLA_FLAGS=--xla_gpu_enable_triton_gemm=true python -m mmjax.benchmark ...``).
+(``XLA_FLAGS=--xla_gpu_enable_triton_gemm=true python -m mmjax.benchmark ...``), and
+``MMJAX_NO_XLA_FLAGS=1`` adds none of them (for an XLA build that no longer knows one: XLA
+aborts on unknown flags).
 
 The flags, and why (docs/performance.md records what each was predicted and measured to give):
 
@@ -43,6 +45,8 @@ def apply_default_flags(
     Returns the flags it added (so a benchmark can report them). Call before JAX starts a backend.
     """
     env = os.environ if environ is None else environ
+    if env.get("MMJAX_NO_XLA_FLAGS"):  # escape hatch, e.g. an XLA build that lacks a flag
+        return []
     current = env.get("XLA_FLAGS", "").split()
     present = {_flag_name(f) for f in current}
     added = [f for f in flags if _flag_name(f) not in present]

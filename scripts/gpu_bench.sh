@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The one-shot H200 measurement of #6 (docs/performance.md §6): mmjax's two benchmark configs and
+# their PyTorch peers in one call, main numbers first, ablations last, each under `timeout` so one
+# failure costs only its own line. Results go to $OUT/results.jsonl (one JSON object per run, or
+# {"failed": ...}); stderr of each side to $OUT/jax.err / $OUT/torch.err.
+#
+# Run from the repository root on the device machine, after installing the carried wheels:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+#     && export PYTHONPATH=/tmp/site:$PWD && bash scripts/gpu_bench.sh
+set -u
+OUT=${OUT:-/tmp/mmjax_gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+R=$OUT/results.jsonl
+B=${B:-256}
+S=${S:-}      # S=:tiny and PEER_TINY=--tiny run the same script on a CPU in minutes
+PEER_TINY=${PEER_TINY:-}
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,memory.total --format=csv
+  python3 -c "import jax, jaxlib, flax, optax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, jax.devices())"
+} > "$OUT/env.txt" 2>&1
+
+# Fail fast (seconds, not minutes) if mmjax does not import under this image's packages.
+python3 -c "import mmjax.benchmark, mmjax.trainer" 2> "$OUT/import.err" || { cat "$OUT/import.err"; exit 3; }
+
+# XLA aborts on a flag it does not know: if this jax rejects mmjax's defaults, run without them.
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false" \
+  python3 -c "import jax.numpy as jnp; print(jnp.ones(3).sum())" > /dev/null 2>> "$OUT/import.err" \
+  || { echo "default XLA flags rejected; MMJAX_NO_XLA_FLAGS=1" >> "$OUT/env.txt"; export MMJAX_NO_XLA_FLAGS=1; }
+
+# The matmul ceiling on this card, measured the way METHOD.md asks (random bf16 8192^3, 10 after 3).
+timeout 60 python3 - "${MATMUL_N:-8192}" >> "$R" 2>> "$OUT/jax.err" <<'EOF'
+import json, time, jax, jax.numpy as jnp
+import sys; n = int(sys.argv[1])
+ka, kb = jax.random.split(jax.random.key(0))
+a = jax.random.normal(ka, (n, n), jnp.bfloat16); b = jax.random.normal(kb, (n, n), jnp.bfloat16)
+f = jax.jit(lambda a, b: a @ b)
+for _ in range(3): f(a, b).block_until_ready()
+t = time.perf_counter()
+for _ in range(10): out = f(a, b)
+out.block_until_ready()
+dt = (time.perf_counter() - t) / 10
+print(json.dumps({"config": f"matmul_bf16_{n}", "ms": round(dt * 1e3, 3), "tflops_per_s": round(2 * n**3 / dt / 1e12, 1)}))
+EOF
+
+b() { timeout "$1" python3 -m mmjax.benchmark --batch_size "$B" --steps 20 --warmup 3 "${@:2}" >> "$R" 2>> "$OUT/jax.err" || echo "{\"failed\": \"mmjax $*\"}" >> "$R"; }
+p() { timeout "$1" python3 scripts/bench_torch_peer.py --batch_size "$B" --steps 20 --warmup 5 $PEER_TINY "${@:2}" >> "$R" 2>> "$OUT/torch.err" || echo "{\"failed\": \"peer $*\"}" >> "$R"; }
+
+# PARTS picks what runs, in this order (default: all): main = both configs and both peers;
+# gelu / xla / flags = the ablations: tanh-GELU (cuBLASLt can fuse it into the matmul epilogue,
+# exact erf-GELU it cannot), XLA attention instead of cuDNN, the two XLA flags off.
+PARTS=${PARTS:-main gelu xla flags}
+for part in $PARTS; do
+  case $part in
+    main)
+      b 150 --config configs/clip_vitb16.py$S
+      b 150 --config configs/fusion_vitb16_bert.py$S
+      p 200 --workload clip --modes eager,compile
+      p 120 --workload fusion --modes eager ;;
+    gelu) b 100 --config configs/clip_vitb16.py$S --config.model.image.activation=gelu_tanh --config.model.text.activation=gelu_tanh ;;
+    xla) b 100 --config configs/clip_vitb16.py$S --config.model.attn_implementation=xla ;;
+    flags) XLA_FLAGS="--xla_gpu_enable_triton_gemm=true --xla_gpu_enable_latency_hiding_scheduler=false" b 100 --config configs/clip_vitb16.py$S ;;
+    fusion_compile) p 150 --workload fusion --modes compile ;;
+    *) echo "unknown part $part" >&2; exit 2 ;;
+  esac
+done
+python3 - "$R" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    keys = ("config", "mode", "samples_per_s", "mfu", "step_ms_median", "step_ms_pipelined",
+            "compile_s", "peak_memory_gib", "attention", "tflops_per_s", "failed")
+    print({k: d[k] for k in keys if k in d})
+EOF
+tail -n 15 "$OUT/jax.err" "$OUT/torch.err"
