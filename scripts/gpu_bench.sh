@@ -48,6 +48,7 @@ b() { timeout "$1" python3 -m mmjax.benchmark --batch_size "$B" --steps 20 --war
 p() { timeout "$1" python3 scripts/bench_torch_peer.py --batch_size "$B" --steps 20 --warmup 5 $PEER_TINY "${@:2}" >> "$R" 2>> "$OUT/torch.err" || echo "{\"failed\": \"peer $*\"}" >> "$R"; }
 
 # PARTS picks what runs, in this order (default: all): main = both configs and both peers;
+# mesh = both configs under jit over a one-device mesh (C++ dispatch instead of pmap's);
 # gelu / xla / flags = the ablations: tanh-GELU (cuBLASLt can fuse it into the matmul epilogue,
 # exact erf-GELU it cannot), XLA attention instead of cuDNN, the two XLA flags off.
 PARTS=${PARTS:-main gelu xla flags}
@@ -58,9 +59,11 @@ for part in $PARTS; do
       b 150 --config configs/fusion_vitb16_bert.py$S
       p 200 --workload clip --modes eager,compile
       p 120 --workload fusion --modes eager ;;
-    gelu) b 100 --config configs/clip_vitb16.py$S --config.model.image.activation=gelu_tanh --config.model.text.activation=gelu_tanh ;;
-    xla) b 100 --config configs/clip_vitb16.py$S --config.model.attn_implementation=xla ;;
-    flags) XLA_FLAGS="--xla_gpu_enable_triton_gemm=true --xla_gpu_enable_latency_hiding_scheduler=false" b 100 --config configs/clip_vitb16.py$S ;;
+    gelu) b 150 --config configs/clip_vitb16.py$S --config.model.image.activation=gelu_tanh --config.model.text.activation=gelu_tanh ;;
+    xla) b 150 --config configs/clip_vitb16.py$S --config.model.attn_implementation=xla ;;
+    flags) XLA_FLAGS="--xla_gpu_enable_triton_gemm=true --xla_gpu_enable_latency_hiding_scheduler=false" b 150 --config configs/clip_vitb16.py$S ;;
+    mesh) b 150 --config configs/clip_vitb16.py$S --config.parallel.mode=mesh
+          b 150 --config configs/fusion_vitb16_bert.py$S --config.parallel.mode=mesh ;;
     fusion_compile) p 150 --workload fusion --modes compile ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
