@@ -156,7 +156,9 @@ def run_benchmark(
     synchronised with ``jax.block_until_ready``; ``step_ms_median`` is their median and
     ``samples_per_s`` the batch over it.
     ``step_ms_pipelined`` times the same number of steps dispatched back to back with one sync at
-    the end (as training runs), so the difference is the host's per-step dispatch gap.
+    the end (as training runs), so the difference is the host's per-step dispatch gap;
+    ``dispatch_ms_median`` is how long the host spends in the step call before it returns (on an
+    H200 the synced and pipelined times differed by 12.5 ms for CLIP B/16, docs/performance.md).
     """
     if steps < 1 or warmup < 1:
         raise ValueError(f"--steps={steps} and --warmup={warmup} must both be at least 1")
@@ -194,10 +196,12 @@ def run_benchmark(
     for _ in range(warmup - 1):
         rstate, metrics = jax.block_until_ready(train_fn(rstate, batch))
 
-    times = []
+    times, dispatch = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
-        rstate, metrics = jax.block_until_ready(train_fn(rstate, batch))
+        out = train_fn(rstate, batch)
+        dispatch.append(time.perf_counter() - t0)  # host time until the call returns
+        rstate, metrics = jax.block_until_ready(out)
         times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -233,6 +237,7 @@ def run_benchmark(
         "step_ms_min": round(min(times) * 1e3, 3),
         "step_ms_max": round(max(times) * 1e3, 3),
         "step_ms_pipelined": round(pipelined_s * 1e3, 3),
+        "dispatch_ms_median": round(float(np.median(dispatch)) * 1e3, 3),
         "samples_per_s": round(batch_size / step_s, 2),
         "tflops_per_step": _sig(tflops_per_step),
         "gflops_per_sample": None if count is None else _sig(count["train"] / 1e9),
