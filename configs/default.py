@@ -43,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every = 200
     c.checkpoint_every = 200
 
+    c.init_from = ""  # a training workdir or checkpoint to start from (#7); "" = fresh
     c.grad_accum_steps = 1
     # mode "pmap" or "mesh"; fsdp: size of the parameter-sharding mesh axis (mesh only, 1 = none)
     c.parallel = ml_collections.ConfigDict({"mode": "pmap", "fsdp": 1})

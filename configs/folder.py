@@ -39,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every = 200
     c.checkpoint_every = 200
 
+    c.init_from = ""  # a training workdir or checkpoint to start from (#7); "" = fresh
     c.grad_accum_steps = 1
     c.parallel = ml_collections.ConfigDict({"mode": "pmap", "fsdp": 1})
 

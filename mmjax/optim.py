@@ -15,7 +15,18 @@ towers are frozen) is a config value, so sweeps and fine-tuning recipes need no 
 * ``clip_norm`` (default 0 = off): clip the global gradient norm of trainable leaves first;
 * ``freeze`` (default ``""``): a regex searched in each leaf's path (:func:`path_str`); matching
   leaves get exactly zero updates and carry no optimizer state, so a frozen pretrained tower stays
-  bit-identical and costs no Adam moments.
+  bit-identical and costs no Adam moments;
+* ``layer_decay`` (default 0 = off; 1 is off too): layer-wise learning-rate decay (BEiT, ELECTRA).
+  In each tower (a top-level subtree other than ``fusion``, ``heads`` and ``lora``) of depth N (its
+  number of ``encoder/layer_<i>``), the update of ``encoder/layer_<i>/...`` is multiplied by
+  ``layer_decay**(N - i)``, the tower's embeddings (everything not in a layer and not after the
+  encoder: patch/token/position/segment embeddings, class token, ``embed_norm``) by
+  ``layer_decay**(N + 1)``, and ``encoder/final_norm``, ``pooler``, ``pool_norm``, the fusion module
+  and the heads by 1; see :func:`layer_scales`.
+
+``make_optimizer(..., lora_cfg=config.lora)`` with LoRA on (``mmjax.lora``) trains only the
+adapters under ``lora/`` and the base params matched by ``lora.train``; everything else gets a zero
+update, exactly as ``freeze`` does (and ``freeze`` still applies on top).
 
 Mistakes raise ``ValueError`` naming the config key, since a typo here would otherwise train the
 wrong thing without complaint.
@@ -35,6 +46,9 @@ import optax
 
 NAMES = ("adamw", "adam", "sgd")
 DECAYS = ("cosine", "linear", "constant")
+_NOT_TOWERS = ("fusion", "heads", "lora")  # top-level subtrees that layer_decay leaves at 1
+_AFTER_ENCODER = ("pooler", "pool_norm")  # tower params applied after the encoder (scale 1)
+_LAYER = re.compile(r"layer_(\d+)")
 
 
 def _get(opt_cfg: Mapping, key: str, default: Any = None) -> Any:
@@ -144,12 +158,142 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda x: (x.ndim if hasattr(x, "ndim") else np.ndim(x)) >= 2, params)
 
 
-def make_optimizer(opt_cfg: Mapping, params: Any, total_steps: int) -> optax.GradientTransformation:
+def _tower_depths(params: Mapping[str, Any]) -> dict[str, int]:
+    """``{tower: number of encoder/layer_<i>}`` for the top-level subtrees that are towers."""
+    depths: dict[str, int] = {}
+    if not isinstance(params, Mapping):
+        return depths
+    for name, sub in params.items():
+        if name in _NOT_TOWERS or not isinstance(sub, Mapping):
+            continue
+        encoder = sub.get("encoder", {})
+        layers = [int(m.group(1)) for k in encoder if (m := _LAYER.fullmatch(str(k)))]
+        depths[name] = max(layers) + 1 if layers else 0
+    return depths
+
+
+def _layer_scale(path: str, depths: Mapping[str, int], decay: float) -> float:
+    from mmjax import lora  # deferred: lora imports this module
+
+    path = lora.base_path(path) or path  # an adapter follows the kernel it adapts
+    tower, _, rest = path.partition("/")
+    if tower not in depths or not rest:
+        return 1.0
+    depth = depths[tower]
+    first, _, inner = rest.partition("/")
+    if first == "encoder":
+        m = _LAYER.fullmatch(inner.partition("/")[0])
+        return decay ** (depth - int(m.group(1))) if m else 1.0  # final_norm: 1
+    if first in _AFTER_ENCODER:
+        return 1.0
+    return decay ** (depth + 1)  # embeddings and everything else before the encoder
+
+
+def layer_scales(params: Any, decay: float) -> Any:
+    """Pytree of floats: each leaf's learning-rate multiplier under ``layer_decay=decay``.
+
+    Depth is counted per tower from the params themselves (``encoder/layer_<i>``), so a config
+    needs no depth list and a tower loaded from a checkpoint is scaled by its real depth. An
+    adapter ``lora/<kernel path>/a|b`` gets its kernel's multiplier; ``lora/scale`` gets 1.
+    """
+    depths = _tower_depths(params)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: _layer_scale(path_str(p), depths, decay), params
+    )
+
+
+def scale_by_layer_decay(params: Any, decay: float) -> optax.GradientTransformation:
+    """Multiplies each leaf's update by its :func:`layer_scales` multiplier (stateless).
+
+    Placed after Adam/momentum and the decoupled weight decay and right before the learning
+    rate, so the whole step of a leaf (adaptive update + decay) shrinks by its multiplier: the
+    same as BEiT/big_vision, which give each layer's parameter group its own learning rate.
+    Multipliers are looked up by path, so the transform also works on the masked subtree that
+    ``optax.partition`` hands in.
+    """
+    scales = {path_str(p): s for p, s in
+              jax.tree_util.tree_leaves_with_path(layer_scales(params, decay))}
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+
+        def scale(path: tuple, u: jax.Array) -> jax.Array:
+            s = scales.get(path_str(path), 1.0)
+            return u if s == 1.0 else u * jnp.asarray(s, u.dtype)
+
+        return jax.tree_util.tree_map_with_path(scale, updates), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def _search_all(pattern: str, key: str, params: Any) -> re.Pattern:
+    try:
+        compiled = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{key}={pattern!r} is not a valid regex: {e}") from None
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    if not any(compiled.search(p) for p in paths if not p.startswith("lora/")):
+        raise ValueError(f"{key}={pattern!r} matches no parameter")
+    return compiled
+
+
+def _trainable_fn(opt_cfg: Mapping, params: Any, lora_cfg: Mapping | None) -> Any:
+    """A function tree → bool mask (True = trained), or None when everything trains.
+
+    Validates the regexes against ``params`` once (a typo raises, naming the config key); the
+    returned function works on any tree with the same paths (params, or partition's subtrees).
+    """
+    from mmjax import lora
+
+    freeze = _get(opt_cfg, "freeze", "")
+    if freeze:
+        trainable_mask(params, freeze)  # Raises early if the regex is bad or matches nothing.
+    frozen = re.compile(freeze) if freeze else None
+    cfg = lora.parse_config(lora_cfg)
+    if cfg is None:
+        if frozen is None:
+            return None
+        return lambda tree: trainable_mask(tree, freeze)
+    if not isinstance(params, Mapping) or lora.KEY not in params:
+        raise ValueError(f"lora.rank={cfg.rank} but the params have no '{lora.KEY}' subtree; "
+                         "add the adapters (lora.add_adapters) before building the optimizer")
+    extra = _search_all(cfg.train, "lora.train", params) if cfg.train else None
+    scale_path = f"{lora.KEY}/{lora.SCALE}"
+
+    def trainable(path: str) -> bool:
+        if frozen is not None and frozen.search(path):
+            return False
+        if path.startswith(f"{lora.KEY}/"):
+            return path != scale_path
+        return extra is not None and extra.search(path) is not None
+
+    return lambda tree: jax.tree_util.tree_map_with_path(
+        lambda p, _: trainable(path_str(p)), tree
+    )
+
+
+def trainable_leaves(opt_cfg: Mapping, params: Any, lora_cfg: Mapping | None = None) -> Any:
+    """Pytree of bools: which leaves ``make_optimizer`` will update (``freeze`` and LoRA)."""
+    fn = _trainable_fn(opt_cfg, params, lora_cfg)
+    return jax.tree.map(lambda _: True, params) if fn is None else fn(params)
+
+
+def trainable_count(opt_cfg: Mapping, params: Any,
+                    lora_cfg: Mapping | None = None) -> tuple[int, int]:
+    """(trainable, total) numbers of parameters, as ``make_optimizer`` will mask them."""
+    mask = jax.tree.leaves(trainable_leaves(opt_cfg, params, lora_cfg))
+    sizes = [int(np.size(x)) for x in jax.tree.leaves(params)]
+    return sum(s for s, m in zip(sizes, mask, strict=True) if m), sum(sizes)
+
+
+def make_optimizer(opt_cfg: Mapping, params: Any, total_steps: int, *,
+                   lora_cfg: Mapping | None = None) -> optax.GradientTransformation:
     """Builds the optax transformation described by ``opt_cfg`` for ``params``.
 
     The chain is: clip (global norm over trainable leaves) → algorithm → decoupled weight decay →
-    scale by the scheduled learning rate. With ``freeze``, the chain runs only on trainable leaves
-    (``optax.partition``) and frozen leaves get ``set_to_zero``.
+    layer-wise decay multipliers (``layer_decay``) → scale by the scheduled learning rate. With
+    ``freeze`` or LoRA (``lora_cfg``, i.e. ``config.lora``), the chain runs only on trainable
+    leaves (``optax.partition``) and frozen leaves get ``set_to_zero``.
     """
     name = _require(opt_cfg, "name")
     if name not in NAMES:
@@ -188,19 +332,27 @@ def make_optimizer(opt_cfg: Mapping, params: Any, total_steps: int) -> optax.Gra
         # After the adaptive/momentum step, so that decay is decoupled from the gradient statistics.
         # A callable mask adapts to the trainable subtree that optax.partition hands in.
         parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
+    layer_decay = float(_get(opt_cfg, "layer_decay", 0.0))
+    if not 0.0 <= layer_decay <= 1.0:
+        raise ValueError(f"optimizer.layer_decay={layer_decay} must lie in (0, 1] "
+                         "(0 or 1 turns it off)")
+    if 0.0 < layer_decay < 1.0:
+        parts.append(scale_by_layer_decay(params, layer_decay))
     parts.append(optax.scale_by_learning_rate(schedule))
     tx = optax.chain(*parts)
 
-    freeze = _get(opt_cfg, "freeze", "")
-    if not freeze:
+    trainable = _trainable_fn(opt_cfg, params, lora_cfg)
+    if trainable is None:
         return tx
-    mask = trainable_mask(params, freeze)  # Raises early if the regex matches nothing.
-    if not any(jax.tree.leaves(mask)):
-        raise ValueError(
-            f"optimizer.freeze={freeze!r} matches every parameter; nothing would train"
-        )
+    if not any(jax.tree.leaves(trainable(params))):
+        freeze = _get(opt_cfg, "freeze", "")
+        from mmjax import lora
+
+        lora_on = lora.enabled(lora_cfg)
+        what = "every LoRA adapter and lora.train param" if lora_on else "every parameter"
+        raise ValueError(f"optimizer.freeze={freeze!r} matches {what}; nothing would train")
 
     def labels(tree: Any) -> Any:
-        return jax.tree.map(lambda t: "train" if t else "freeze", trainable_mask(tree, freeze))
+        return jax.tree.map(lambda t: "train" if t else "freeze", trainable(tree))
 
     return optax.partition({"train": tx, "freeze": optax.set_to_zero()}, labels)

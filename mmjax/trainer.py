@@ -31,8 +31,9 @@ import numpy as np
 import optax
 from jax import lax
 
+from mmjax import evaluators as evaluators_lib
 from mmjax import losses as losses_lib
-from mmjax import optim, parallel, transfer
+from mmjax import optim, parallel, transfer, weighting
 from mmjax.checkpoint import Checkpointer
 from mmjax.data import pipeline
 from mmjax.models.multimodal import build_model, loss_spec
@@ -90,18 +91,27 @@ def forward(
     model: Any,
     train: bool,
 ) -> tuple[dict[str, Any], Any]:
-    """Model outputs per task, and the updated non-parameter state (BatchNorm statistics)."""
-    variables = {"params": params, **model_state}
-    rngs = {"dropout": rng} if rng is not None else {}
+    """Model outputs per task, and the updated non-parameter state (BatchNorm statistics).
+
+    With LoRA (a ``params["lora"]`` subtree), the model runs with the adapted kernels
+    ``W + scale·(a @ b)`` (``lora.effective_params``); gradients reach both W and the adapters.
+    """
+    from mmjax import lora
+
+    params = {k: v for k, v in params.items() if k != weighting.PARAMS_KEY}
+    variables = {"params": lora.effective_params(params), **model_state}
+    # "masking" drives the objectives' random choices (MLM/MIM masks, ITM negatives); without it
+    # (evaluation) the model falls back to a fixed key so val metrics are deterministic.
+    rngs = {"dropout": rng, "masking": jax.random.fold_in(rng, 1)} if rng is not None else {}
     if train and model_state:
         return model.apply(variables, batch, train=True, rngs=rngs, mutable=list(model_state))
     return model.apply(variables, batch, train=train, rngs=rngs), model_state
 
 
-def task_losses(
+def per_task_losses(
     outputs: Mapping[str, Any], batch: Mapping[str, Any], tasks: tuple[Task, ...]
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """L = Σ λ·L_task over ``tasks``, with each task's loss and metrics."""
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """({task: L_task}, metrics with each task's ``<task>_loss`` and its own metrics)."""
     metrics: dict[str, jax.Array] = {}
     per_task = {}
     for t in tasks:
@@ -109,7 +119,19 @@ def task_losses(
         per_task[t.name] = value
         metrics[f"{t.name}_loss"] = value
         metrics.update({f"{t.name}_{k}": v for k, v in task_metrics.items()})
-    total = losses_lib.weighted_total(per_task, {t.name: t.weight for t in tasks})
+    return per_task, metrics
+
+
+def task_losses(
+    outputs: Mapping[str, Any],
+    batch: Mapping[str, Any],
+    tasks: tuple[Task, ...],
+    weights: Mapping[str, jax.Array] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """L = Σ wᵢ·L_task over ``tasks`` (wᵢ = ``weights`` or each task's λ), with the metrics."""
+    per_task, metrics = per_task_losses(outputs, batch, tasks)
+    w = {t.name: t.weight for t in tasks} if weights is None else weights
+    total = losses_lib.weighted_total(per_task, {t.name: w[t.name] for t in tasks})
     return total, metrics
 
 
@@ -122,10 +144,18 @@ def compute_losses(
     model: Any,
     tasks: tuple[Task, ...],
     train: bool,
+    weights: weighting.Weighting | None = None,
+    step: jax.typing.ArrayLike = 0,
 ) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
-    """Weighted total L = Σ λ·L_task, with each task's loss and metrics, and the new model state."""
+    """Weighted total L = Σ wᵢ·L_task, with each task's loss, weight and metrics, and the new
+    model state. ``weights`` (default: fixed λ from ``tasks``) may depend on ``step`` and on
+    learned params (``weighting`` module)."""
     outputs, new_state = forward(params, model_state, batch, rng, model=model, train=train)
-    total, metrics = task_losses(outputs, batch, tasks)
+    per_task, metrics = per_task_losses(outputs, batch, tasks)
+    if weights is None:
+        weights = weighting.Weighting(tuple((t.name, t.weight) for t in tasks))
+    total, effective = weights.combine(per_task, step, params)
+    metrics.update({f"{name}_weight": w for name, w in effective.items()})
     metrics["loss"] = total
     return total, (metrics, new_state)
 
@@ -160,6 +190,7 @@ def accumulated_grads(
     model: Any,
     tasks: tuple[Task, ...],
     accum_steps: int,
+    weights: Mapping[str, jax.Array] | None = None,
 ) -> tuple[Any, dict[str, jax.Array], Any]:
     """Gradients of the batch's loss computed in ``accum_steps`` micro-batches.
 
@@ -170,9 +201,12 @@ def accumulated_grads(
     and its gradient w.r.t. the outputs is taken. Pass 2 re-runs each micro-batch (same dropout
     rng) and back-propagates ``<stop_gradient(dL/d outputs), outputs>`` plus its per-example
     losses. Memory is that of one micro-batch plus the cached outputs; compute is one extra
-    forward pass.
+    forward pass. ``weights`` are the tasks' weights of this step (fixed or scheduled; learned
+    uncertainty weights are refused with accumulation by the Trainer).
     """
     k = accum_steps
+    if weights is None:
+        weights = {t.name: jnp.float32(t.weight) for t in tasks}
     micro = _split_micro(batch, k)
     coupled = tuple(t for t in tasks if t.loss in losses_lib.BATCH_COUPLED)
     local = tuple(t for t in tasks if t.loss not in losses_lib.BATCH_COUPLED)
@@ -196,7 +230,7 @@ def accumulated_grads(
             # the same in every micro-batch, so micro-batch 0's copy carries the gradient.
             merged = jax.tree.map(lambda x: _merge_micro(x) if x.ndim >= 2 else x[0], outs)
             full = jax.tree.map(_merge_micro, micro)
-            return task_losses(merged, full, coupled)
+            return task_losses(merged, full, coupled, weights)
 
         (_, coupled_metrics), cached_grads = jax.value_and_grad(
             coupled_loss, has_aux=True
@@ -208,7 +242,7 @@ def accumulated_grads(
         value = jnp.zeros((), jnp.float32)
         aux: dict[str, jax.Array] = {}
         if local:
-            local_total, aux = task_losses(out, mb, local)
+            local_total, aux = task_losses(out, mb, local, weights)
             value = value + local_total / k
         if coupled:
             g_i = jax.tree.map(lambda g: g[i], cached_grads)
@@ -240,7 +274,8 @@ def accumulated_grads(
     (grads, local_metrics, model_state), _ = jax.lax.scan(body, init, (jnp.arange(k), micro))
     metrics.update(local_metrics)
     per_task = {t.name: metrics[f"{t.name}_loss"] for t in tasks}
-    metrics["loss"] = losses_lib.weighted_total(per_task, {t.name: t.weight for t in tasks})
+    metrics["loss"] = losses_lib.weighted_total(per_task, {t.name: weights[t.name] for t in tasks})
+    metrics.update({f"{t.name}_weight": jnp.asarray(weights[t.name]) for t in tasks})
     return grads, metrics, model_state
 
 
@@ -253,6 +288,7 @@ def train_step(
     tasks: tuple[Task, ...],
     axis_name: str | None = parallel.AXIS,
     accum_steps: int = 1,
+    weights: weighting.Weighting | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step; pure, so it can be pmapped (``axis_name``) or jitted over a mesh.
 
@@ -263,14 +299,18 @@ def train_step(
     if axis_name is not None:
         rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
     if accum_steps > 1:
+        if weights is not None and weights.learned:
+            raise ValueError("loss_weighting.kind='uncertainty' with grad_accum_steps > 1")
         grads, metrics, model_state = accumulated_grads(
             state.params, state.model_state, batch, rng, model=model, tasks=tasks,
             accum_steps=accum_steps,
+            weights=None if weights is None else weights.scheduled(state.step),
         )
     else:
         grad_fn = jax.value_and_grad(compute_losses, has_aux=True)
         (_, (metrics, model_state)), grads = grad_fn(
-            state.params, state.model_state, batch, rng, model=model, tasks=tasks, train=True
+            state.params, state.model_state, batch, rng, model=model, tasks=tasks, train=True,
+            weights=weights, step=state.step,
         )
     if axis_name is not None:
         grads = lax.pmean(grads, axis_name)
@@ -292,10 +332,12 @@ def eval_step(
     model: Any,
     tasks: tuple[Task, ...],
     axis_name: str | None = parallel.AXIS,
+    weights: weighting.Weighting | None = None,
 ) -> dict[str, jax.Array]:
     """Sums of per-example metrics over the valid examples of the batch, and their count."""
     _, (metrics, _) = compute_losses(
-        state.params, state.model_state, batch, None, model=model, tasks=tasks, train=False
+        state.params, state.model_state, batch, None, model=model, tasks=tasks, train=False,
+        weights=weights, step=state.step,
     )
     n = batch["valid"].sum()
     sums = {k: jnp.where(n > 0, v * n, 0.0) for k, v in metrics.items()}
@@ -315,15 +357,27 @@ def create_state(
     """A fresh TrainState (float32 params from ``config.seed``) and the optimizer built for it.
 
     ``params_hook`` edits the initial params before the optimizer sees them (the trainer loads
-    pretrained towers there), so optimizer state and freezing masks match the final tree.
+    pretrained towers there), so optimizer state and freezing masks match the final tree. With
+    ``config.lora`` on, LoRA adapters are added after the hook (so they adapt the loaded
+    weights) and the optimizer trains only them and ``lora.train``.
     """
+    from mmjax import lora
+
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     init = jax.jit(functools.partial(model.init, train=False))
     variables = dict(init({"params": init_rng, "dropout": init_rng}, sample_batch))
     params = variables.pop("params")
     if params_hook is not None:
         params = params_hook(params)
-    tx = optim.make_optimizer(config.optimizer, params, config.total_steps)
+    learned_weights = weighting.from_config(config).init_params()
+    if learned_weights is not None:  # Kendall et al.'s log-variances, trained with the model
+        params = {**params, weighting.PARAMS_KEY: learned_weights}
+    lora_cfg = config.get("lora", None)
+    if lora.enabled(lora_cfg):
+        params = lora.add_adapters(params, lora_cfg, jax.random.fold_in(init_rng, 1))
+    tx = optim.make_optimizer(config.optimizer, params, config.total_steps, lora_cfg=lora_cfg)
+    n_train, n_total = optim.trainable_count(config.optimizer, params, lora_cfg)
+    log.info("trainable parameters: %s of %s", f"{n_train:,}", f"{n_total:,}")
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -362,6 +416,8 @@ def _fill_from_data(config: ml_collections.ConfigDict, info: Mapping[str, int]) 
     for head in model.heads.values():
         if head.get("kind") == "classification" and not head.get("num_classes"):
             head.num_classes = info["num_classes"]
+        if "vocab_size" in head and not head.get("vocab_size"):  # MLM, captioning heads
+            head.vocab_size = info["vocab_size"]
 
 
 def _check_finite(window: list[tuple[int, dict[str, Any]]]) -> None:
@@ -424,7 +480,26 @@ class Trainer:
         self.data_info = pipeline.dataset_info(config.data, self.tokenizer, workdir=workdir)
         _fill_from_data(config, self.data_info)
         self.tasks = tasks_from_config(config)
+        self.weighting = weighting.from_config(config, [t.name for t in self.tasks])
+        if self.weighting.learned and self.accum_steps > 1:
+            raise ValueError(
+                "loss_weighting.kind='uncertainty' does not support grad_accum_steps > 1 "
+                f"(got {self.accum_steps}): use 'fixed' weights or no accumulation"
+            )
         self.model = build_model(config.model, bn_axis_name=self.par.axis_name)
+        self.evaluators = evaluators_lib.build(config.get("evals"), evaluators_lib.Env(
+            model=self.model,
+            model_cfg=config.model.to_dict(),
+            data_config=config.data,
+            tokenizer=self.tokenizer,
+            label_names=pipeline.label_names(config.data, workdir=workdir),
+            batch_size=int(config.get("eval_batch_size") or config.batch_size),
+        ))
+        if self.evaluators and self.process_count > 1:
+            raise ValueError(
+                "config.evals runs on one process only (evaluators copy the params to one "
+                f"device); this run has {self.process_count} processes: clear config.evals"
+            )
         self.schedule = optim.make_schedule(config.optimizer, config.total_steps)
         self.tx = None
 
@@ -433,10 +508,16 @@ class Trainer:
         return {k: v for k, v in batch.items() if k != "valid"}
 
     def init_state(self) -> TrainState:
-        """Fresh state with pretrained towers (``model.<tower>.init_from``) loaded in place."""
+        """Fresh state with pretrained towers (``model.<tower>.init_from``) loaded in place.
+
+        Then ``config.init_from`` (a whole earlier run, ``config.init_subtrees`` of it) is
+        loaded over them. A resumed run restores its own checkpoint over this state afterwards.
+        """
         state, self.tx = create_state(
             self.model, self.config, self.sample_batch(),
-            params_hook=lambda p: transfer.apply_init_from(self.config, p, log),
+            params_hook=lambda p: transfer.apply_config_init_from(
+                self.config, transfer.apply_init_from(self.config, p, log), log
+            ),
         )
         return state
 
@@ -457,7 +538,18 @@ class Trainer:
             sums = self.par.fetch(eval_fn(state, self.par.put_batch(self._local_rows(batch))))
             for k, v in sums.items():
                 total[k] = total.get(k, 0.0) + float(v)
-        return _summarise_eval(total, self.tasks)
+        out = _summarise_eval(total, self.tasks)
+        if self.evaluators:
+            out.update(evaluators_lib.run_all(self.evaluators, self._eval_variables(state), split))
+        return out
+
+    def _eval_variables(self, dstate: Any) -> dict[str, Any]:
+        """The variables evaluators apply the model with: host copies, LoRA merged."""
+        from mmjax import lora
+
+        state = jax.device_get(self.par.state_for_checkpoint(dstate))
+        params = {k: v for k, v in state.params.items() if k != weighting.PARAMS_KEY}
+        return {"params": lora.effective_params(params), **state.model_state}
 
     def run(self) -> dict[str, Any]:
         """Trains to ``total_steps`` (resuming if a checkpoint exists); returns final metrics."""
@@ -519,10 +611,11 @@ class Trainer:
         del state
         train_fn = par.compile_train(functools.partial(
             train_step, model=self.model, tx=self.tx, tasks=self.tasks,
-            axis_name=par.axis_name, accum_steps=self.accum_steps,
+            axis_name=par.axis_name, accum_steps=self.accum_steps, weights=self.weighting,
         ))
         eval_fn = par.compile_eval(functools.partial(
-            eval_step, model=self.model, tasks=self.tasks, axis_name=par.axis_name
+            eval_step, model=self.model, tasks=self.tasks, axis_name=par.axis_name,
+            weights=self.weighting,
         ))
         window: list[tuple[int, Any]] = []
         val: dict[str, float] = {}

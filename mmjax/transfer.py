@@ -6,21 +6,25 @@ its ``state`` item). Only that tower's subtree ``params[<modality>]`` is replace
 keeps its fresh initialisation, and the log says which is which. ``encoder_overrides`` reads the
 architecture from the source, so a config that names only ``kind`` and ``init_from`` builds a
 tower whose shapes fit.
+
+A whole model (or any set of its subtrees) starts from an earlier run with the top-level
+``config.init_from`` and ``config.init_subtrees``; see :func:`apply_config_init_from`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmjax import hf
+from mmjax import hf, lora
 
 HF_CONFIG = "hf_config.json"  # written next to an mmjax checkpoint converted from Hugging Face
 _MODEL_OPTIONS = ("fusion", "heads", "dropout", "dtype", "attn_implementation", "remat")
@@ -66,11 +70,13 @@ def checkpoint_state_dir(path: str | Path) -> Path:
     return p
 
 
-def read_checkpoint_params(path: str | Path) -> dict[str, Any]:
+def read_checkpoint_params(path: str | Path, *, merge_lora: bool = True) -> dict[str, Any]:
     """The ``params`` tree of an mmjax checkpoint, as numpy arrays, without a target structure.
 
     Restoring without a target reads only what is there, so a training checkpoint (with optimizer
-    state) and a converted one (params only) load alike.
+    state) and a converted one (params only) load alike. A LoRA run's adapters (``params/lora``)
+    are folded into their kernels unless ``merge_lora`` is False, so every consumer (tower
+    ``init_from``, ``config.init_from``, ``convert``) sees the plain model it describes.
     """
     import orbax.checkpoint as ocp
 
@@ -81,7 +87,11 @@ def read_checkpoint_params(path: str | Path) -> dict[str, Any]:
         raise TransferError(f"{state_dir}: cannot be restored: {type(e).__name__}: {e}") from e
     if not isinstance(tree, Mapping) or "params" not in tree:
         raise TransferError(f"{state_dir}: the checkpoint has no 'params'")
-    return _to_numpy(tree["params"])
+    params = tree["params"]
+    if merge_lora and isinstance(params, Mapping) and lora.KEY in params:
+        logging.getLogger(__name__).info("%s: LoRA adapters merged into their kernels", state_dir)
+        params = lora.merge(params)
+    return _to_numpy(params)
 
 
 def _to_numpy(tree: Any) -> Any:
@@ -315,6 +325,140 @@ def _unflat(flat: Mapping[str, Any]) -> dict[str, Any]:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = v
+    return out
+
+
+DEFAULT_EXCLUDED = ("heads",)  # not loaded by config.init_from unless init_subtrees names them
+
+
+@dataclasses.dataclass
+class InitReport:
+    """What :func:`load_subtrees` did: loaded leaves per subtree, missing and unexpected keys.
+
+    ``missing``: in a listed subtree of the model but not in the checkpoint (kept fresh).
+    ``unexpected``: in a listed subtree of the checkpoint but not in the model (ignored).
+    """
+
+    source: str
+    loaded: dict[str, int]
+    missing: list[str]
+    unexpected: list[str]
+
+    def summary(self, limit: int = 10) -> str:
+        def names(keys: list[str]) -> str:
+            more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+            return ", ".join(keys[:limit]) + more
+
+        loaded = ", ".join(f"{k}: {n}" for k, n in self.loaded.items())
+        return (f"init_from={self.source!r}: loaded leaves {{{loaded}}}; "
+                f"{len(self.missing)} missing (kept fresh){': ' if self.missing else ''}"
+                f"{names(self.missing)}; {len(self.unexpected)} unexpected (ignored)"
+                f"{': ' if self.unexpected else ''}{names(self.unexpected)}")
+
+
+def parse_subtrees(spec: str | Sequence[str] | None, params: Mapping[str, Any]) -> list[str]:
+    """``"image,heads/clip"`` → ``["image", "heads/clip"]``; empty → every top-level name of
+    ``params`` except ``heads`` (a new task's head rarely fits the old one)."""
+    if isinstance(spec, str):
+        spec = [s.strip().strip("/") for s in spec.split(",")]
+    names = [s for s in (spec or []) if s]
+    if not names:
+        names = [k for k in params if k not in DEFAULT_EXCLUDED]
+    return list(dict.fromkeys(names))
+
+
+def _subtree(tree: Mapping[str, Any], path: str) -> Any:
+    node: Any = tree
+    for part in path.split("/"):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _flat_at(tree: Any, path: str) -> dict[str, Any]:
+    """``{full path: leaf}`` below ``path`` (a single leaf is its own subtree)."""
+    node = _subtree(tree, path)
+    if node is None:
+        return {}
+    return _flat(node, f"{path}/") if isinstance(node, Mapping) else {path: node}
+
+
+def load_subtrees(source: str | Path, params: Mapping[str, Any],
+                  subtrees: str | Sequence[str] | None = None) -> tuple[dict[str, Any], InitReport]:
+    """``params`` with the listed subtrees replaced by an mmjax checkpoint's values, and a report.
+
+    ``source`` is a training workdir, ``WORKDIR/checkpoints/<step>`` or its ``state`` item (the
+    newest step of a workdir). Keys present on both sides are loaded (cast to the fresh dtype);
+    a shape difference raises :class:`TransferError` naming the key and both shapes, and so does
+    a listed subtree found on neither side. Keys on one side only are reported, not fatal, so a
+    model that grew a parameter (or lost one) still starts from the rest.
+    """
+    import jax.numpy as jnp
+
+    where = f"init_from={str(source)!r}"
+    if is_hf_folder(source):
+        raise TransferError(f"{where}: {source} is a Hugging Face folder; config.init_from takes "
+                            "an mmjax checkpoint (use model.<tower>.init_from for a HF tower)")
+    checkpoint_state_dir(source)  # fails first, naming the path, if it is not a checkpoint
+    ckpt = read_checkpoint_params(source)
+    names = parse_subtrees(subtrees, params)
+    fresh = _flat(params)
+    loaded: dict[str, int] = {}
+    missing: list[str] = []
+    unexpected: list[str] = []
+    replace: dict[str, Any] = {}
+    for name in names:
+        want, got = _flat_at(params, name), _flat_at(ckpt, name)
+        if not want and not got:
+            raise TransferError(f"{where}: init_subtrees names {name!r}, which is in neither the "
+                                f"model's params (top level {sorted(params)}) nor the "
+                                f"checkpoint's (top level {sorted(ckpt)})")
+        missing += [k for k in want if k not in got]
+        unexpected += [k for k in got if k not in want]
+        count = 0
+        for key in want:
+            if key not in got:
+                continue
+            if tuple(np.shape(got[key])) != tuple(np.shape(want[key])):
+                raise TransferError(f"{where}: tensor {key} has shape "
+                                    f"{tuple(np.shape(got[key]))} in the checkpoint, the model "
+                                    f"expects {tuple(np.shape(want[key]))}")
+            replace[key] = jnp.asarray(got[key], fresh[key].dtype)
+            count += 1
+        loaded[name] = count
+    out = _unflat({k: replace.get(k, v) for k, v in fresh.items()})
+    report = InitReport(str(source), loaded, sorted(set(missing)), sorted(set(unexpected)))
+    return out, report
+
+
+def apply_config_init_from(config: Any, params: Mapping[str, Any],
+                           log: logging.Logger | None = None) -> dict[str, Any]:
+    """``params`` with ``config.init_subtrees`` loaded from ``config.init_from`` (fine-tuning).
+
+    ``config.init_from`` (default ``""`` = fresh) names an mmjax checkpoint (see
+    :func:`load_subtrees`); ``config.init_subtrees`` (default ``""`` = every top-level subtree
+    but ``heads``) is a comma-separated list of param paths such as ``"image,text,fusion"`` or
+    ``"image,heads/clip"``. Only params are loaded: the optimizer state and the step start
+    fresh. A resumed run is not affected: the trainer restores its own checkpoint over this
+    state. The report (loaded leaves per subtree, missing and unexpected keys) is logged.
+    """
+    log = log or logging.getLogger(__name__)
+    source = config.get("init_from", "") or ""
+    if not source:
+        return dict(params)
+    subtrees = config.get("init_subtrees", "") or ""
+    out, report = load_subtrees(source, params, subtrees)
+    towers = {m for m, enc in encoder_entries(config.model).items() if enc.get("init_from")}
+    overridden = sorted(t for t in towers if any(n.split("/")[0] == t for n in report.loaded))
+    if overridden:
+        log.warning("config.init_from=%r replaces towers %s that model.<tower>.init_from loaded",
+                    source, overridden)
+    log.info("%s", report.summary())
+    if report.missing or report.unexpected:
+        log.warning("config.init_from=%r: %d missing keys keep their fresh init, %d unexpected "
+                    "keys are ignored (see the line above)", source, len(report.missing),
+                    len(report.unexpected))
     return out
 
 

@@ -389,6 +389,13 @@ def _split_data(
     return data
 
 
+def label_names(data_config: Any, *, workdir: str | Path = "") -> list[str]:
+    """Names of the answer classes, in label-id order (evaluators print and compare them)."""
+    if _check_name(data_config) == "shapes":
+        return list(shapes.ANSWERS)
+    return [str(v) for v in _labels(data_config, str(workdir or ""))]
+
+
 def _train_raw_labels(data_config: Any) -> list:
     data = _split_data(data_config, "train", labelled=False)
     return [r["label"] for r in data.source.records]

@@ -1,0 +1,315 @@
+"""LoRA (low-rank adapters) for any mmjax model, as a pure function of the params tree.
+
+``config.lora = {rank, alpha, targets, train}`` (absent, or ``rank`` 0, turns it off):
+
+* ``rank`` (int): r, the inner size of every adapter;
+* ``alpha`` (float, default ``rank``): the adapter output is scaled by ``alpha / rank``, so
+  changing r does not change the size of the initial updates (Hu et al., 2021);
+* ``targets`` (regex, default :data:`DEFAULT_TARGETS`): searched in each leaf's path
+  (:func:`mmjax.optim.path_str`); matching kernels get an adapter. The default is the attention
+  query/key/value/out and MLP fc1/fc2 kernels of every tower and of the fusion module;
+* ``train`` (regex, default ``"^heads/"``): base params that stay trainable next to the adapters
+  (a new task head must learn); ``""`` trains the adapters alone.
+
+Nothing in the model code changes. :func:`add_adapters` puts a ``params["lora"]`` subtree next to
+the model's params, mirroring the targeted kernels' paths: ``lora/<kernel path>/a`` [n_in, r]
+(random, std 1/sqrt(n_in)) and ``lora/<kernel path>/b`` [r, n_out] (zeros, so the model starts
+exactly as the base), and ``lora/scale`` = alpha/rank. The trainer's ``forward`` calls
+:func:`effective_params`, which returns the plain tree the model expects with every targeted
+kernel replaced by ``W + scale · (a @ b)`` reshaped to W's shape; ``mmjax.optim.make_optimizer``
+gives every base param not matched by ``train`` a zero update (``optax.set_to_zero``), so only
+the adapters (and the heads) move and only they carry optimizer state.
+
+The scale lives in the params tree (a frozen scalar leaf) rather than only in the config
+because ``forward`` sees nothing but params: a checkpoint therefore merges on its own, with no
+config at hand (:func:`merge`, :func:`merged_params_from_workdir`).
+
+Kernels are flattened to matrices the way ``nn.DenseGeneral`` contracts them: a Dense kernel
+[n_in, n_out] as is; the attention query/key/value kernels [D, H, hd] as [D, H·hd]; the attention
+output kernel ``…/out/kernel`` [H, hd, D] as [H·hd, D]; a convolution kernel [kh, kw, c_in,
+c_out] as [kh·kw·c_in, c_out].
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+KEY = "lora"  # the params subtree holding the adapters
+SCALE = "scale"  # params["lora"]["scale"] = alpha / rank
+_TOWER_PREFIX = r"^(?!heads/|lora/)(?:.*/)?"
+DEFAULT_TARGETS = (
+    _TOWER_PREFIX + r"(?:attn|cross_attn)/(?:query|key|value|out)/kernel$|"
+    + _TOWER_PREFIX + r"mlp/fc[12]/kernel$"
+)
+DEFAULT_TRAIN = r"^heads/"
+_ADAPTABLE = ("kernel", "embedding")  # leaf names of Dense/DenseGeneral/Conv and nn.Embed
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """``config.lora`` read with its defaults; see the module docstring for the meaning."""
+
+    rank: int
+    alpha: float
+    targets: str
+    train: str
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def parse_config(lora_cfg: Mapping[str, Any] | None) -> LoraConfig | None:
+    """``config.lora`` (a ConfigDict, a dict, or None) → LoraConfig, or None when LoRA is off.
+
+    Every key is optional; a bad value raises ``ValueError`` naming ``lora.<key>``, since a wrong
+    regex here would silently fine-tune the wrong weights.
+    """
+    if not lora_cfg:
+        return None
+    rank = lora_cfg.get("rank", 0) or 0
+    if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 0:
+        raise ValueError(f"lora.rank={rank!r} must be an integer >= 0 (0 turns LoRA off)")
+    if rank == 0:
+        return None
+    alpha = lora_cfg.get("alpha", None)
+    alpha = float(rank if alpha in (None, 0) else alpha)
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"lora.alpha={alpha!r} must be a positive number (default: rank)")
+    targets = lora_cfg.get("targets", None) or DEFAULT_TARGETS
+    train = lora_cfg.get("train", None)
+    train = DEFAULT_TRAIN if train is None else train
+    for key, pattern in (("targets", targets), ("train", train)):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"lora.{key}={pattern!r} is not a valid regex: {e}") from None
+    return LoraConfig(int(rank), alpha, targets, train)
+
+
+def enabled(lora_cfg: Mapping[str, Any] | None) -> bool:
+    """True when ``config.lora`` asks for adapters (``rank`` > 0)."""
+    return parse_config(lora_cfg) is not None
+
+
+def _path_str(path: tuple) -> str:
+    from mmjax.optim import path_str
+
+    return path_str(path)
+
+
+def _leaves(tree: Any) -> dict[str, Any]:
+    """``{path_str: leaf}`` of a params tree, in tree order."""
+    return {_path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def n_in_axes(path: str, shape: tuple[int, ...]) -> int:
+    """How many leading axes of a kernel are inputs (the rest are outputs); see module doc."""
+    ndim = len(shape)
+    if ndim == 2:
+        return 1
+    if ndim == 3:  # DenseGeneral: attention out [H, hd, D] contracts two axes, q/k/v one
+        return 2 if path.endswith("/out/kernel") or path == "out/kernel" else 1
+    return ndim - 1  # convolution [..., c_in, c_out]
+
+
+def matrix_shape(path: str, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(n_in, n_out) of a kernel flattened as its module contracts it."""
+    k = n_in_axes(path, shape)
+    return math.prod(shape[:k]), math.prod(shape[k:])
+
+
+def target_paths(params: Any, targets: str) -> list[str]:
+    """Paths of the base params matched by ``targets``; each must be a ``kernel`` or an
+    ``embedding`` of 2 or more dimensions (a bias or norm scale has no low-rank update)."""
+    pattern = re.compile(targets)
+    found = []
+    for path, x in _leaves({k: v for k, v in params.items() if k != KEY}).items():
+        if pattern.search(path) is None:
+            continue
+        if path.rsplit("/", 1)[-1] not in _ADAPTABLE or np.ndim(x) < 2:
+            raise ValueError(f"lora.targets={targets!r} matches {path} of shape {np.shape(x)}; "
+                             "only kernels (…/kernel) and embedding tables (…/embedding) of 2 "
+                             "or more dimensions can take an adapter")
+        found.append(path)
+    if not found:
+        raise ValueError(f"lora.targets={targets!r} matches no parameter")
+    return found
+
+
+def _numpy_rng(rng: jax.Array | int) -> np.random.Generator:
+    """A numpy Generator seeded by a jax PRNG key (or an int).
+
+    Drawing the adapters on the host costs no XLA compilation per kernel shape, which eagerly
+    drawn ``jax.random.normal`` would (seconds on a small CPU), and is as reproducible.
+    """
+    if isinstance(rng, int | np.integer):
+        return np.random.default_rng(int(rng))
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
+    return np.random.default_rng(np.asarray(rng, np.uint32).ravel().tolist())
+
+
+def add_adapters(params: Mapping[str, Any], lora_cfg: Mapping[str, Any] | None,
+                 rng: jax.Array | int) -> dict[str, Any]:
+    """``params`` plus ``params["lora"]``: an (a, b) pair per targeted kernel, and the scale.
+
+    ``a`` [n_in, r] is drawn N(0, 1/n_in) (so ``x @ a`` keeps the input's scale) and ``b``
+    [r, n_out] is zero, so the effective model equals the base model at step 0. ``rng`` (a jax
+    key or an int) seeds the draw. Returns ``params`` unchanged when LoRA is off.
+    """
+    cfg = parse_config(lora_cfg)
+    if cfg is None:
+        return dict(params)
+    if KEY in params:
+        raise ValueError(f"params already hold a '{KEY}' subtree; adapters are added once")
+    leaves = _leaves(params)
+    paths = target_paths(params, cfg.targets)
+    gen = _numpy_rng(rng)
+    adapters: dict[str, Any] = {SCALE: jnp.asarray(np.float32(cfg.scale))}
+    for path in paths:
+        kernel = leaves[path]
+        n_in, n_out = matrix_shape(path, np.shape(kernel))
+        dtype = np.dtype(kernel.dtype)
+        a = gen.standard_normal((n_in, cfg.rank)) / math.sqrt(n_in)
+        node = adapters
+        for part in path.split("/"):
+            node = node.setdefault(part, {})
+        node["a"] = jnp.asarray(a.astype(dtype))
+        node["b"] = jnp.asarray(np.zeros((cfg.rank, n_out), dtype))
+    return {**params, KEY: adapters}
+
+
+def adapter_pairs(adapters: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{kernel path: (a, b)}`` of a ``params["lora"]`` subtree."""
+    out: dict[str, tuple[Any, Any]] = {}
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        if "a" in node and "b" in node and not isinstance(node["a"], Mapping):
+            out[prefix] = (node["a"], node["b"])
+            return
+        for k, v in node.items():
+            if isinstance(v, Mapping):
+                walk(v, f"{prefix}/{k}" if prefix else k)
+
+    walk({k: v for k, v in adapters.items() if k != SCALE}, "")
+    return out
+
+
+def base_path(path: str) -> str | None:
+    """The kernel a LoRA leaf adapts (``lora/X/a`` → ``X``); None for other paths."""
+    if path.startswith(f"{KEY}/") and path.endswith(("/a", "/b")):
+        return path[len(KEY) + 1 : -2]
+    return None
+
+
+def _set(tree: Mapping[str, Any], path: list[str], value: Any) -> dict[str, Any]:
+    """A copy of ``tree`` with the leaf at ``path`` replaced (only the dicts on the path copied)."""
+    head, *rest = path
+    if head not in tree:
+        raise KeyError(head)
+    out = dict(tree)
+    out[head] = _set(tree[head], rest, value) if rest else value
+    return out
+
+
+def effective_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The params the model runs with: targeted kernels become ``W + scale·(a @ b)``.
+
+    Returns a tree without the ``lora`` subtree, so ``model.apply`` sees exactly its own
+    structure; without a ``lora`` subtree it returns ``params`` itself. Traceable (the trainer
+    calls it inside the jitted step), and differentiable w.r.t. both W and the adapters.
+    """
+    if KEY not in params:
+        return params
+    adapters = params[KEY]
+    scale = adapters[SCALE]
+    out = {k: v for k, v in params.items() if k != KEY}
+    for path, (a, b) in adapter_pairs(adapters).items():
+        parts = path.split("/")
+        node: Any = out
+        try:
+            for part in parts:
+                node = node[part]
+        except (KeyError, TypeError):
+            raise ValueError(f"LoRA adapter lora/{path} has no base parameter {path}") from None
+        kernel = node
+        delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+        if delta.size != np.size(kernel):
+            raise ValueError(f"LoRA adapter lora/{path}: a{tuple(a.shape)} @ b{tuple(b.shape)} "
+                             f"does not fit the kernel's shape {tuple(np.shape(kernel))}")
+        new = kernel + (scale * delta).reshape(np.shape(kernel)).astype(kernel.dtype)
+        out = _set(out, parts, new)
+    return out
+
+
+def merge(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The export step: plain numpy params with the adapters folded into their kernels.
+
+    The values of :func:`effective_params` (computed on the host in float64, then cast to each
+    kernel's dtype, so no XLA compilation is needed); the result loads into the model, or into
+    ``transfer.write_checkpoint`` / ``mmjax.convert``, with no LoRA code involved.
+    """
+    if KEY not in params:
+        return {k: jax.tree.map(np.asarray, v) for k, v in params.items()}
+    adapters = params[KEY]
+    scale = float(np.asarray(adapters[SCALE]))
+    out = {k: jax.tree.map(np.asarray, v) for k, v in params.items() if k != KEY}
+    for path, (a, b) in adapter_pairs(adapters).items():
+        parts = path.split("/")
+        node: Any = out
+        try:
+            for part in parts:
+                node = node[part]
+        except (KeyError, TypeError):
+            raise ValueError(f"LoRA adapter lora/{path} has no base parameter {path}") from None
+        delta = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+        if delta.size != node.size:
+            raise ValueError(f"LoRA adapter lora/{path}: a{np.shape(a)} @ b{np.shape(b)} does "
+                             f"not fit the kernel's shape {node.shape}")
+        new = node.astype(np.float64) + scale * delta.reshape(node.shape)
+        out = _set(out, parts, new.astype(node.dtype))
+    return out
+
+
+def merged_params_from_workdir(workdir: str | Path) -> dict[str, Any]:
+    """Plain (merged) params of the newest checkpoint of a LoRA training workdir, as numpy.
+
+    ``workdir``'s ``config.json`` (written by the trainer) is checked against the adapters found:
+    its ``lora.rank`` and ``alpha/rank`` must match the checkpoint, so a workdir whose config was
+    edited after training fails instead of exporting a different model. A checkpoint without
+    adapters (LoRA off) is returned as it is.
+    """
+    from mmjax import transfer
+
+    params = transfer.read_checkpoint_params(workdir, merge_lora=False)
+    cfg_file = Path(workdir) / "config.json"
+    cfg = parse_config(json.loads(cfg_file.read_text()).get("lora")) if cfg_file.is_file() \
+        else None
+    if KEY in params:
+        pairs = adapter_pairs(params[KEY])
+        ranks = {np.shape(a)[1] for a, _ in pairs.values()}
+        stored = float(np.asarray(params[KEY][SCALE]))
+        if cfg is not None and (ranks != {cfg.rank} or not math.isclose(stored, cfg.scale)):
+            raise ValueError(f"{workdir}: config.json has lora rank={cfg.rank}, "
+                             f"alpha/rank={cfg.scale}, but the checkpoint's adapters have "
+                             f"rank {sorted(ranks)} and scale {stored}")
+        log.info("%s: merging %d LoRA adapters (rank %s, scale %g)", workdir, len(pairs),
+                 sorted(ranks), stored)
+    elif cfg is not None:
+        raise ValueError(f"{workdir}: config.json has lora.rank={cfg.rank} but the checkpoint "
+                         "holds no adapters")
+    return merge(params)

@@ -1,0 +1,134 @@
+"""Loss weighting (fixed, schedules, Kendall uncertainty) and the evaluators' metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import default as default_config
+from mmjax import evaluators, trainer, weighting
+
+
+def _cfg(losses: dict, weighting_cfg: dict | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict({"losses": losses})
+    if weighting_cfg is not None:
+        c.loss_weighting = weighting_cfg
+    return c
+
+
+def test_schedules_match_their_formulas() -> None:
+    rng = np.random.default_rng(0)
+    spec = {"start_value": float(rng.uniform(0, 2)), "end_value": float(rng.uniform(0, 2)),
+            "start_step": 30, "end_step": 130}
+    w = weighting.from_config(_cfg({"a": 0.5, "b": 2.0, "c": 1.5}, {
+        "kind": "fixed",
+        "schedules": {"a": {"kind": "linear", **spec}, "b": {"kind": "cosine", **spec},
+                      "c": {"kind": "step", **spec}},
+    }))
+    s0, s1 = spec["start_value"], spec["end_value"]
+    for step in [0, 29, 30, *rng.integers(31, 129, 5).tolist(), 130, 400]:
+        frac = min(max((step - 30) / 100, 0.0), 1.0)
+        lin = s0 + (s1 - s0) * frac
+        cos = s0 + (s1 - s0) * 0.5 * (1 - math.cos(math.pi * frac))
+        stp = s0 if step < 30 else s1
+        got = {k: float(v) for k, v in w.scheduled(step).items()}
+        np.testing.assert_allclose(
+            [got["a"], got["b"], got["c"]], [0.5 * lin, 2.0 * cos, 1.5 * stp], rtol=1e-6
+        )
+
+
+def test_fixed_weights_total() -> None:
+    w = weighting.from_config(_cfg({"a": 0.3, "b": 1.7}))
+    per_task = {"a": jnp.float32(1.25), "b": jnp.float32(0.4)}
+    total, eff = w.combine(per_task, 0, None)
+    np.testing.assert_allclose(float(total), 0.3 * 1.25 + 1.7 * 0.4, rtol=1e-6)
+    assert {k: float(v) for k, v in eff.items()} == pytest.approx({"a": 0.3, "b": 1.7})
+
+
+def test_uncertainty_weighting_value_and_gradient() -> None:
+    w = weighting.from_config(_cfg({"a": 1.0, "b": 0.5}, {"kind": "uncertainty"}))
+    rng = np.random.default_rng(1)
+    s = {k: jnp.float32(rng.normal()) for k in "ab"}
+    losses = {k: jnp.float32(rng.uniform(0.5, 3.0)) for k in "ab"}
+    lam = {"a": 1.0, "b": 0.5}
+
+    def total(log_var: dict) -> jax.Array:
+        return w.combine(losses, 0, {weighting.PARAMS_KEY: log_var})[0]
+
+    expect = sum(lam[k] * (math.exp(-float(s[k])) * float(losses[k]) + float(s[k])) for k in lam)
+    np.testing.assert_allclose(float(total(s)), expect, rtol=1e-5)
+    grads = jax.grad(total)(s)
+    for k in lam:  # d/ds [λ(e^{-s}L + s)] = λ(1 - e^{-s}L)
+        expect_g = lam[k] * (1 - math.exp(-float(s[k])) * float(losses[k]))
+        np.testing.assert_allclose(float(grads[k]), expect_g, rtol=1e-5)
+    assert set(w.init_params()) == {"a", "b"}
+
+
+def test_bad_weighting_configs_name_the_key() -> None:
+    with pytest.raises(ValueError, match=r"loss_weighting\.kind"):
+        weighting.from_config(_cfg({"a": 1.0}, {"kind": "magic"}))
+    with pytest.raises(ValueError, match=r"schedules\.nope names no task"):
+        weighting.from_config(_cfg({"a": 1.0}, {"schedules": {"nope": {"kind": "linear"}}}))
+    with pytest.raises(ValueError, match="end_step"):
+        weighting.from_config(_cfg({"a": 1.0}, {"schedules": {"a": {"kind": "linear"}}}))
+
+
+def test_corpus_bleu_matches_nltk() -> None:
+    from nltk.translate.bleu_score import corpus_bleu
+
+    rng = np.random.default_rng(2)
+    words = [f"w{i}" for i in range(6)]  # a small vocabulary, so n-grams do match
+    hyps, refs = [], []
+    for _ in range(40):
+        ref = list(rng.choice(words, rng.integers(4, 10)))
+        hyp = [w if rng.uniform() < 0.7 else str(rng.choice(words)) for w in ref]
+        # At least 4 words: nltk counts a shorter hypothesis as one 4-gram (max(1, count)),
+        # Papineni et al. and sacrebleu as none; with >= 4 words the two definitions agree.
+        hyp = hyp[: rng.integers(4, len(hyp) + 1)]
+        hyps.append(hyp)
+        refs.append(ref)
+    ours = evaluators.corpus_bleu(hyps, refs)
+    theirs = corpus_bleu([[r] for r in refs], hyps)
+    assert 0.05 < ours < 0.95
+    np.testing.assert_allclose(ours, theirs, rtol=1e-9)
+    assert evaluators.corpus_bleu([["a", "b", "c", "d"]], [["a", "b", "c", "d"]]) == 1.0
+
+
+def test_recall_at_k_counts_duplicate_texts_as_hits() -> None:
+    rng = np.random.default_rng(3)
+    n = 50
+    groups = rng.integers(0, 20, n)  # duplicated texts
+    sim = rng.normal(size=(n, n))
+    got = evaluators.recall_at_k(sim, groups, groups, (1, 5, 10))
+    for k in (1, 5, 10):  # brute force
+        hits = [any(groups[j] == groups[i] for j in np.argsort(-sim[i])[:k]) for i in range(n)]
+        assert got[k] == pytest.approx(np.mean(hits))
+    ids = np.array([[2, 5, 3, 0], [2, 6, 3, 0], [2, 5, 3, 0]])
+    g = evaluators.row_groups(ids)
+    assert g[0] == g[2] != g[1]
+
+
+def test_uncertainty_weighting_and_qa_evaluator_in_training(tmp_path) -> None:
+    """A short real run: the learned log-variance moves, its weight is logged, QA is evaluated."""
+    c = default_config.get_config("tiny")
+    c.unlock()
+    c.total_steps = 10
+    c.eval_every = 10
+    c.loss_weighting = {"kind": "uncertainty", "init_log_var": 0.0}
+    c.evals = {"qa": {"kind": "qa", "task": "answer"}}
+    out = trainer.train_and_evaluate(c, tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["split"] == "train"]
+    assert all("answer_weight" in x for x in train)
+    assert train[-1]["answer_weight"] != pytest.approx(1.0, abs=1e-4)  # exp(-s) moved from 1
+    val = out["val"]
+    # The QA evaluator's string-level accuracy is the classification accuracy of the same model.
+    assert val["qa_accuracy"] == pytest.approx(val["accuracy"], abs=1e-6)
+    types = {k for k in val if k.startswith("qa_accuracy_")}
+    assert types == {"qa_accuracy_what_colour", "qa_accuracy_what_shape"}
