@@ -32,7 +32,7 @@ LOSSES: dict[str, LossFn] = {}
 
 # Losses whose value couples the examples of a batch (in-batch negatives): gradient accumulation
 # must see the whole accumulated batch at once for them (see trainer.accumulated_grads).
-BATCH_COUPLED: set[str] = {"infonce"}
+BATCH_COUPLED: set[str] = {"infonce", "siglip"}
 
 # CLIP clamps the multiplier exp(logit_scale) at 100 so that the temperature cannot run away.
 MAX_LOGIT_SCALE = 100.0
@@ -239,3 +239,138 @@ def infonce(
         "temperature": scale,
     }
     return loss, metrics
+
+
+@register("siglip")
+def siglip(
+    outputs: Mapping, batch: Mapping, cfg: Mapping
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023) over all B x B image-text pairs.
+
+    logits_ij = exp(logit_scale)·<img_i, txt_j> + logit_bias, label +1 on the diagonal and -1
+    elsewhere, loss = -Σ_ij log sigmoid(label_ij·logits_ij) / B. Every pair is an independent binary
+    problem, so no softmax normalises over the batch; the learnable bias (the head's
+    ``init_bias``, -10 for kind ``siglip``) offsets the B² - B negatives. The scale is not
+    clamped (the paper does not clamp it). Pairs with a padding example (valid=0) count for
+    nothing and B is the number of valid examples. The negatives are the local batch, as for
+    ``infonce``; the loss is in ``BATCH_COUPLED``, so gradient accumulation caches the head
+    outputs, ``logit_bias`` included like ``logit_scale``, and evaluates it on the whole batch.
+
+    Metrics: ``i2t_accuracy``/``t2i_accuracy`` (in-batch top-1 retrieval), ``temperature``
+    (exp(logit_scale)) and ``bias``.
+    """
+    del cfg  # No options; the argument keeps the common loss signature.
+    if "logit_bias" not in outputs:
+        raise ValueError("the siglip loss needs a learnable bias: use head kind 'siglip' or set "
+                         "init_bias on the contrastive head")
+    img = jnp.asarray(outputs["image_embeds"], jnp.float32)
+    txt = jnp.asarray(outputs["text_embeds"], jnp.float32)
+    scale = jnp.exp(jnp.asarray(outputs["logit_scale"], jnp.float32)).reshape(())
+    bias = jnp.asarray(outputs["logit_bias"], jnp.float32).reshape(())
+    n = img.shape[0]
+    weights = _valid(batch, n)
+    logits = scale * (img @ txt.T) + bias
+    labels = 2.0 * jnp.eye(n, dtype=jnp.float32) - 1.0
+    pair_weights = weights[:, None] * weights[None, :]
+    total = -jnp.sum(pair_weights * jax.nn.log_sigmoid(labels * logits))
+    loss = total / jnp.maximum(jnp.sum(weights), 1e-12)
+    diag = jnp.arange(n)
+    i2t = jnp.where(weights[None, :] > 0, logits, _MASK_VALUE)
+    t2i = jnp.where(weights[:, None] > 0, logits, _MASK_VALUE).T
+    metrics = {
+        "i2t_accuracy": _weighted_mean((jnp.argmax(i2t, axis=-1) == diag), weights),
+        "t2i_accuracy": _weighted_mean((jnp.argmax(t2i, axis=-1) == diag), weights),
+        "temperature": scale,
+        "bias": bias,
+    }
+    return loss, metrics
+
+
+def _token_xent(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token cross-entropy, correctness and weights, all float32 [..., L]."""
+    logits = jnp.asarray(logits, jnp.float32)
+    targets = jnp.asarray(targets).astype(jnp.int32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    xent = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return xent, correct, jnp.asarray(weights, jnp.float32)
+
+
+def _sum_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
+
+
+@register("itm")
+def itm(outputs: Mapping, batch: Mapping, cfg: Mapping) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Image-text matching: softmax cross-entropy of ``logits`` [3B, 2].
+
+    Rows are the B positive pairs, then B (image, negative text) and B (negative image, text)
+    pairs (the itm head's order), so labels are [1]*B + [0]*2B. The mean is over all 3B rows of
+    valid examples (a padding example's three rows count for nothing). Metric: ``accuracy``.
+    """
+    del cfg
+    logits = jnp.asarray(outputs["logits"], jnp.float32)
+    if logits.shape[0] % 3:
+        raise ValueError(f"itm logits have {logits.shape[0]} rows, not 3B")
+    n = logits.shape[0] // 3
+    labels = jnp.concatenate([jnp.ones((n,), jnp.int32), jnp.zeros((2 * n,), jnp.int32)])
+    weights = jnp.tile(_valid(batch, n), 3)
+    xent = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), labels[:, None], -1)[:, 0]
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return _sum_mean(xent, weights), {"accuracy": _sum_mean(correct, weights)}
+
+
+@register("mlm")
+def mlm(outputs: Mapping, batch: Mapping, cfg: Mapping) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Masked language modelling: mean cross-entropy over the selected positions.
+
+    ``outputs``: ``logits`` [B, L, V], ``targets`` (the uncorrupted ids) and ``weights`` [B, L]
+    (1 where the head's masking selected the position). Unselected positions and padding
+    examples contribute nothing. Metric: ``accuracy`` over the selected positions.
+    """
+    del cfg
+    xent, correct, weights = _token_xent(outputs["logits"], outputs["targets"], outputs["weights"])
+    weights = weights * _valid(batch, xent.shape[0])[:, None]
+    return _sum_mean(xent, weights), {"accuracy": _sum_mean(correct, weights)}
+
+
+@register("mim")
+def mim(outputs: Mapping, batch: Mapping, cfg: Mapping) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """MAE reconstruction loss: mean over hidden patches of the per-patch mean squared error.
+
+    ``outputs``: ``predictions`` and ``targets`` [B, N, P] (targets already per-patch normalised
+    by the head when ``norm_pix``) and ``mask`` [B, N], 1 for the patches the encoder did not
+    see. Visible patches and padding examples contribute nothing.
+    """
+    del cfg
+    preds = jnp.asarray(outputs["predictions"], jnp.float32)
+    targets = jnp.asarray(outputs["targets"], jnp.float32)
+    if preds.shape != targets.shape:
+        raise ValueError(f"mim: predictions {preds.shape} and targets {targets.shape} differ")
+    per_patch = jnp.mean(jnp.square(preds - targets), axis=-1)
+    weights = jnp.asarray(outputs["mask"], jnp.float32) * _valid(batch, preds.shape[0])[:, None]
+    return _sum_mean(per_patch, weights), {}
+
+
+@register("caption")
+def caption(
+    outputs: Mapping, batch: Mapping, cfg: Mapping
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Captioning under teacher forcing: mean token cross-entropy over valid target tokens.
+
+    ``outputs``: ``logits`` [B, S, V], ``targets`` [B, S] (the caption shifted left) and
+    ``weights`` [B, S] (its mask shifted likewise, so padding is not predicted). Metrics:
+    ``accuracy`` (per valid token) and ``exact_match`` (fraction of valid examples whose every
+    valid token is the argmax, still under teacher forcing).
+    """
+    del cfg
+    xent, correct, weights = _token_xent(outputs["logits"], outputs["targets"], outputs["weights"])
+    valid = _valid(batch, xent.shape[0])
+    token_weights = weights * valid[:, None]
+    exact = jnp.all((correct > 0) | (weights <= 0), axis=-1)
+    return _sum_mean(xent, token_weights), {
+        "accuracy": _sum_mean(correct, token_weights),
+        "exact_match": _weighted_mean(exact, valid),
+    }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,11 @@ def _plain(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)  # JSON has no NaN/inf; keep the line parseable
     return v
+
+
+def _tb_name(key: str) -> str:
+    """TensorBoard's allowed characters (it warns on each other one): "recall@1" → "recall_at_1"."""
+    return re.sub(r"[^\w.\-/]", "_", key.replace("@", "_at_"))
 
 
 class MetricWriter:
@@ -56,7 +62,7 @@ class MetricWriter:
         if self._tb is not None:
             for k, v in record.items():
                 if k not in ("step", "split") and isinstance(v, int | float):
-                    self._tb.add_scalar(f"{split}/{k}", v, step)
+                    self._tb.add_scalar(f"{split}/{_tb_name(k)}", v, step)
 
     def close(self) -> None:
         if self._file is not None:

@@ -1,8 +1,10 @@
-"""Loss weighting (fixed, schedules, Kendall uncertainty) and the evaluators' metrics."""
+"""Loss weighting (fixed, schedules, Kendall uncertainty) and the evaluators' metrics.
+
+The same features in real training runs: tests/test_pretrain_finetune.py.
+"""
 
 from __future__ import annotations
 
-import json
 import math
 
 import jax
@@ -11,8 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import default as default_config
-from mmjax import evaluators, trainer, weighting
+from mmjax import evaluators, weighting
 
 
 def _cfg(losses: dict, weighting_cfg: dict | None = None) -> ml_collections.ConfigDict:
@@ -112,23 +113,3 @@ def test_recall_at_k_counts_duplicate_texts_as_hits() -> None:
     ids = np.array([[2, 5, 3, 0], [2, 6, 3, 0], [2, 5, 3, 0]])
     g = evaluators.row_groups(ids)
     assert g[0] == g[2] != g[1]
-
-
-def test_uncertainty_weighting_and_qa_evaluator_in_training(tmp_path) -> None:
-    """A short real run: the learned log-variance moves, its weight is logged, QA is evaluated."""
-    c = default_config.get_config("tiny")
-    c.unlock()
-    c.total_steps = 10
-    c.eval_every = 10
-    c.loss_weighting = {"kind": "uncertainty", "init_log_var": 0.0}
-    c.evals = {"qa": {"kind": "qa", "task": "answer"}}
-    out = trainer.train_and_evaluate(c, tmp_path)
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    train = [x for x in lines if x["split"] == "train"]
-    assert all("answer_weight" in x for x in train)
-    assert train[-1]["answer_weight"] != pytest.approx(1.0, abs=1e-4)  # exp(-s) moved from 1
-    val = out["val"]
-    # The QA evaluator's string-level accuracy is the classification accuracy of the same model.
-    assert val["qa_accuracy"] == pytest.approx(val["accuracy"], abs=1e-6)
-    types = {k for k in val if k.startswith("qa_accuracy_")}
-    assert types == {"qa_accuracy_what_colour", "qa_accuracy_what_shape"}

@@ -26,6 +26,12 @@ class ViT(nn.Module):
     Pooling: "cls" (needs ``class_token``), "gap" (mean of patch tokens), "none" (first token).
     GUIDE §6: cuDNN's fused attention wants even sequence lengths, so ``gap`` without a class
     token is the fast default for towers trained from scratch.
+
+    ``keep`` (int [B, K] patch indices, row-major over the patch grid) runs the transformer on
+    those patches only, for MAE-style masked image modelling: patches are embedded and given
+    their position embeddings first, so a kept token carries its place in the image, then only
+    the kept ones (behind the class token, which is always kept) go through the blocks. Tokens
+    and pooling are then over the K kept patches.
     """
 
     variant: str = "mu/8"
@@ -59,7 +65,9 @@ class ViT(nn.Module):
         return size
 
     @nn.compact
-    def __call__(self, image: Array, *, train: bool = False) -> dict[str, Array | None]:
+    def __call__(
+        self, image: Array, *, train: bool = False, keep: Array | None = None
+    ) -> dict[str, Array | None]:
         s = self.sizes()
         p = s["patch_size"]
         if image.shape[1] % p or image.shape[2] % p:
@@ -77,6 +85,12 @@ class ViT(nn.Module):
             "pos_embedding", nn.initializers.normal(stddev=0.02), (1, x.shape[1], d), jnp.float32
         )
         x = x + pos.astype(x.dtype)
+        if keep is not None:
+            if keep.ndim != 2 or keep.shape[0] != b:
+                raise ValueError(f"keep must be int patch indices [B={b}, K], got {keep.shape}")
+            c = int(self.class_token)
+            kept = jnp.take_along_axis(x[:, c:], keep[:, :, None].astype(jnp.int32), axis=1)
+            x = jnp.concatenate([x[:, :c], kept], axis=1)
         if self.embed_norm:
             x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="embed_norm")(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
