@@ -20,3 +20,4 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     # Cache every program, however small or quick to compile: the tests' programs are tiny.
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+

@@ -249,6 +249,7 @@ def test_cli_stops_before_training_naming_the_line(dataset, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_folder_config_trains_end_to_end(dataset, tmp_path):
     work = tmp_path / "w"
     proc = subprocess.run(

@@ -88,6 +88,7 @@ def _assert_close(name: str, got: list[float], want: list[float]) -> None:
     assert rel.max() <= RTOL, f"{name}: worst relative loss difference {rel.max():.2e}"
 
 
+@pytest.mark.slow
 def test_losses_agree_across_devices_modes_and_processes(tmp_path):
     single = _worker(1, ["pmap", "pmap:accum4"], tmp_path / "one")
     reference = single["pmap"]
@@ -105,6 +106,7 @@ def test_losses_agree_across_devices_modes_and_processes(tmp_path):
     _assert_close("2 processes x 4 devices mesh data=2 x fsdp=4", two["mesh:4"], reference)
 
 
+@pytest.mark.slow
 def test_gradcache_accumulation_matches_full_batch_for_contrastive_loss():
     config = get_config("tiny")
     config.unlock()
@@ -153,6 +155,7 @@ def _cli(devices: int, workdir: Path, *overrides: str) -> subprocess.CompletedPr
     )
 
 
+@pytest.mark.slow
 def test_checkpoints_move_between_topologies_and_modes(tmp_path):
     steps = [("8", "pmap", "1", 10), ("1", "mesh", "1", 15), ("8", "mesh", "4", 20)]
     previous = None
@@ -168,6 +171,7 @@ def test_checkpoints_move_between_topologies_and_modes(tmp_path):
     assert train_steps == [5, 10, 15, 20]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mmjax.train", "--config", "configs/default.py:tiny",

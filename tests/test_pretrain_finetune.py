@@ -24,6 +24,7 @@ def _lines(workdir, split: str) -> list[dict]:
     return [r for r in rows if r["split"] == split]
 
 
+@pytest.mark.slow
 def test_pretrain_then_finetune_from_its_workdir(tmp_path, caplog) -> None:
     pre_dir, fine_dir = tmp_path / "pretrain", tmp_path / "finetune"
     c = shapes_pretrain.get_config("tiny")
@@ -63,6 +64,7 @@ def test_pretrain_then_finetune_from_its_workdir(tmp_path, caplog) -> None:
         "qa_accuracy_what_colour", "qa_accuracy_what_shape"}
 
 
+@pytest.mark.slow
 def test_caption_run_keeps_the_locked_tower_bit_identical(tmp_path) -> None:
     c = shapes_caption.get_config("tiny")
     run = trainer.Trainer(c, tmp_path)

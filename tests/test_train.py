@@ -32,6 +32,7 @@ def _lines(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_cli_trains_writes_outputs_and_resumes(tmp_path):
     wd = tmp_path / "run"
     first = _run_cli("--config", "configs/default.py:tiny", "--workdir", str(wd))
@@ -182,6 +183,7 @@ def test_metric_writer_drops_a_torn_last_line(tmp_path):
     assert lines[1]["accuracy"] == 0.5 and lines[1]["loss"] == "nan"
 
 
+@pytest.mark.slow
 def test_training_starts_from_hf_bert_and_vit_towers(tmp_path):
     """config.model.{text,image}.init_from = HF folders: towers load, the rest starts fresh."""
     transformers = pytest.importorskip("transformers")
