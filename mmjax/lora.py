@@ -226,6 +226,17 @@ def _set(tree: Mapping[str, Any], path: list[str], value: Any) -> dict[str, Any]
     return out
 
 
+def _base(tree: Mapping[str, Any], parts: list[str], path: str) -> Any:
+    """The kernel an adapter belongs to; an adapter without one is a clear error."""
+    node: Any = tree
+    try:
+        for part in parts:
+            node = node[part]
+    except (KeyError, TypeError):
+        raise ValueError(f"LoRA adapter lora/{path} has no base parameter {path}") from None
+    return node
+
+
 def effective_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
     """The params the model runs with: targeted kernels become ``W + scale·(a @ b)``.
 
@@ -240,13 +251,7 @@ def effective_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
     out = {k: v for k, v in params.items() if k != KEY}
     for path, (a, b) in adapter_pairs(adapters).items():
         parts = path.split("/")
-        node: Any = out
-        try:
-            for part in parts:
-                node = node[part]
-        except (KeyError, TypeError):
-            raise ValueError(f"LoRA adapter lora/{path} has no base parameter {path}") from None
-        kernel = node
+        kernel = _base(out, parts, path)
         delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
         if delta.size != np.size(kernel):
             raise ValueError(f"LoRA adapter lora/{path}: a{tuple(a.shape)} @ b{tuple(b.shape)} "
@@ -270,12 +275,7 @@ def merge(params: Mapping[str, Any]) -> dict[str, Any]:
     out = {k: jax.tree.map(np.asarray, v) for k, v in params.items() if k != KEY}
     for path, (a, b) in adapter_pairs(adapters).items():
         parts = path.split("/")
-        node: Any = out
-        try:
-            for part in parts:
-                node = node[part]
-        except (KeyError, TypeError):
-            raise ValueError(f"LoRA adapter lora/{path} has no base parameter {path}") from None
+        node = _base(out, parts, path)
         delta = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
         if delta.size != node.size:
             raise ValueError(f"LoRA adapter lora/{path}: a{np.shape(a)} @ b{np.shape(b)} does "

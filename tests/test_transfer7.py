@@ -32,17 +32,6 @@ def _leaves(tree) -> dict:
     return {optim.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _unflat(flat: dict) -> dict:
-    out: dict = {}
-    for name, v in flat.items():
-        node = out
-        *parents, leaf = name.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
-
-
 def _first_update(tx, grads, params) -> dict:
     """The first update of ``tx``, as numpy ``{path: array}`` (init and update in one compile)."""
     fn = jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0], compiler_options=_FAST_COMPILE)
@@ -341,7 +330,7 @@ def test_trainer_init_from_lora_freeze_train_restore_and_export(tmp_path, caplog
     source = _leaves(_random_like(shapes, seed=7))
     del source["fusion/encoder/final_norm/scale"]  # missing: keeps its fresh init (ones)
     source["fusion/extra/kernel"] = np.ones((2, 2), np.float32)  # unexpected: ignored
-    transfer.write_checkpoint(src, _unflat(source))
+    transfer.write_checkpoint(src, transfer._unflat(source))
 
     state = run.init_state()
     base = _leaves({k: v for k, v in state.params.items() if k != "lora"})
