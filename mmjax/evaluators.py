@@ -124,10 +124,7 @@ class Env:
         self.tokenizer = tokenizer
         self.label_names = list(label_names)
         self.batch_size = batch_size
-
-    @functools.cached_property
-    def _jitted(self) -> dict[str, Callable]:
-        return {}
+        self._jitted: dict[tuple, Callable] = {}
 
     def apply(self, method: str, **kwargs: Any) -> Callable:
         """A jitted ``model.apply(variables, batch, method=method, **kwargs)``."""
@@ -263,8 +260,6 @@ class Caption(Evaluator):
             refs += [r.split() for r in self.env.tokenizer.decode(
                 np.asarray(batch["text"]["ids"])[keep])]
         exact = float(np.mean([h == r for h, r in zip(hyps, refs, strict=True)])) if hyps else 0.0
-        self.examples = [(" ".join(h), " ".join(r)) for h, r in zip(hyps[:3], refs[:3],
-                                                                    strict=True)]
         return {"exact_match": exact, "bleu": corpus_bleu(hyps, refs)}
 
 

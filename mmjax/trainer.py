@@ -32,8 +32,8 @@ import optax
 from jax import lax
 
 from mmjax import evaluators as evaluators_lib
+from mmjax import lora, optim, parallel, transfer, weighting
 from mmjax import losses as losses_lib
-from mmjax import optim, parallel, transfer, weighting
 from mmjax.checkpoint import Checkpointer
 from mmjax.data import pipeline
 from mmjax.models.multimodal import build_model, loss_spec
@@ -82,6 +82,17 @@ def tasks_from_config(config: ml_collections.ConfigDict) -> tuple[Task, ...]:
     return tuple(tasks)
 
 
+def model_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The params the model applies: without the loss weights, LoRA adapters folded in.
+
+    The train state's params may carry two subtrees that are not the model's: learned loss
+    weights (``weighting.PARAMS_KEY``) and LoRA adapters (``lora.KEY``, applied as
+    ``W + scale·(a @ b)``, so gradients reach both W and the adapters).
+    """
+    params = {k: v for k, v in params.items() if k != weighting.PARAMS_KEY}
+    return lora.effective_params(params)
+
+
 def forward(
     params: Any,
     model_state: Any,
@@ -91,15 +102,8 @@ def forward(
     model: Any,
     train: bool,
 ) -> tuple[dict[str, Any], Any]:
-    """Model outputs per task, and the updated non-parameter state (BatchNorm statistics).
-
-    With LoRA (a ``params["lora"]`` subtree), the model runs with the adapted kernels
-    ``W + scale·(a @ b)`` (``lora.effective_params``); gradients reach both W and the adapters.
-    """
-    from mmjax import lora
-
-    params = {k: v for k, v in params.items() if k != weighting.PARAMS_KEY}
-    variables = {"params": lora.effective_params(params), **model_state}
+    """Model outputs per task, and the updated non-parameter state (BatchNorm statistics)."""
+    variables = {"params": model_params(params), **model_state}
     # "masking" drives the objectives' random choices (MLM/MIM masks, ITM negatives); without it
     # (evaluation) the model falls back to a fixed key so val metrics are deterministic.
     rngs = {"dropout": rng, "masking": jax.random.fold_in(rng, 1)} if rng is not None else {}
@@ -300,7 +304,10 @@ def train_step(
         rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
     if accum_steps > 1:
         if weights is not None and weights.learned:
-            raise ValueError("loss_weighting.kind='uncertainty' with grad_accum_steps > 1")
+            raise ValueError(
+                "loss_weighting.kind='uncertainty' does not support grad_accum_steps > 1 "
+                f"(got {accum_steps}): use 'fixed' weights or no accumulation"
+            )
         grads, metrics, model_state = accumulated_grads(
             state.params, state.model_state, batch, rng, model=model, tasks=tasks,
             accum_steps=accum_steps,
@@ -361,8 +368,6 @@ def create_state(
     ``config.lora`` on, LoRA adapters are added after the hook (so they adapt the loaded
     weights) and the optimizer trains only them and ``lora.train``.
     """
-    from mmjax import lora
-
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     init = jax.jit(functools.partial(model.init, train=False))
     variables = dict(init({"params": init_rng, "dropout": init_rng}, sample_batch))
@@ -481,11 +486,6 @@ class Trainer:
         _fill_from_data(config, self.data_info)
         self.tasks = tasks_from_config(config)
         self.weighting = weighting.from_config(config, [t.name for t in self.tasks])
-        if self.weighting.learned and self.accum_steps > 1:
-            raise ValueError(
-                "loss_weighting.kind='uncertainty' does not support grad_accum_steps > 1 "
-                f"(got {self.accum_steps}): use 'fixed' weights or no accumulation"
-            )
         self.model = build_model(config.model, bn_axis_name=self.par.axis_name)
         self.evaluators = evaluators_lib.build(config.get("evals"), evaluators_lib.Env(
             model=self.model,
@@ -545,11 +545,8 @@ class Trainer:
 
     def _eval_variables(self, dstate: Any) -> dict[str, Any]:
         """The variables evaluators apply the model with: host copies, LoRA merged."""
-        from mmjax import lora
-
         state = jax.device_get(self.par.state_for_checkpoint(dstate))
-        params = {k: v for k, v in state.params.items() if k != weighting.PARAMS_KEY}
-        return {"params": lora.effective_params(params), **state.model_state}
+        return {"params": model_params(state.params), **state.model_state}
 
     def run(self) -> dict[str, Any]:
         """Trains to ``total_steps`` (resuming if a checkpoint exists); returns final metrics."""

@@ -242,6 +242,12 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _check_shape(where: str, name: str, got: Any, want: Any) -> None:
+    if tuple(np.shape(got)) != tuple(np.shape(want)):
+        raise TransferError(f"{where}: tensor {name} has shape {tuple(np.shape(got))}, "
+                            f"the model expects {tuple(np.shape(want))}")
+
+
 def _check_fit(loaded: Mapping[str, Any], fresh: Mapping[str, Any], modality: str,
                where: str) -> None:
     got, want = _flat(loaded, f"{modality}/"), _flat(fresh, f"{modality}/")
@@ -252,9 +258,7 @@ def _check_fit(loaded: Mapping[str, Any], fresh: Mapping[str, Any], modality: st
         if name not in want:
             raise TransferError(f"{where}: unexpected tensor {name} (the config's tower has "
                                 "no such parameter)")
-        if tuple(np.shape(got[name])) != tuple(np.shape(want[name])):
-            raise TransferError(f"{where}: tensor {name} has shape {tuple(np.shape(got[name]))}, "
-                                f"the model expects {tuple(np.shape(want[name]))}")
+        _check_shape(where, name, got[name], want[name])
 
 
 def _fit_positions(tower: dict[str, Any], fresh: Mapping[str, Any], modality: str,
@@ -420,10 +424,7 @@ def load_subtrees(source: str | Path, params: Mapping[str, Any],
         for key in want:
             if key not in got:
                 continue
-            if tuple(np.shape(got[key])) != tuple(np.shape(want[key])):
-                raise TransferError(f"{where}: tensor {key} has shape "
-                                    f"{tuple(np.shape(got[key]))} in the checkpoint, the model "
-                                    f"expects {tuple(np.shape(want[key]))}")
+            _check_shape(where, key, got[key], want[key])
             replace[key] = jnp.asarray(got[key], fresh[key].dtype)
             count += 1
         loaded[name] = count

@@ -31,6 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mmjax import losses
+
 KINDS = ("fixed", "uncertainty")
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "step")
 PARAMS_KEY = "loss_weights"  # top-level params subtree of the uncertainty weights
@@ -98,8 +100,7 @@ class Weighting:
         """(total loss, {task: effective weight}) for the given per-task losses."""
         lam = self.scheduled(step)
         if not self.learned:
-            total = sum(lam[n] * per_task[n].astype(jnp.float32) for n in lam)
-            return jnp.asarray(total, jnp.float32), lam
+            return losses.weighted_total(per_task, lam), lam
         if params is None or PARAMS_KEY not in params:
             raise ValueError(
                 f"loss_weighting.kind='uncertainty' needs params[{PARAMS_KEY!r}] "
@@ -107,10 +108,8 @@ class Weighting:
             )
         log_var = params[PARAMS_KEY]
         weights = {n: lam[n] * jnp.exp(-log_var[n]) for n in lam}
-        total = sum(
-            weights[n] * per_task[n].astype(jnp.float32) + lam[n] * log_var[n] for n in lam
-        )
-        return jnp.asarray(total, jnp.float32), weights
+        regulariser = sum(lam[n] * log_var[n] for n in lam)
+        return losses.weighted_total(per_task, weights) + regulariser, weights
 
 
 def _schedule(task: str, spec: Mapping[str, Any]) -> Schedule:
