@@ -88,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "dtype": "bfloat16",
         "attn_implementation": "auto",
         "remat": "",
+        "scan_layers": False,  # one nn.scan over stacked layers (fewer arrays, faster dispatch)
     })
     c.losses = ml_collections.ConfigDict({"clip": 1.0})
 

@@ -76,6 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "dropout": 0.0,
         "dtype": "float32",  # compute dtype; params stay float32
         "remat": "",  # a jax.checkpoint_policies name, e.g. "nothing_saveable"; "" = off
+        # True: each encoder runs its layers as one nn.scan over stacked params (encoder/layers/...
+        # with a leading depth axis): ~8x fewer arrays per step, faster dispatch and compile.
+        "scan_layers": False,
     })
     c.losses = ml_collections.ConfigDict({"answer": 1.0})
 

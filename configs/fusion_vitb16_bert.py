@@ -85,6 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "dtype": "bfloat16",
         "attn_implementation": "auto",
         "remat": "",
+        "scan_layers": False,  # one nn.scan over stacked layers (fewer arrays, faster dispatch)
     })
     c.losses = ml_collections.ConfigDict({"answer": 1.0, "itc": 0.5})
 

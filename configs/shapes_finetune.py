@@ -79,6 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "dropout": 0.0,
         "dtype": "float32",
         "remat": "",
+        "scan_layers": False,  # one nn.scan over stacked layers (fewer arrays, faster dispatch)
     })
     c.losses = ml_collections.ConfigDict({"answer": 1.0})
     c.evals = ml_collections.ConfigDict({"qa": {"kind": "qa", "task": "answer"}})

@@ -89,6 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "dropout": 0.0,
         "dtype": "float32",
         "remat": "",
+        "scan_layers": False,  # one nn.scan over stacked layers (fewer arrays, faster dispatch)
     })
     c.losses = ml_collections.ConfigDict({"itc": 1.0, "itm": 1.0, "mlm": 1.0, "mim": 1.0})
     c.loss_weighting = ml_collections.ConfigDict({

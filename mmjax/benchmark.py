@@ -182,6 +182,7 @@ def run_benchmark(
     state, tx = create_state(model, config, sample)
     params = state.params
     n_params = sum(x.size for x in jax.tree.leaves(params))
+    n_leaves = len(jax.tree.leaves(state))  # what the host hands the step: dispatch cost grows
     rstate = par.put_state(state)
     del state, params
     train_fn = par.compile_train(functools.partial(
@@ -247,6 +248,8 @@ def run_benchmark(
         "peak_memory_gib": _peak_memory_gib(),
         "compile_s": round(compile_s, 2),
         "params": int(n_params),
+        "state_leaves": n_leaves,
+        "scan_layers": bool(config.model.get("scan_layers", False)),
         "loss": loss,
         "dtype": config.model.dtype,
         "attention": attention_backends(config),

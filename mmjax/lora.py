@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.models import layers
+
 log = logging.getLogger(__name__)
 
 KEY = "lora"  # the params subtree holding the adapters
@@ -140,6 +142,10 @@ def target_paths(params: Any, targets: str) -> list[str]:
     for path, x in _leaves({k: v for k, v in params.items() if k != KEY}).items():
         if pattern.search(path) is None:
             continue
+        if layers.is_stacked(path):
+            raise ValueError(f"lora.targets={targets!r} matches {path}, a kernel stacked by "
+                             "model.scan_layers=True; LoRA adapts unrolled kernels only: set "
+                             "model.scan_layers=False")
         if path.rsplit("/", 1)[-1] not in _ADAPTABLE or np.ndim(x) < 2:
             raise ValueError(f"lora.targets={targets!r} matches {path} of shape {np.shape(x)}; "
                              "only kernels (…/kernel) and embedding tables (…/embedding) of 2 "

@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mmjax.models import layers
+
 NAMES = ("adamw", "adam", "sgd")
 DECAYS = ("cosine", "linear", "constant")
 _NOT_TOWERS = ("fusion", "heads", "lora")  # top-level subtrees that layer_decay leaves at 1
@@ -153,9 +155,13 @@ def decay_mask(params: Any) -> Any:
     """True for leaves with ndim >= 2 (kernels, embeddings), False for biases and norm scales.
 
     Decaying biases or LayerNorm/BatchNorm scales towards 0 only fights the normalisation, so
-    weight decay is restricted to matrices, as in AdamW's usual recipe.
+    weight decay is restricted to matrices, as in AdamW's usual recipe. The leading layer axis
+    of a scanned encoder's stacked params (``encoder/layers/...``) is not counted: a stacked
+    bias [depth, D] is still a bias.
     """
-    return jax.tree.map(lambda x: (x.ndim if hasattr(x, "ndim") else np.ndim(x)) >= 2, params)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: np.ndim(x) - layers.is_stacked(path_str(p)) >= 2, params
+    )
 
 
 def _tower_depths(params: Mapping[str, Any]) -> dict[str, int]:
@@ -167,12 +173,16 @@ def _tower_depths(params: Mapping[str, Any]) -> dict[str, int]:
         if name in _NOT_TOWERS or not isinstance(sub, Mapping):
             continue
         encoder = sub.get("encoder", {})
-        layers = [int(m.group(1)) for k in encoder if (m := _LAYER.fullmatch(str(k)))]
-        depths[name] = max(layers) + 1 if layers else 0
+        if layers.SCANNED in encoder:  # scanned: the depth is the stacked leaves' leading axis
+            depths[name] = int(np.shape(jax.tree.leaves(encoder[layers.SCANNED])[0])[0])
+            continue
+        idx = [int(m.group(1)) for k in encoder if (m := _LAYER.fullmatch(str(k)))]
+        depths[name] = max(idx) + 1 if idx else 0
     return depths
 
 
-def _layer_scale(path: str, depths: Mapping[str, int], decay: float) -> float:
+def _layer_scale(path: str, depths: Mapping[str, int], decay: float,
+                 ndim: int) -> float | np.ndarray:
     from mmjax import lora  # deferred: lora imports this module
 
     path = lora.base_path(path) or path  # an adapter follows the kernel it adapts
@@ -182,7 +192,11 @@ def _layer_scale(path: str, depths: Mapping[str, int], decay: float) -> float:
     depth = depths[tower]
     first, _, inner = rest.partition("/")
     if first == "encoder":
-        m = _LAYER.fullmatch(inner.partition("/")[0])
+        head = inner.partition("/")[0]
+        if head == layers.SCANNED:  # stacked [depth, ...]: layer i's slice gets its own scale
+            per_layer = decay ** (depth - np.arange(depth, dtype=np.float64))
+            return per_layer.reshape((depth,) + (1,) * (ndim - 1))
+        m = _LAYER.fullmatch(head)
         return decay ** (depth - int(m.group(1))) if m else 1.0  # final_norm: 1
     if first in _AFTER_ENCODER:
         return 1.0
@@ -190,15 +204,17 @@ def _layer_scale(path: str, depths: Mapping[str, int], decay: float) -> float:
 
 
 def layer_scales(params: Any, decay: float) -> Any:
-    """Pytree of floats: each leaf's learning-rate multiplier under ``layer_decay=decay``.
+    """Pytree of each leaf's learning-rate multiplier under ``layer_decay=decay``.
 
-    Depth is counted per tower from the params themselves (``encoder/layer_<i>``), so a config
-    needs no depth list and a tower loaded from a checkpoint is scaled by its real depth. An
-    adapter ``lora/<kernel path>/a|b`` gets its kernel's multiplier; ``lora/scale`` gets 1.
+    Depth is counted per tower from the params themselves (``encoder/layer_<i>``, or the leading
+    axis of a scanned ``encoder/layers``), so a config needs no depth list and a tower loaded from
+    a checkpoint is scaled by its real depth. A leaf's multiplier is a float, or for a stacked
+    leaf [depth, ...] a numpy array [depth, 1, ...] holding layer i's multiplier at i. An adapter
+    ``lora/<kernel path>/a|b`` gets its kernel's multiplier; ``lora/scale`` gets 1.
     """
     depths = _tower_depths(params)
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: _layer_scale(path_str(p), depths, decay), params
+        lambda p, x: _layer_scale(path_str(p), depths, decay, np.ndim(x)), params
     )
 
 
@@ -219,7 +235,7 @@ def scale_by_layer_decay(params: Any, decay: float) -> optax.GradientTransformat
 
         def scale(path: tuple, u: jax.Array) -> jax.Array:
             s = scales.get(path_str(path), 1.0)
-            return u if s == 1.0 else u * jnp.asarray(s, u.dtype)
+            return u if np.all(s == 1.0) else u * jnp.asarray(s, u.dtype)
 
         return jax.tree_util.tree_map_with_path(scale, updates), state
 

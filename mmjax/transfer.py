@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from mmjax import hf, lora
+from mmjax.models import layers
 
 HF_CONFIG = "hf_config.json"  # written next to an mmjax checkpoint converted from Hugging Face
 _MODEL_OPTIONS = ("fusion", "heads", "dropout", "dtype", "attn_implementation", "remat")
@@ -306,7 +307,8 @@ def apply_init_from(config: Any, params: Mapping[str, Any],
         where = f"model.{modality}.init_from={init_from!r}"
         if modality not in params:
             raise TransferError(f"{where}: the model has no params/{modality}")
-        tower = load_tower(init_from, modality, enc.get("kind"))
+        tower = layers.match_layers(load_tower(init_from, modality, enc.get("kind")),
+                                    params[modality])  # scanned model or checkpoint
         if enc.get("kind") == "vit":
             tower = _fit_positions(tower, params[modality], modality, where, log)
         _check_fit(tower, params[modality], modality, where)
@@ -405,7 +407,7 @@ def load_subtrees(source: str | Path, params: Mapping[str, Any],
         raise TransferError(f"{where}: {source} is a Hugging Face folder; config.init_from takes "
                             "an mmjax checkpoint (use model.<tower>.init_from for a HF tower)")
     checkpoint_state_dir(source)  # fails first, naming the path, if it is not a checkpoint
-    ckpt = read_checkpoint_params(source)
+    ckpt = layers.match_layers(read_checkpoint_params(source), params)  # scanned or unrolled
     names = parse_subtrees(subtrees, params)
     fresh = _flat(params)
     loaded: dict[str, int] = {}
@@ -466,6 +468,7 @@ def apply_config_init_from(config: Any, params: Mapping[str, Any],
 def _export_model(params: Mapping[str, Any], cfg: Mapping[str, Any], modality: str,
                   where: str) -> tuple[Any, dict[str, Any]]:
     """The HF wrapper and its variables for params read from an mmjax checkpoint."""
+    params = layers.unstack_all(params)  # a model.scan_layers run saved stacked layers
     mt = cfg["model_type"]
     if mt == "clip":
         missing = [k for k in ("text", "image", "text_projection", "visual_projection",

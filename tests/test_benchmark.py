@@ -41,6 +41,10 @@ def procs():
         "bench": subprocess.Popen(
             [sys.executable, "-m", "mmjax.benchmark", "--config", "configs/clip_vitb16.py:tiny",
              "--steps", "3", "--warmup", "1"], **common),
+        "scan": subprocess.Popen(
+            [sys.executable, "-m", "mmjax.benchmark", "--config", "configs/clip_vitb16.py:tiny",
+             "--config.model.image.depth=4", "--config.model.text.depth=4",
+             "--config.model.scan_layers=True", "--steps", "2", "--warmup", "1"], **common),
         "peer": subprocess.Popen(
             [sys.executable, "scripts/bench_torch_peer.py", "--workload", "clip", "--tiny",
              "--modes", "eager", "--steps", "2", "--warmup", "1"], **common),
@@ -51,8 +55,13 @@ def procs():
             p.kill()
 
 
+_OUTPUTS: dict[int, tuple[str, str]] = {}  # a process's output can be read once; tests share it
+
+
 def _json_lines(proc: subprocess.Popen) -> list[dict]:
-    out, err = proc.communicate(timeout=240)
+    if proc.pid not in _OUTPUTS:
+        _OUTPUTS[proc.pid] = proc.communicate(timeout=240)
+    out, err = _OUTPUTS[proc.pid]
     assert proc.returncode == 0, err[-3000:]
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
@@ -182,6 +191,15 @@ def test_cli_prints_the_json_fields(procs):
     assert report["mfu"] is None  # a CPU has no default peak
     assert report["xla_flags_added"] == list(xla_flags.DEFAULT_FLAGS)  # unset by the test
     assert report["attention"] == {"image": "xla (16 tokens)", "text": "xla (16 tokens)"}
+
+
+def test_scanned_layers_cut_the_state_leaves(procs):
+    """Depth 4 scanned holds fewer arrays than depth 2 unrolled: layers are stacked, not listed."""
+    (report,) = _json_lines(procs["scan"])
+    (unrolled,) = _json_lines(procs["bench"])
+    assert report["scan_layers"] is True and unrolled["scan_layers"] is False
+    assert report["state_leaves"] < unrolled["state_leaves"]
+    assert np.isfinite(report["loss"]) and report["samples_per_s"] > 0
 
 
 def test_torch_peer_prints_the_same_fields(procs):

@@ -271,3 +271,33 @@ def test_tokenizer_from_folder(tmp_path: Path) -> None:
     assert ids.dtype == np.int32 and mask.dtype == np.int32 and ids.shape == (2, 8)
     assert ids[0, :7].tolist() == [2, 5, 6, 7, 8, 9, 3] and ids[0, 7] == 0
     assert mask[1].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+
+
+def test_hf_tower_into_a_scanned_model_and_back(tmp_path: Path) -> None:
+    """model.scan_layers=True: a HF BERT loads into the stacked layout with its tensors intact
+    (tests/test_scan.py shows the layouts compute the same), and a checkpoint saved stacked
+    exports to the same HF tensors."""
+    from safetensors.numpy import load_file
+
+    from mmjax.models import layers
+
+    src = _bert(tmp_path / "bert")
+    config = _config(str(src))
+    transfer.apply_encoder_overrides(config)
+    with config.unlocked():
+        config.model.scan_layers = True
+    params = transfer.apply_init_from(config, _init(config))
+    stacked = params["text"]["encoder"][layers.SCANNED]
+    assert stacked["attn"]["query"]["kernel"].shape == (2, 48, 3, 16)
+    # apply_init_from checked names and shapes against the scanned model; the values must be
+    # the HF tensors, which hf.load gives in the unrolled layout.
+    wrapper, ref = hf.load(src)
+    jax.tree.map(np.testing.assert_array_equal, layers.unstack_all(params["text"]),
+                 ref["params"]["text"])
+
+    transfer.write_checkpoint(tmp_path / "ck", {"text": params["text"]},
+                              json.loads(wrapper.hf_config))
+    transfer.convert(str(tmp_path / "ck"), str(tmp_path / "back"))
+    a = load_file(str(src / "model.safetensors"))
+    b = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)

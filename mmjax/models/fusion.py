@@ -50,6 +50,7 @@ class Fusion(nn.Module):
     dtype: Any = jnp.float32
     attn_implementation: str | None = None
     remat: str | None = None
+    scan_layers: bool = False  # one nn.scan over the stacked layers (layers.Encoder's docstring)
 
     def _encoder(self, name: str, cross: bool) -> layers.Encoder:
         return layers.Encoder(
@@ -65,6 +66,7 @@ class Fusion(nn.Module):
             dtype=self.dtype,
             attn_implementation=self.attn_implementation,
             remat=self.remat,
+            scan=self.scan_layers,
             name=name,
         )
 

@@ -8,12 +8,13 @@ exist once and a Hugging Face checkpoint maps onto the very modules the trainer 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Dtype = Any
@@ -201,6 +202,9 @@ class Block(nn.Module):
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     attn_implementation: str | None = None
+    # Set only by a scanned Encoder: ``nn.scan`` hands its body arrays, not Python values, so
+    # there ``train`` is fixed here and the block returns ``(x, None)`` (carry, no output).
+    scan_train: bool | None = None
 
     @nn.compact
     def __call__(
@@ -210,7 +214,9 @@ class Block(nn.Module):
         context: Array | None = None,
         context_mask: Array | None = None,
         train: bool = False,
-    ) -> Array:
+    ) -> Array | tuple[Array, None]:
+        if self.scan_train is not None:
+            train = self.scan_train
         norm = lambda name: nn.LayerNorm(
             epsilon=self.layer_norm_eps, dtype=self.dtype, name=name
         )
@@ -245,21 +251,38 @@ class Block(nn.Module):
                 "cross_attn",
             )
         mlp = Mlp(self.mlp_dim, self.activation, self.dropout, self.dtype, name="mlp")
-        return sublayer(x, lambda h: mlp(h, train=train), "mlp")
+        x = sublayer(x, lambda h: mlp(h, train=train), "mlp")
+        return (x, None) if self.scan_train is not None else x
 
 
-def remat_block(policy: str | None) -> type[Block]:
+def remat_block(policy: str | None, *, scanned: bool = False) -> type[Block]:
     """Block, rematerialised under a named ``jax.checkpoint_policies`` policy when one is given."""
     if not policy:
         return Block
     if not hasattr(jax.checkpoint_policies, policy):
         raise ValueError(f"unknown remat policy {policy!r} (model.remat)")
+    policy_fn = getattr(jax.checkpoint_policies, policy)
+    if scanned:  # train is a field there; the scan's loop already keeps CSE from undoing remat
+        return nn.remat(Block, policy=policy_fn, prevent_cse=False)
     # train (argument 5, counting self) selects dropout, so it must stay a Python bool.
-    return nn.remat(Block, policy=getattr(jax.checkpoint_policies, policy), static_argnums=(5,))
+    return nn.remat(Block, policy=policy_fn, static_argnums=(5,))
+
+
+SCANNED = "layers"  # the subtree of a scanned Encoder: every Block param stacked on axis 0
+_LAYER_KEY = re.compile(r"layer_(\d+)")
 
 
 class Encoder(nn.Module):
-    """A stack of ``depth`` Blocks named ``layer_<i>``, with an optional final LayerNorm."""
+    """A stack of ``depth`` Blocks named ``layer_<i>``, with an optional final LayerNorm.
+
+    ``scan=True`` runs the same blocks as one ``nn.scan`` (a loop in the compiled step) whose
+    params are stacked: ``layers/<block param>`` with a leading axis of size ``depth`` instead of
+    ``depth`` subtrees ``layer_<i>/<block param>``. The math is the same (tests/test_scan.py);
+    what changes is the number of arrays: a ViT-B/16 + text CLIP state has ~1,200 leaves
+    unrolled and ~150 scanned, and the host's per-step dispatch cost grows with the leaf count
+    (docs/performance.md §5), as does the number of small optimizer kernels. Compile time drops
+    too. :func:`match_layers` converts params between the two layouts.
+    """
 
     depth: int
     num_heads: int
@@ -275,6 +298,7 @@ class Encoder(nn.Module):
     dtype: Dtype = jnp.float32
     attn_implementation: str | None = None
     remat: str | None = None
+    scan: bool = False
 
     @nn.compact
     def __call__(
@@ -286,25 +310,94 @@ class Encoder(nn.Module):
         *,
         train: bool = False,
     ) -> Array:
-        block_cls = remat_block(self.remat)
-        for i in range(self.depth):
-            x = block_cls(
-                num_heads=self.num_heads,
-                mlp_dim=self.mlp_dim,
-                pre_norm=self.pre_norm,
-                activation=self.activation,
-                qkv_bias=self.qkv_bias,
-                causal=self.causal,
-                cross_attention=self.cross_attention,
-                layer_norm_eps=self.layer_norm_eps,
-                dropout=self.dropout,
-                dtype=self.dtype,
-                attn_implementation=self.attn_implementation,
-                name=f"layer_{i}",
-            )(x, mask, context, context_mask, train)
+        block_kwargs = dict(
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            pre_norm=self.pre_norm,
+            activation=self.activation,
+            qkv_bias=self.qkv_bias,
+            causal=self.causal,
+            cross_attention=self.cross_attention,
+            layer_norm_eps=self.layer_norm_eps,
+            dropout=self.dropout,
+            dtype=self.dtype,
+            attn_implementation=self.attn_implementation,
+        )
+        if self.scan:
+            stack = nn.scan(
+                remat_block(self.remat, scanned=True),
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,
+                length=self.depth,
+            )
+            x, _ = stack(**block_kwargs, scan_train=train, name=SCANNED)(
+                x, mask, context, context_mask
+            )
+        else:
+            block_cls = remat_block(self.remat)
+            for i in range(self.depth):
+                x = block_cls(**block_kwargs, name=f"layer_{i}")(
+                    x, mask, context, context_mask, train
+                )
         if self.final_norm:
             x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="final_norm")(x)
         return x
+
+
+def _stack(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """``{layer_0: t0, ..., layer_<n-1>: t_n-1, rest}`` → ``{layers: stacked, rest}``."""
+    idx = sorted(int(m.group(1)) for k in tree if (m := _LAYER_KEY.fullmatch(str(k))))
+    if idx != list(range(len(idx))):
+        raise ValueError(f"layer keys {sorted(k for k in tree if _LAYER_KEY.fullmatch(str(k)))} "
+                         "are not layer_0 .. layer_<n-1>, so they cannot be stacked")
+    blocks = [tree[f"layer_{i}"] for i in idx]
+    rest = {k: v for k, v in tree.items() if not _LAYER_KEY.fullmatch(str(k))}
+    return {**rest, SCANNED: jax.tree.map(lambda *xs: np.stack(xs), *blocks)}
+
+
+def _unstack(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`_stack`: axis 0 of every ``layers`` leaf becomes ``layer_<i>``."""
+    stacked = tree[SCANNED]
+    depth = {np.shape(x)[0] for x in jax.tree.leaves(stacked)}
+    if len(depth) != 1:
+        raise ValueError(f"the stacked '{SCANNED}' leaves disagree on the depth: {sorted(depth)}")
+    rest = {k: v for k, v in tree.items() if k != SCANNED}
+    n = depth.pop()
+    return {**rest, **{f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked)
+                       for i in range(n)}}
+
+
+def match_layers(source: Any, target: Any) -> Any:
+    """``source`` params with every encoder's layers in ``target``'s layout (scanned or not).
+
+    Walks both trees together: where ``target`` has a scanned ``layers`` subtree and ``source``
+    has ``layer_<i>`` subtrees, they are stacked; the other way round they are split. Everything
+    else is returned as is (names that differ are left for the caller's own check), so a
+    checkpoint or Hugging Face tower saved unrolled loads into a scanned model and back. Only
+    the layout is converted; the values are numpy arrays where a conversion happened.
+    """
+    if not isinstance(source, Mapping) or not isinstance(target, Mapping):
+        return source
+    src = dict(source)
+    if SCANNED in target and SCANNED not in src and "layer_0" in src:
+        src = _stack(src)
+    elif "layer_0" in target and SCANNED in src and "layer_0" not in src:
+        src = _unstack(src)
+    return {k: match_layers(v, target[k]) if k in target else v for k, v in src.items()}
+
+
+def unstack_all(tree: Any) -> Any:
+    """``tree`` with every scanned ``layers`` subtree split into ``layer_<i>`` (the HF layout)."""
+    if not isinstance(tree, Mapping):
+        return tree
+    tree = _unstack(tree) if SCANNED in tree else tree
+    return {k: unstack_all(v) for k, v in tree.items()}
+
+
+def is_stacked(path: str) -> bool:
+    """Whether a param path (``a/b/c``) lies in a scanned Encoder's stacked ``layers``."""
+    return f"/{SCANNED}/" in f"/{path}"
 
 
 def masked_mean(x: Array, mask: Array | None) -> Array:

@@ -137,6 +137,7 @@ class MultimodalModel(nn.Module):
     bn_axis_name: str | None = None
     attn_implementation: str | None = None
     remat: str | None = None
+    scan_layers: bool = False
 
     def _shared(self, cls: type[nn.Module]) -> dict[str, Any]:
         """Model-wide options passed to every part that has them."""
@@ -147,6 +148,7 @@ class MultimodalModel(nn.Module):
             "bn_axis_name": self.bn_axis_name,
             "attn_implementation": self.attn_implementation,
             "remat": self.remat,
+            "scan_layers": self.scan_layers,
         }
         return {k: v for k, v in shared.items() if k in fields}
 
@@ -523,7 +525,9 @@ class Heads(nn.Module):
         return out
 
 
-MODEL_OPTIONS = ("fusion", "heads", "dropout", "dtype", "attn_implementation", "remat")
+MODEL_OPTIONS = (
+    "fusion", "heads", "dropout", "dtype", "attn_implementation", "remat", "scan_layers",
+)
 
 
 def build_model(model_cfg: Any, *, bn_axis_name: str | None = None) -> MultimodalModel:
@@ -554,6 +558,7 @@ def build_model(model_cfg: Any, *, bn_axis_name: str | None = None) -> Multimoda
         bn_axis_name=bn_axis_name,
         attn_implementation=cfg.get("attn_implementation") or None,
         remat=cfg.get("remat") or None,
+        scan_layers=bool(cfg.get("scan_layers", False)),
     )
 
 

@@ -49,6 +49,7 @@ class TextEncoder(nn.Module):
     dtype: Any = jnp.float32
     attn_implementation: str | None = None
     remat: str | None = None
+    scan_layers: bool = False  # one nn.scan over the stacked layers (layers.Encoder's docstring)
 
     def sizes(self) -> dict[str, int]:
         size = layers.tower_sizes(
@@ -101,6 +102,7 @@ class TextEncoder(nn.Module):
             dtype=self.dtype,
             attn_implementation=self.attn_implementation,
             remat=self.remat,
+            scan=self.scan_layers,
             name="encoder",
         )(x, mask, train=train)
         batch = jnp.arange(ids.shape[0])

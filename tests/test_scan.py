@@ -1,0 +1,183 @@
+"""``model.scan_layers``: the scanned encoder computes what the unrolled one does.
+
+The scanned layout stacks every layer's params on a leading axis (``encoder/layers/...``), so the
+checks are: the same outputs and gradients as the unrolled model given the same (converted)
+params, the same optimizer update (weight decay must not reach stacked biases, layer-wise decay
+must scale each layer's slice), checkpoints that load across layouts, and a clear refusal where
+a feature needs unrolled kernels (LoRA). Float32 on the CPU, fresh random inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax import lora, optim, transfer
+from mmjax.models import layers
+from mmjax.models.multimodal import build_model
+
+MODEL = {
+    "image": {"kind": "vit", "variant": "mu/4", "width": 16, "depth": 3, "num_heads": 2,
+              "mlp_dim": 24, "class_token": True, "pool": "cls", "embed_norm": True},
+    "text": {"kind": "text", "vocab_size": 23, "width": 16, "depth": 2, "num_heads": 4,
+             "mlp_dim": 32, "max_len": 7, "causal": True, "pre_norm": True, "pool": "last"},
+    "fusion": {"kind": "cross_attention", "width": 16, "depth": 2, "num_heads": 2},
+    "heads": {"answer": {"kind": "classification", "num_classes": 5},
+              "clip": {"kind": "contrastive", "embed_dim": 8}},
+    "dtype": "float32",
+}
+
+
+def _model(scan: bool, **extra):
+    return build_model({**MODEL, "scan_layers": scan, **extra})
+
+
+def _batch(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, 8, size=4)
+    mask = (np.arange(7)[None] < lengths[:, None]).astype(np.int32)
+    return {"image": rng.standard_normal((4, 12, 12, 3)).astype(np.float32),
+            "text": {"ids": rng.integers(1, 23, (4, 7)).astype(np.int32) * mask, "mask": mask}}
+
+
+# LLVM's optimisation passes dominate XLA:CPU compile time and buy nothing for tiny test graphs.
+_FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _jit(fn):
+    return jax.jit(fn, compiler_options=_FAST)
+
+
+def _leaves(tree) -> dict:
+    return {optim.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@functools.cache
+def _shapes(scan: bool) -> dict:
+    return jax.eval_shape(lambda: _model(scan).init(jax.random.key(0), _batch(0)))["params"]
+
+
+def _random_params(seed: int) -> dict:
+    """Unrolled params filled at random (std 0.3, so every layer changes its input)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32),
+                        _shapes(False))
+
+
+def test_layouts_convert_both_ways():
+    unrolled = _random_params(1)
+    scanned = layers.match_layers(unrolled, _shapes(True))
+    assert jax.tree.structure(scanned) == jax.tree.structure(_shapes(True))
+    for name, want in (("image", 3), ("text", 2), ("fusion", 2)):
+        stacked = scanned[name]["encoder"][layers.SCANNED]
+        assert {x.shape[0] for x in jax.tree.leaves(stacked)} == {want}
+        assert not any(k.startswith("layer_") for k in scanned[name]["encoder"])
+    np.testing.assert_array_equal(
+        scanned["image"]["encoder"]["layers"]["mlp"]["fc1"]["kernel"][2],
+        unrolled["image"]["encoder"]["layer_2"]["mlp"]["fc1"]["kernel"])
+    back = layers.match_layers(scanned, _shapes(False))
+    jax.tree.map(np.testing.assert_array_equal, back, unrolled)
+    jax.tree.map(np.testing.assert_array_equal, layers.unstack_all(scanned), unrolled)
+    # A tree in the target's layout already passes through untouched.
+    assert layers.match_layers(unrolled, _shapes(False))["heads"] is not None
+
+
+def _outputs_and_grads(model, params, batch, weights_seed: int):
+    """The model's outputs and the gradient of a fixed random functional of all of them."""
+    def objective(p):
+        outs = model.apply({"params": p}, batch)
+        rng = np.random.default_rng(weights_seed)
+        total = sum(jnp.vdot(o, rng.standard_normal(o.shape).astype(np.float32))
+                    for o in jax.tree.leaves(outs))
+        return total, outs
+
+    (_, outs), grads = _jit(jax.value_and_grad(objective, has_aux=True))(params)
+    return jax.device_get(outs), jax.device_get(grads)
+
+
+@functools.cache
+def _reference():
+    """Unrolled outputs and gradients, computed once for both parametrisations below."""
+    return _outputs_and_grads(_model(False), _random_params(2), _batch(3), 4)
+
+
+@pytest.mark.parametrize("remat", ["", "nothing_saveable"])
+def test_scanned_model_matches_unrolled_outputs_and_grads(remat):
+    scanned = layers.match_layers(_random_params(2), _shapes(True))
+    outs_ref, g_ref = _reference()
+    outs, g = _outputs_and_grads(_model(True, remat=remat), scanned, _batch(3), 4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 outs, outs_ref)
+    assert np.abs(g["image"]["encoder"]["layers"]["attn"]["query"]["kernel"][0]).max() > 0
+    got = _leaves(g)
+    for name, want in _leaves(layers.match_layers(g_ref, _shapes(True))).items():
+        np.testing.assert_allclose(got[name], want, rtol=2e-4, atol=2e-5, err_msg=name)
+
+
+def test_scanned_dropout_follows_its_key():
+    """Train mode inside the scan: dropout is on, reproducible per key, different across keys."""
+    params = layers.match_layers(_random_params(5), _shapes(True))
+    model = _model(True, dropout=0.3)
+    fn = _jit(lambda k: [model.apply({"params": params}, _batch(6), train=t,
+                                     rngs={"dropout": k})["answer"]["logits"] for t in (1, 0)])
+    (a, evaluated), (b, _), (a2, _) = (fn(jax.random.key(k)) for k in (0, 1, 0))
+    assert np.isfinite(a).all() and not np.allclose(a, b)
+    np.testing.assert_array_equal(a, a2)
+    assert not np.allclose(a, evaluated)
+
+
+def test_scanned_optimizer_update_matches_unrolled():
+    """Weight decay skips stacked biases/norms; layer decay scales each stacked slice."""
+    cfg = {"name": "adamw", "lr": 1e-2, "warmup_steps": 0, "decay": "constant",
+           "weight_decay": 0.3, "clip_norm": 0.5, "layer_decay": 0.6}
+    unrolled = _random_params(7)
+    grads = _random_params(8)
+    scanned = layers.match_layers(unrolled, _shapes(True))
+    g_scanned = layers.match_layers(grads, _shapes(True))
+
+    mask = _leaves(optim.decay_mask(scanned))
+    assert mask["image/encoder/layers/mlp/fc1/kernel"]
+    assert not mask["image/encoder/layers/mlp/fc1/bias"]
+    assert not mask["text/encoder/layers/attn_norm/scale"]
+    scales = _leaves(optim.layer_scales(scanned, 0.6))
+    np.testing.assert_allclose(scales["image/encoder/layers/attn/query/bias"].ravel(),
+                               0.6 ** np.array([3, 2, 1]))
+
+    def first_update(params, g):
+        tx = optim.make_optimizer(cfg, params, total_steps=10)
+        return jax.device_get(_jit(lambda g, p: tx.update(g, tx.init(p), p)[0])(g, params))
+
+    ref = _leaves(layers.match_layers(first_update(unrolled, grads), _shapes(True)))
+    got = _leaves(first_update(scanned, g_scanned))
+    assert ref.keys() == got.keys()
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_checkpoints_load_across_layouts(tmp_path):
+    unrolled = _random_params(9)
+    transfer.write_checkpoint(tmp_path / "unrolled", unrolled)
+    fresh_scanned = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), _shapes(True))
+    loaded, report = transfer.load_subtrees(tmp_path / "unrolled", fresh_scanned, "image,text")
+    assert not report.missing and not report.unexpected
+    want = layers.match_layers(unrolled, _shapes(True))
+    for part in ("image", "text"):
+        jax.tree.map(np.testing.assert_array_equal, loaded[part], want[part])
+    assert not np.any(jax.tree.leaves(loaded["fusion"])[0])  # not listed: stays fresh
+
+    transfer.write_checkpoint(tmp_path / "scanned", want)
+    fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), _shapes(False))
+    back, report = transfer.load_subtrees(tmp_path / "scanned", fresh, "")
+    assert not report.missing and not report.unexpected
+    for part in ("image", "text", "fusion"):
+        jax.tree.map(np.testing.assert_array_equal, back[part], unrolled[part])
+
+
+def test_lora_refuses_stacked_kernels():
+    scanned = layers.match_layers(_random_params(10), _shapes(True))
+    with pytest.raises(ValueError, match=r"scan_layers=True.*set model.scan_layers=False"):
+        lora.add_adapters(scanned, {"rank": 2}, 0)
