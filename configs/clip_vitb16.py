@@ -81,6 +81,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "vocab_size": 49_408, "max_len": 80, "type_vocab_size": 0,
             "pre_norm": True, "embed_norm": False, "final_norm": True, "causal": True,
             "pool": "last", "activation": "gelu", "layer_norm_eps": 1e-5,
+            # "right": masks are right padding, given to attention as key lengths (cuDNN's own
+            # padding mask, no [B, 1, T, T] bias); "mask": any 0/1 mask as a boolean mask.
+            "padding": "right",
         },
         "fusion": {"kind": "none"},
         "heads": {"clip": {"kind": "contrastive", "embed_dim": 512}},

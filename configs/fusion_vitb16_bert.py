@@ -74,6 +74,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "type_vocab_size": 2, "pre_norm": False, "embed_norm": True, "final_norm": False,
             "causal": False, "pool": "cls", "pooler": True, "activation": "gelu",
             "layer_norm_eps": 1e-12,
+            # "right": masks are right padding, given to attention as key lengths (cuDNN's own
+            # padding mask, no [B, 1, T, T] bias); "mask": any 0/1 mask as a boolean mask.
+            "padding": "right",
         },
         "fusion": {"kind": "co_attention", "width": 768, "depth": 2, "num_heads": 12,
                    "mlp_dim": 3072},

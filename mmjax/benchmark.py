@@ -17,6 +17,7 @@ from mmjax import xla_flags
 # Only the CLI touches the environment; importing this module as a library changes nothing.
 ADDED_XLA_FLAGS: list[str] = xla_flags.apply_default_flags() if __name__ == "__main__" else []
 
+import dataclasses
 import functools
 import json
 import math
@@ -138,6 +139,57 @@ def _peak_tflops(device_kind: str, override: float) -> float | None:
     return next((v for k, v in _PEAKS.items() if k in device_kind), None)
 
 
+@dataclasses.dataclass
+class Setup:
+    """A compiled-on-first-call train step with its state and one device-resident batch."""
+
+    par: Any
+    train_fn: Any
+    state: Any
+    batch: Any
+    batch_size: int
+    device_batch: int
+    n_params: int
+    n_leaves: int
+
+
+def build_step(config: ml_collections.ConfigDict, batch_size: int = 0) -> Setup:
+    """The trainer's own step, state and a synthetic batch, as the benchmark and profile use them.
+
+    Built as the trainer builds it (``tasks_from_config``, ``build_model``, ``create_state``,
+    ``train_step`` compiled by ``parallel.make_parallel(config.parallel)``); the batch is put on
+    the devices once (single-process: the whole batch is this process's).
+    """
+    batch_size = batch_size or config.batch_size
+    par = parallel.make_parallel(config.parallel)
+    n_dev = jax.device_count()
+    if batch_size % n_dev:
+        raise ValueError(f"batch_size={batch_size} is not a multiple of the {n_dev} devices")
+    device_batch = batch_size // n_dev
+    accum_steps = int(config.get("grad_accum_steps", 1) or 1)
+    if device_batch % accum_steps:
+        raise ValueError(
+            f"grad_accum_steps={accum_steps} does not divide the per-device batch {device_batch}"
+        )
+
+    tasks = tasks_from_config(config)
+    model = build_model(config.model, bn_axis_name=par.axis_name)
+    host_batch = synthetic_batch(config, batch_size, seed=config.seed)
+
+    sample = jax.tree.map(lambda x: x[:2], host_batch)
+    state, tx = create_state(model, config, sample)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    n_leaves = len(jax.tree.leaves(state))  # what the host hands the step: dispatch cost grows
+    rstate = par.put_state(state)
+    del state
+    train_fn = par.compile_train(functools.partial(
+        train_step, model=model, tx=tx, tasks=tasks, axis_name=par.axis_name,
+        accum_steps=accum_steps,
+    ))
+    batch = jax.block_until_ready(par.put_batch(host_batch))
+    return Setup(par, train_fn, rstate, batch, batch_size, device_batch, n_params, n_leaves)
+
+
 def run_benchmark(
     config: ml_collections.ConfigDict,
     *,
@@ -162,34 +214,10 @@ def run_benchmark(
     """
     if steps < 1 or warmup < 1:
         raise ValueError(f"--steps={steps} and --warmup={warmup} must both be at least 1")
-    batch_size = batch_size or config.batch_size
-    par = parallel.make_parallel(config.parallel)
-    n_dev = jax.device_count()
-    if batch_size % n_dev:
-        raise ValueError(f"batch_size={batch_size} is not a multiple of the {n_dev} devices")
-    device_batch = batch_size // n_dev
-    accum_steps = int(config.get("grad_accum_steps", 1) or 1)
-    if device_batch % accum_steps:
-        raise ValueError(
-            f"grad_accum_steps={accum_steps} does not divide the per-device batch {device_batch}"
-        )
-
-    tasks = tasks_from_config(config)
-    model = build_model(config.model, bn_axis_name=par.axis_name)
-    host_batch = synthetic_batch(config, batch_size, seed=config.seed)
-
-    sample = jax.tree.map(lambda x: x[:2], host_batch)
-    state, tx = create_state(model, config, sample)
-    params = state.params
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    n_leaves = len(jax.tree.leaves(state))  # what the host hands the step: dispatch cost grows
-    rstate = par.put_state(state)
-    del state, params
-    train_fn = par.compile_train(functools.partial(
-        train_step, model=model, tx=tx, tasks=tasks, axis_name=par.axis_name,
-        accum_steps=accum_steps,
-    ))
-    batch = jax.block_until_ready(par.put_batch(host_batch))
+    setup = build_step(config, batch_size)
+    par, train_fn, rstate, batch = setup.par, setup.train_fn, setup.state, setup.batch
+    batch_size, device_batch = setup.batch_size, setup.device_batch
+    n_params, n_leaves, n_dev = setup.n_params, setup.n_leaves, jax.device_count()
 
     t0 = time.perf_counter()
     rstate, metrics = jax.block_until_ready(train_fn(rstate, batch))
@@ -250,6 +278,8 @@ def run_benchmark(
         "params": int(n_params),
         "state_leaves": n_leaves,
         "scan_layers": bool(config.model.get("scan_layers", False)),
+        "text_padding": {name: enc.get("padding", "right") for name, enc in config.model.items()
+                         if name not in MODEL_OPTIONS and enc.kind == "text"},
         "loss": loss,
         "dtype": config.model.dtype,
         "attention": attention_backends(config),

@@ -48,7 +48,13 @@ b() { timeout "$1" python3 -m mmjax.benchmark --batch_size "$B" --steps 20 --war
 p() { timeout "$1" python3 scripts/bench_torch_peer.py --batch_size "$B" --steps 20 --warmup 5 $PEER_TINY "${@:2}" >> "$R" 2>> "$OUT/torch.err" || echo "{\"failed\": \"peer $*\"}" >> "$R"; }
 
 # PARTS picks what runs, in this order (default: all): main = both configs and both peers;
-# mesh = both configs under jit over a one-device mesh (C++ dispatch instead of pmap's);
+# scan = both configs with model.scan_layers=True (each encoder one nn.scan over stacked params:
+#   ~8x fewer state arrays, so less host dispatch per step and fewer small optimizer kernels);
+# textmask = clip with the text padding as a boolean mask (the pre-lengths path) for an A/B;
+# mesh = both configs under jit over a one-device mesh (on a CPU it dispatched no faster);
+# profile / profile_fusion = mmjax.profile_step: 5 steps traced, device time summed per kernel and
+#   per category (matmul, attention, fusion, copy, ...) into $OUT/profile_*.jsonl (the trace
+#   itself stays in /tmp: too big to bring back); PROFILE_ARGS adds overrides (e.g. scan_layers);
 # gelu / xla / flags = the ablations: tanh-GELU (cuBLASLt can fuse it into the matmul epilogue,
 # exact erf-GELU it cannot), XLA attention instead of cuDNN, the two XLA flags off.
 PARTS=${PARTS:-main gelu xla flags}
@@ -62,8 +68,17 @@ for part in $PARTS; do
     gelu) b 150 --config configs/clip_vitb16.py$S --config.model.image.activation=gelu_tanh --config.model.text.activation=gelu_tanh ;;
     xla) b 150 --config configs/clip_vitb16.py$S --config.model.attn_implementation=xla ;;
     flags) XLA_FLAGS="--xla_gpu_enable_triton_gemm=true --xla_gpu_enable_latency_hiding_scheduler=false" b 150 --config configs/clip_vitb16.py$S ;;
+    scan) b 150 --config configs/clip_vitb16.py$S --config.model.scan_layers=True
+          b 150 --config configs/fusion_vitb16_bert.py$S --config.model.scan_layers=True ;;
+    textmask) b 150 --config configs/clip_vitb16.py$S --config.model.text.padding=mask ;;
     mesh) b 150 --config configs/clip_vitb16.py$S --config.parallel.mode=mesh
           b 150 --config configs/fusion_vitb16_bert.py$S --config.parallel.mode=mesh ;;
+    profile|profile_fusion)
+      cfg=configs/clip_vitb16.py; [ "$part" = profile_fusion ] && cfg=configs/fusion_vitb16_bert.py
+      timeout 180 python3 -m mmjax.profile_step --config "$cfg$S" --batch_size "$B" --steps 5 \
+        --top 60 --out "/tmp/mmjax_trace_$part" ${PROFILE_ARGS:-} > "$OUT/$part.jsonl" 2>> "$OUT/jax.err" \
+        || echo "{\"failed\": \"$part\"}" >> "$R"
+      tail -n 1 "$OUT/$part.jsonl" ;;
     fusion_compile) p 150 --workload fusion --modes compile ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
@@ -73,7 +88,8 @@ import json, sys
 for line in open(sys.argv[1]):
     d = json.loads(line)
     keys = ("config", "mode", "samples_per_s", "mfu", "step_ms_median", "step_ms_pipelined",
-            "compile_s", "peak_memory_gib", "attention", "tflops_per_s", "failed")
+            "dispatch_ms_median", "state_leaves", "scan_layers", "text_padding", "compile_s",
+            "peak_memory_gib", "attention", "tflops_per_s", "failed")
     print({k: d[k] for k in keys if k in d})
 EOF
 tail -n 15 "$OUT/jax.err" "$OUT/torch.err"

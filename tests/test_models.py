@@ -320,7 +320,9 @@ def test_text_padding_invariance(causal, pre_norm, side):
         mask = mask[:, ::-1].copy()
     other = np.where(mask == 0, _ids(7), ids)  # new content at padded positions only
     assert (other != ids).any()
-    model = _text("mean", causal=causal, pre_norm=pre_norm)
+    # Left padding needs the boolean-mask path; right padding runs as key lengths.
+    padding = "mask" if side == "left" else "right"
+    model = _text("mean", causal=causal, pre_norm=pre_norm, padding=padding)
     variables = _fill(model, ids, mask, seed=1)
     apply = _jitted(model)
     a = apply(variables, ids, mask)
@@ -337,6 +339,24 @@ def test_text_padding_invariance(causal, pre_norm, side):
         a_nomask = np.asarray(apply(variables, ids)["tokens"])
         b_nomask = np.asarray(apply(variables, other)["tokens"])
         assert not np.allclose(a_nomask[1][valid[1]], b_nomask[1][valid[1]], atol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_text_right_padding_as_lengths_equals_the_boolean_mask(causal):
+    """padding="right" (key lengths) and padding="mask" compute the same on right-padded text,
+    at every position; a left-padded mask read as lengths would not (the option matters)."""
+    ids, mask = _ids(20), _mask()
+    by_lengths = _text("mean", causal=causal, pre_norm=True, padding="right")
+    by_mask = _text("mean", causal=causal, pre_norm=True, padding="mask")
+    variables = _fill(by_mask, ids, mask, seed=21)
+    a = _jitted(by_lengths)(variables, ids, mask)
+    b = _jitted(by_mask)(variables, ids, mask)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL), a, b)
+    left = mask[:, ::-1].copy()
+    assert not np.allclose(_jitted(by_lengths)(variables, ids, left)["pooled"],
+                           _jitted(by_mask)(variables, ids, left)["pooled"], atol=1e-4)
+    with pytest.raises(ValueError, match="'sideways'"):
+        _shapes(_text(padding="sideways"), ids)
 
 
 @pytest.mark.parametrize("t", [0, 3, 6])
@@ -408,6 +428,10 @@ def test_attention_matches_numpy(causal, full_mask):
     assert np.isfinite(y).all()
     ref = _ref_attention(params, x, x, mask, causal)
     np.testing.assert_allclose(y, ref, rtol=RTOL, atol=ATOL)
+    if not full_mask:  # the same right padding given as key lengths
+        lengths = jnp.asarray(LENGTHS, jnp.int32)
+        y = np.asarray(_jitted(attn)({"params": params}, x, kv_lengths=lengths))
+        np.testing.assert_allclose(y, ref, rtol=RTOL, atol=ATOL)
 
 
 def test_cross_attention_matches_numpy():
@@ -421,13 +445,14 @@ def test_cross_attention_matches_numpy():
     np.testing.assert_allclose(y, _ref_attention(params, x, ctx, mask), rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("pre_norm", [True, False])
-def test_padded_rows_are_finite(pre_norm):
+@pytest.mark.parametrize(("pre_norm", "kv_padding"),
+                         [(True, "mask"), (False, "mask"), (True, "lengths")])
+def test_padded_rows_are_finite(pre_norm, kv_padding):
     """Padded query positions, and even a row with no valid token at all, stay finite (no NaN
     leaking into the valid rows), in the outputs and in the gradients."""
     x = np.random.default_rng(12).normal(size=(2, L, 32)).astype(np.float32)
     mask = np.stack([_mask([4], L)[0], np.zeros(L, np.int32)])  # second row: nothing valid
-    blk = layers.Block(num_heads=2, mlp_dim=64, pre_norm=pre_norm)
+    blk = layers.Block(num_heads=2, mlp_dim=64, pre_norm=pre_norm, kv_padding=kv_padding)
     variables = _fill(blk, x, mask, seed=6)
     apply = _jitted(blk)
     y = np.asarray(apply(variables, x, mask))

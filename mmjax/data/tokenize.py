@@ -119,6 +119,9 @@ class WordPieceTokenizer:
 
     def __init__(self, tokenizer: Any):
         self._tok = tokenizer
+        # Text towers read masks as right padding (TextEncoder.padding="right"); some tokenizers
+        # pad on the left by default.
+        self._tok.padding_side = "right"
         for i, name in enumerate(_SPECIALS):
             if tokenizer.token_to_id(name) != i:
                 raise ValueError(f"word-piece tokenizer must map {name} to id {i}")
@@ -184,6 +187,9 @@ class HFTokenizer:
 
     def __init__(self, tokenizer: Any):
         self._tok = tokenizer
+        # Text towers read masks as right padding (TextEncoder.padding="right"); some tokenizers
+        # pad on the left by default.
+        self._tok.padding_side = "right"
 
     @property
     def vocab_size(self) -> int:

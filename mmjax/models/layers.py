@@ -125,6 +125,10 @@ class Attention(nn.Module):
     "auto" picks "cudnn" only where it is known to work (see :func:`resolve_attention`) and None
     elsewhere, so one config runs fused on a GPU and unchanged on a CPU.
     ``mask`` is boolean, broadcastable to [B, 1, Tq, Tk]; every query row needs a valid key.
+    ``kv_lengths`` (int32 [B], instead of a mask) says that the first ``kv_lengths[b]`` keys of
+    row b are valid and the rest padding: cuDNN then applies its own padding mask, where a
+    boolean mask reaches it as a [B, 1, Tq, Tk] bias tensor (built, read, and on some JAX
+    versions differentiated every step). XLA builds the same boolean mask from the lengths.
     """
 
     num_heads: int
@@ -141,8 +145,11 @@ class Attention(nn.Module):
         context: Array | None = None,
         mask: Array | None = None,
         *,
+        kv_lengths: Array | None = None,
         train: bool = False,
     ) -> Array:
+        if mask is not None and kv_lengths is not None:
+            raise ValueError("give attention a mask or kv_lengths, not both")
         context = x if context is None else context
         width = x.shape[-1]
         if width % self.num_heads:
@@ -162,7 +169,8 @@ class Attention(nn.Module):
         if implementation == "auto":
             implementation = resolve_attention(q.dtype, q.shape[1], k.shape[1], head_dim)
         y = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=self.causal, implementation=implementation
+            q, k, v, mask=mask, is_causal=self.causal, implementation=implementation,
+            key_value_seq_lengths=kv_lengths,
         )
         y = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(y)
         return nn.Dropout(self.dropout)(y, deterministic=not train)
@@ -202,6 +210,9 @@ class Block(nn.Module):
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     attn_implementation: str | None = None
+    # "lengths": ``mask`` is right padding, passed to self-attention as key lengths (faster on
+    # cuDNN; see Attention); "mask": any [B, T] key mask, passed as a boolean mask.
+    kv_padding: str = "mask"
     # Set only by a scanned Encoder: ``nn.scan`` hands its body arrays, not Python values, so
     # there ``train`` is fixed here and the block returns ``(x, None)`` (carry, no output).
     scan_train: bool | None = None
@@ -235,10 +246,15 @@ class Block(nn.Module):
                 return h + fn(norm(f"{name}_norm")(h))
             return norm(f"{name}_norm")(h + fn(h))
 
+        if self.kv_padding not in KV_PADDINGS:
+            raise ValueError(f"kv_padding={self.kv_padding!r} is not one of {KV_PADDINGS}")
+        if mask is not None and self.kv_padding == "lengths":
+            # At least one key per row, as a boolean mask's row of one valid token would give.
+            self_mask = {"kv_lengths": jnp.maximum(mask.sum(-1), 1).astype(jnp.int32)}
+        else:
+            self_mask = {"mask": padding_mask(mask)}
         x = sublayer(
-            x,
-            lambda h: attn("attn", self.causal)(h, mask=padding_mask(mask), train=train),
-            "attn",
+            x, lambda h: attn("attn", self.causal)(h, **self_mask, train=train), "attn"
         )
         if self.cross_attention:
             if context is None:
@@ -253,6 +269,9 @@ class Block(nn.Module):
         mlp = Mlp(self.mlp_dim, self.activation, self.dropout, self.dtype, name="mlp")
         x = sublayer(x, lambda h: mlp(h, train=train), "mlp")
         return (x, None) if self.scan_train is not None else x
+
+
+KV_PADDINGS = ("mask", "lengths")
 
 
 def remat_block(policy: str | None, *, scanned: bool = False) -> type[Block]:
@@ -299,6 +318,7 @@ class Encoder(nn.Module):
     attn_implementation: str | None = None
     remat: str | None = None
     scan: bool = False
+    kv_padding: str = "mask"  # see Block
 
     @nn.compact
     def __call__(
@@ -322,6 +342,7 @@ class Encoder(nn.Module):
             dropout=self.dropout,
             dtype=self.dtype,
             attn_implementation=self.attn_implementation,
+            kv_padding=self.kv_padding,
         )
         if self.scan:
             stack = nn.scan(

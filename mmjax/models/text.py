@@ -13,6 +13,9 @@ from mmjax.models import layers
 Array = jax.Array
 
 
+_PADDINGS = {"right": "lengths", "mask": "mask"}  # TextEncoder.padding → Encoder.kv_padding
+
+
 class TextEncoder(nn.Module):
     """Token + position (+ segment) embeddings, a transformer, and pooling.
 
@@ -20,6 +23,12 @@ class TextEncoder(nn.Module):
     families: BERT is ``pre_norm=False, embed_norm=True, final_norm=False, pooler=True,
     pool="cls"``; CLIP text is ``pre_norm=True, causal=True, final_norm=True, pool="last"`` (or
     "argmax" on token ids, as older CLIP checkpoints do), quick_gelu activation, no segments.
+
+    ``padding``: "right" (default) says a mask is 1s then 0s, as every mmjax tokenizer writes
+    it (Hugging Face tokenizers are set to right padding too); self-attention then gets key
+    lengths instead of a mask, which cuDNN applies natively (``layers.Attention``). "mask"
+    accepts any 0/1 pattern (e.g. left padding) through a boolean mask. With right padding both
+    compute the same (tests/test_models.py).
 
     Pooling: "cls" first token, "mean" masked mean, "last" last valid token by mask,
     "argmax" the position of the largest token id (CLIP's end-of-text token), "eos" the first
@@ -49,6 +58,7 @@ class TextEncoder(nn.Module):
     dtype: Any = jnp.float32
     attn_implementation: str | None = None
     remat: str | None = None
+    padding: str = "right"
     scan_layers: bool = False  # one nn.scan over the stacked layers (layers.Encoder's docstring)
 
     def sizes(self) -> dict[str, int]:
@@ -88,7 +98,10 @@ class TextEncoder(nn.Module):
         if self.embed_norm:
             x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="embed_norm")(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        if self.padding not in _PADDINGS:
+            raise ValueError(f"text padding {self.padding!r} is not one of {tuple(_PADDINGS)}")
         x = layers.Encoder(
+            kv_padding=_PADDINGS[self.padding],
             depth=s["depth"],
             num_heads=s["num_heads"],
             mlp_dim=s["mlp_dim"],
