@@ -51,6 +51,7 @@ DECAYS = ("cosine", "linear", "constant")
 _NOT_TOWERS = ("fusion", "heads", "lora")  # top-level subtrees that layer_decay leaves at 1
 _AFTER_ENCODER = ("pooler", "pool_norm")  # tower params applied after the encoder (scale 1)
 _LAYER = re.compile(r"layer_(\d+)")
+_NEVER_DECAYED = ("bias", "scale")  # leaf names weight decay leaves alone (see decay_mask)
 
 
 def _get(opt_cfg: Mapping, key: str, default: Any = None) -> Any:
@@ -152,16 +153,22 @@ def trainable_mask(params: Any, freeze: str) -> Any:
 
 
 def decay_mask(params: Any) -> Any:
-    """True for leaves with ndim >= 2 (kernels, embeddings), False for biases and norm scales.
+    """True for kernels and embeddings (ndim >= 2), False for biases and norm scales.
 
     Decaying biases or LayerNorm/BatchNorm scales towards 0 only fights the normalisation, so
-    weight decay is restricted to matrices, as in AdamW's usual recipe. The leading layer axis
-    of a scanned encoder's stacked params (``encoder/layers/...``) is not counted: a stacked
-    bias [depth, D] is still a bias.
+    weight decay is restricted to matrices, as in AdamW's usual recipe. A leaf named ``bias`` or
+    ``scale`` is never decayed, whatever its shape (the attention projections' biases are
+    [heads, head_dim]); the leading layer axis of a scanned encoder's stacked params
+    (``encoder/layers/...``) is not counted, so a stacked [depth, D] vector is still a vector.
     """
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: np.ndim(x) - layers.is_stacked(path_str(p)) >= 2, params
-    )
+
+    def decayed(path: tuple, x: Any) -> bool:
+        name = path_str(path)
+        if name.rsplit("/", 1)[-1] in _NEVER_DECAYED:
+            return False
+        return np.ndim(x) - layers.is_stacked(name) >= 2
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def _tower_depths(params: Mapping[str, Any]) -> dict[str, int]:

@@ -48,6 +48,9 @@ b() { timeout "$1" python3 -m mmjax.benchmark --batch_size "$B" --steps 20 --war
 p() { timeout "$1" python3 scripts/bench_torch_peer.py --batch_size "$B" --steps 20 --warmup 5 $PEER_TINY "${@:2}" >> "$R" 2>> "$OUT/torch.err" || echo "{\"failed\": \"peer $*\"}" >> "$R"; }
 
 # PARTS picks what runs, in this order (default: all): main = both configs and both peers;
+# probe = scripts/dispatch_probe.py: host dispatch ms against the number of state arrays;
+# mmjax = both configs only; peers_eager = both peers in eager mode only (the fusion goal's
+#   reference; the compiled clip peer was slower than eager on the H200);
 # scan = both configs with model.scan_layers=True (each encoder one nn.scan over stacked params:
 #   ~8x fewer state arrays, so less host dispatch per step and fewer small optimizer kernels);
 # textmask = clip with the text padding as a boolean mask (the pre-lengths path) for an A/B;
@@ -64,6 +67,14 @@ for part in $PARTS; do
       b 150 --config configs/clip_vitb16.py$S
       b 150 --config configs/fusion_vitb16_bert.py$S
       p 200 --workload clip --modes eager,compile
+      p 120 --workload fusion --modes eager ;;
+    probe) timeout 60 python3 scripts/dispatch_probe.py --leaves 100,400,1200,1600 >> "$R" 2>> "$OUT/jax.err" \
+             || echo '{"failed": "probe"}' >> "$R" ;;
+    mmjax)
+      b 150 --config configs/clip_vitb16.py$S
+      b 150 --config configs/fusion_vitb16_bert.py$S ;;
+    peers_eager)
+      p 120 --workload clip --modes eager
       p 120 --workload fusion --modes eager ;;
     gelu) b 150 --config configs/clip_vitb16.py$S --config.model.image.activation=gelu_tanh --config.model.text.activation=gelu_tanh ;;
     xla) b 150 --config configs/clip_vitb16.py$S --config.model.attn_implementation=xla ;;
@@ -89,7 +100,7 @@ for line in open(sys.argv[1]):
     d = json.loads(line)
     keys = ("config", "mode", "samples_per_s", "mfu", "step_ms_median", "step_ms_pipelined",
             "dispatch_ms_median", "state_leaves", "scan_layers", "text_padding", "compile_s",
-            "peak_memory_gib", "attention", "tflops_per_s", "failed")
+            "peak_memory_gib", "attention", "tflops_per_s", "leaves", "us_per_leaf", "failed")
     print({k: d[k] for k in keys if k in d})
 EOF
 tail -n 15 "$OUT/jax.err" "$OUT/torch.err"

@@ -215,6 +215,9 @@ def test_path_str_and_masks():
     dmask = optim.decay_mask(params)
     assert dmask["text"]["embed"]["embedding"] and dmask["heads"]["cls"]["kernel"]
     assert not dmask["heads"]["cls"]["bias"] and not dmask["image"]["norm"]["scale"]
+    # An attention projection's bias is [heads, head_dim]: still a bias.
+    qkv = {"attn": {"query": {"kernel": np.ones((8, 2, 4)), "bias": np.ones((2, 4))}}}
+    assert optim.decay_mask(qkv) == {"attn": {"query": {"kernel": True, "bias": False}}}
 
 
 # --------------------------------------------------------------------------------------------

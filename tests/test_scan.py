@@ -118,6 +118,37 @@ def test_scanned_model_matches_unrolled_outputs_and_grads(remat):
         np.testing.assert_allclose(got[name], want, rtol=2e-4, atol=2e-5, err_msg=name)
 
 
+CO_FUSION = {"kind": "co_attention", "width": 16, "depth": 3, "num_heads": 2}
+
+
+def test_scanned_co_attention_matches_unrolled():
+    """The co-attention fusion scans its layer pairs: co_layers/<stream>/... with depth 3."""
+    unrolled_model = _model(False, fusion=CO_FUSION)
+    scanned_model = _model(True, fusion=CO_FUSION, remat="nothing_saveable")
+    init = lambda m: jax.eval_shape(lambda: m.init(jax.random.key(0), _batch(0)))["params"]
+    target = init(scanned_model)
+    assert set(target["fusion"]["co_layers"]) == {"image", "text"}
+    rng = np.random.default_rng(12)
+    unrolled = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32),
+                            init(unrolled_model))
+    assert "image_layer_2" in unrolled["fusion"] and "text_layer_0" in unrolled["fusion"]
+    scanned = layers.match_layers(unrolled, target)
+    assert jax.tree.structure(scanned) == jax.tree.structure(target)
+    np.testing.assert_array_equal(scanned["fusion"]["co_layers"]["text"]["mlp"]["fc2"]["kernel"][1],
+                                  unrolled["fusion"]["text_layer_1"]["mlp"]["fc2"]["kernel"])
+    jax.tree.map(np.testing.assert_array_equal, layers.unstack_all(scanned), unrolled)
+    outs_ref, g_ref = _outputs_and_grads(unrolled_model, unrolled, _batch(13), 14)
+    outs, g = _outputs_and_grads(scanned_model, scanned, _batch(13), 14)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 outs, outs_ref)
+    got = _leaves(g)
+    for name, want in _leaves(layers.match_layers(g_ref, target)).items():
+        np.testing.assert_allclose(got[name], want, rtol=2e-4, atol=2e-5, err_msg=name)
+    mask = _leaves(optim.decay_mask(scanned))
+    assert mask["fusion/co_layers/image/mlp/fc1/kernel"]
+    assert not mask["fusion/co_layers/image/mlp/fc1/bias"]
+
+
 def test_scanned_dropout_follows_its_key():
     """Train mode inside the scan: dropout is on, reproducible per key, different across keys."""
     params = layers.match_layers(_random_params(5), _shapes(True))

@@ -36,6 +36,49 @@ def _mask_or_ones(f: Mapping[str, Array | None]) -> Array:
     return jnp.ones(t.shape[:2], jnp.int32) if f["mask"] is None else f["mask"]
 
 
+class CoAttentionLayer(nn.Module):
+    """One co-attention layer as a scan body: each stream's Block attends to the other's input.
+
+    ``(xa, xb) → ((xa', xb'), None)`` with Blocks named by ``streams``; ``nn.scan`` over it gives
+    the scanned co-attention fusion (``co_layers/<stream>/...``, see ``layers.match_layers``).
+    """
+
+    streams: tuple[str, str]
+    num_heads: int
+    mlp_dim: int
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+    attn_implementation: str | None = None
+    remat: str | None = None
+    train: bool = False
+
+    @nn.compact
+    def __call__(
+        self, carry: tuple[Array, Array], mask_a: Array, mask_b: Array
+    ) -> tuple[tuple[Array, Array], None]:
+        block = _block_maker(
+            self.remat, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+            activation=self.activation, layer_norm_eps=self.layer_norm_eps, dropout=self.dropout,
+            dtype=self.dtype, attn_implementation=self.attn_implementation,
+        )
+        return _co_attend(block, self.streams, *carry, mask_a, mask_b, self.train), None
+
+
+def _block_maker(remat: str | None, **kwargs: Any) -> Any:
+    """``name -> cross-attention Block`` (rematerialised under ``remat``)."""
+    block_cls = layers.remat_block(remat)
+    return lambda name: block_cls(**kwargs, cross_attention=True, name=name)
+
+
+def _co_attend(block: Any, names: tuple[str, str], xa: Array, xb: Array, mask_a: Array,
+               mask_b: Array, train: bool) -> tuple[Array, Array]:
+    """One co-attention layer: each stream attends to the other's input state."""
+    return (block(names[0])(xa, mask_a, xb, mask_b, train),
+            block(names[1])(xb, mask_b, xa, mask_a, train))
+
+
 class Fusion(nn.Module):
     kind: str = "cross_attention"
     width: int = 64
@@ -129,23 +172,32 @@ class Fusion(nn.Module):
                 raise ValueError(f"co_attention fuses exactly two modalities, got {order}")
             a, b = order
             xa, xb = tokens[a], tokens[b]
-            block_cls = layers.remat_block(self.remat)
-            block = lambda name: block_cls(
+            block_kwargs = dict(
                 num_heads=self.num_heads,
                 mlp_dim=self.mlp_dim or 4 * self.width,
                 activation=self.activation,
-                cross_attention=True,
                 layer_norm_eps=self.layer_norm_eps,
                 dropout=self.dropout,
                 dtype=self.dtype,
                 attn_implementation=self.attn_implementation,
-                name=name,
+                remat=self.remat,
             )
-            for i in range(self.depth):
-                xa, xb = (
-                    block(f"{a}_layer_{i}")(xa, masks[a], xb, masks[b], train),
-                    block(f"{b}_layer_{i}")(xb, masks[b], xa, masks[a], train),
+            if self.scan_layers:
+                stack = nn.scan(
+                    CoAttentionLayer,
+                    variable_axes={"params": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=nn.broadcast,
+                    length=self.depth,
                 )
+                (xa, xb), _ = stack(
+                    streams=(a, b), **block_kwargs, train=train, name=layers.SCANNED_PAIRS
+                )((xa, xb), masks[a], masks[b])
+            else:
+                block = _block_maker(**block_kwargs)
+                for i in range(self.depth):
+                    xa, xb = _co_attend(block, (f"{a}_layer_{i}", f"{b}_layer_{i}"),
+                                        xa, xb, masks[a], masks[b], train)
             norm = lambda name: nn.LayerNorm(
                 epsilon=self.layer_norm_eps, dtype=self.dtype, name=name
             )

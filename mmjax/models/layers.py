@@ -288,7 +288,11 @@ def remat_block(policy: str | None, *, scanned: bool = False) -> type[Block]:
 
 
 SCANNED = "layers"  # the subtree of a scanned Encoder: every Block param stacked on axis 0
+# The scanned co-attention fusion: co_layers/<stream>/<Block param>, stacked, for the unrolled
+# <stream>_layer_<i>/<Block param> (two streams per layer, one scan).
+SCANNED_PAIRS = "co_layers"
 _LAYER_KEY = re.compile(r"layer_(\d+)")
+_STREAM_LAYER_KEY = re.compile(r"(.+)_layer_(\d+)")
 
 
 class Encoder(nn.Module):
@@ -366,34 +370,68 @@ class Encoder(nn.Module):
         return x
 
 
+def _stack_blocks(blocks: dict[int, Any], what: str) -> Any:
+    """``{0: tree, ..., n-1: tree}`` → one tree whose leaves are stacked on a new axis 0."""
+    if sorted(blocks) != list(range(len(blocks))):
+        raise ValueError(f"{what}: layers {sorted(blocks)} are not 0 .. n-1, so they cannot be "
+                         "stacked")
+    return jax.tree.map(lambda *xs: np.stack(xs), *(blocks[i] for i in range(len(blocks))))
+
+
+def _depth(stacked: Any, what: str) -> int:
+    depth = {np.shape(x)[0] for x in jax.tree.leaves(stacked)}
+    if len(depth) != 1:
+        raise ValueError(f"{what}: the stacked leaves disagree on the depth: {sorted(depth)}")
+    return depth.pop()
+
+
 def _stack(tree: Mapping[str, Any]) -> dict[str, Any]:
     """``{layer_0: t0, ..., layer_<n-1>: t_n-1, rest}`` → ``{layers: stacked, rest}``."""
-    idx = sorted(int(m.group(1)) for k in tree if (m := _LAYER_KEY.fullmatch(str(k))))
-    if idx != list(range(len(idx))):
-        raise ValueError(f"layer keys {sorted(k for k in tree if _LAYER_KEY.fullmatch(str(k)))} "
-                         "are not layer_0 .. layer_<n-1>, so they cannot be stacked")
-    blocks = [tree[f"layer_{i}"] for i in idx]
+    blocks = {int(m.group(1)): v for k, v in tree.items() if (m := _LAYER_KEY.fullmatch(str(k)))}
     rest = {k: v for k, v in tree.items() if not _LAYER_KEY.fullmatch(str(k))}
-    return {**rest, SCANNED: jax.tree.map(lambda *xs: np.stack(xs), *blocks)}
+    return {**rest, SCANNED: _stack_blocks(blocks, "layer_<i>")}
 
 
 def _unstack(tree: Mapping[str, Any]) -> dict[str, Any]:
     """Inverse of :func:`_stack`: axis 0 of every ``layers`` leaf becomes ``layer_<i>``."""
     stacked = tree[SCANNED]
-    depth = {np.shape(x)[0] for x in jax.tree.leaves(stacked)}
-    if len(depth) != 1:
-        raise ValueError(f"the stacked '{SCANNED}' leaves disagree on the depth: {sorted(depth)}")
     rest = {k: v for k, v in tree.items() if k != SCANNED}
-    n = depth.pop()
     return {**rest, **{f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked)
-                       for i in range(n)}}
+                       for i in range(_depth(stacked, SCANNED))}}
+
+
+def _stack_pairs(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """``{<s>_layer_<i>: ...}`` for each stream s → ``{co_layers: {s: stacked}}``."""
+    streams: dict[str, dict[int, Any]] = {}
+    rest = {}
+    for k, v in tree.items():
+        if m := _STREAM_LAYER_KEY.fullmatch(str(k)):
+            streams.setdefault(m.group(1), {})[int(m.group(2))] = v
+        else:
+            rest[k] = v
+    return {**rest, SCANNED_PAIRS: {s: _stack_blocks(b, f"{s}_layer_<i>")
+                                    for s, b in streams.items()}}
+
+
+def _unstack_pairs(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`_stack_pairs`."""
+    out = {k: v for k, v in tree.items() if k != SCANNED_PAIRS}
+    for s, stacked in tree[SCANNED_PAIRS].items():
+        for i in range(_depth(stacked, f"{SCANNED_PAIRS}/{s}")):
+            out[f"{s}_layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return out
+
+
+def _has_stream_layers(tree: Mapping[str, Any]) -> bool:
+    return any(_STREAM_LAYER_KEY.fullmatch(str(k)) for k in tree)
 
 
 def match_layers(source: Any, target: Any) -> Any:
     """``source`` params with every encoder's layers in ``target``'s layout (scanned or not).
 
     Walks both trees together: where ``target`` has a scanned ``layers`` subtree and ``source``
-    has ``layer_<i>`` subtrees, they are stacked; the other way round they are split. Everything
+    has ``layer_<i>`` subtrees, they are stacked; the other way round they are split; the same for
+    the co-attention fusion's ``co_layers/<stream>`` and ``<stream>_layer_<i>``. Everything
     else is returned as is (names that differ are left for the caller's own check), so a
     checkpoint or Hugging Face tower saved unrolled loads into a scanned model and back. Only
     the layout is converted; the values are numpy arrays where a conversion happened.
@@ -405,20 +443,25 @@ def match_layers(source: Any, target: Any) -> Any:
         src = _stack(src)
     elif "layer_0" in target and SCANNED in src and "layer_0" not in src:
         src = _unstack(src)
+    if SCANNED_PAIRS in target and SCANNED_PAIRS not in src and _has_stream_layers(src):
+        src = _stack_pairs(src)
+    elif SCANNED_PAIRS in src and SCANNED_PAIRS not in target and _has_stream_layers(target):
+        src = _unstack_pairs(src)
     return {k: match_layers(v, target[k]) if k in target else v for k, v in src.items()}
 
 
 def unstack_all(tree: Any) -> Any:
-    """``tree`` with every scanned ``layers`` subtree split into ``layer_<i>`` (the HF layout)."""
+    """``tree`` with every scanned subtree split into ``layer_<i>`` (the HF layout)."""
     if not isinstance(tree, Mapping):
         return tree
     tree = _unstack(tree) if SCANNED in tree else tree
+    tree = _unstack_pairs(tree) if SCANNED_PAIRS in tree else tree
     return {k: unstack_all(v) for k, v in tree.items()}
 
 
 def is_stacked(path: str) -> bool:
-    """Whether a param path (``a/b/c``) lies in a scanned Encoder's stacked ``layers``."""
-    return f"/{SCANNED}/" in f"/{path}"
+    """Whether a param path (``a/b/c``) lies in stacked layers (``layers/`` or ``co_layers/``)."""
+    return f"/{SCANNED}/" in f"/{path}" or f"/{SCANNED_PAIRS}/" in f"/{path}"
 
 
 def masked_mean(x: Array, mask: Array | None) -> Array:
