@@ -52,7 +52,8 @@ p() { timeout "$1" python3 scripts/bench_torch_peer.py --batch_size "$B" --steps
 # mmjax = both configs only; peers_eager = both peers in eager mode only (the fusion goal's
 #   reference; the compiled clip peer was slower than eager on the H200);
 # scan = both configs with model.scan_layers=True (each encoder one nn.scan over stacked params:
-#   ~8x fewer state arrays, so less host dispatch per step and fewer small optimizer kernels);
+#   ~8x fewer state arrays, so less host dispatch per step and fewer small optimizer kernels),
+#   and clip scanned under parallel.mode=mesh (plain jit, no pmap wrapper);
 # textmask = clip with the text padding as a boolean mask (the pre-lengths path) for an A/B;
 # mesh = both configs under jit over a one-device mesh (on a CPU it dispatched no faster);
 # profile / profile_fusion = mmjax.profile_step: 5 steps traced, device time summed per kernel and
@@ -80,7 +81,9 @@ for part in $PARTS; do
     xla) b 150 --config configs/clip_vitb16.py$S --config.model.attn_implementation=xla ;;
     flags) XLA_FLAGS="--xla_gpu_enable_triton_gemm=true --xla_gpu_enable_latency_hiding_scheduler=false" b 150 --config configs/clip_vitb16.py$S ;;
     scan) b 150 --config configs/clip_vitb16.py$S --config.model.scan_layers=True
-          b 150 --config configs/fusion_vitb16_bert.py$S --config.model.scan_layers=True ;;
+          b 150 --config configs/fusion_vitb16_bert.py$S --config.model.scan_layers=True
+          # pmap's Python wrapper is a fixed per-call cost that shows once the arrays are few
+          b 150 --config configs/clip_vitb16.py$S --config.model.scan_layers=True --config.parallel.mode=mesh ;;
     textmask) b 150 --config configs/clip_vitb16.py$S --config.model.text.padding=mask ;;
     mesh) b 150 --config configs/clip_vitb16.py$S --config.parallel.mode=mesh
           b 150 --config configs/fusion_vitb16_bert.py$S --config.parallel.mode=mesh ;;
