@@ -40,9 +40,12 @@ from absl import flags
 from mmjax import cli
 from mmjax.benchmark import build_step
 
-# --steps, --warmup, --batch_size and --config are mmjax.benchmark's flags (defined on import).
-flags.DEFINE_string("out", "", "trace directory; empty = a temporary one")
-flags.DEFINE_integer("top", 30, "how many ops to print")
+# --steps, --warmup, --batch_size and --config are mmjax.benchmark's flags (defined on import);
+# this module's own are defined only when it runs as the program, so importing it next to other
+# CLI modules (mmjax.data.inspect has an --out too) defines nothing twice.
+if __name__ == "__main__":
+    flags.DEFINE_string("out", "", "trace directory; empty = a temporary one")
+    flags.DEFINE_integer("top", 30, "how many ops to print")
 cli.define_config_flag()
 FLAGS = flags.FLAGS
 

@@ -34,7 +34,9 @@ def _env(devices: int, **extra: str) -> dict[str, str]:
     env.update(
         PYTHONPATH=str(ROOT),
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        # conftest's compile-speed flags, and this worker's device count.
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                  f"--xla_force_host_platform_device_count={devices}".strip(),
         **extra,
     )
     return env
