@@ -183,13 +183,7 @@ class Fusion(nn.Module):
                 remat=self.remat,
             )
             if self.scan_layers:
-                stack = nn.scan(
-                    CoAttentionLayer,
-                    variable_axes={"params": 0},
-                    split_rngs={"params": True, "dropout": True},
-                    in_axes=nn.broadcast,
-                    length=self.depth,
-                )
+                stack = layers.scan_over_layers(CoAttentionLayer, self.depth)
                 (xa, xb), _ = stack(
                     streams=(a, b), **block_kwargs, train=train, name=layers.SCANNED_PAIRS
                 )((xa, xb), masks[a], masks[b])

@@ -287,6 +287,18 @@ def remat_block(policy: str | None, *, scanned: bool = False) -> type[Block]:
     return nn.remat(Block, policy=policy_fn, static_argnums=(5,))
 
 
+def scan_over_layers(layer_cls: type[nn.Module], depth: int) -> type[nn.Module]:
+    """``layer_cls`` run ``depth`` times as one ``nn.scan``: params stacked on axis 0, a fresh
+    init and dropout draw per layer, every call argument after the carry broadcast to all."""
+    return nn.scan(
+        layer_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast,
+        length=depth,
+    )
+
+
 SCANNED = "layers"  # the subtree of a scanned Encoder: every Block param stacked on axis 0
 # The scanned co-attention fusion: co_layers/<stream>/<Block param>, stacked, for the unrolled
 # <stream>_layer_<i>/<Block param> (two streams per layer, one scan).
@@ -349,13 +361,7 @@ class Encoder(nn.Module):
             kv_padding=self.kv_padding,
         )
         if self.scan:
-            stack = nn.scan(
-                remat_block(self.remat, scanned=True),
-                variable_axes={"params": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=nn.broadcast,
-                length=self.depth,
-            )
+            stack = scan_over_layers(remat_block(self.remat, scanned=True), self.depth)
             x, _ = stack(**block_kwargs, scan_train=train, name=SCANNED)(
                 x, mask, context, context_mask
             )
