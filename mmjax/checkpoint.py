@@ -100,9 +100,18 @@ class Checkpointer:
                 ),
             )
         except Exception as e:  # orbax raises many types; all mean "this step is unusable"
+            where = f"checkpoint step {step} in {self.directory / str(step)}"
+            hint = ""
+            if "mismatch" in str(e).lower() or "partial_restore" in str(e):
+                # Orbax ends with "pass partial_restore=True", which is not what a user wants here.
+                hint = (" its params/optimizer tree differs from this run's model (a changed "
+                        "model config, e.g. model.scan_layers or a depth?): resume with the "
+                        "config it was written with, or start a new workdir with "
+                        "config.init_from set to this one (which converts scanned/unrolled "
+                        "layers); the checkpoint is left as it is")
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory / str(step)} cannot be restored: "
-                f"{type(e).__name__}: {e}"
+                f"{where} cannot be restored: {type(e).__name__}: {e}\n"
+                f"{where} cannot be restored:{hint or ' see the lines above'}"
             ) from e
         return restored.state, dict(restored.data or {})
 

@@ -203,6 +203,37 @@ def test_checkpoints_load_across_layouts(tmp_path):
         jax.tree.map(np.testing.assert_array_equal, back[part], unrolled[part])
 
 
+def test_resuming_under_the_other_layout_names_the_cause_and_keeps_the_checkpoint(tmp_path):
+    """A run's own checkpoint is not converted on resume (init_from is how to switch layouts);
+    the error says so, and the checkpoint still restores with the layout it was written with."""
+    from mmjax.checkpoint import Checkpointer, CheckpointError
+
+    unrolled = {"params": jax.tree.map(jnp.asarray, _random_params(11))}
+    ckpt = Checkpointer(tmp_path, best_metric=None, asynchronous=False)
+    ckpt.save(3, unrolled, {})
+    scanned_target = {"params": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), _shapes(True))}
+    with pytest.raises(CheckpointError, match=r"scan_layers.*config.init_from.*left as it is"):
+        ckpt.restore_latest(scanned_target)
+    step, state, _ = ckpt.restore_latest(unrolled)
+    assert step == 3
+    jax.tree.map(np.testing.assert_array_equal, state, unrolled)
+    ckpt.close()
+
+
+def test_depth_zero_scans_nothing():
+    """depth 0 scanned has no layer params at all (as unrolled): no zero-size stacked arrays,
+    which Orbax refuses to save."""
+    zero = {**MODEL, "image": {**MODEL["image"], "depth": 0},
+            "fusion": {**CO_FUSION, "depth": 0}}
+    for scan in (False, True):
+        shapes = jax.eval_shape(lambda s=scan: build_model({**zero, "scan_layers": s}).init(
+            jax.random.key(0), _batch(0)))["params"]
+        assert "layers" not in shapes["image"]["encoder"] and "layer_0" not in shapes["image"][
+            "encoder"]
+        assert not any("layer" in k for k in shapes["fusion"])
+        assert all(x.size for x in jax.tree.leaves(shapes))
+
+
 def test_lora_refuses_stacked_kernels():
     scanned = layers.match_layers(_random_params(10), _shapes(True))
     with pytest.raises(ValueError, match=r"scan_layers=True.*set model.scan_layers=False"):

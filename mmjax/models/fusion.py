@@ -182,7 +182,7 @@ class Fusion(nn.Module):
                 attn_implementation=self.attn_implementation,
                 remat=self.remat,
             )
-            if self.scan_layers:
+            if self.scan_layers and self.depth > 0:  # depth 0: no layers (see layers.Encoder)
                 stack = layers.scan_over_layers(CoAttentionLayer, self.depth)
                 (xa, xb), _ = stack(
                     streams=(a, b), **block_kwargs, train=train, name=layers.SCANNED_PAIRS

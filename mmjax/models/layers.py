@@ -360,7 +360,8 @@ class Encoder(nn.Module):
             attn_implementation=self.attn_implementation,
             kv_padding=self.kv_padding,
         )
-        if self.scan:
+        if self.scan and self.depth > 0:  # depth 0: no layers at all, as unrolled (and Orbax
+            # cannot save the zero-size stacked arrays a scan of length 0 would create)
             stack = scan_over_layers(remat_block(self.remat, scanned=True), self.depth)
             x, _ = stack(**block_kwargs, scan_train=train, name=SCANNED)(
                 x, mask, context, context_mask
