@@ -201,10 +201,8 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Times ``steps`` train steps after ``warmup`` ones; returns the report as a dict.
 
-    Built as the trainer builds it (``tasks_from_config``, ``build_model``, ``make_optimizer``,
-    ``train_step`` compiled by ``parallel.make_parallel(config.parallel)``: pmapped over the
-    local devices with the state donated, or jitted over the mesh), on one synthetic batch put
-    on the devices once (single-process: the whole batch is this process's). Each timed step is
+    The step, state and batch are :func:`build_step`'s (pmapped over the local devices with the
+    state donated, or jitted over the mesh, as ``config.parallel`` says). Each timed step is
     synchronised with ``jax.block_until_ready``; ``step_ms_median`` is their median and
     ``samples_per_s`` the batch over it.
     ``step_ms_pipelined`` times the same number of steps dispatched back to back with one sync at

@@ -181,7 +181,7 @@ def _tower_depths(params: Mapping[str, Any]) -> dict[str, int]:
             continue
         encoder = sub.get("encoder", {})
         if layers.SCANNED in encoder:  # scanned: the depth is the stacked leaves' leading axis
-            depths[name] = int(np.shape(jax.tree.leaves(encoder[layers.SCANNED])[0])[0])
+            depths[name] = layers.stacked_depth(encoder[layers.SCANNED])
             continue
         idx = [int(m.group(1)) for k in encoder if (m := _LAYER.fullmatch(str(k)))]
         depths[name] = max(idx) + 1 if idx else 0

@@ -26,9 +26,9 @@ import numpy as np
 
 from mmjax import hf, lora
 from mmjax.models import layers
+from mmjax.models.multimodal import MODEL_OPTIONS
 
 HF_CONFIG = "hf_config.json"  # written next to an mmjax checkpoint converted from Hugging Face
-_MODEL_OPTIONS = ("fusion", "heads", "dropout", "dtype", "attn_implementation", "remat")
 _IMAGE_KINDS = ("vit", "resnet")
 
 
@@ -185,7 +185,7 @@ def _weight_names(path: str | Path) -> list[str]:
 def encoder_entries(model_cfg: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     """``{modality: encoder config}`` of ``config.model`` (every key but the model options)."""
     return {k: v for k, v in model_cfg.items()
-            if k not in _MODEL_OPTIONS and (isinstance(v, Mapping) or hasattr(v, "to_dict"))
+            if k not in MODEL_OPTIONS and (isinstance(v, Mapping) or hasattr(v, "to_dict"))
             and "kind" in v}
 
 

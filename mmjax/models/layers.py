@@ -385,47 +385,58 @@ def _stack_blocks(blocks: dict[int, Any], what: str) -> Any:
     return jax.tree.map(lambda *xs: np.stack(xs), *(blocks[i] for i in range(len(blocks))))
 
 
-def _depth(stacked: Any, what: str) -> int:
+def stacked_depth(stacked: Any, what: str = SCANNED) -> int:
+    """The layer count of a stacked subtree: the leading axis all its leaves share."""
     depth = {np.shape(x)[0] for x in jax.tree.leaves(stacked)}
     if len(depth) != 1:
         raise ValueError(f"{what}: the stacked leaves disagree on the depth: {sorted(depth)}")
     return depth.pop()
 
 
+def _slices(stacked: Any, prefix: str, what: str) -> dict[str, Any]:
+    """A stacked subtree → ``{<prefix>layer_<i>: layer i's tree}``."""
+    return {f"{prefix}layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked)
+            for i in range(stacked_depth(stacked, what))}
+
+
+def _collect(tree: Mapping[str, Any], pattern: re.Pattern) -> tuple[dict, dict[str, Any]]:
+    """Splits ``tree`` into ``{stream: {i: layer tree}}`` (keys matching ``pattern``; stream ""
+    for plain ``layer_<i>``) and the other entries."""
+    groups: dict[str, dict[int, Any]] = {}
+    rest = {}
+    for k, v in tree.items():
+        if m := pattern.fullmatch(str(k)):
+            *stream, i = m.groups()
+            groups.setdefault(stream[0] if stream else "", {})[int(i)] = v
+        else:
+            rest[k] = v
+    return groups, rest
+
+
 def _stack(tree: Mapping[str, Any]) -> dict[str, Any]:
     """``{layer_0: t0, ..., layer_<n-1>: t_n-1, rest}`` → ``{layers: stacked, rest}``."""
-    blocks = {int(m.group(1)): v for k, v in tree.items() if (m := _LAYER_KEY.fullmatch(str(k)))}
-    rest = {k: v for k, v in tree.items() if not _LAYER_KEY.fullmatch(str(k))}
-    return {**rest, SCANNED: _stack_blocks(blocks, "layer_<i>")}
+    groups, rest = _collect(tree, _LAYER_KEY)
+    return {**rest, SCANNED: _stack_blocks(groups[""], "layer_<i>")}
 
 
 def _unstack(tree: Mapping[str, Any]) -> dict[str, Any]:
     """Inverse of :func:`_stack`: axis 0 of every ``layers`` leaf becomes ``layer_<i>``."""
-    stacked = tree[SCANNED]
     rest = {k: v for k, v in tree.items() if k != SCANNED}
-    return {**rest, **{f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked)
-                       for i in range(_depth(stacked, SCANNED))}}
+    return {**rest, **_slices(tree[SCANNED], "", SCANNED)}
 
 
 def _stack_pairs(tree: Mapping[str, Any]) -> dict[str, Any]:
     """``{<s>_layer_<i>: ...}`` for each stream s → ``{co_layers: {s: stacked}}``."""
-    streams: dict[str, dict[int, Any]] = {}
-    rest = {}
-    for k, v in tree.items():
-        if m := _STREAM_LAYER_KEY.fullmatch(str(k)):
-            streams.setdefault(m.group(1), {})[int(m.group(2))] = v
-        else:
-            rest[k] = v
+    groups, rest = _collect(tree, _STREAM_LAYER_KEY)
     return {**rest, SCANNED_PAIRS: {s: _stack_blocks(b, f"{s}_layer_<i>")
-                                    for s, b in streams.items()}}
+                                    for s, b in groups.items()}}
 
 
 def _unstack_pairs(tree: Mapping[str, Any]) -> dict[str, Any]:
     """Inverse of :func:`_stack_pairs`."""
     out = {k: v for k, v in tree.items() if k != SCANNED_PAIRS}
     for s, stacked in tree[SCANNED_PAIRS].items():
-        for i in range(_depth(stacked, f"{SCANNED_PAIRS}/{s}")):
-            out[f"{s}_layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+        out.update(_slices(stacked, f"{s}_", f"{SCANNED_PAIRS}/{s}"))
     return out
 
 
