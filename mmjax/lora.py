@@ -27,7 +27,12 @@ config at hand (:func:`merge`, :func:`merged_params_from_workdir`).
 Kernels are flattened to matrices the way ``nn.DenseGeneral`` contracts them: a Dense kernel
 [n_in, n_out] as is; the attention query/key/value kernels [D, H, hd] as [D, H·hd]; the attention
 output kernel ``…/out/kernel`` [H, hd, D] as [H·hd, D]; a convolution kernel [kh, kw, c_in,
-c_out] as [kh·kw·c_in, c_out].
+c_out] as [kh·kw·c_in, c_out]. A kernel stacked by ``model.scan_layers=True`` ([depth, ...],
+``…/layers/…``) gets stacked adapters, ``a`` [depth, n_in, r] and ``b`` [depth, r, n_out], layer
+i's pair at i: what the unrolled model's ``layer_<i>`` pairs are, stacked (``layers.match_layers``
+converts one into the other like any params). ``targets``, ``train`` and ``optimizer.freeze``
+regexes may name ``layer_<i>`` in either layout; an adapter covers all layers of its stacked
+kernel, so ``targets`` must match all of them or none.
 """
 
 from __future__ import annotations
@@ -129,27 +134,48 @@ def n_in_axes(path: str, shape: tuple[int, ...]) -> int:
 
 
 def matrix_shape(path: str, shape: tuple[int, ...]) -> tuple[int, int]:
-    """(n_in, n_out) of a kernel flattened as its module contracts it."""
+    """(n_in, n_out) of a kernel flattened as its module contracts it (per layer for a kernel
+    stacked by ``model.scan_layers``, whose leading axis is the layer)."""
+    if layers.is_stacked(path):
+        shape = shape[1:]
     k = n_in_axes(path, shape)
     return math.prod(shape[:k]), math.prod(shape[k:])
 
 
+def _layers_matched(pattern: re.Pattern, path: str, x: Any) -> np.ndarray:
+    """Per layer of a stacked kernel (one entry otherwise): does ``pattern`` match it, by its
+    stacked path or by the layer's unrolled name (``layer_<i>``)?"""
+    if not layers.is_stacked(path):
+        return np.array([pattern.search(path) is not None])
+    whole = pattern.search(path) is not None
+    return np.array([whole or pattern.search(name) is not None
+                     for name in layers.layer_paths(path, np.shape(x)[0])])
+
+
 def target_paths(params: Any, targets: str) -> list[str]:
     """Paths of the base params matched by ``targets``; each must be a ``kernel`` or an
-    ``embedding`` of 2 or more dimensions (a bias or norm scale has no low-rank update)."""
+    ``embedding`` of 2 or more dimensions (a bias or norm scale has no low-rank update).
+
+    A kernel stacked by ``model.scan_layers`` gets one adapter for all its layers (stacked the
+    same way), so a regex must match all of its layers or none (``layer_<i>`` names count).
+    """
     pattern = re.compile(targets)
     found = []
     for path, x in _leaves({k: v for k, v in params.items() if k != KEY}).items():
-        if pattern.search(path) is None:
+        matched = _layers_matched(pattern, path, x)
+        if not matched.any():
             continue
-        if layers.is_stacked(path):
-            raise ValueError(f"lora.targets={targets!r} matches {path}, a kernel stacked by "
-                             "model.scan_layers=True; LoRA adapts unrolled kernels only: set "
-                             "model.scan_layers=False")
-        if path.rsplit("/", 1)[-1] not in _ADAPTABLE or np.ndim(x) < 2:
+        stacked = layers.is_stacked(path)
+        if path.rsplit("/", 1)[-1] not in _ADAPTABLE or np.ndim(x) - stacked < 2:
             raise ValueError(f"lora.targets={targets!r} matches {path} of shape {np.shape(x)}; "
                              "only kernels (…/kernel) and embedding tables (…/embedding) of 2 "
                              "or more dimensions can take an adapter")
+        if not matched.all():
+            raise ValueError(f"lora.targets={targets!r} matches layers "
+                             f"{np.flatnonzero(matched).tolist()} of {np.shape(x)[0]} of {path}, "
+                             "a kernel stacked by model.scan_layers=True; its adapter covers "
+                             "every layer, so match all of them or none (or set "
+                             "model.scan_layers=False)")
         found.append(path)
     if not found:
         raise ValueError(f"lora.targets={targets!r} matches no parameter")
@@ -189,13 +215,14 @@ def add_adapters(params: Mapping[str, Any], lora_cfg: Mapping[str, Any] | None,
     for path in paths:
         kernel = leaves[path]
         n_in, n_out = matrix_shape(path, np.shape(kernel))
+        lead = np.shape(kernel)[:1] if layers.is_stacked(path) else ()  # one pair per layer
         dtype = np.dtype(kernel.dtype)
-        a = gen.standard_normal((n_in, cfg.rank)) / math.sqrt(n_in)
+        a = gen.standard_normal((*lead, n_in, cfg.rank)) / math.sqrt(n_in)
         node = adapters
         for part in path.split("/"):
             node = node.setdefault(part, {})
         node["a"] = jnp.asarray(a.astype(dtype))
-        node["b"] = jnp.asarray(np.zeros((cfg.rank, n_out), dtype))
+        node["b"] = jnp.asarray(np.zeros((*lead, cfg.rank, n_out), dtype))
     return {**params, KEY: adapters}
 
 
@@ -307,7 +334,7 @@ def merged_params_from_workdir(workdir: str | Path) -> dict[str, Any]:
         else None
     if KEY in params:
         pairs = adapter_pairs(params[KEY])
-        ranks = {np.shape(a)[1] for a, _ in pairs.values()}
+        ranks = {np.shape(a)[-1] for a, _ in pairs.values()}
         stored = float(np.asarray(params[KEY][SCALE]))
         if cfg is not None and (ranks != {cfg.rank} or not math.isclose(stored, cfg.scale)):
             raise ValueError(f"{workdir}: config.json has lora rank={cfg.rank}, "

@@ -15,7 +15,10 @@ towers are frozen) is a config value, so sweeps and fine-tuning recipes need no 
 * ``clip_norm`` (default 0 = off): clip the global gradient norm of trainable leaves first;
 * ``freeze`` (default ``""``): a regex searched in each leaf's path (:func:`path_str`); matching
   leaves get exactly zero updates and carry no optimizer state, so a frozen pretrained tower stays
-  bit-identical and costs no Adam moments;
+  bit-identical and costs no Adam moments. In a scanned model (``model.scan_layers``) the regex
+  is also searched in each layer's unrolled name, so ``"image/encoder/layer_[0-5]/"`` freezes
+  those six layers in either layout; a stacked leaf that is only partly frozen keeps (zero)
+  Adam moments for its frozen layers (:func:`keep_layers`);
 * ``layer_decay`` (default 0 = off; 1 is off too): layer-wise learning-rate decay (BEiT, ELECTRA).
   In each tower (a top-level subtree other than ``fusion``, ``heads`` and ``lora``) of depth N (its
   number of ``encoder/layer_<i>``), the update of ``encoder/layer_<i>/...`` is multiplied by
@@ -132,11 +135,33 @@ def path_str(path: tuple) -> str:
     return "/".join(parts)
 
 
+def _per_layer(path: str, x: Any, keep: Any) -> bool | np.ndarray:
+    """``keep(names)`` for one leaf: a bool, or per layer for a stacked leaf.
+
+    ``names`` is the leaf's path alone, or for a leaf of a scanned encoder (``.../layers/...``,
+    ``[depth, ...]``) its stacked path and layer i's unrolled path (:func:`layers.layer_paths`),
+    so a regex written for ``layer_<i>`` selects layers of either layout. Returns a bool when
+    every layer agrees, else a numpy bool array [depth] (layer i at i).
+    """
+    if not layers.is_stacked(path) or np.ndim(x) == 0:
+        return bool(keep((path,)))
+    per_layer = np.array([bool(keep((path, name)))
+                          for name in layers.layer_paths(path, np.shape(x)[0])])
+    return bool(per_layer[0]) if per_layer.all() or not per_layer.any() else per_layer
+
+
+def _searcher(pattern: re.Pattern) -> Any:
+    return lambda names: any(pattern.search(n) for n in names)
+
+
 def trainable_mask(params: Any, freeze: str) -> Any:
     """Pytree of bools: False where ``re.search(freeze, path_str(path))`` matches.
 
     An empty ``freeze`` trains everything. A regex that matches nothing raises instead: a typo such
-    as ``"imgae/"`` would otherwise silently train the tower it meant to freeze.
+    as ``"imgae/"`` would otherwise silently train the tower it meant to freeze. In a scanned model
+    the regex is also searched in each layer's unrolled name (:func:`_per_layer`): a stacked leaf
+    of which only some layers match gets a numpy bool array [depth] (True = trained) instead of a
+    bool, and ``make_optimizer`` zeroes those layers' gradients and updates.
     """
     if not freeze:
         return jax.tree.map(lambda _: True, params)
@@ -144,10 +169,11 @@ def trainable_mask(params: Any, freeze: str) -> Any:
         pattern = re.compile(freeze)
     except re.error as e:
         raise ValueError(f"optimizer.freeze={freeze!r} is not a valid regex: {e}") from None
+    frozen = _searcher(pattern)
     mask = jax.tree_util.tree_map_with_path(
-        lambda path, _: pattern.search(path_str(path)) is None, params
+        lambda path, x: _per_layer(path_str(path), x, lambda n: not frozen(n)), params
     )
-    if all(jax.tree.leaves(mask)):
+    if all(np.all(m) for m in jax.tree.leaves(mask)):
         raise ValueError(f"optimizer.freeze={freeze!r} matches no parameter")
     return mask
 
@@ -254,24 +280,29 @@ def _search_all(pattern: str, key: str, params: Any) -> re.Pattern:
         compiled = re.compile(pattern)
     except re.error as e:
         raise ValueError(f"{key}={pattern!r} is not a valid regex: {e}") from None
-    paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-    if not any(compiled.search(p) for p in paths if not p.startswith("lora/")):
+    names = [name for p, x in jax.tree_util.tree_leaves_with_path(params)
+             if not (path := path_str(p)).startswith("lora/")
+             for name in ([path, *layers.layer_paths(path, np.shape(x)[0])]
+                          if layers.is_stacked(path) else [path])]
+    if not any(compiled.search(n) for n in names):
         raise ValueError(f"{key}={pattern!r} matches no parameter")
     return compiled
 
 
 def _trainable_fn(opt_cfg: Mapping, params: Any, lora_cfg: Mapping | None) -> Any:
-    """A function tree → bool mask (True = trained), or None when everything trains.
+    """A function tree → mask (True = trained), or None when everything trains.
 
-    Validates the regexes against ``params`` once (a typo raises, naming the config key); the
-    returned function works on any tree with the same paths (params, or partition's subtrees).
+    A mask leaf is a bool, or for a stacked leaf of which only some layers train a numpy bool
+    array [depth] (see :func:`trainable_mask`). Validates the regexes against ``params`` once (a
+    typo raises, naming the config key); the returned function works on any tree with the same
+    paths and shapes (params, or partition's subtrees).
     """
     from mmjax import lora
 
     freeze = _get(opt_cfg, "freeze", "")
     if freeze:
         trainable_mask(params, freeze)  # Raises early if the regex is bad or matches nothing.
-    frozen = re.compile(freeze) if freeze else None
+    frozen = _searcher(re.compile(freeze)) if freeze else None
     cfg = lora.parse_config(lora_cfg)
     if cfg is None:
         if frozen is None:
@@ -280,23 +311,24 @@ def _trainable_fn(opt_cfg: Mapping, params: Any, lora_cfg: Mapping | None) -> An
     if not isinstance(params, Mapping) or lora.KEY not in params:
         raise ValueError(f"lora.rank={cfg.rank} but the params have no '{lora.KEY}' subtree; "
                          "add the adapters (lora.add_adapters) before building the optimizer")
-    extra = _search_all(cfg.train, "lora.train", params) if cfg.train else None
+    extra = _searcher(_search_all(cfg.train, "lora.train", params)) if cfg.train else None
     scale_path = f"{lora.KEY}/{lora.SCALE}"
 
-    def trainable(path: str) -> bool:
-        if frozen is not None and frozen.search(path):
+    def trainable(names: tuple[str, ...]) -> bool:
+        if frozen is not None and frozen(names):
             return False
-        if path.startswith(f"{lora.KEY}/"):
-            return path != scale_path
-        return extra is not None and extra.search(path) is not None
+        if names[0].startswith(f"{lora.KEY}/"):
+            return names[0] != scale_path
+        return extra is not None and extra(names)
 
     return lambda tree: jax.tree_util.tree_map_with_path(
-        lambda p, _: trainable(path_str(p)), tree
+        lambda p, x: _per_layer(path_str(p), x, trainable), tree
     )
 
 
 def trainable_leaves(opt_cfg: Mapping, params: Any, lora_cfg: Mapping | None = None) -> Any:
-    """Pytree of bools: which leaves ``make_optimizer`` will update (``freeze`` and LoRA)."""
+    """Pytree of which leaves ``make_optimizer`` will update (``freeze`` and LoRA): a bool per
+    leaf, or a bool array [depth] for a stacked leaf of which only some layers train."""
     fn = _trainable_fn(opt_cfg, params, lora_cfg)
     return jax.tree.map(lambda _: True, params) if fn is None else fn(params)
 
@@ -306,7 +338,33 @@ def trainable_count(opt_cfg: Mapping, params: Any,
     """(trainable, total) numbers of parameters, as ``make_optimizer`` will mask them."""
     mask = jax.tree.leaves(trainable_leaves(opt_cfg, params, lora_cfg))
     sizes = [int(np.size(x)) for x in jax.tree.leaves(params)]
-    return sum(s for s, m in zip(sizes, mask, strict=True) if m), sum(sizes)
+    return (sum(s * int(np.sum(m)) // np.size(m) for s, m in zip(sizes, mask, strict=True)),
+            sum(sizes))
+
+
+def keep_layers(keep: Mapping[str, np.ndarray]) -> optax.GradientTransformation:
+    """Zeroes the layers of stacked leaves that ``keep`` (path → bool [depth]) marks False.
+
+    The part of ``freeze`` that ``optax.partition`` cannot do: a partly frozen stacked leaf is
+    one array, so it stays in the trained partition and this transform, placed first (before
+    clipping, so frozen layers add nothing to the global norm and their Adam moments stay 0)
+    and last (after weight decay), gives its frozen layers exactly zero updates. Trained layers
+    then see the same updates as the same layers unrolled with their frozen neighbours in the
+    ``set_to_zero`` partition (tests/test_scan.py). Stateless; looks leaves up by path.
+    """
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+
+        def apply(path: tuple, u: jax.Array) -> jax.Array:
+            k = keep.get(path_str(path))
+            if k is None:
+                return u
+            return jnp.where(k.reshape((-1,) + (1,) * (u.ndim - 1)), u, jnp.zeros_like(u))
+
+        return jax.tree_util.tree_map_with_path(apply, updates), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
 def make_optimizer(opt_cfg: Mapping, params: Any, total_steps: int, *,
@@ -367,7 +425,8 @@ def make_optimizer(opt_cfg: Mapping, params: Any, total_steps: int, *,
     trainable = _trainable_fn(opt_cfg, params, lora_cfg)
     if trainable is None:
         return tx
-    if not any(jax.tree.leaves(trainable(params))):
+    masks = trainable(params)
+    if not any(np.any(m) for m in jax.tree.leaves(masks)):
         freeze = _get(opt_cfg, "freeze", "")
         from mmjax import lora
 
@@ -375,7 +434,12 @@ def make_optimizer(opt_cfg: Mapping, params: Any, total_steps: int, *,
         what = "every LoRA adapter and lora.train param" if lora_on else "every parameter"
         raise ValueError(f"optimizer.freeze={freeze!r} matches {what}; nothing would train")
 
+    partial = {path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(masks)
+               if isinstance(m, np.ndarray)}
+    if partial:  # stacked leaves with some layers frozen: zero those layers in and out
+        tx = optax.chain(keep_layers(partial), tx, keep_layers(partial))
+
     def labels(tree: Any) -> Any:
-        return jax.tree.map(lambda t: "train" if t else "freeze", trainable(tree))
+        return jax.tree.map(lambda t: "train" if np.any(t) else "freeze", trainable(tree))
 
     return optax.partition({"train": tx, "freeze": optax.set_to_zero()}, labels)

@@ -3,8 +3,8 @@
 The scanned layout stacks every layer's params on a leading axis (``encoder/layers/...``), so the
 checks are: the same outputs and gradients as the unrolled model given the same (converted)
 params, the same optimizer update (weight decay must not reach stacked biases, layer-wise decay
-must scale each layer's slice), checkpoints that load across layouts, and a clear refusal where
-a feature needs unrolled kernels (LoRA). Float32 on the CPU, fresh random inputs.
+must scale each layer's slice; ``freeze`` and LoRA may name unrolled layers), checkpoints that
+load across layouts. Float32 on the CPU, fresh random inputs.
 """
 
 from __future__ import annotations
@@ -173,15 +173,33 @@ def test_scanned_optimizer_update_matches_unrolled():
     np.testing.assert_allclose(scales["image/encoder/layers/attn/query/bias"].ravel(),
                                0.6 ** np.array([3, 2, 1]))
 
-    def first_update(params, g):
-        tx = optim.make_optimizer(cfg, params, total_steps=10)
-        return jax.device_get(_jit(lambda g, p: tx.update(g, tx.init(p), p)[0])(g, params))
+    _assert_same_updates(cfg, unrolled, grads, scanned, g_scanned)
 
-    ref = _leaves(layers.match_layers(first_update(unrolled, grads), _shapes(True)))
-    got = _leaves(first_update(scanned, g_scanned))
-    assert ref.keys() == got.keys()
-    for name in ref:
-        np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+def _updates(cfg: dict, params, grads, lora_cfg=None):
+    """The optimizer's first two updates (the second from the state the first left)."""
+    tx = optim.make_optimizer(cfg, params, total_steps=10, lora_cfg=lora_cfg)
+
+    def two(g, p):
+        u1, state = tx.update(g, tx.init(p), p)
+        p = jax.tree.map(jnp.add, p, u1)
+        u2, _ = tx.update(jax.tree.map(lambda x: -0.5 * x, g), state, p)
+        return u1, u2
+
+    return jax.device_get(_jit(two)(grads, params))
+
+
+def _assert_same_updates(cfg, unrolled, grads, scanned, g_scanned, lora_cfg=None):
+    """The scanned model's updates are the unrolled model's, stacked; returns them."""
+    got = _updates(cfg, scanned, g_scanned, lora_cfg)
+    ref = _updates(cfg, unrolled, grads, lora_cfg)
+    for u_ref, u in zip(ref, got, strict=True):
+        want, have = _leaves(layers.match_layers(u_ref, scanned)), _leaves(u)
+        assert want.keys() == have.keys()
+        for name in want:
+            np.testing.assert_allclose(have[name], want[name], rtol=1e-5, atol=1e-7,
+                                       err_msg=name)
+    return got
 
 
 def test_checkpoints_load_across_layouts(tmp_path):
@@ -234,7 +252,76 @@ def test_depth_zero_scans_nothing():
         assert all(x.size for x in jax.tree.leaves(shapes))
 
 
-def test_lora_refuses_stacked_kernels():
-    scanned = layers.match_layers(_random_params(10), _shapes(True))
-    with pytest.raises(ValueError, match=r"scan_layers=True.*set model.scan_layers=False"):
-        lora.add_adapters(scanned, {"rank": 2}, 0)
+OPT = {"name": "adamw", "lr": 1e-2, "warmup_steps": 0, "decay": "constant",
+       "weight_decay": 0.3, "clip_norm": 0.5, "layer_decay": 0.7}
+
+
+def test_freezing_some_layers_of_a_scanned_model_matches_unrolled():
+    """``freeze`` names unrolled layers; in a scanned model it freezes those slices of the stacked
+    leaves: exactly zero updates there, and the other layers' updates (clipped by a global norm
+    that must not count the frozen layers) equal the unrolled model's."""
+    cfg = {**OPT, "freeze": r"image/encoder/layer_[02]/|text/encoder/layer_1/mlp|^fusion/"}
+    unrolled, grads = _random_params(14), _random_params(15)
+    scanned = layers.match_layers(unrolled, _shapes(True))
+    g_scanned = layers.match_layers(grads, _shapes(True))
+    mask = _leaves(optim.trainable_mask(scanned, cfg["freeze"]))
+    np.testing.assert_array_equal(mask["image/encoder/layers/mlp/fc1/kernel"], [0, 1, 0])
+    np.testing.assert_array_equal(mask["text/encoder/layers/mlp/fc2/bias"], [1, 0])
+    assert mask["text/encoder/layers/attn/query/kernel"].item() is True
+    assert mask["fusion/encoder/layers/attn/out/kernel"].item() is False
+    assert optim.trainable_count(cfg, scanned) == optim.trainable_count(cfg, unrolled)
+
+    u1, u2 = _assert_same_updates(cfg, unrolled, grads, scanned, g_scanned)
+    for u in (u1, u2):
+        fc1 = u["image"]["encoder"]["layers"]["mlp"]["fc1"]["kernel"]
+        assert not fc1[0].any() and not fc1[2].any() and np.abs(fc1[1]).min() > 0
+        assert not u["text"]["encoder"]["layers"]["mlp"]["fc2"]["bias"][1].any()
+
+
+def _lora_pair(targets: str | None = None):
+    """Unrolled params with LoRA adapters (random b, so every adapter changes its kernel), and
+    the same values in the scanned layout."""
+    cfg = {"rank": 2, "alpha": 3.0, **({"targets": targets} if targets else {})}
+    unrolled = lora.add_adapters(_random_params(16), cfg, 0)
+    rng = np.random.default_rng(17)
+    unrolled = jax.tree_util.tree_map_with_path(
+        lambda p, x: (0.2 * rng.standard_normal(x.shape)).astype(np.float32)
+        if optim.path_str(p).endswith("/b") else x, unrolled)
+    target = lora.add_adapters(layers.match_layers(_random_params(16), _shapes(True)), cfg, 1)
+    return cfg, unrolled, layers.match_layers(unrolled, target)
+
+
+def test_lora_adapts_stacked_kernels_as_the_unrolled_layers():
+    cfg, unrolled, scanned = _lora_pair()
+    a = scanned["lora"]["image"]["encoder"]["layers"]["attn"]["out"]["kernel"]["a"]
+    assert a.shape == (3, 16, 2)  # [depth, heads * head_dim, rank]
+    # one pair per stacked kernel: q, k, v, out, fc1, fc2 per tower, + cross_attn in the fusion
+    assert len(lora.adapter_pairs(scanned["lora"])) == 6 + 6 + 10
+    want = layers.match_layers(lora.effective_params(unrolled), _shapes(True))
+    got = lora.effective_params(scanned)
+    assert not np.allclose(got["text"]["encoder"]["layers"]["mlp"]["fc2"]["kernel"],
+                           scanned["text"]["encoder"]["layers"]["mlp"]["fc2"]["kernel"])
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6), got, want)
+    merged = layers.match_layers(lora.merge(unrolled), _shapes(True))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6),
+                 lora.merge(scanned), merged)
+
+    # The optimizer trains the stacked adapters (each layer's slice with its layer-decay scale)
+    # and the heads, as it does unrolled.
+    g_unrolled = jax.tree.map(lambda x: np.random.default_rng(x.size).standard_normal(x.shape)
+                              .astype(np.float32), unrolled)
+    g_scanned = layers.match_layers(g_unrolled, scanned)
+    u1, _ = _assert_same_updates(OPT, unrolled, g_unrolled, scanned, g_scanned, cfg)
+    assert not np.any(u1["image"]["encoder"]["layers"]["attn"]["out"]["kernel"])
+    assert np.abs(u1["lora"]["image"]["encoder"]["layers"]["attn"]["out"]["kernel"]["a"]).min() > 0
+
+
+def test_lora_targets_name_unrolled_layers_and_must_cover_a_stacked_kernel():
+    _, _, scanned = _lora_pair(targets=r"encoder/layer_\d+/mlp/fc1/kernel$")
+    assert sorted(lora.adapter_pairs(scanned["lora"])) == [
+        f"{t}/encoder/layers/mlp/fc1/kernel" for t in ("fusion", "image", "text")]
+    plain = layers.match_layers(_random_params(18), _shapes(True))
+    with pytest.raises(ValueError, match=r"matches layers \[0, 1\] of 3 of image/encoder/layers/"
+                                         r"attn/query/kernel.*all of them or none"):
+        lora.add_adapters(plain, {"rank": 2,
+                                  "targets": r"image/encoder/layer_[01]/attn/query/kernel"}, 0)

@@ -482,6 +482,25 @@ def is_stacked(path: str) -> bool:
     return f"/{SCANNED}/" in f"/{path}" or f"/{SCANNED_PAIRS}/" in f"/{path}"
 
 
+def layer_paths(path: str, depth: int) -> list[str]:
+    """The unrolled names of a stacked leaf's ``depth`` slices, layer 0 first.
+
+    ``image/encoder/layers/mlp/fc1/kernel`` → ``image/encoder/layer_<i>/mlp/fc1/kernel`` and
+    ``fusion/co_layers/<s>/...`` → ``fusion/<s>_layer_<i>/...`` (also inside ``lora/``), so a
+    regex written for the unrolled layout (``optimizer.freeze="image/encoder/layer_[0-5]/"``)
+    can be applied to each layer of a scanned model. A path that is not stacked is returned alone.
+    """
+    parts = path.split("/")
+    for j, part in enumerate(parts):
+        if part == SCANNED:
+            return ["/".join([*parts[:j], f"layer_{i}", *parts[j + 1:]]) for i in range(depth)]
+        if part == SCANNED_PAIRS and j + 1 < len(parts):
+            stream = parts[j + 1]
+            return ["/".join([*parts[:j], f"{stream}_layer_{i}", *parts[j + 2:]])
+                    for i in range(depth)]
+    return [path]
+
+
 def masked_mean(x: Array, mask: Array | None) -> Array:
     """Mean over the token axis of [B, T, D], counting only tokens where mask is 1."""
     if mask is None:
