@@ -47,6 +47,9 @@ flags.DEFINE_integer("warmup", 3, "untimed steps first (the first one compiles)"
 flags.DEFINE_integer("batch_size", 0, "global batch size; 0 = the config's batch_size")
 flags.DEFINE_float("peak_tflops", 0.0,
                    "per-device peak TFLOP/s for MFU; 0 = 989 on H100/H200, else no MFU")
+flags.DEFINE_integer("profile_steps", 0,
+                     "after timing, trace this many synced steps (mmjax.profile_step's summary "
+                     "joins the report as 'profile'); 0 = off")
 cli.define_config_flag()
 FLAGS = flags.FLAGS
 
@@ -198,6 +201,8 @@ def run_benchmark(
     warmup: int = 3,
     batch_size: int = 0,
     peak_tflops: float = 0.0,
+    profile_steps: int = 0,
+    profile_top: int = 15,
 ) -> dict[str, Any]:
     """Times ``steps`` train steps after ``warmup`` ones; returns the report as a dict.
 
@@ -209,6 +214,12 @@ def run_benchmark(
     the end (as training runs), so the difference is the host's per-step dispatch gap;
     ``dispatch_ms_median`` is how long the host spends in the step call before it returns (on an
     H200 the synced and pipelined times differed by 12.5 ms for CLIP B/16, docs/performance.md).
+
+    ``profile_steps`` > 0 then traces that many more synced steps of the same compiled step
+    (:func:`mmjax.profile_step.trace_steps`, after the timing, so the numbers above are
+    untouched) and adds ``profile``: device ms per step, per category, kernels per step and the
+    ``profile_top`` heaviest kernels. One process, one compile: cheaper on a rationed device
+    than a separate ``mmjax.profile_step`` run.
     """
     if steps < 1 or warmup < 1:
         raise ValueError(f"--steps={steps} and --warmup={warmup} must both be at least 1")
@@ -239,6 +250,19 @@ def run_benchmark(
     loss = float(par.fetch(metrics)["loss"])
     if not math.isfinite(loss):
         raise NonFiniteLossError(f"non-finite loss ({loss}) in the benchmark's last step")
+    profile = None
+    if profile_steps > 0:
+        from mmjax import profile_step
+
+        summary, trace, rstate = profile_step.trace_steps(train_fn, rstate, batch, profile_steps)
+        profile = {
+            "steps": profile_steps,
+            "trace": str(trace),
+            **{k: summary[k] for k in ("device_tracks", "device_ms_per_step",
+                                       "categories_ms_per_step", "kernels_per_step")},
+            "top": [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+                    for row in summary["ops"][:profile_top]],
+        }
 
     step_s = statistics.median(times)
     try:
@@ -284,6 +308,7 @@ def run_benchmark(
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "xla_flags_added": ADDED_XLA_FLAGS,
         "jax": jax.__version__,
+        **({"profile": profile} if profile is not None else {}),
     }
 
 
@@ -297,6 +322,7 @@ def main() -> None:
         warmup=FLAGS.warmup,
         batch_size=FLAGS.batch_size,
         peak_tflops=FLAGS.peak_tflops,
+        profile_steps=FLAGS.profile_steps,
     )
     print(json.dumps(report), flush=True)
 

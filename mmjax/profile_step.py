@@ -38,12 +38,13 @@ import ml_collections
 from absl import flags
 
 from mmjax import cli
-from mmjax.benchmark import build_step
 
-# --steps, --warmup, --batch_size and --config are mmjax.benchmark's flags (defined on import);
-# this module's own are defined only when it runs as the program, so importing it next to other
-# CLI modules (mmjax.data.inspect has an --out too) defines nothing twice.
+# --steps, --warmup, --batch_size and --config are mmjax.benchmark's flags (defined when it is
+# imported); this module's own are defined only when it runs as the program, so importing it next
+# to other CLI modules (mmjax.data.inspect has an --out too, and `python -m mmjax.benchmark
+# --profile_steps` imports this module) defines nothing twice.
 if __name__ == "__main__":
+    from mmjax import benchmark as _benchmark  # noqa: F401 - defines the shared flags
     flags.DEFINE_string("out", "", "trace directory; empty = a temporary one")
     flags.DEFINE_integer("top", 30, "how many ops to print")
 cli.define_config_flag()
@@ -125,21 +126,36 @@ def summarize(events: Iterable[Mapping[str, Any]], steps: int) -> dict[str, Any]
     }
 
 
+def trace_steps(fn: Any, state: Any, batch: Any, steps: int,
+                out: str = "") -> tuple[dict[str, Any], Path, Any]:
+    """Runs ``steps`` synced calls ``state, _ = fn(state, batch)`` under ``jax.profiler.trace``.
+
+    ``fn`` must already be compiled (warm), or the compilation lands in the trace. Returns the
+    :func:`summarize` of the trace, the trace's path (below ``out``, or a temporary directory)
+    and the last state (``fn`` may donate its input).
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be at least 1")
+    out_dir = Path(out or tempfile.mkdtemp(prefix="mmjax_profile_"))
+    with jax.profiler.trace(str(out_dir), create_perfetto_trace=True):
+        for _ in range(steps):
+            state, _ = jax.block_until_ready(fn(state, batch))
+    trace = find_trace(out_dir)
+    return summarize(load_events(trace), steps), trace, state
+
+
 def profile(config: ml_collections.ConfigDict, *, steps: int = 5, warmup: int = 3,
             batch_size: int = 0, out: str = "") -> tuple[dict[str, Any], Path]:
     """Traces ``steps`` synced train steps after ``warmup``; returns the summary and trace path."""
+    from mmjax.benchmark import build_step  # deferred: the benchmark imports this module too
+
     if steps < 1 or warmup < 1:
         raise ValueError(f"--steps={steps} and --warmup={warmup} must both be at least 1")
     setup = build_step(config, batch_size)
     state, fn, batch = setup.state, setup.train_fn, setup.batch
     for _ in range(warmup):
         state, _ = jax.block_until_ready(fn(state, batch))
-    out_dir = Path(out or tempfile.mkdtemp(prefix="mmjax_profile_"))
-    with jax.profiler.trace(str(out_dir), create_perfetto_trace=True):
-        for _ in range(steps):
-            state, _ = jax.block_until_ready(fn(state, batch))
-    trace = find_trace(out_dir)
-    summary = summarize(load_events(trace), steps)
+    summary, trace, _ = trace_steps(fn, state, batch, steps, out)
     summary["batch_size"] = setup.batch_size
     summary["state_leaves"] = setup.n_leaves
     return summary, trace

@@ -43,7 +43,8 @@ def procs():
              "--steps", "3", "--warmup", "1"], **common),
         "scan": subprocess.Popen(
             [sys.executable, "-m", "mmjax.benchmark", "--config", "configs/clip_vitb16.py:tiny",
-             "--config.model.scan_layers=True", "--steps", "2", "--warmup", "1"], **common),
+             "--config.model.scan_layers=True", "--steps", "2", "--warmup", "1",
+             "--profile_steps", "2"], **common),
         "peer": subprocess.Popen(
             [sys.executable, "scripts/bench_torch_peer.py", "--workload", "clip", "--tiny",
              "--modes", "eager", "--steps", "2", "--warmup", "1"], **common),
@@ -199,6 +200,20 @@ def test_scanned_layers_cut_the_state_leaves(procs):
     assert report["scan_layers"] is True and unrolled["scan_layers"] is False
     assert report["state_leaves"] < unrolled["state_leaves"]
     assert np.isfinite(report["loss"]) and report["samples_per_s"] > 0
+    assert "profile" not in unrolled  # --profile_steps 0 (the default) traces nothing
+
+
+def test_profile_steps_add_the_trace_summary(procs):
+    """--profile_steps traces steps of the already compiled step in the same process."""
+    (report,) = _json_lines(procs["scan"])
+    prof = report["profile"]
+    assert prof["steps"] == 2 and prof["device_ms_per_step"] > 0 and prof["kernels_per_step"] > 0
+    assert prof["device_tracks"] is False  # a CPU: host tracks only
+    assert sum(prof["categories_ms_per_step"].values()) == pytest.approx(
+        prof["device_ms_per_step"], rel=1e-6)
+    top = prof["top"]
+    assert 0 < len(top) <= 15 and top == sorted(top, key=lambda r: -r["ms_per_step"])
+    assert Path(prof["trace"]).name == "perfetto_trace.json.gz" and Path(prof["trace"]).is_file()
 
 
 def test_torch_peer_prints_the_same_fields(procs):
