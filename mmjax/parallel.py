@@ -10,8 +10,9 @@ live and who averages:
 - ``MeshParallel`` (``parallel.mode="mesh"``): ``jax.jit`` over a ``Mesh`` with axes
   ``("data", "fsdp")``. The batch is split over both axes; with ``parallel.fsdp`` > 1 every
   parameter and optimizer-state leaf is split along its largest ``fsdp``-divisible dimension
-  (ZeRO-3 style) and XLA inserts the all-gathers and reduce-scatters. The step sees global arrays,
-  so its means are global means and no explicit collective is written.
+  (ZeRO-3 style; never the layer axis of a scanned encoder's stacked leaves) and XLA inserts
+  the all-gathers and reduce-scatters. The step sees global arrays, so its means are global
+  means and no explicit collective is written.
 
 Checkpoints always hold one logical copy as a global ``jax.Array``: replicated on the pmap path,
 sharded on the mesh path. Restoring passes the current run's target shardings, so a checkpoint
@@ -28,6 +29,9 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mmjax.models import layers
+from mmjax.optim import path_str
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +148,17 @@ class PmapParallel:
         return jax.tree.map(lambda x: _first_local(x)[0], tree)
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 2**10) -> PartitionSpec:
-    """Shards the largest dimension divisible by ``fsdp``; small or indivisible leaves replicate."""
+def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 2**10, *,
+              stacked: bool = False) -> PartitionSpec:
+    """Shards the largest dimension divisible by ``fsdp``; small or indivisible leaves replicate.
+
+    ``stacked`` (a leaf of a scanned encoder, ``[depth, ...]``) never shards the layer axis: the
+    scan slices one layer per iteration, and a layer axis split over devices would make every
+    iteration gather the whole stack (MaxText leaves its ``layers`` axis unsharded likewise).
+    """
     if fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
         return PartitionSpec()
-    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    for dim in sorted(range(int(stacked), len(shape)), key=lambda d: -shape[d]):
         if shape[dim] % fsdp == 0:
             spec = [None] * len(shape)
             spec[dim] = FSDP_AXIS
@@ -172,9 +182,11 @@ class MeshParallel:
         self._state_shardings: Any = None
 
     def shardings(self, state: Any) -> Any:
-        return jax.tree.map(
-            lambda x: NamedSharding(self.mesh, fsdp_spec(np.shape(x), self.fsdp)), state
-        )
+        def spec(path: tuple, x: Any) -> NamedSharding:
+            stacked = layers.is_stacked(path_str(path)) and np.ndim(x) > 0
+            return NamedSharding(self.mesh, fsdp_spec(np.shape(x), self.fsdp, stacked=stacked))
+
+        return jax.tree_util.tree_map_with_path(spec, state)
 
     def checkpoint_target(self, state: Any) -> Any:
         shardings = self.shardings(state)

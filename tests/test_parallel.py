@@ -211,3 +211,32 @@ def test_bad_parallel_config_is_named(tmp_path, bad):
     result = _cli(8, tmp_path, bad, *extra)
     assert result.returncode != 0
     assert "parallel." in result.stderr.strip().splitlines()[-1]
+
+
+def test_fsdp_never_shards_the_layer_axis_of_stacked_leaves():
+    """A scanned encoder slices one layer per iteration: its stacked leaves are split along a
+    feature axis, even where the layer axis is the largest divisible one."""
+    from jax.sharding import PartitionSpec as P
+
+    from mmjax import parallel
+
+    assert parallel.fsdp_spec((48, 32), 4) == P("fsdp", None)
+    assert parallel.fsdp_spec((48, 32), 4, stacked=True) == P(None, "fsdp")
+    assert parallel.fsdp_spec((48, 6), 4, stacked=True) == P()  # only the layer axis divides
+    # The path decides: shardings() marks leaves under layers/ or co_layers/ as stacked, in the
+    # params and in the optimizer state that mirrors them. (A 1-device mesh; fsdp=4 is set on
+    # the instance only to choose the specs, which is all this checks.)
+    mesh = parallel.MeshParallel(1)
+    mesh.fsdp = 4
+    rng = np.random.default_rng(0)
+    leaf = rng.standard_normal((48, 32)).astype(np.float32)
+    state = {"params": {"text": {"encoder": {"layers": {"mlp": {"kernel": leaf}},
+                                             "final_norm": {"scale": leaf}}},
+                        "fusion": {"co_layers": {"image": {"kernel": leaf}}}},
+             "opt_state": ({"mu": {"text": {"encoder": {"layers": {"mlp": {"kernel": leaf}}}}}},)}
+    specs = jax.tree.map(lambda s: s.spec, mesh.shardings(state))
+    assert specs["params"]["text"]["encoder"]["layers"]["mlp"]["kernel"] == P(None, "fsdp")
+    assert specs["params"]["fusion"]["co_layers"]["image"]["kernel"] == P(None, "fsdp")
+    assert specs["opt_state"][0]["mu"]["text"]["encoder"]["layers"]["mlp"]["kernel"] == P(
+        None, "fsdp")
+    assert specs["params"]["text"]["encoder"]["final_norm"]["scale"] == P("fsdp", None)
