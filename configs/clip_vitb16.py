@@ -92,6 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "attn_implementation": "auto",
         "remat": "",
         "scan_layers": False,  # one nn.scan over stacked layers (fewer arrays, faster dispatch)
+        "scan_unroll": 1,  # with scan_layers: layers per loop iteration, 0 = all (no loop)
     })
     c.losses = ml_collections.ConfigDict({"clip": 1.0})
 

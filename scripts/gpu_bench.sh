@@ -70,8 +70,10 @@ p() { timeout "$1" python3 scripts/bench_torch_peer.py --batch_size "$B" --steps
 # scan = both configs with model.scan_layers=True (each encoder one nn.scan over stacked params:
 #   ~8x fewer state arrays, so less host dispatch per step and fewer small optimizer kernels),
 #   and clip scanned under parallel.mode=mesh (plain jit, no pmap wrapper);
-# scanprof = scan's two configs, each also tracing 5 steps after its timing (--profile_steps: the
-#   profile's summary joins the same JSON line; one process and one compile instead of two);
+# scanprof = both configs scanned with scan_unroll=${SCAN_UNROLL:-0} (stacked params, every layer
+#   unrolled: no loop, no [depth, ...] activation buffers to fill), each also tracing 5 steps
+#   after its timing (--profile_steps: the summary joins the same JSON line, one compile);
+# scanloop = clip scanned as a loop (scan_unroll=1, the A/B of scanprof's clip), also profiled;
 # textmask = clip with the text padding as a boolean mask (the pre-lengths path) for an A/B;
 # mesh = both configs under jit over a one-device mesh (on a CPU it dispatched no faster);
 # profile / profile_fusion = mmjax.profile_step: 5 steps traced, device time summed per kernel and
@@ -102,8 +104,9 @@ for part in $PARTS; do
           b 150 --config configs/fusion_vitb16_bert.py$S --config.model.scan_layers=True
           # pmap's Python wrapper is a fixed per-call cost that shows once the arrays are few
           b 150 --config configs/clip_vitb16.py$S --config.model.scan_layers=True --config.parallel.mode=mesh ;;
-    scanprof) b 180 --config configs/clip_vitb16.py$S --config.model.scan_layers=True --profile_steps 5
-          b 180 --config configs/fusion_vitb16_bert.py$S --config.model.scan_layers=True --profile_steps 5 ;;
+    scanprof) b 180 --config configs/clip_vitb16.py$S --config.model.scan_layers=True --config.model.scan_unroll=${SCAN_UNROLL:-0} --profile_steps 5
+          b 180 --config configs/fusion_vitb16_bert.py$S --config.model.scan_layers=True --config.model.scan_unroll=${SCAN_UNROLL:-0} --profile_steps 5 ;;
+    scanloop) b 150 --config configs/clip_vitb16.py$S --config.model.scan_layers=True --config.model.scan_unroll=1 --profile_steps 5 ;;
     textmask) b 150 --config configs/clip_vitb16.py$S --config.model.text.padding=mask ;;
     mesh) b 150 --config configs/clip_vitb16.py$S --config.parallel.mode=mesh
           b 150 --config configs/fusion_vitb16_bert.py$S --config.parallel.mode=mesh ;;
@@ -122,7 +125,7 @@ import json, sys
 for line in open(sys.argv[1]):
     d = json.loads(line)
     keys = ("config", "mode", "samples_per_s", "mfu", "step_ms_median", "step_ms_pipelined",
-            "dispatch_ms_median", "state_leaves", "scan_layers", "text_padding", "compile_s",
+            "dispatch_ms_median", "state_leaves", "scan_layers", "scan_unroll", "text_padding", "compile_s",
             "peak_memory_gib", "attention", "tflops_per_s", "leaves", "us_per_leaf", "failed")
     print({k: d[k] for k in keys if k in d})
     if "profile" in d:

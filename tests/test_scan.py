@@ -95,16 +95,32 @@ def _outputs_and_grads(model, params, batch, weights_seed: int):
                     for o in jax.tree.leaves(outs))
         return total, outs
 
-    (_, outs), grads = _jit(jax.value_and_grad(objective, has_aux=True))(params)
+    compiled = _jit(jax.value_and_grad(objective, has_aux=True)).lower(params).compile()
+    (_, outs), grads = compiled(params)
+    _LAST_HLO[0] = compiled.as_text()
     return jax.device_get(outs), jax.device_get(grads)
 
 
-def test_scanned_model_matches_unrolled_outputs_and_grads():
-    """ViT, causal text and cross-attention fusion, scanned (the co-attention test below runs
-    the scan under remat)."""
+_LAST_HLO = [""]  # the optimised HLO of the last _outputs_and_grads, for loop checks
+
+
+@functools.cache
+def _unrolled_reference() -> tuple:
+    return _outputs_and_grads(_model(False), _random_params(2), _batch(3), 4)
+
+
+@pytest.mark.parametrize(("unroll", "remat"), [(1, None), (0, "nothing_saveable"), (2, None)])
+def test_scanned_model_matches_unrolled_outputs_and_grads(unroll, remat):
+    """ViT, causal text and cross-attention fusion, scanned: one layer per loop iteration (the
+    default), all layers in one (``scan_unroll=0``: no loop, under remat) and two per iteration
+    (depth 3: a remainder). The co-attention test below runs the loop under remat."""
     scanned = layers.match_layers(_random_params(2), _shapes(True))
-    outs_ref, g_ref = _outputs_and_grads(_model(False), _random_params(2), _batch(3), 4)
-    outs, g = _outputs_and_grads(_model(True), scanned, _batch(3), 4)
+    outs_ref, g_ref = _unrolled_reference()
+    outs, g = _outputs_and_grads(_model(True, scan_unroll=unroll, remat=remat), scanned,
+                                 _batch(3), 4)
+    # Loops (forward and backward) for unroll=1; none for 0, nor for 2 here, where every depth
+    # (3, 2, 2) fits in one iteration and XLA drops a loop that runs once.
+    assert (" while(" in _LAST_HLO[0]) == (unroll == 1)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  outs, outs_ref)
     assert np.abs(g["image"]["encoder"]["layers"]["attn"]["query"]["kernel"][0]).max() > 0
@@ -325,3 +341,9 @@ def test_lora_targets_name_unrolled_layers_and_must_cover_a_stacked_kernel():
                                          r"attn/query/kernel.*all of them or none"):
         lora.add_adapters(plain, {"rank": 2,
                                   "targets": r"image/encoder/layer_[01]/attn/query/kernel"}, 0)
+
+
+@pytest.mark.parametrize("bad", [-1, True, 1.5])
+def test_bad_scan_unroll_is_named(bad):
+    with pytest.raises(ValueError, match=r"model.scan_unroll="):
+        _model(True, scan_unroll=bad)

@@ -94,6 +94,7 @@ class Fusion(nn.Module):
     attn_implementation: str | None = None
     remat: str | None = None
     scan_layers: bool = False  # one nn.scan over the stacked layers (layers.Encoder's docstring)
+    scan_unroll: int = 1  # layers per scan iteration; 0 = all (see layers.scan_over_layers)
 
     def _encoder(self, name: str, cross: bool) -> layers.Encoder:
         return layers.Encoder(
@@ -110,6 +111,7 @@ class Fusion(nn.Module):
             attn_implementation=self.attn_implementation,
             remat=self.remat,
             scan=self.scan_layers,
+            scan_unroll=self.scan_unroll,
             name=name,
         )
 
@@ -183,7 +185,7 @@ class Fusion(nn.Module):
                 remat=self.remat,
             )
             if self.scan_layers and self.depth > 0:  # depth 0: no layers (see layers.Encoder)
-                stack = layers.scan_over_layers(CoAttentionLayer, self.depth)
+                stack = layers.scan_over_layers(CoAttentionLayer, self.depth, self.scan_unroll)
                 (xa, xb), _ = stack(
                     streams=(a, b), **block_kwargs, train=train, name=layers.SCANNED_PAIRS
                 )((xa, xb), masks[a], masks[b])

@@ -274,28 +274,43 @@ class Block(nn.Module):
 KV_PADDINGS = ("mask", "lengths")
 
 
-def remat_block(policy: str | None, *, scanned: bool = False) -> type[Block]:
-    """Block, rematerialised under a named ``jax.checkpoint_policies`` policy when one is given."""
+def remat_block(policy: str | None, *, scanned: bool = False,
+                looped: bool = True) -> type[Block]:
+    """Block, rematerialised under a named ``jax.checkpoint_policies`` policy when one is given.
+
+    ``scanned``: the Block is a scan body (``train`` is a field there); ``looped``: one layer per
+    loop iteration, where the loop itself keeps XLA's CSE from merging the recomputation back
+    into the forward pass, so remat's own CSE barrier is not needed.
+    """
     if not policy:
         return Block
     if not hasattr(jax.checkpoint_policies, policy):
         raise ValueError(f"unknown remat policy {policy!r} (model.remat)")
     policy_fn = getattr(jax.checkpoint_policies, policy)
-    if scanned:  # train is a field there; the scan's loop already keeps CSE from undoing remat
-        return nn.remat(Block, policy=policy_fn, prevent_cse=False)
+    if scanned:
+        return nn.remat(Block, policy=policy_fn, prevent_cse=not looped)
     # train (argument 5, counting self) selects dropout, so it must stay a Python bool.
     return nn.remat(Block, policy=policy_fn, static_argnums=(5,))
 
 
-def scan_over_layers(layer_cls: type[nn.Module], depth: int) -> type[nn.Module]:
+def scan_over_layers(layer_cls: type[nn.Module], depth: int, unroll: int = 1) -> type[nn.Module]:
     """``layer_cls`` run ``depth`` times as one ``nn.scan``: params stacked on axis 0, a fresh
-    init and dropout draw per layer, every call argument after the carry broadcast to all."""
+    init and dropout draw per layer, every call argument after the carry broadcast to all.
+
+    ``unroll`` layers run per loop iteration (``jax.lax.scan``'s ``unroll``; 0 = all of them, so
+    the compiled step has no loop at all, only the stacked params). Why not always a loop: the
+    gradient of a scan stacks each layer's saved activations into [depth, ...] buffers that XLA
+    first fills (27.6 GiB of broadcast-and-copy per step in the CPU-compiled CLIP B/16 at batch
+    256, against none unrolled; docs/performance.md §8), and a loop keeps XLA from scheduling
+    across layers. The math and the params are the same for every ``unroll``.
+    """
     return nn.scan(
         layer_cls,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=nn.broadcast,
         length=depth,
+        unroll=unroll if unroll > 0 else depth,
     )
 
 
@@ -334,6 +349,7 @@ class Encoder(nn.Module):
     attn_implementation: str | None = None
     remat: str | None = None
     scan: bool = False
+    scan_unroll: int = 1  # layers per loop iteration of the scan, 0 = all (scan_over_layers)
     kv_padding: str = "mask"  # see Block
 
     @nn.compact
@@ -362,7 +378,8 @@ class Encoder(nn.Module):
         )
         if self.scan and self.depth > 0:  # depth 0: no layers at all, as unrolled (and Orbax
             # cannot save the zero-size stacked arrays a scan of length 0 would create)
-            stack = scan_over_layers(remat_block(self.remat, scanned=True), self.depth)
+            body = remat_block(self.remat, scanned=True, looped=self.scan_unroll == 1)
+            stack = scan_over_layers(body, self.depth, self.scan_unroll)
             x, _ = stack(**block_kwargs, scan_train=train, name=SCANNED)(
                 x, mask, context, context_mask
             )

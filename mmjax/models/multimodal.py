@@ -138,6 +138,7 @@ class MultimodalModel(nn.Module):
     attn_implementation: str | None = None
     remat: str | None = None
     scan_layers: bool = False
+    scan_unroll: int = 1
 
     def _shared(self, cls: type[nn.Module]) -> dict[str, Any]:
         """Model-wide options passed to every part that has them."""
@@ -149,6 +150,7 @@ class MultimodalModel(nn.Module):
             "attn_implementation": self.attn_implementation,
             "remat": self.remat,
             "scan_layers": self.scan_layers,
+            "scan_unroll": self.scan_unroll,
         }
         return {k: v for k, v in shared.items() if k in fields}
 
@@ -527,6 +529,7 @@ class Heads(nn.Module):
 
 MODEL_OPTIONS = (
     "fusion", "heads", "dropout", "dtype", "attn_implementation", "remat", "scan_layers",
+    "scan_unroll",
 )
 
 
@@ -559,7 +562,16 @@ def build_model(model_cfg: Any, *, bn_axis_name: str | None = None) -> Multimoda
         attn_implementation=cfg.get("attn_implementation") or None,
         remat=cfg.get("remat") or None,
         scan_layers=bool(cfg.get("scan_layers", False)),
+        scan_unroll=_scan_unroll(cfg.get("scan_unroll", 1)),
     )
+
+
+def _scan_unroll(value: Any) -> int:
+    """``model.scan_unroll``: an int >= 0 (0 = every layer in one iteration, no loop)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"model.scan_unroll={value!r} must be an integer >= 0 (1 = one layer per "
+                         "loop iteration, 0 = all layers unrolled, no loop)")
+    return value
 
 
 def loss_spec(head_cfg: Mapping[str, Any]) -> str:

@@ -60,6 +60,7 @@ class TextEncoder(nn.Module):
     remat: str | None = None
     padding: str = "right"
     scan_layers: bool = False  # one nn.scan over the stacked layers (layers.Encoder's docstring)
+    scan_unroll: int = 1  # layers per scan iteration; 0 = all (see layers.scan_over_layers)
 
     def sizes(self) -> dict[str, int]:
         size = layers.tower_sizes(
@@ -116,6 +117,7 @@ class TextEncoder(nn.Module):
             attn_implementation=self.attn_implementation,
             remat=self.remat,
             scan=self.scan_layers,
+            scan_unroll=self.scan_unroll,
             name="encoder",
         )(x, mask, train=train)
         batch = jnp.arange(ids.shape[0])
