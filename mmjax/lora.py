@@ -142,16 +142,6 @@ def matrix_shape(path: str, shape: tuple[int, ...]) -> tuple[int, int]:
     return math.prod(shape[:k]), math.prod(shape[k:])
 
 
-def _layers_matched(pattern: re.Pattern, path: str, x: Any) -> np.ndarray:
-    """Per layer of a stacked kernel (one entry otherwise): does ``pattern`` match it, by its
-    stacked path or by the layer's unrolled name (``layer_<i>``)?"""
-    if not layers.is_stacked(path):
-        return np.array([pattern.search(path) is not None])
-    whole = pattern.search(path) is not None
-    return np.array([whole or pattern.search(name) is not None
-                     for name in layers.layer_paths(path, np.shape(x)[0])])
-
-
 def target_paths(params: Any, targets: str) -> list[str]:
     """Paths of the base params matched by ``targets``; each must be a ``kernel`` or an
     ``embedding`` of 2 or more dimensions (a bias or norm scale has no low-rank update).
@@ -159,10 +149,12 @@ def target_paths(params: Any, targets: str) -> list[str]:
     A kernel stacked by ``model.scan_layers`` gets one adapter for all its layers (stacked the
     same way), so a regex must match all of its layers or none (``layer_<i>`` names count).
     """
-    pattern = re.compile(targets)
+    from mmjax.optim import match_per_layer, searcher
+
+    matches = searcher(re.compile(targets))
     found = []
     for path, x in _leaves({k: v for k, v in params.items() if k != KEY}).items():
-        matched = _layers_matched(pattern, path, x)
+        matched = np.atleast_1d(match_per_layer(path, x, matches))
         if not matched.any():
             continue
         stacked = layers.is_stacked(path)

@@ -135,7 +135,7 @@ def path_str(path: tuple) -> str:
     return "/".join(parts)
 
 
-def _per_layer(path: str, x: Any, keep: Any) -> bool | np.ndarray:
+def match_per_layer(path: str, x: Any, keep: Any) -> bool | np.ndarray:
     """``keep(names)`` for one leaf: a bool, or per layer for a stacked leaf.
 
     ``names`` is the leaf's path alone, or for a leaf of a scanned encoder (``.../layers/...``,
@@ -150,7 +150,8 @@ def _per_layer(path: str, x: Any, keep: Any) -> bool | np.ndarray:
     return bool(per_layer[0]) if per_layer.all() or not per_layer.any() else per_layer
 
 
-def _searcher(pattern: re.Pattern) -> Any:
+def searcher(pattern: re.Pattern) -> Any:
+    """``names → bool``: does ``pattern`` occur in any of them (:func:`match_per_layer`)?"""
     return lambda names: any(pattern.search(n) for n in names)
 
 
@@ -158,10 +159,10 @@ def trainable_mask(params: Any, freeze: str) -> Any:
     """Pytree of bools: False where ``re.search(freeze, path_str(path))`` matches.
 
     An empty ``freeze`` trains everything. A regex that matches nothing raises instead: a typo such
-    as ``"imgae/"`` would otherwise silently train the tower it meant to freeze. In a scanned model
-    the regex is also searched in each layer's unrolled name (:func:`_per_layer`): a stacked leaf
-    of which only some layers match gets a numpy bool array [depth] (True = trained) instead of a
-    bool, and ``make_optimizer`` zeroes those layers' gradients and updates.
+    as ``"imgae/"`` would otherwise silently train the tower it meant to freeze. In a scanned
+    model the regex is also searched in each layer's unrolled name (:func:`match_per_layer`): a
+    stacked leaf of which only some layers match gets a numpy bool array [depth] (True = trained)
+    instead of a bool, and ``make_optimizer`` zeroes those layers' gradients and updates.
     """
     if not freeze:
         return jax.tree.map(lambda _: True, params)
@@ -169,9 +170,9 @@ def trainable_mask(params: Any, freeze: str) -> Any:
         pattern = re.compile(freeze)
     except re.error as e:
         raise ValueError(f"optimizer.freeze={freeze!r} is not a valid regex: {e}") from None
-    frozen = _searcher(pattern)
+    frozen = searcher(pattern)
     mask = jax.tree_util.tree_map_with_path(
-        lambda path, x: _per_layer(path_str(path), x, lambda n: not frozen(n)), params
+        lambda path, x: match_per_layer(path_str(path), x, lambda n: not frozen(n)), params
     )
     if all(np.all(m) for m in jax.tree.leaves(mask)):
         raise ValueError(f"optimizer.freeze={freeze!r} matches no parameter")
@@ -280,11 +281,10 @@ def _search_all(pattern: str, key: str, params: Any) -> re.Pattern:
         compiled = re.compile(pattern)
     except re.error as e:
         raise ValueError(f"{key}={pattern!r} is not a valid regex: {e}") from None
-    names = [name for p, x in jax.tree_util.tree_leaves_with_path(params)
-             if not (path := path_str(p)).startswith("lora/")
-             for name in ([path, *layers.layer_paths(path, np.shape(x)[0])]
-                          if layers.is_stacked(path) else [path])]
-    if not any(compiled.search(n) for n in names):
+    matches = searcher(compiled)
+    if not any(np.any(match_per_layer(path, x, matches))
+               for p, x in jax.tree_util.tree_leaves_with_path(params)
+               if not (path := path_str(p)).startswith("lora/")):
         raise ValueError(f"{key}={pattern!r} matches no parameter")
     return compiled
 
@@ -302,7 +302,7 @@ def _trainable_fn(opt_cfg: Mapping, params: Any, lora_cfg: Mapping | None) -> An
     freeze = _get(opt_cfg, "freeze", "")
     if freeze:
         trainable_mask(params, freeze)  # Raises early if the regex is bad or matches nothing.
-    frozen = _searcher(re.compile(freeze)) if freeze else None
+    frozen = searcher(re.compile(freeze)) if freeze else None
     cfg = lora.parse_config(lora_cfg)
     if cfg is None:
         if frozen is None:
@@ -311,7 +311,7 @@ def _trainable_fn(opt_cfg: Mapping, params: Any, lora_cfg: Mapping | None) -> An
     if not isinstance(params, Mapping) or lora.KEY not in params:
         raise ValueError(f"lora.rank={cfg.rank} but the params have no '{lora.KEY}' subtree; "
                          "add the adapters (lora.add_adapters) before building the optimizer")
-    extra = _searcher(_search_all(cfg.train, "lora.train", params)) if cfg.train else None
+    extra = searcher(_search_all(cfg.train, "lora.train", params)) if cfg.train else None
     scale_path = f"{lora.KEY}/{lora.SCALE}"
 
     def trainable(names: tuple[str, ...]) -> bool:
@@ -322,7 +322,7 @@ def _trainable_fn(opt_cfg: Mapping, params: Any, lora_cfg: Mapping | None) -> An
         return extra is not None and extra(names)
 
     return lambda tree: jax.tree_util.tree_map_with_path(
-        lambda p, x: _per_layer(path_str(p), x, trainable), tree
+        lambda p, x: match_per_layer(path_str(p), x, trainable), tree
     )
 
 
