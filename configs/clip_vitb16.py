@@ -91,8 +91,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "dtype": "bfloat16",
         "attn_implementation": "auto",
         "remat": "",
-        "scan_layers": False,  # one nn.scan over stacked layers (fewer arrays, faster dispatch)
-        "scan_unroll": 1,  # with scan_layers: layers per loop iteration, 0 = all (no loop)
+        # Layers stacked (~8x fewer state arrays: less host dispatch per step, half the GPU
+        # kernels) and all unrolled (no loop, so no zero-filled activation stacks): compiled
+        # for an H200, the same memory as unrolled (docs/performance.md §8).
+        "scan_layers": True,
+        "scan_unroll": 0,  # layers per loop iteration; 0 = all (no loop)
     })
     c.losses = ml_collections.ConfigDict({"clip": 1.0})
 

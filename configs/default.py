@@ -79,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # True: each encoder runs its layers as one nn.scan over stacked params (encoder/layers/...
         # with a leading depth axis): ~8x fewer arrays per step, faster dispatch and compile.
         "scan_layers": False,
-        "scan_unroll": 1,  # with scan_layers: layers per loop iteration, 0 = all (no loop)
+        "scan_unroll": 0,  # with scan_layers: layers per loop iteration, 0 = all (no loop)
     })
     c.losses = ml_collections.ConfigDict({"answer": 1.0})
 

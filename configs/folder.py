@@ -76,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "dtype": "float32",
         "remat": "",
         "scan_layers": False,  # one nn.scan over stacked layers (fewer arrays, faster dispatch)
-        "scan_unroll": 1,  # with scan_layers: layers per loop iteration, 0 = all (no loop)
+        "scan_unroll": 0,  # with scan_layers: layers per loop iteration, 0 = all (no loop)
     })
     c.losses = ml_collections.ConfigDict({"answer": 1.0})
 

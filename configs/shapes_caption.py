@@ -77,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "dtype": "float32",
         "remat": "",
         "scan_layers": False,  # one nn.scan over stacked layers (fewer arrays, faster dispatch)
-        "scan_unroll": 1,  # with scan_layers: layers per loop iteration, 0 = all (no loop)
+        "scan_unroll": 0,  # with scan_layers: layers per loop iteration, 0 = all (no loop)
     })
     c.losses = ml_collections.ConfigDict({"caption": 1.0, "itc": 0.5})
     c.evals = ml_collections.ConfigDict({

@@ -300,7 +300,7 @@ def run_benchmark(
         "params": int(n_params),
         "state_leaves": n_leaves,
         "scan_layers": bool(config.model.get("scan_layers", False)),
-        "scan_unroll": int(config.model.get("scan_unroll", 1)),
+        "scan_unroll": int(config.model.get("scan_unroll", 0)),
         "text_padding": {name: enc.get("padding", "right") for name, enc in config.model.items()
                          if name not in MODEL_OPTIONS and enc.kind == "text"},
         "loss": loss,

@@ -67,13 +67,14 @@ p() { timeout "$1" python3 scripts/bench_torch_peer.py --batch_size "$B" --steps
 # probe = scripts/dispatch_probe.py: host dispatch ms against the number of state arrays;
 # mmjax = both configs only; peers_eager = both peers in eager mode only (the fusion goal's
 #   reference; the compiled clip peer was slower than eager on the H200);
-# scan = both configs with model.scan_layers=True (each encoder one nn.scan over stacked params:
-#   ~8x fewer state arrays, so less host dispatch per step and fewer small optimizer kernels),
-#   and clip scanned under parallel.mode=mesh (plain jit, no pmap wrapper);
-# scanprof = both configs scanned with scan_unroll=${SCAN_UNROLL:-0} (stacked params, every layer
-#   unrolled: no loop, no [depth, ...] activation buffers to fill), each also tracing 5 steps
-#   after its timing (--profile_steps: the summary joins the same JSON line, one compile);
-# scanloop = clip scanned as a loop (scan_unroll=1, the A/B of scanprof's clip), also profiled;
+# mmjaxprof = both configs as configured (since version 2b: layers stacked and unrolled,
+#   scan_layers=True, scan_unroll=0), each also tracing 5 steps after its timing (--profile_steps:
+#   the summary joins the same JSON line; one process and one compile instead of two);
+# unrolled / unrolled_fusion = clip / fusion with scan_layers=False (the layout §5 measured): the
+#   A/B of the stacked layout on the same image;
+# scanloop = clip scanned as a loop (scan_unroll=1), profiled: what the H200-compiled step says
+#   costs 38 GiB of zero-fill and 70 % more memory (docs/performance.md §8);
+# scan = the same as mmjax plus clip under parallel.mode=mesh (plain jit, no pmap wrapper);
 # textmask = clip with the text padding as a boolean mask (the pre-lengths path) for an A/B;
 # mesh = both configs under jit over a one-device mesh (on a CPU it dispatched no faster);
 # profile / profile_fusion = mmjax.profile_step: 5 steps traced, device time summed per kernel and
@@ -100,13 +101,15 @@ for part in $PARTS; do
     gelu) b 150 --config configs/clip_vitb16.py$S --config.model.image.activation=gelu_tanh --config.model.text.activation=gelu_tanh ;;
     xla) b 150 --config configs/clip_vitb16.py$S --config.model.attn_implementation=xla ;;
     flags) XLA_FLAGS="--xla_gpu_enable_triton_gemm=true --xla_gpu_enable_latency_hiding_scheduler=false" b 150 --config configs/clip_vitb16.py$S ;;
-    scan) b 150 --config configs/clip_vitb16.py$S --config.model.scan_layers=True
-          b 150 --config configs/fusion_vitb16_bert.py$S --config.model.scan_layers=True
+    scan) b 150 --config configs/clip_vitb16.py$S
+          b 150 --config configs/fusion_vitb16_bert.py$S
           # pmap's Python wrapper is a fixed per-call cost that shows once the arrays are few
-          b 150 --config configs/clip_vitb16.py$S --config.model.scan_layers=True --config.parallel.mode=mesh ;;
-    scanprof) b 180 --config configs/clip_vitb16.py$S --config.model.scan_layers=True --config.model.scan_unroll=${SCAN_UNROLL:-0} --profile_steps 5
-          b 180 --config configs/fusion_vitb16_bert.py$S --config.model.scan_layers=True --config.model.scan_unroll=${SCAN_UNROLL:-0} --profile_steps 5 ;;
-    scanloop) b 150 --config configs/clip_vitb16.py$S --config.model.scan_layers=True --config.model.scan_unroll=1 --profile_steps 5 ;;
+          b 150 --config configs/clip_vitb16.py$S --config.parallel.mode=mesh ;;
+    mmjaxprof) b 180 --config configs/clip_vitb16.py$S --profile_steps 5
+          b 180 --config configs/fusion_vitb16_bert.py$S --profile_steps 5 ;;
+    unrolled) b 150 --config configs/clip_vitb16.py$S --config.model.scan_layers=False ;;
+    unrolled_fusion) b 150 --config configs/fusion_vitb16_bert.py$S --config.model.scan_layers=False ;;
+    scanloop) b 150 --config configs/clip_vitb16.py$S --config.model.scan_unroll=1 --profile_steps 5 ;;
     textmask) b 150 --config configs/clip_vitb16.py$S --config.model.text.padding=mask ;;
     mesh) b 150 --config configs/clip_vitb16.py$S --config.parallel.mode=mesh
           b 150 --config configs/fusion_vitb16_bert.py$S --config.parallel.mode=mesh ;;

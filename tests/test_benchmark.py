@@ -41,9 +41,9 @@ def procs():
         "bench": subprocess.Popen(
             [sys.executable, "-m", "mmjax.benchmark", "--config", "configs/clip_vitb16.py:tiny",
              "--steps", "3", "--warmup", "1"], **common),
-        "scan": subprocess.Popen(
+        "unrolled": subprocess.Popen(
             [sys.executable, "-m", "mmjax.benchmark", "--config", "configs/clip_vitb16.py:tiny",
-             "--config.model.scan_layers=True", "--steps", "2", "--warmup", "1",
+             "--config.model.scan_layers=False", "--steps", "2", "--warmup", "1",
              "--profile_steps", "2"], **common),
         "peer": subprocess.Popen(
             [sys.executable, "scripts/bench_torch_peer.py", "--workload", "clip", "--tiny",
@@ -194,18 +194,20 @@ def test_cli_prints_the_json_fields(procs):
 
 
 def test_scanned_layers_cut_the_state_leaves(procs):
-    """The same two-layer towers scanned hold fewer arrays: layers are stacked, not listed."""
-    (report,) = _json_lines(procs["scan"])
-    (unrolled,) = _json_lines(procs["bench"])
+    """The config's scanned towers (two layers each) hold fewer arrays than the same towers
+    unrolled: layers are stacked, not listed."""
+    (report,) = _json_lines(procs["bench"])
+    (unrolled,) = _json_lines(procs["unrolled"])
     assert report["scan_layers"] is True and unrolled["scan_layers"] is False
+    assert report["scan_unroll"] == 0
     assert report["state_leaves"] < unrolled["state_leaves"]
-    assert np.isfinite(report["loss"]) and report["samples_per_s"] > 0
-    assert "profile" not in unrolled  # --profile_steps 0 (the default) traces nothing
+    assert np.isfinite(unrolled["loss"]) and unrolled["samples_per_s"] > 0
+    assert "profile" not in report  # --profile_steps 0 (the default) traces nothing
 
 
 def test_profile_steps_add_the_trace_summary(procs):
     """--profile_steps traces steps of the already compiled step in the same process."""
-    (report,) = _json_lines(procs["scan"])
+    (report,) = _json_lines(procs["unrolled"])
     prof = report["profile"]
     assert prof["steps"] == 2 and prof["device_ms_per_step"] > 0 and prof["kernels_per_step"] > 0
     assert prof["device_tracks"] is False  # a CPU: host tracks only

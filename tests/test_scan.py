@@ -111,9 +111,9 @@ def _unrolled_reference() -> tuple:
 
 @pytest.mark.parametrize(("unroll", "remat"), [(1, None), (0, "nothing_saveable"), (2, None)])
 def test_scanned_model_matches_unrolled_outputs_and_grads(unroll, remat):
-    """ViT, causal text and cross-attention fusion, scanned: one layer per loop iteration (the
-    default), all layers in one (``scan_unroll=0``: no loop, under remat) and two per iteration
-    (depth 3: a remainder). The co-attention test below runs the loop under remat."""
+    """ViT, causal text and cross-attention fusion, scanned: one layer per loop iteration, all
+    layers in one (``scan_unroll=0``, the default: no loop; under remat here) and two per
+    iteration (depth 3: a remainder). The co-attention test below runs the loop under remat."""
     scanned = layers.match_layers(_random_params(2), _shapes(True))
     outs_ref, g_ref = _unrolled_reference()
     outs, g = _outputs_and_grads(_model(True, scan_unroll=unroll, remat=remat), scanned,
@@ -133,9 +133,10 @@ CO_FUSION = {"kind": "co_attention", "width": 16, "depth": 3, "num_heads": 2}
 
 
 def test_scanned_co_attention_matches_unrolled():
-    """The co-attention fusion scans its layer pairs: co_layers/<stream>/... with depth 3."""
+    """The co-attention fusion scans its layer pairs: co_layers/<stream>/... with depth 3, as a
+    loop (scan_unroll=1) under remat."""
     unrolled_model = _model(False, fusion=CO_FUSION)
-    scanned_model = _model(True, fusion=CO_FUSION, remat="nothing_saveable")
+    scanned_model = _model(True, fusion=CO_FUSION, remat="nothing_saveable", scan_unroll=1)
     init = lambda m: jax.eval_shape(lambda: m.init(jax.random.key(0), _batch(0)))["params"]
     target = init(scanned_model)
     assert set(target["fusion"]["co_layers"]) == {"image", "text"}

@@ -293,7 +293,7 @@ def remat_block(policy: str | None, *, scanned: bool = False,
     return nn.remat(Block, policy=policy_fn, static_argnums=(5,))
 
 
-def scan_over_layers(layer_cls: type[nn.Module], depth: int, unroll: int = 1) -> type[nn.Module]:
+def scan_over_layers(layer_cls: type[nn.Module], depth: int, unroll: int = 0) -> type[nn.Module]:
     """``layer_cls`` run ``depth`` times as one ``nn.scan``: params stacked on axis 0, a fresh
     init and dropout draw per layer, every call argument after the carry broadcast to all.
 
@@ -349,7 +349,7 @@ class Encoder(nn.Module):
     attn_implementation: str | None = None
     remat: str | None = None
     scan: bool = False
-    scan_unroll: int = 1  # layers per loop iteration of the scan, 0 = all (scan_over_layers)
+    scan_unroll: int = 0  # layers per loop iteration of the scan, 0 = all (scan_over_layers)
     kv_padding: str = "mask"  # see Block
 
     @nn.compact

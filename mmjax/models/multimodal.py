@@ -138,7 +138,7 @@ class MultimodalModel(nn.Module):
     attn_implementation: str | None = None
     remat: str | None = None
     scan_layers: bool = False
-    scan_unroll: int = 1
+    scan_unroll: int = 0
 
     def _shared(self, cls: type[nn.Module]) -> dict[str, Any]:
         """Model-wide options passed to every part that has them."""
@@ -562,7 +562,7 @@ def build_model(model_cfg: Any, *, bn_axis_name: str | None = None) -> Multimoda
         attn_implementation=cfg.get("attn_implementation") or None,
         remat=cfg.get("remat") or None,
         scan_layers=bool(cfg.get("scan_layers", False)),
-        scan_unroll=_scan_unroll(cfg.get("scan_unroll", 1)),
+        scan_unroll=_scan_unroll(cfg.get("scan_unroll", 0)),
     )
 
 

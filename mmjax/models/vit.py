@@ -55,7 +55,7 @@ class ViT(nn.Module):
     attn_implementation: str | None = None
     remat: str | None = None
     scan_layers: bool = False  # one nn.scan over the stacked layers (layers.Encoder's docstring)
-    scan_unroll: int = 1  # layers per scan iteration; 0 = all (see layers.scan_over_layers)
+    scan_unroll: int = 0  # layers per scan iteration; 0 = all (see layers.scan_over_layers)
 
     def sizes(self) -> dict[str, int]:
         size = layers.tower_sizes(

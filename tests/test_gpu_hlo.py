@@ -1,0 +1,84 @@
+"""scripts/gpu_hlo.py's HLO reading: kernels per step (loop bodies once per iteration) and the
+bytes that zero-filling fusions write, on a hand-written module in XLA:GPU's text format.
+
+(Compiling for a GPU needs the CUDA PJRT plugin, which the test environment does not install;
+docs/performance.md §8 has the numbers the script printed with it.)
+"""
+
+# ruff: noqa: E501 - the HLO lines below are kept whole, as XLA prints them.
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gpu_hlo():
+    spec = importlib.util.spec_from_file_location("gpu_hlo", ROOT / "scripts" / "gpu_hlo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Two zero-filled f32[1024,1024,64] buffers (256 MiB each) from one multi-output fusion, a loop
+# of 12 iterations holding a fusion and a cuBLAS GEMM, one cuDNN call and one copy outside it.
+HLO = """HloModule jit_step, is_scheduled=true
+
+%fused_fill () -> (f32[1024,1024,64], f32[1024,1024,64]) {
+  %constant_1 = f32[] constant(0)
+  %broadcast.1 = f32[1024,1024,64]{2,1,0} broadcast(%constant_1), dimensions={}
+  %copy.1 = f32[1024,1024,64]{2,1,0} copy(%broadcast.1)
+  ROOT %tuple.1 = (f32[1024,1024,64]{2,1,0}, f32[1024,1024,64]{2,1,0}) tuple(%broadcast.1, %copy.1)
+}
+
+%fused_add (p0: bf16[4,8]) -> bf16[4,8] {
+  %p0 = bf16[4,8]{1,0} parameter(0)
+  ROOT %add.1 = bf16[4,8]{1,0} add(%p0, %p0)
+}
+
+%body (arg: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {
+  %arg = (s32[], bf16[4,8]{1,0}) parameter(0)
+  %gte = bf16[4,8]{1,0} get-tuple-element(%arg), index=1
+  %loop_add_fusion = bf16[4,8]{1,0} fusion(%gte), kind=kLoop, calls=%fused_add
+  %gemm = (bf16[4,8]{1,0}, s8[0]{0}) custom-call(%loop_add_fusion, %gte), custom_call_target="__cublas$lt$matmul"
+  ROOT %t = (s32[], bf16[4,8]{1,0}) tuple(%gte, %gte)
+}
+
+%cond (arg: (s32[], bf16[4,8])) -> pred[] {
+  %arg = (s32[], bf16[4,8]{1,0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: bf16[4,8]) -> bf16[4,8] {
+  %a = bf16[4,8]{1,0} parameter(0)
+  %loop_broadcast_fusion = (f32[1024,1024,64]{2,1,0}, f32[1024,1024,64]{2,1,0}) fusion(), kind=kLoop, calls=%fused_fill
+  %init = (s32[], bf16[4,8]{1,0}) tuple(%a, %a)
+  %while.1 = (s32[], bf16[4,8]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"12"}}
+  %fmha = (bf16[4,8]{1,0}, u8[0]{0}) custom-call(%a, %a, %a), custom_call_target="__cudnn$fmhaSoftmax"
+  %copy.2 = bf16[4,8]{1,0} copy(%a)
+  ROOT %out = bf16[4,8]{1,0} get-tuple-element(%while.1), index=1
+}
+"""
+
+
+def test_kernels_count_loop_bodies_per_iteration(gpu_hlo):
+    report = gpu_hlo.analyse(HLO)
+    assert report["kernels_per_step"] == {"fusion": 1 + 12, "gemm": 12, "cudnn": 1,
+                                          "other_custom_call": 0, "copy": 1, "collective": 0}
+    assert report["while_loops"] == 1
+    assert report["zero_fill_gib_per_step"] == 0.5  # 2 x 1024*1024*64 float32
+
+
+def test_a_fusion_that_computes_is_not_a_fill(gpu_hlo):
+    computing = HLO.replace("%copy.1 = f32[1024,1024,64]{2,1,0} copy(%broadcast.1)",
+                            "%copy.1 = f32[1024,1024,64]{2,1,0} exponential(%broadcast.1)")
+    assert gpu_hlo.analyse(computing)["zero_fill_gib_per_step"] == 0.0
+
+
+def test_target_config_names_an_sm90_device():
+    text = (ROOT / "scripts" / "h200_target.txtpb").read_text()
+    assert "core_count: 132" in text and "major: 9" in text and 'platform_name: "CUDA"' in text
