@@ -14,9 +14,10 @@ GEMM algorithm choices can differ from a real run; the graph-level decisions do 
 What it prints, one JSON line: the step's kernels (fusions, cuBLAS GEMMs, cuDNN calls and the
 rest, with those inside a ``while`` loop counted once per iteration), the bytes that
 zero-filling fusions write (a broadcast of a constant into a buffer: what a scan's gradient
-does to its stacked activation buffers), XLA's temp/argument/output buffer sizes (the temp size
-is a lower bound on the run's peak memory; an H200 run measured 24.2 GiB for CLIP at batch 256),
-and the compile time. It is a static view: the device session's profile gives the times.
+does to its stacked activation buffers), a first-order time estimate (:func:`analyse`), XLA's
+temp/argument buffer sizes (temp + argument ≈ the run's peak memory: 24.4 GiB for the unrolled
+CLIP at batch 256, where an H200 run measured 24.2) and the compile time. It is a static view:
+the device session's profile gives the real times.
 
 The state is built abstractly (``jax.eval_shape``), so a ViT-B/16 model costs no memory here;
 the step is the trainer's own ``train_step`` under the mesh path (plain ``jax.jit``, state
@@ -101,40 +102,129 @@ def _trip_counts(comps: dict[str, list[str]]) -> dict[str, int]:
     return runs
 
 
+# The static time estimate's rates (H200, bf16): what cuBLAS reaches on these mid-size GEMMs
+# (below the 787 TFLOP/s of §5's 8192³ ceiling), cuDNN flash attention at 196 tokens, HBM
+# bandwidth as fusions see it, and a launch-and-tail cost per kernel. A first-order model to
+# compare variants of one config; its absolute value is ~15 % under a real step (§8).
+GEMM_TFLOPS = 650.0
+ATTENTION_TFLOPS = 400.0
+HBM_TB_PER_S = 3.6
+KERNEL_US = 2.0
+
+
+def _shape(type_str: str) -> list[int]:
+    """Dims of the first array in an HLO type."""
+    found = _SHAPE.search(type_str)
+    return [int(d) for d in found.group(2).split(",") if d] if found else []
+
+
+def _fusion_bytes(body: list[str], operand_bytes: list[int], out_type: str) -> int:
+    """HBM bytes a fusion moves: its operands and results, except that an operand it only
+    dynamic-slices is read for the slice alone, and a buffer it dynamic-update-slices in place
+    is neither read nor rewritten beyond the update (a scan's stacked params and activations)."""
+    local: dict[str, str] = {}
+    params: dict[str, int] = {}
+    for ln in body:
+        m = re.match(r"(?:ROOT )?%(\S+) = (.+?) (\w[\w\-]*)\(", ln)
+        if not m:
+            continue
+        local[m.group(1)] = m.group(2)
+        if m.group(3) == "parameter":
+            params[m.group(1)] = int(re.search(r"parameter\((\d+)\)", ln).group(1))
+    read = list(operand_bytes)
+    written = _nbytes(out_type)
+    for ln in body:
+        m = re.match(r"(?:ROOT )?%\S+ = (.+?) (dynamic-slice|dynamic-update-slice)"
+                     r"\(%([\w.\-]+)(?:, %([\w.\-]+))?", ln)
+        if not m or m.group(3) not in params or params[m.group(3)] >= len(read):
+            continue
+        i = params[m.group(3)]
+        if m.group(2) == "dynamic-slice":
+            read[i] = min(read[i], _nbytes(m.group(1)))
+        else:  # in place: the untouched part of the buffer costs nothing
+            update = _nbytes(local.get(m.group(4) or "", ""))
+            read[i] = 0
+            written -= _nbytes(m.group(1)) - update
+    return sum(read) + max(written, 0)
+
+
+def _kernel(line: str, type_str: str, op: str, types: dict[str, str],
+            comps: dict[str, list[str]], fills: set[str]) -> tuple[str, float, int] | None:
+    """(kind, estimated seconds, zero-fill bytes) of one instruction; None if no kernel."""
+    operands = re.findall(r"%([\w.\-]+)", line.split(f" {op}(", 1)[1].split(")", 1)[0])
+    sizes = [_nbytes(types.get(o, "")) for o in operands]
+    traffic = sum(sizes)
+    if op == "fusion":
+        callee = re.search(r"calls=%?([\w.\-]+)", line)
+        name = callee.group(1) if callee else ""
+        moved = _fusion_bytes(comps.get(name, []), sizes, type_str)
+        fill = _nbytes(type_str) if name in fills else 0
+        return "fusion", moved / (HBM_TB_PER_S * 1e12), fill
+    if op == "custom-call":
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        t = (target.group(1) if target else "").lower()
+        if "gemm" in t or "cublas" in t or "matmul" in t:
+            contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', line)
+            lhs = _shape(types.get(operands[0], "")) if operands else []
+            dims = [int(d) for d in (contracting.group(1) if contracting else "").replace(
+                '"', "").split(",") if d]
+            k = int(np.prod([lhs[d] for d in dims if d < len(lhs)] or [1]))
+            flops = 2.0 * float(np.prod(_shape(type_str) or [0])) * k
+            return "gemm", flops / (GEMM_TFLOPS * 1e12), 0
+        if "fmha" in t:  # q is [B, T, heads, head_dim]; backward ≈ 2.5x forward
+            b, q_len, heads, head_dim = (_shape(types.get(operands[0], "")) + [1] * 4)[:4]
+            flops = 4.0 * b * heads * q_len * q_len * head_dim * (2.5 if "backward" in t else 1)
+            return "cudnn", flops / (ATTENTION_TFLOPS * 1e12), 0
+        kind = "cudnn" if "cudnn" in t else "other_custom_call"
+        return kind, (traffic + _nbytes(type_str)) / (HBM_TB_PER_S * 1e12), 0
+    if op in ("copy", "copy-start"):
+        return "copy", 2 * _nbytes(type_str) / (HBM_TB_PER_S * 1e12), 0
+    if op in ("all-reduce", "all-reduce-start", "all-gather", "reduce-scatter"):
+        return "collective", 0.0, 0
+    return None
+
+
 def analyse(hlo: str) -> dict[str, Any]:
-    """Kernel counts and zero-fill bytes of an optimised GPU HLO module (per step)."""
+    """Kernels, zero-fill bytes and a static time estimate of an optimised GPU HLO module.
+
+    Per step: instructions inside a ``while`` body count once per iteration (its known trip
+    count). The estimate: GEMMs at :data:`GEMM_TFLOPS` (2·M·N·K), cuDNN attention at
+    :data:`ATTENTION_TFLOPS`, fusions and copies at their operand plus result bytes over
+    :data:`HBM_TB_PER_S`, plus :data:`KERNEL_US` per kernel.
+    """
     comps = _computations(hlo)
     runs = _trip_counts(comps)
-    kinds: dict[str, float] = {"fusion": 0, "gemm": 0, "cudnn": 0, "other_custom_call": 0,
-                               "copy": 0, "collective": 0}
-    fill_bytes = 0
+    types = {}
+    for lines in comps.values():
+        for line in lines:
+            m = re.match(r"(?:ROOT )?%(\S+) = (.+?) (\w[\w\-]*)\(", line)
+            if m:
+                types[m.group(1)] = m.group(2)
     fill_ops = ("broadcast(", "constant(", "parameter(", "tuple(", "bitcast(", "copy(")
-    fused = {name for name, lines in comps.items()  # fusions that only broadcast a constant
+    fills = {name for name, lines in comps.items()  # fusions that only broadcast a constant
              if lines and all(any(op in ln for op in fill_ops) for ln in lines)}
+    kinds = dict.fromkeys(("fusion", "gemm", "cudnn", "other_custom_call", "copy",
+                           "collective"), 0)
+    seconds = dict.fromkeys(kinds, 0.0)
+    fill_bytes = 0
     for comp, n in runs.items():
         for line in comps.get(comp, []):
             m = re.match(r"(?:ROOT )?%\S+ = (.+?) (\w[\w\-]*)\(", line)
-            if not m:
+            found = _kernel(line, *m.groups(), types, comps, fills) if m else None
+            if found is None:
                 continue
-            type_str, op = m.groups()
-            if op == "fusion":
-                kinds["fusion"] += n
-                callee = re.search(r"calls=%?([\w.\-]+)", line)
-                if callee and callee.group(1) in fused:
-                    fill_bytes += n * _nbytes(type_str)
-            elif op == "custom-call":
-                target = re.search(r'custom_call_target="([^"]+)"', line)
-                t = target.group(1) if target else ""
-                key = ("gemm" if "gemm" in t.lower() or "cublas" in t.lower() else
-                       "cudnn" if "cudnn" in t.lower() else "other_custom_call")
-                kinds[key] += n
-            elif op in ("copy", "copy-start"):
-                kinds["copy"] += n
-            elif op in ("all-reduce", "all-reduce-start", "all-gather", "reduce-scatter"):
-                kinds["collective"] += n
-    return {"kernels_per_step": {k: int(v) for k, v in kinds.items()},
+            kind, t, fill = found
+            kinds[kind] += n
+            seconds[kind] += n * t
+            fill_bytes += n * fill
+    launches = sum(kinds.values()) * KERNEL_US * 1e-6
+    estimate = {k: round(v * 1e3, 2) for k, v in seconds.items() if v}
+    estimate["launch"] = round(launches * 1e3, 2)
+    estimate["total"] = round((sum(seconds.values()) + launches) * 1e3, 1)
+    return {"kernels_per_step": kinds,
             "while_loops": sum(1 for c in runs if c != "ENTRY"),
-            "zero_fill_gib_per_step": round(fill_bytes / 2**30, 3)}
+            "zero_fill_gib_per_step": round(fill_bytes / 2**30, 3),
+            "estimate_ms": estimate}
 
 
 def compile_for_gpu(config: Any, batch_size: int, target: str) -> tuple[Any, float]:

@@ -44,7 +44,7 @@ HLO = """HloModule jit_step, is_scheduled=true
   %arg = (s32[], bf16[4,8]{1,0}) parameter(0)
   %gte = bf16[4,8]{1,0} get-tuple-element(%arg), index=1
   %loop_add_fusion = bf16[4,8]{1,0} fusion(%gte), kind=kLoop, calls=%fused_add
-  %gemm = (bf16[4,8]{1,0}, s8[0]{0}) custom-call(%loop_add_fusion, %gte), custom_call_target="__cublas$lt$matmul"
+  %gemm = (bf16[4,8]{1,0}, s8[0]{0}) custom-call(%loop_add_fusion, %gte), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
   ROOT %t = (s32[], bf16[4,8]{1,0}) tuple(%gte, %gte)
 }
 
@@ -71,6 +71,40 @@ def test_kernels_count_loop_bodies_per_iteration(gpu_hlo):
                                           "other_custom_call": 0, "copy": 1, "collective": 0}
     assert report["while_loops"] == 1
     assert report["zero_fill_gib_per_step"] == 0.5  # 2 x 1024*1024*64 float32
+    est = report["estimate_ms"]
+    fill_s = 2 * 2**28 / (gpu_hlo.HBM_TB_PER_S * 1e12)  # the fill fusion writes 512 MiB
+    gemm_s = 12 * 2.0 * 32 * 8 / (gpu_hlo.GEMM_TFLOPS * 1e12)  # [4,8] out, K = 8, 12 times
+    assert est["gemm"] == round(gemm_s * 1e3, 2)
+    assert est["fusion"] == pytest.approx(fill_s * 1e3, abs=0.01)
+    assert est["launch"] == round(27 * gpu_hlo.KERNEL_US * 1e-3, 2)  # 13 + 12 + 1 + 1 kernels
+    assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k != "total"), abs=0.1)
+
+
+def test_fusion_bytes_count_slices_not_whole_stacks(gpu_hlo):
+    """A fusion that dynamic-slices one layer out of a stacked [12, ...] operand reads the slice;
+    one that dynamic-update-slices a layer into it writes the update, in place."""
+    mib = 2**20
+    reads_a_layer = [
+        "%param_0.1 = bf16[12,1024,1024]{2,1,0} parameter(0)",
+        "%param_1.1 = f32[1024]{0} parameter(1)",
+        "%c = s32[] constant(3)",
+        "%ds = bf16[1,1024,1024]{2,1,0} dynamic-slice(%param_0.1, %c, %c, %c), "
+        "dynamic_slice_sizes={1,1024,1024}",
+        "ROOT %b = bf16[1024,1024]{1,0} bitcast(%ds)",
+    ]
+    assert gpu_hlo._fusion_bytes(reads_a_layer, [24 * mib, 4096], "bf16[1024,1024]") == (
+        2 * mib + 4096 + 2 * mib)
+    writes_a_layer = [
+        "%param_0.2 = bf16[12,1024,1024]{2,1,0} parameter(0)",
+        "%param_1.2 = bf16[1,1024,1024]{2,1,0} parameter(1)",
+        "%c = s32[] constant(3)",
+        "ROOT %dus = bf16[12,1024,1024]{2,1,0} dynamic-update-slice(%param_0.2, %param_1.2, %c, "
+        "%c, %c)",
+    ]
+    assert gpu_hlo._fusion_bytes(writes_a_layer, [24 * mib, 2 * mib], "bf16[12,1024,1024]") == (
+        2 * mib + 2 * mib)
+    plain = ["%param_0.3 = f32[256]{0} parameter(0)", "ROOT %n = f32[256]{0} negate(%param_0.3)"]
+    assert gpu_hlo._fusion_bytes(plain, [1024], "f32[256]") == 2048
 
 
 def test_a_fusion_that_computes_is_not_a_fill(gpu_hlo):
