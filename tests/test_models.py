@@ -926,3 +926,26 @@ def test_gelu_gradient_is_the_exact_one_and_keeps_only_its_input(capsys):
     g32 = jax.grad(lambda x: layers.gelu(x).sum())(xb.astype(jnp.float32))
     assert g.dtype == jnp.bfloat16
     np.testing.assert_allclose(g.astype(np.float32), g32, rtol=1e-2, atol=1e-2)
+
+
+def test_heads_dense_is_dense_general_with_a_2d_bias():
+    """layers.HeadsDense draws DenseGeneral((heads, head_dim))'s params for the same key and
+    computes its function (float32, random params and inputs)."""
+
+    class Reference(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.DenseGeneral((4, 8), name="query")(x)
+
+    class Heads(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return layers.HeadsDense(4, 8, name="query")(x)
+
+    rng = np.random.default_rng(23)
+    x = jnp.asarray(rng.standard_normal((3, 5, 32)), jnp.float32)
+    want, got = Reference().init(jax.random.key(4), x), Heads().init(jax.random.key(4), x)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    params = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), want)
+    np.testing.assert_allclose(Heads().apply(params, x), Reference().apply(params, x),
+                               rtol=1e-5, atol=1e-5)

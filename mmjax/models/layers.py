@@ -149,6 +149,38 @@ def resolve_attention(
     return "cudnn" if backend in ("gpu", "cuda") and fits else None
 
 
+class HeadsDense(nn.Module):
+    """``x [..., D] → [..., heads, head_dim]``: ``nn.DenseGeneral((heads, head_dim))``'s params
+    (``kernel`` [D, heads, head_dim], ``bias`` [heads, head_dim], the same initialisers, so the
+    same values for the same key) computed as one 2-D matmul plus a vector bias.
+
+    Why not DenseGeneral itself: it adds the bias after reshaping the product to
+    [..., heads, head_dim], and compiled for an H200 that add stayed a separate kernel after
+    each query/key/value GEMM (a read and write of the whole activation, 72 kernels per CLIP
+    step); a bias on the 2-D product is what XLA folds into the cuBLAS epilogue, as it already
+    did for the ``out`` projection (docs/performance.md §9).
+    """
+
+    num_heads: int
+    head_dim: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d, n = x.shape[-1], self.num_heads * self.head_dim
+        shape = (d, self.num_heads, self.head_dim)
+        kernel = self.param(  # drawn on the flat [D, heads*head_dim] shape, as DenseGeneral does
+            "kernel", lambda rng, s, t=jnp.float32: nn.initializers.lecun_normal()(
+                rng, (s[0], s[1] * s[2]), t).reshape(s), shape, jnp.float32)
+        y = jnp.dot(x.astype(self.dtype), kernel.reshape(d, n).astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.num_heads, self.head_dim),
+                              jnp.float32)
+            y = y + bias.reshape(n).astype(self.dtype)
+        return y.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+
+
 class Attention(nn.Module):
     """Multi-head attention with HF-compatible projections (query/key/value/out).
 
@@ -187,8 +219,8 @@ class Attention(nn.Module):
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
         head_dim = width // self.num_heads
-        dense = lambda name, bias: nn.DenseGeneral(
-            (self.num_heads, head_dim), use_bias=bias, dtype=self.dtype, name=name
+        dense = lambda name, bias: HeadsDense(
+            self.num_heads, head_dim, use_bias=bias, dtype=self.dtype, name=name
         )
         q = dense("query", self.qkv_bias)(x)
         k = dense("key", self.qkv_bias)(context)
