@@ -362,11 +362,13 @@ def scan_over_layers(layer_cls: type[nn.Module], depth: int, unroll: int = 0) ->
     init and dropout draw per layer, every call argument after the carry broadcast to all.
 
     ``unroll`` layers run per loop iteration (``jax.lax.scan``'s ``unroll``; 0 = all of them, so
-    the compiled step has no loop at all, only the stacked params). Why not always a loop: the
-    gradient of a scan stacks each layer's saved activations into [depth, ...] buffers that XLA
-    first fills (27.6 GiB of broadcast-and-copy per step in the CPU-compiled CLIP B/16 at batch
-    256, against none unrolled; docs/performance.md §8), and a loop keeps XLA from scheduling
-    across layers. The math and the params are the same for every ``unroll``.
+    the compiled step has no loop at all, only the stacked params; the default). Why not a loop:
+    the gradient of a scan stacks each layer's saved activations into [depth, ...] buffers that
+    XLA first zero-fills, and inside a loop XLA cannot recompute what it recomputes across an
+    unrolled step: compiled for an H200, the CLIP B/16 step at batch 256 fills 38 GiB per step
+    and needs 38 GiB of temp buffers as a loop, against 0.1 and 22.6 unrolled
+    (docs/performance.md §8). A loop compiles faster, which is what ``unroll=1`` is for. The
+    math and the params are the same for every ``unroll``.
     """
     return nn.scan(
         layer_cls,
