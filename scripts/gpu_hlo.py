@@ -1,6 +1,7 @@
 """Compiles a config's train step for an H100/H200 without a GPU and reports what XLA built.
 
-    pip install --target /tmp/gpusite jax-cuda12-plugin==<jax version> jax-cuda12-pjrt==<same>
+    pip install --target /tmp/gpusite jax-cuda12-plugin==<jax version> jax-cuda12-pjrt==<same> \
+        nvidia-cudnn-cu12
     PYTHONPATH=/tmp/gpusite:$PWD JAX_PLATFORMS=cpu python scripts/gpu_hlo.py \
         --config configs/clip_vitb16.py [--batch_size B] [--config.model.scan_layers=True] ...
 
@@ -21,8 +22,8 @@ the device session's profile gives the real times.
 
 The state is built abstractly (``jax.eval_shape``), so a ViT-B/16 model costs no memory here;
 the step is the trainer's own ``train_step`` under the mesh path (plain ``jax.jit``, state
-donated). ``attn_implementation="auto"`` resolves to XLA on a CPU host, so it is compiled as
-``cudnn`` here, what an H200 run resolves it to for these shapes.
+donated). ``attn_implementation="auto"`` is resolved as on a GPU (cuDNN where the dtype and
+shapes allow: ``layers.resolve_attention`` with ``backend="gpu"``), not as on this CPU host.
 """
 
 # XLA_FLAGS must be set before JAX is imported, hence the imports after the flag line.
@@ -49,6 +50,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mmjax import cli
 from mmjax.benchmark import synthetic_batch
+from mmjax.models import layers
 from mmjax.models.multimodal import build_model
 from mmjax.trainer import create_state, tasks_from_config, train_step
 
@@ -227,12 +229,25 @@ def analyse(hlo: str) -> dict[str, Any]:
             "estimate_ms": estimate}
 
 
+PLUGIN_HINT = (f"pip install --target /tmp/gpusite jax-cuda12-plugin=={jax.__version__} "
+               f"jax-cuda12-pjrt=={jax.__version__} nvidia-cudnn-cu12, then run with "
+               "PYTHONPATH=/tmp/gpusite:$PWD JAX_PLATFORMS=cpu")
+
+
+def gpu_topology(target: str) -> Any:
+    """A deviceless one-GPU topology for ``target``; a clear error where the plugin is missing."""
+    try:
+        import jax_plugins.xla_cuda12  # noqa: F401 - registers the "cuda" platform's plugin
+    except ImportError:
+        raise RuntimeError("scripts/gpu_hlo.py needs the CUDA PJRT plugin, which is not "
+                           f"installed: {PLUGIN_HINT}") from None
+    return topologies.get_topology_desc("mmjax_gpu", "cuda", topology="1x1x1",
+                                        target_config=Path(target).read_text())
+
+
 def compile_for_gpu(config: Any, batch_size: int, target: str) -> tuple[Any, float]:
     """The trainer's train step compiled by XLA's GPU pipeline for ``target``; (compiled, s)."""
-    if config.model.get("attn_implementation", "") == "auto":
-        config.model.attn_implementation = "cudnn"
-    topo = topologies.get_topology_desc("mmjax_gpu", "cuda", topology="1x1x1",
-                                        target_config=Path(target).read_text())
+    topo = gpu_topology(target)
     mesh = topologies.make_mesh(topo, (1,), ("data",))
     replicated = NamedSharding(mesh, PartitionSpec())
     tasks = tasks_from_config(config)
@@ -252,9 +267,16 @@ def compile_for_gpu(config: Any, batch_size: int, target: str) -> tuple[Any, flo
         functools.partial(train_step, model=model, tx=holder["tx"], tasks=tasks, axis_name=None),
         donate_argnums=(0,),
     )
-    t0 = time.perf_counter()
-    compiled = step.trace(jax.tree.map(on_gpu, state), jax.tree.map(on_gpu, host_batch)).lower(
-        lowering_platforms=("cuda",)).compile()
+    # attn_implementation="auto" asks the backend; tracing happens on this CPU host, so answer
+    # as a GPU would (cuDNN where dtype and shapes allow, layers.resolve_attention's rule).
+    resolve = layers.resolve_attention
+    layers.resolve_attention = lambda *args, **kw: resolve(*args, **{**kw, "backend": "gpu"})
+    try:
+        t0 = time.perf_counter()
+        compiled = step.trace(jax.tree.map(on_gpu, state), jax.tree.map(on_gpu, host_batch)).lower(
+            lowering_platforms=("cuda",)).compile()
+    finally:
+        layers.resolve_attention = resolve
     return compiled, time.perf_counter() - t0
 
 

@@ -116,3 +116,12 @@ def test_a_fusion_that_computes_is_not_a_fill(gpu_hlo):
 def test_target_config_names_an_sm90_device():
     text = (ROOT / "scripts" / "h200_target.txtpb").read_text()
     assert "core_count: 132" in text and "major: 9" in text and 'platform_name: "CUDA"' in text
+
+
+def test_a_missing_cuda_plugin_is_named_with_the_install_line(gpu_hlo, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "jax_plugins.xla_cuda12", None)  # import -> ImportError
+    with pytest.raises(RuntimeError, match=r"CUDA PJRT plugin.*pip install --target .*"
+                                           r"jax-cuda12-plugin==.*jax-cuda12-pjrt=="):
+        gpu_hlo.gpu_topology(str(ROOT / "scripts" / "h200_target.txtpb"))
