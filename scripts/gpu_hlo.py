@@ -296,7 +296,7 @@ def main() -> None:
         "overrides": [a for a in sys.argv[1:] if a.startswith("--config.")],
         "batch_size": batch_size,
         "scan_layers": bool(config.model.get("scan_layers", False)),
-        "scan_unroll": int(config.model.get("scan_unroll", 1)),
+        "scan_unroll": int(config.model.get("scan_unroll", 0)),  # build_model's default
         "compile_s": round(seconds, 1),
         **analyse(hlo),
         "temp_gib": round(mem.temp_size_in_bytes / 2**30, 2),

@@ -87,7 +87,8 @@ def test_layouts_convert_both_ways():
 
 
 def _outputs_and_grads(model, params, batch, weights_seed: int):
-    """The model's outputs and the gradient of a fixed random functional of all of them."""
+    """The model's outputs, the gradient of a fixed random functional of all of them, and the
+    optimised HLO text of that computation (for loop checks)."""
     def objective(p):
         outs = model.apply({"params": p}, batch)
         rng = np.random.default_rng(weights_seed)
@@ -97,11 +98,7 @@ def _outputs_and_grads(model, params, batch, weights_seed: int):
 
     compiled = _jit(jax.value_and_grad(objective, has_aux=True)).lower(params).compile()
     (_, outs), grads = compiled(params)
-    _LAST_HLO[0] = compiled.as_text()
-    return jax.device_get(outs), jax.device_get(grads)
-
-
-_LAST_HLO = [""]  # the optimised HLO of the last _outputs_and_grads, for loop checks
+    return jax.device_get(outs), jax.device_get(grads), compiled.as_text()
 
 
 @functools.cache
@@ -115,12 +112,12 @@ def test_scanned_model_matches_unrolled_outputs_and_grads(unroll, remat):
     layers in one (``scan_unroll=0``, the default: no loop; under remat here) and two per
     iteration (depth 3: a remainder). The co-attention test below runs the loop under remat."""
     scanned = layers.match_layers(_random_params(2), _shapes(True))
-    outs_ref, g_ref = _unrolled_reference()
-    outs, g = _outputs_and_grads(_model(True, scan_unroll=unroll, remat=remat), scanned,
-                                 _batch(3), 4)
+    outs_ref, g_ref, _ = _unrolled_reference()
+    outs, g, hlo = _outputs_and_grads(_model(True, scan_unroll=unroll, remat=remat), scanned,
+                                      _batch(3), 4)
     # Loops (forward and backward) for unroll=1; none for 0, nor for 2 here, where every depth
     # (3, 2, 2) fits in one iteration and XLA drops a loop that runs once.
-    assert (" while(" in _LAST_HLO[0]) == (unroll == 1)
+    assert (" while(" in hlo) == (unroll == 1)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  outs, outs_ref)
     assert np.abs(g["image"]["encoder"]["layers"]["attn"]["query"]["kernel"][0]).max() > 0
@@ -149,8 +146,8 @@ def test_scanned_co_attention_matches_unrolled():
     np.testing.assert_array_equal(scanned["fusion"]["co_layers"]["text"]["mlp"]["fc2"]["kernel"][1],
                                   unrolled["fusion"]["text_layer_1"]["mlp"]["fc2"]["kernel"])
     jax.tree.map(np.testing.assert_array_equal, layers.unstack_all(scanned), unrolled)
-    outs_ref, g_ref = _outputs_and_grads(unrolled_model, unrolled, _batch(13), 14)
-    outs, g = _outputs_and_grads(scanned_model, scanned, _batch(13), 14)
+    outs_ref, g_ref, _ = _outputs_and_grads(unrolled_model, unrolled, _batch(13), 14)
+    outs, g, _ = _outputs_and_grads(scanned_model, scanned, _batch(13), 14)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  outs, outs_ref)
     got = _leaves(g)
