@@ -944,6 +944,42 @@ def test_gelu_gradient_is_the_exact_one_and_keeps_only_its_input(capsys, name, r
     np.testing.assert_allclose(g.astype(np.float32), g32, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("pos_shape", [(7, 5), (1, 7, 5)])
+def test_add_positions_is_broadcasting_with_its_gradients(pos_shape):
+    """layers.add_positions against plain broadcasting: value and both gradients in float64
+    (random inputs and cotangent), the bfloat16 path (the position gradient is the float32 sum
+    of the bfloat16 cotangent), and a clear error for shapes it does not take."""
+    rng = np.random.default_rng(29)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((6, 7, 5)))
+        pos = jnp.asarray(rng.standard_normal(pos_shape))
+        w = jnp.asarray(rng.standard_normal((6, 7, 5)))
+        ours = lambda x, p: jnp.vdot(layers.add_positions(x, p, jnp.float64), w)
+        plain = lambda x, p: jnp.vdot(x + p, w)
+        np.testing.assert_array_equal(layers.add_positions(x, pos, jnp.float64), x + pos)
+        for got, want in zip(jax.grad(ours, (0, 1))(x, pos), jax.grad(plain, (0, 1))(x, pos),
+                             strict=True):
+            assert got.shape == want.shape and got.dtype == want.dtype
+            np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+
+    x32 = jnp.asarray(rng.standard_normal((6, 7, 5)), jnp.float32)
+    pos32 = jnp.asarray(rng.standard_normal(pos_shape), jnp.float32)
+    wb = jnp.asarray(rng.standard_normal((6, 7, 5)), jnp.bfloat16)
+    out = layers.add_positions(x32, pos32, jnp.bfloat16)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out, (x32 + pos32).astype(jnp.bfloat16))
+    gx, gp = jax.grad(
+        lambda x, p: (layers.add_positions(x, p, jnp.bfloat16) * wb).astype(jnp.float32).sum(),
+        (0, 1))(x32, pos32)
+    assert gx.dtype == jnp.float32 and gp.dtype == jnp.float32 and gp.shape == pos_shape
+    np.testing.assert_array_equal(gx, wb.astype(jnp.float32))
+    np.testing.assert_allclose(gp.reshape(7, 5), wb.astype(jnp.float32).sum(axis=0), rtol=1e-6)
+
+    with pytest.raises(ValueError, match=r"got x \(6, 7, 5\) and pos \(7, 4\)"):
+        jax.grad(lambda p: layers.add_positions(x32, p, jnp.float32).sum())(
+            jnp.ones((7, 4), jnp.float32))
+
+
 def test_heads_dense_is_dense_general_with_a_2d_bias():
     """layers.HeadsDense draws DenseGeneral((heads, head_dim))'s params for the same key and
     computes its function (float32, random params and inputs)."""

@@ -7,6 +7,7 @@ exist once and a Hugging Face checkpoint maps onto the very modules the trainer 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -131,6 +132,47 @@ def _gelu_tanh_bwd(x: Array, g: Array) -> tuple[Array]:
 
 
 gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def add_positions(x: Array, pos: Array, dtype: Dtype) -> Array:
+    """``(x + pos).astype(dtype)``: learnt position embeddings ``pos`` [T, D] (or [1, T, D])
+    added to every example of ``x`` [B, T, D], then cast to the compute dtype, with the gradient
+    of ``pos`` (the sum over the batch) computed as a matmul with a vector of ones.
+
+    The value and gradients are those of plain broadcasting. The reason is XLA's GPU layout
+    assignment: it lays a reduction's operand out with the reduced dimension minor-most, and the
+    batch sum of the [B, T, D] embedding gradient then made the text tower's whole residual
+    stream [T, D, B] in memory, so every residual add and LayerNorm of every layer, forward and
+    backward, transposed (compiled for an H200: 1,604 such tensors in the CLIP step, 2,025 in
+    BERT's). As a matmul the layout stays row-major (docs/performance.md §11). The cast is part
+    of the function so that the incoming gradient has the compute dtype: for bfloat16 the matmul
+    takes bfloat16 operands (exact products with ones, float32 accumulation); a float32 sum asks
+    for full float32 precision (``HIGHEST``), with which XLA keeps it a plain reduction.
+    """
+    return (x + pos).astype(dtype)
+
+
+def _add_positions_fwd(x: Array, pos: Array, dtype: Dtype) -> tuple[Array, tuple[Array, Array]]:
+    if x.ndim != 3 or pos.shape[-2:] != x.shape[1:] or pos.ndim not in (2, 3) or (
+            pos.ndim == 3 and pos.shape[0] != 1):
+        raise ValueError(f"add_positions wants x [B, T, D] and pos [T, D] or [1, T, D]; got x "
+                         f"{x.shape} and pos {pos.shape}")
+    # The ones carry the batch size and x's dtype into the backward pass; pos (a parameter, alive
+    # anyway) carries its shape and dtype.
+    return add_positions(x, pos, dtype), (jnp.ones((x.shape[0],), x.dtype), pos)
+
+
+def _add_positions_bwd(dtype: Dtype, res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    ones, pos = res
+    exact = jnp.finfo(g.dtype).bits <= 16  # a 16-bit g times 1 is exact in any matmul precision
+    gpos = jnp.einsum("b,btd->td", ones.astype(g.dtype), g,
+                      precision=None if exact else jax.lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.promote_types(g.dtype, jnp.float32))
+    return g.astype(ones.dtype), gpos.reshape(pos.shape).astype(pos.dtype)
+
+
+add_positions.defvjp(_add_positions_fwd, _add_positions_bwd)
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {

@@ -317,7 +317,7 @@ class CaptionHead(nn.Module):
         init = nn.initializers.normal(0.02)
         x = nn.Embed(self.vocab_size, self.width, embedding_init=init, name="token_embedding")(ids)
         pos = self.param("position_embedding", init, (self.max_len, self.width), jnp.float32)
-        x = (x + pos[None, :length]).astype(self.dtype)
+        x = layers.add_positions(x, pos[:length], self.dtype)  # row-major on GPUs
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         ctx = nn.Dense(self.width, dtype=self.dtype, name="context_proj")(context)
         if self.context_positions:

@@ -89,13 +89,13 @@ class TextEncoder(nn.Module):
         init = nn.initializers.normal(stddev=0.02)
         x = nn.Embed(self.vocab_size, d, embedding_init=init, name="token_embedding")(ids)
         pos = self.param("position_embedding", init, (self.max_len, d), jnp.float32)
-        x = x + pos[None, :length]
         if self.type_vocab_size:
             seg = jnp.zeros_like(ids) if segment_ids is None else segment_ids
             x = x + nn.Embed(
                 self.type_vocab_size, d, embedding_init=init, name="segment_embedding"
             )(seg)
-        x = x.astype(self.dtype)
+        # Positions last (as HF's BERT adds them), with the cast: see layers.add_positions.
+        x = layers.add_positions(x, pos[:length], self.dtype)
         if self.embed_norm:
             x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="embed_norm")(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
