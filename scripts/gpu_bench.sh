@@ -67,7 +67,7 @@ p() { timeout "$1" python3 scripts/bench_torch_peer.py --batch_size "$B" --steps
 # probe = scripts/dispatch_probe.py: host dispatch ms against the number of state arrays;
 # mmjax = both configs only; peers_eager = both peers in eager mode only (the fusion goal's
 #   reference; the compiled clip peer was slower than eager on the H200);
-# mmjaxprof = both configs as configured (since version 2b: layers stacked and unrolled,
+# mmjaxprof = both configs as configured (since version 2b layers stacked and unrolled,
 #   scan_layers=True, scan_unroll=0), each also tracing 5 steps after its timing (--profile_steps:
 #   the summary joins the same JSON line; one process and one compile instead of two);
 # unrolled / unrolled_fusion = clip / fusion with scan_layers=False (the layout §5 measured): the
@@ -80,8 +80,9 @@ p() { timeout "$1" python3 scripts/bench_torch_peer.py --batch_size "$B" --steps
 # profile / profile_fusion = mmjax.profile_step: 5 steps traced, device time summed per kernel and
 #   per category (matmul, attention, fusion, copy, ...) into $OUT/profile_*.jsonl (the trace
 #   itself stays in /tmp: too big to bring back); PROFILE_ARGS adds overrides (e.g. scan_layers);
-# gelu / xla / flags = the ablations: tanh-GELU (cuBLASLt can fuse it into the matmul epilogue,
-# exact erf-GELU it cannot), XLA attention instead of cuDNN, the two XLA flags off.
+# gelu / xla / flags = the ablations: tanh-GELU (layers.gelu_tanh, which XLA puts into the fc1
+# matmul's cuBLASLt epilogue; exact erf-GELU it cannot; docs §10), XLA attention instead of
+# cuDNN, the two XLA flags off.
 PARTS=${PARTS:-main gelu xla flags}
 for part in $PARTS; do
   case $part in
