@@ -17,8 +17,9 @@ rest, with those inside a ``while`` loop counted once per iteration), the bytes 
 zero-filling fusions write (a broadcast of a constant into a buffer: what a scan's gradient
 does to its stacked activation buffers), a first-order time estimate (:func:`analyse`), XLA's
 temp/argument buffer sizes (temp + argument ≈ the run's peak memory: 24.4 GiB for the unrolled
-CLIP at batch 256, where an H200 run measured 24.2) and the compile time. It is a static view:
-the device session's profile gives the real times.
+CLIP at batch 256, where an H200 run measured 24.2), the arrays laid out batch-minor
+(:func:`batch_minor_arrays`: a layout check) and the compile time. It is a static view: the
+device session's profile gives the real times.
 
 The state is built abstractly (``jax.eval_shape``), so a ViT-B/16 model costs no memory here;
 the step is the trainer's own ``train_step`` under the mesh path (plain ``jax.jit``, state
@@ -229,6 +230,33 @@ def analyse(hlo: str) -> dict[str, Any]:
             "estimate_ms": estimate}
 
 
+_LAYOUT_ARRAY = re.compile(r"(\w+)\[([\d,]+)\]\{([\d,]+)")
+
+
+def batch_minor_arrays(hlo: str, batch: int) -> dict[str, Any]:
+    """Arrays of rank >= 3 that the step's top level lays out with the batch dimension
+    minor-most (their most minor physical dimension has size ``batch``).
+
+    A handful are normal (the patch convolution's own input layout). Hundreds mean that XLA laid a
+    whole residual stream out batch-minor, so every elementwise op on it transposes: what a batch
+    sum of an activation gradient did to the text tower before ``layers.add_positions``
+    (docs/performance.md §11). Returns the count and the five most frequent shapes.
+    """
+    shapes: dict[str, int] = {}
+    for line in _computations(hlo).get("ENTRY", []):
+        m = re.match(r"(?:ROOT )?%\S+ = (.+?) [\w\-]+\(", line)
+        if not m:
+            continue
+        for dt, dims, layout in _LAYOUT_ARRAY.findall(m.group(1)):
+            size = [int(d) for d in dims.split(",")]
+            minor = int(layout.split(",")[0])
+            if len(size) >= 3 and size[minor] == batch:
+                key = f"{dt}[{dims}]{{{layout}}}"
+                shapes[key] = shapes.get(key, 0) + 1
+    top = sorted(shapes.items(), key=lambda kv: -kv[1])[:5]
+    return {"count": sum(shapes.values()), "top": dict(top)}
+
+
 PLUGIN_HINT = (f"pip install --target /tmp/gpusite jax-cuda12-plugin=={jax.__version__} "
                f"jax-cuda12-pjrt=={jax.__version__} nvidia-cudnn-cu12, then run with "
                "PYTHONPATH=/tmp/gpusite:$PWD JAX_PLATFORMS=cpu")
@@ -299,6 +327,7 @@ def main() -> None:
         "scan_unroll": int(config.model.get("scan_unroll", 0)),  # build_model's default
         "compile_s": round(seconds, 1),
         **analyse(hlo),
+        "batch_minor_arrays": batch_minor_arrays(hlo, batch_size),
         "temp_gib": round(mem.temp_size_in_bytes / 2**30, 2),
         "argument_gib": round(mem.argument_size_in_bytes / 2**30, 2),
         "jax": jax.__version__,

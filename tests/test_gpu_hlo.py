@@ -125,3 +125,29 @@ def test_a_missing_cuda_plugin_is_named_with_the_install_line(gpu_hlo, monkeypat
     with pytest.raises(RuntimeError, match=r"CUDA PJRT plugin.*pip install --target .*"
                                            r"jax-cuda12-plugin==.*jax-cuda12-pjrt=="):
         gpu_hlo.gpu_topology(str(ROOT / "scripts" / "h200_target.txtpb"))
+
+
+def test_batch_minor_arrays_counts_transposed_activations(gpu_hlo):
+    """Top-level results of rank >= 3 whose most minor physical dimension is the batch are
+    counted (tuple elements too); row-major ones, rank-2 ones and fusion bodies are not."""
+    hlo = """HloModule m, is_scheduled=true
+
+%fused (p: bf16[80,512,256]) -> bf16[80,512,256] {
+  %p = bf16[80,512,256]{2,1,0} parameter(0)
+  ROOT %n = bf16[80,512,256]{2,1,0} negate(%p)
+}
+
+ENTRY %main (a: bf16[256,80,512]) -> bf16[256,80,512] {
+  %a = bf16[256,80,512]{2,1,0} parameter(0)
+  %t = bf16[80,512,256]{2,1,0} transpose(%a), dimensions={1,2,0}
+  %f = bf16[80,512,256]{2,1,0} fusion(%t), kind=kLoop, calls=%fused
+  %m = (f32[80,512,256]{2,1,0}, f32[80,256]{1,0}) fusion(%f), kind=kInput, calls=%fused
+  %r = bf16[256,80,512]{0,2,1} copy(%a)
+  ROOT %o = bf16[256,80,512]{2,1,0} negate(%a)
+}
+"""
+    got = gpu_hlo.batch_minor_arrays(hlo, 256)
+    # %t, %f, the tuple's f32[80,512,256], and %r (dimension 0, the batch, is minor there).
+    assert got["count"] == 4
+    assert got["top"]["bf16[80,512,256]{2,1,0}"] == 2
+    assert gpu_hlo.batch_minor_arrays(hlo, 512)["count"] == 2  # the row-major [256,80,512]s
