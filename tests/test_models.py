@@ -975,9 +975,10 @@ def test_add_positions_is_broadcasting_with_its_gradients(pos_shape):
     np.testing.assert_array_equal(gx, wb.astype(jnp.float32))
     np.testing.assert_allclose(gp.reshape(7, 5), wb.astype(jnp.float32).sum(axis=0), rtol=1e-6)
 
-    with pytest.raises(ValueError, match=r"got x \(6, 7, 5\) and pos \(7, 4\)"):
-        jax.grad(lambda p: layers.add_positions(x32, p, jnp.float32).sum())(
-            jnp.ones((7, 4), jnp.float32))
+    for call in (lambda p: layers.add_positions(x32, p, jnp.float32),  # forward alone
+                 jax.grad(lambda p: layers.add_positions(x32, p, jnp.float32).sum())):
+        with pytest.raises(ValueError, match=r"got x \(6, 7, 5\) and pos \(7, 4\)"):
+            call(jnp.ones((7, 4), jnp.float32))
 
 
 def test_heads_dense_is_dense_general_with_a_2d_bias():

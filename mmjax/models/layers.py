@@ -150,14 +150,14 @@ def add_positions(x: Array, pos: Array, dtype: Dtype) -> Array:
     takes bfloat16 operands (exact products with ones, float32 accumulation); a float32 sum asks
     for full float32 precision (``HIGHEST``), with which XLA keeps it a plain reduction.
     """
-    return (x + pos).astype(dtype)
-
-
-def _add_positions_fwd(x: Array, pos: Array, dtype: Dtype) -> tuple[Array, tuple[Array, Array]]:
     if x.ndim != 3 or pos.shape[-2:] != x.shape[1:] or pos.ndim not in (2, 3) or (
             pos.ndim == 3 and pos.shape[0] != 1):
         raise ValueError(f"add_positions wants x [B, T, D] and pos [T, D] or [1, T, D]; got x "
                          f"{x.shape} and pos {pos.shape}")
+    return (x + pos).astype(dtype)
+
+
+def _add_positions_fwd(x: Array, pos: Array, dtype: Dtype) -> tuple[Array, tuple[Array, Array]]:
     # The ones carry the batch size and x's dtype into the backward pass; pos (a parameter, alive
     # anyway) carries its shape and dtype.
     return add_positions(x, pos, dtype), (jnp.ones((x.shape[0],), x.dtype), pos)
