@@ -144,11 +144,12 @@ def add_positions(x: Array, pos: Array, dtype: Dtype) -> Array:
     assignment: it lays a reduction's operand out with the reduced dimension minor-most, and the
     batch sum of the [B, T, D] embedding gradient then made the text tower's whole residual
     stream [T, D, B] in memory, so every residual add and LayerNorm of every layer, forward and
-    backward, transposed (compiled for an H200: 1,604 such tensors in the CLIP step, 2,025 in
-    BERT's). As a matmul the layout stays row-major (docs/performance.md §11). The cast is part
-    of the function so that the incoming gradient has the compute dtype: for bfloat16 the matmul
-    takes bfloat16 operands (exact products with ones, float32 accumulation); a float32 sum asks
-    for full float32 precision (``HIGHEST``), with which XLA keeps it a plain reduction.
+    backward, transposed (compiled for an H200: 176 top-level arrays laid out batch-minor in the
+    CLIP step, 129 in the fusion config's; 3 with this). As a matmul the layout stays row-major
+    (docs/performance.md §11). The cast is part of the function so that the incoming gradient
+    has the compute dtype: for bfloat16 the matmul takes bfloat16 operands (exact products with
+    ones, float32 accumulation); a float32 sum asks for full float32 precision (``HIGHEST``),
+    with which XLA keeps it a plain reduction.
     """
     if x.ndim != 3 or pos.shape[-2:] != x.shape[1:] or pos.ndim not in (2, 3) or (
             pos.ndim == 3 and pos.shape[0] != 1):
