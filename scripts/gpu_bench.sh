@@ -25,7 +25,7 @@ PEER_TINY=${PEER_TINY:-}
 python3 -c "import mmjax.benchmark, mmjax.trainer" 2> "$OUT/import.err" || { cat "$OUT/import.err"; exit 3; }
 
 # XLA aborts on a flag it does not know: if this jax rejects mmjax's defaults, run without them.
-XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false" \
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false --xla_gpu_dot_merger_threshold_mb=0" \
   python3 -c "import jax.numpy as jnp; print(jnp.ones(3).sum())" > /dev/null 2>> "$OUT/import.err" \
   || { echo "default XLA flags rejected; MMJAX_NO_XLA_FLAGS=1" >> "$OUT/env.txt"; export MMJAX_NO_XLA_FLAGS=1; }
 
@@ -80,10 +80,10 @@ p() { timeout "$1" python3 scripts/bench_torch_peer.py --batch_size "$B" --steps
 # profile / profile_fusion = mmjax.profile_step: 5 steps traced, device time summed per kernel and
 #   per category (matmul, attention, fusion, copy, ...) into $OUT/profile_*.jsonl (the trace
 #   itself stays in /tmp: too big to bring back); PROFILE_ARGS adds overrides (e.g. scan_layers);
-# gelu / xla / flags = the ablations: tanh-GELU (layers.gelu_tanh, which XLA puts into the fc1
-# matmul's cuBLASLt epilogue; exact erf-GELU it cannot; docs §10), XLA attention instead of
-# cuDNN, the two XLA flags off.
-PARTS=${PARTS:-main gelu xla flags}
+# gelu / merge / xla / flags = the ablations: tanh-GELU (layers.gelu_tanh, which XLA puts into
+# the fc1 matmul's cuBLASLt epilogue; exact erf-GELU it cannot; docs §10), XLA's dot merger back
+# at its default 32 MB (docs §12), XLA attention instead of cuDNN, mmjax's three XLA flags off.
+PARTS=${PARTS:-main gelu merge xla flags}
 for part in $PARTS; do
   case $part in
     main)
@@ -101,7 +101,8 @@ for part in $PARTS; do
       p 120 --workload fusion --modes eager ;;
     gelu) b 150 --config configs/clip_vitb16.py$S --config.model.image.activation=gelu_tanh --config.model.text.activation=gelu_tanh ;;
     xla) b 150 --config configs/clip_vitb16.py$S --config.model.attn_implementation=xla ;;
-    flags) XLA_FLAGS="--xla_gpu_enable_triton_gemm=true --xla_gpu_enable_latency_hiding_scheduler=false" b 150 --config configs/clip_vitb16.py$S ;;
+    flags) XLA_FLAGS="--xla_gpu_enable_triton_gemm=true --xla_gpu_enable_latency_hiding_scheduler=false --xla_gpu_dot_merger_threshold_mb=32" b 150 --config configs/clip_vitb16.py$S ;;
+    merge) XLA_FLAGS="--xla_gpu_dot_merger_threshold_mb=32" b 150 --config configs/clip_vitb16.py$S ;;
     scan) b 150 --config configs/clip_vitb16.py$S
           b 150 --config configs/fusion_vitb16_bert.py$S
           # pmap's Python wrapper is a fixed per-call cost that shows once the arrays are few

@@ -171,7 +171,8 @@ def test_configs_are_locked_and_check_arguments():
 def test_xla_flags_keep_the_users_choice():
     env = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=true --foo=1"}
     added = xla_flags.apply_default_flags(environ=env)
-    assert added == ["--xla_gpu_enable_latency_hiding_scheduler=true"]
+    assert added == ["--xla_gpu_enable_latency_hiding_scheduler=true",
+                     "--xla_gpu_dot_merger_threshold_mb=0"]
     assert "--xla_gpu_enable_triton_gemm=true" in env["XLA_FLAGS"].split()
     assert "--xla_gpu_enable_triton_gemm=false" not in env["XLA_FLAGS"]
     assert xla_flags.apply_default_flags(environ=env) == []  # idempotent
