@@ -25,7 +25,8 @@ PEER_TINY=${PEER_TINY:-}
 python3 -c "import mmjax.benchmark, mmjax.trainer" 2> "$OUT/import.err" || { cat "$OUT/import.err"; exit 3; }
 
 # XLA aborts on a flag it does not know: if this jax rejects mmjax's defaults, run without them.
-XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false --xla_gpu_dot_merger_threshold_mb=0" \
+DEFAULT_XLA_FLAGS=$(python3 -c "from mmjax import xla_flags; print(' '.join(xla_flags.DEFAULT_FLAGS))")
+XLA_FLAGS="${XLA_FLAGS:-} $DEFAULT_XLA_FLAGS" \
   python3 -c "import jax.numpy as jnp; print(jnp.ones(3).sum())" > /dev/null 2>> "$OUT/import.err" \
   || { echo "default XLA flags rejected; MMJAX_NO_XLA_FLAGS=1" >> "$OUT/env.txt"; export MMJAX_NO_XLA_FLAGS=1; }
 

@@ -67,6 +67,8 @@ FLAGS = flags.FLAGS
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
           "s64": 8, "u64": 8, "f64": 8}
 _SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
+# One instruction line: (name, result type, opcode).
+_INSTR = re.compile(r"(?:ROOT )?%(\S+) = (.+?) (\w[\w\-]*)\(")
 
 
 def _nbytes(type_str: str) -> int:
@@ -128,7 +130,7 @@ def _fusion_bytes(body: list[str], operand_bytes: list[int], out_type: str) -> i
     local: dict[str, str] = {}
     params: dict[str, int] = {}
     for ln in body:
-        m = re.match(r"(?:ROOT )?%(\S+) = (.+?) (\w[\w\-]*)\(", ln)
+        m = _INSTR.match(ln)
         if not m:
             continue
         local[m.group(1)] = m.group(2)
@@ -200,7 +202,7 @@ def analyse(hlo: str) -> dict[str, Any]:
     types = {}
     for lines in comps.values():
         for line in lines:
-            m = re.match(r"(?:ROOT )?%(\S+) = (.+?) (\w[\w\-]*)\(", line)
+            m = _INSTR.match(line)
             if m:
                 types[m.group(1)] = m.group(2)
     fill_ops = ("broadcast(", "constant(", "parameter(", "tuple(", "bitcast(", "copy(")
@@ -212,8 +214,8 @@ def analyse(hlo: str) -> dict[str, Any]:
     fill_bytes = 0
     for comp, n in runs.items():
         for line in comps.get(comp, []):
-            m = re.match(r"(?:ROOT )?%\S+ = (.+?) (\w[\w\-]*)\(", line)
-            found = _kernel(line, *m.groups(), types, comps, fills) if m else None
+            m = _INSTR.match(line)
+            found = _kernel(line, *m.groups()[1:], types, comps, fills) if m else None
             if found is None:
                 continue
             kind, t, fill = found
@@ -244,10 +246,10 @@ def batch_minor_arrays(hlo: str, batch: int) -> dict[str, Any]:
     """
     shapes: dict[str, int] = {}
     for line in _computations(hlo).get("ENTRY", []):
-        m = re.match(r"(?:ROOT )?%\S+ = (.+?) [\w\-]+\(", line)
+        m = _INSTR.match(line)
         if not m:
             continue
-        for dt, dims, layout in _LAYOUT_ARRAY.findall(m.group(1)):
+        for dt, dims, layout in _LAYOUT_ARRAY.findall(m.group(2)):
             size = [int(d) for d in dims.split(",")]
             minor = int(layout.split(",")[0])
             if len(size) >= 3 and size[minor] == batch:

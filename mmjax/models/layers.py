@@ -69,9 +69,36 @@ def quick_gelu(x: Array) -> Array:
 
 _SQRT_HALF = float(np.sqrt(0.5))
 _INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
+_SQRT_2_OVER_PI = float(np.sqrt(2.0 / np.pi))
 
 
-@jax.custom_vjp
+def _keeps_input(fn: Callable[[Array], Array],
+                 slope: Callable[[Array], Array]) -> Callable[[Array], Array]:
+    """``fn`` with a hand-written backward pass, ``g · slope(x)`` (x in float32 at least), that
+    saves nothing but ``x``: an elementwise activation whose autodiff would keep intermediates."""
+    wrapped = jax.custom_vjp(fn)
+
+    def bwd(x: Array, g: Array) -> tuple[Array]:
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        return ((g.astype(xf.dtype) * slope(xf)).astype(x.dtype),)
+
+    wrapped.defvjp(lambda x: (wrapped(x), x), bwd)
+    return wrapped
+
+
+def _gelu_slope(x: Array) -> Array:
+    """Φ(x) + x·φ(x), the exact GELU's derivative."""
+    return 0.5 * (1.0 + jax.lax.erf(x * _SQRT_HALF)) + x * jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
+def _gelu_tanh_slope(x: Array) -> Array:
+    """d/dx of x·(1 + tanh u)/2 with u = c·(x + 0.044715·x³): (1 + t)/2 + x·(1 - t²)·u'/2."""
+    x2 = x * x
+    t = jnp.tanh(_SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x2))
+    du = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x2)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+
+
 def gelu(x: Array) -> Array:
     """Exact (erf) GELU, ``x·Φ(x)``, whose backward pass keeps only ``x``.
 
@@ -85,23 +112,6 @@ def gelu(x: Array) -> Array:
     return nn.gelu(x, approximate=False)
 
 
-def _gelu_fwd(x: Array) -> tuple[Array, Array]:
-    return gelu(x), x
-
-
-def _gelu_bwd(x: Array, g: Array) -> tuple[Array]:
-    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    cdf = 0.5 * (1.0 + jax.lax.erf(xf * _SQRT_HALF))
-    pdf = jnp.exp(-0.5 * xf * xf) * _INV_SQRT_2PI
-    return ((g.astype(xf.dtype) * (cdf + xf * pdf)).astype(x.dtype),)
-
-
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
-
-_SQRT_2_OVER_PI = float(np.sqrt(2.0 / np.pi))
-
-
-@jax.custom_vjp
 def gelu_tanh(x: Array) -> Array:
     """Tanh-approximated GELU (``nn.gelu(x, approximate=True)``'s value; HF's ``gelu_new``)
     whose backward pass keeps only ``x``.
@@ -117,21 +127,8 @@ def gelu_tanh(x: Array) -> Array:
     return nn.gelu(x, approximate=True)
 
 
-def _gelu_tanh_fwd(x: Array) -> tuple[Array, Array]:
-    return gelu_tanh(x), x
-
-
-def _gelu_tanh_bwd(x: Array, g: Array) -> tuple[Array]:
-    # d/dx of x·(1 + tanh u)/2 with u = c·(x + 0.044715·x³): (1 + t)/2 + x·(1 - t²)·u'/2.
-    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    x2 = xf * xf
-    t = jnp.tanh(_SQRT_2_OVER_PI * xf * (1.0 + 0.044715 * x2))
-    du = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x2)
-    slope = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * du
-    return ((g.astype(xf.dtype) * slope).astype(x.dtype),)
-
-
-gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+gelu = _keeps_input(gelu, _gelu_slope)
+gelu_tanh = _keeps_input(gelu_tanh, _gelu_tanh_slope)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
