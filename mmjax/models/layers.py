@@ -88,7 +88,9 @@ def _keeps_input(fn: Callable[[Array], Array],
 
 def _gelu_slope(x: Array) -> Array:
     """Φ(x) + x·φ(x), the exact GELU's derivative."""
-    return 0.5 * (1.0 + jax.lax.erf(x * _SQRT_HALF)) + x * jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * _SQRT_HALF))
+    pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    return cdf + x * pdf
 
 
 def _gelu_tanh_slope(x: Array) -> Array:
