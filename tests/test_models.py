@@ -547,6 +547,58 @@ def test_fusion_pool(pool):
     np.testing.assert_allclose(np.asarray(out["pooled"]), expected, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_masked_mean_matches_numpy(dtype):
+    """The matmul form of the masked mean against float64 numpy, a row without valid tokens
+    included (zeros), and its gradient (the mask over the count, broadcast over D)."""
+    rng = np.random.default_rng(31)
+    x = rng.normal(size=(4, 7, 5)).astype(np.float32)
+    mask = (rng.random((4, 7)) < 0.6).astype(np.int32)
+    mask[0] = 0
+    mask[1, 3] = 1
+    xd = jnp.asarray(x, dtype)
+    x64 = np.asarray(xd.astype(jnp.float32), np.float64)  # the values the function sees
+    count = np.maximum(mask.sum(1, keepdims=True), 1)
+    expected = (x64 * mask[..., None]).sum(1) / count
+    got = jax.jit(layers.masked_mean)(xd, jnp.asarray(mask))
+    assert got.dtype == xd.dtype and got.shape == (4, 5)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == "float32" else dict(rtol=8e-3, atol=8e-3)
+    np.testing.assert_allclose(np.asarray(got, np.float64), expected, **tol)
+    np.testing.assert_array_equal(np.asarray(got[0], np.float64), 0.0)
+    w = rng.normal(size=(4, 5))
+    grad = jax.jit(jax.grad(
+        lambda v: (layers.masked_mean(v, jnp.asarray(mask)).astype(jnp.float32) * w).sum()))(xd)
+    expected_grad = mask[..., None] / count[..., None] * w[:, None, :]
+    np.testing.assert_allclose(np.asarray(grad, np.float64), expected_grad, **tol)
+    np.testing.assert_allclose(np.asarray(layers.masked_mean(xd, None), np.float64),
+                               x64.mean(1), **tol)
+
+
+@pytest.mark.parametrize("kind", ["concat", "cross_attention", "co_attention"])
+def test_fusion_unmasked_modality_same_as_all_ones_mask(kind):
+    """A modality without a mask (image tokens) is attended to without one (cuDNN's plain
+    kernel); the result is that of an all-ones mask."""
+    rng = np.random.default_rng(33)
+    feats = {
+        "image": {"tokens": rng.normal(size=(B, 4, 24)).astype(np.float32), "mask": None},
+        "text": {"tokens": rng.normal(size=(B, L, 32)).astype(np.float32), "mask": _mask()},
+    }
+    for f in feats.values():
+        f["pooled"] = f["tokens"][:, 0]
+    ones = {**feats, "image": {**feats["image"], "mask": np.ones((B, 4), np.int32)}}
+    mod = fusion_lib.Fusion(kind=kind, width=16, num_heads=2, mlp_dim=32, query="image")
+    variables = _fill(mod, feats, seed=3)
+    a, b = _jitted(mod)(variables, feats), _jitted(mod)(variables, ones)
+    for key in ("tokens", "pooled", "mask"):
+        np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), rtol=RTOL, atol=ATOL)
+    # No modality masked (every attention unmasked) against both masks all ones.
+    nomask = {**feats, "text": {**feats["text"], "mask": None}}
+    allones = {**ones, "text": {**feats["text"], "mask": np.ones((B, L), np.int32)}}
+    a, b = _jitted(mod)(variables, nomask), _jitted(mod)(variables, allones)
+    for key in ("tokens", "pooled"):
+        np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), rtol=RTOL, atol=ATOL)
+
+
 def test_head_initial_values():
     rng = np.random.default_rng(16)
     feats = {

@@ -56,7 +56,7 @@ class CoAttentionLayer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, carry: tuple[Array, Array], mask_a: Array, mask_b: Array
+        self, carry: tuple[Array, Array], mask_a: Array | None, mask_b: Array | None
     ) -> tuple[tuple[Array, Array], None]:
         block = _block_maker(
             self.remat, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
@@ -72,9 +72,10 @@ def _block_maker(remat: str | None, **kwargs: Any) -> Any:
     return lambda name: block_cls(**kwargs, cross_attention=True, name=name)
 
 
-def _co_attend(block: Any, names: tuple[str, str], xa: Array, xb: Array, mask_a: Array,
-               mask_b: Array, train: bool) -> tuple[Array, Array]:
-    """One co-attention layer: each stream attends to the other's input state."""
+def _co_attend(block: Any, names: tuple[str, str], xa: Array, xb: Array, mask_a: Array | None,
+               mask_b: Array | None, train: bool) -> tuple[Array, Array]:
+    """One co-attention layer: each stream attends to the other's input state (a None mask:
+    every token of that stream is valid)."""
     return (block(names[0])(xa, mask_a, xb, mask_b, train),
             block(names[1])(xb, mask_b, xa, mask_a, train))
 
@@ -142,6 +143,9 @@ class Fusion(nn.Module):
             raise ValueError(f"fusion needs two or more modalities, got {order}")
         tokens = self._project(features, order)
         masks = {m: _mask_or_ones(features[m]) for m in order}
+        # Attention gets no mask where no modality has one: cuDNN then runs its plain kernel
+        # instead of one that reads a materialised [B, 1, Tq, Tk] bias of ones.
+        unmasked = all(features[m]["mask"] is None for m in order)
 
         if self.kind == "concat":
             seq = []
@@ -153,7 +157,7 @@ class Fusion(nn.Module):
             seq.insert(0, jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)))
             mask = jnp.concatenate([jnp.ones((b, 1), jnp.int32)] + [masks[m] for m in order], 1)
             x = jnp.concatenate(seq, axis=1)
-            x = self._encoder("encoder", cross=False)(x, mask, train=train)
+            x = self._encoder("encoder", cross=False)(x, None if unmasked else mask, train=train)
             return {"tokens": x, "pooled": self._pool(x, mask), "mask": mask}
 
         if self.kind == "cross_attention":
@@ -162,9 +166,10 @@ class Fusion(nn.Module):
                                  f"is not among the encoders {order}")
             others = [m for m in order if m != self.query]
             ctx = jnp.concatenate([tokens[m] for m in others], axis=1)
-            ctx_mask = jnp.concatenate([masks[m] for m in others], axis=1)
+            ctx_mask = (None if all(features[m]["mask"] is None for m in others)
+                        else jnp.concatenate([masks[m] for m in others], axis=1))
             x = self._encoder("encoder", cross=True)(
-                tokens[self.query], masks[self.query], ctx, ctx_mask, train=train
+                tokens[self.query], features[self.query]["mask"], ctx, ctx_mask, train=train
             )
             qmask = masks[self.query]
             return {"tokens": x, "pooled": self._pool(x, qmask), "mask": qmask}
@@ -188,12 +193,12 @@ class Fusion(nn.Module):
                 stack = layers.scan_over_layers(CoAttentionLayer, self.depth, self.scan_unroll)
                 (xa, xb), _ = stack(
                     streams=(a, b), **block_kwargs, train=train, name=layers.SCANNED_PAIRS
-                )((xa, xb), masks[a], masks[b])
+                )((xa, xb), features[a]["mask"], features[b]["mask"])
             else:
                 block = _block_maker(**block_kwargs)
                 for i in range(self.depth):
                     xa, xb = _co_attend(block, (f"{a}_layer_{i}", f"{b}_layer_{i}"),
-                                        xa, xb, masks[a], masks[b], train)
+                                        xa, xb, features[a]["mask"], features[b]["mask"], train)
             norm = lambda name: nn.LayerNorm(
                 epsilon=self.layer_norm_eps, dtype=self.dtype, name=name
             )

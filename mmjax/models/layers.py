@@ -662,8 +662,25 @@ def layer_paths(path: str, depth: int) -> list[str]:
 
 
 def masked_mean(x: Array, mask: Array | None) -> Array:
-    """Mean over the token axis of [B, T, D], counting only tokens where mask is 1."""
+    """Mean over the token axis of [B, T, D], counting only tokens where mask is 1 (a row
+    without any valid token gives zeros).
+
+    The masked sum is a batched matrix product of the rows ``[mask, 0]`` ([B, 2, T]) with x,
+    float32 accumulation (``HIGHEST`` precision for float32 x), not a multiply and a reduction.
+    The reason is XLA's GPU layout assignment: a reduction over the token axis lays its operand
+    out token-minor, and elementwise ops carry that layout up the stream that feeds it, so the
+    co-attention fusion's text stream, every residual add and LayerNorm of it, forward and
+    backward, was stored [B, D, T] and transposed to and from its GEMMs (compiled for an H200:
+    ~1 ms of the fusion config's step, docs/performance.md §14). The zero row is what keeps it a
+    matrix product: XLA rewrites a product with a single row (a vector) back into a reduction.
+    """
     if mask is None:
         return x.mean(axis=1)
-    m = mask.astype(x.dtype)[..., None]
-    return (x * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1)
+    m = mask.astype(x.dtype)
+    rows = jnp.stack([m, jnp.zeros_like(m)], axis=1)
+    exact = jnp.finfo(x.dtype).bits <= 16  # products with 0 and 1 are exact at any precision
+    total = jnp.einsum("bkt,btd->bkd", rows, x,
+                       precision=None if exact else jax.lax.Precision.HIGHEST,
+                       preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))[:, 0]
+    count = jnp.maximum(mask.astype(total.dtype).sum(axis=1, keepdims=True), 1)
+    return (total / count).astype(x.dtype)
