@@ -30,15 +30,16 @@ XLA_FLAGS="${XLA_FLAGS:-} $DEFAULT_XLA_FLAGS" \
   python3 -c "import jax.numpy as jnp; print(jnp.ones(3).sum())" > /dev/null 2>> "$OUT/import.err" \
   || { echo "default XLA flags rejected; MMJAX_NO_XLA_FLAGS=1" >> "$OUT/env.txt"; export MMJAX_NO_XLA_FLAGS=1; }
 
-# Version 2 gives cuDNN the text padding as key lengths. If this cuDNN/JAX pair refuses that (fwd
-# or bwd, the two text shapes of the configs), every mmjax run falls back to the boolean mask.
+# Version 2 gives cuDNN the text padding as key lengths (2g: the fusion config's image queries
+# over text keys too). If this cuDNN/JAX pair refuses that (fwd or bwd, the configs' three
+# shapes), every mmjax run falls back to the boolean mask (the fusion follows the text tower).
 TEXT_PADDING=""
 timeout 120 python3 - >> "$OUT/env.txt" 2>> "$OUT/import.err" <<'EOF' || { TEXT_PADDING="--config.model.text.padding=mask"; echo "cuDNN refused key lengths: runs use $TEXT_PADDING" >> "$OUT/env.txt"; }
 import jax, jax.numpy as jnp
 if jax.default_backend() == "gpu":
-    for t, h, causal in ((80, 8, True), (64, 12, False)):
+    for tq, t, h, causal in ((80, 80, 8, True), (64, 64, 12, False), (196, 64, 12, False)):
         k = jax.random.split(jax.random.key(0), 3)
-        q, kk, v = (jax.random.normal(x, (4, t, h, 64), jnp.bfloat16) for x in k)
+        q, kk, v = (jax.random.normal(x, (4, n, h, 64), jnp.bfloat16) for x, n in zip(k, (tq, t, t)))
         lengths = jnp.array([t, t // 2, 3, t - 1], jnp.int32)
         f = lambda q: jax.nn.dot_product_attention(q, kk, v, is_causal=causal, key_value_seq_lengths=lengths, implementation="cudnn").astype(jnp.float32).sum()
         g = jax.jit(jax.grad(f))(q)

@@ -574,29 +574,73 @@ def test_masked_mean_matches_numpy(dtype):
                                x64.mean(1), **tol)
 
 
-@pytest.mark.parametrize("kind", ["concat", "cross_attention", "co_attention"])
-def test_fusion_unmasked_modality_same_as_all_ones_mask(kind):
-    """A modality without a mask (image tokens) is attended to without one (cuDNN's plain
-    kernel); the result is that of an all-ones mask."""
-    rng = np.random.default_rng(33)
+def _fusion_feats(seed: int, text_mask: np.ndarray | None) -> dict:
+    rng = np.random.default_rng(seed)
     feats = {
         "image": {"tokens": rng.normal(size=(B, 4, 24)).astype(np.float32), "mask": None},
-        "text": {"tokens": rng.normal(size=(B, L, 32)).astype(np.float32), "mask": _mask()},
+        "text": {"tokens": rng.normal(size=(B, L, 32)).astype(np.float32), "mask": text_mask},
     }
     for f in feats.values():
         f["pooled"] = f["tokens"][:, 0]
-    ones = {**feats, "image": {**feats["image"], "mask": np.ones((B, 4), np.int32)}}
-    mod = fusion_lib.Fusion(kind=kind, width=16, num_heads=2, mlp_dim=32, query="image")
-    variables = _fill(mod, feats, seed=3)
-    a, b = _jitted(mod)(variables, feats), _jitted(mod)(variables, ones)
-    for key in ("tokens", "pooled", "mask"):
-        np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), rtol=RTOL, atol=ATOL)
-    # No modality masked (every attention unmasked) against both masks all ones.
-    nomask = {**feats, "text": {**feats["text"], "mask": None}}
-    allones = {**ones, "text": {**feats["text"], "mask": np.ones((B, L), np.int32)}}
-    a, b = _jitted(mod)(variables, nomask), _jitted(mod)(variables, allones)
+    return feats
+
+
+def _assert_same_fusion(a: dict, b: dict) -> None:
     for key in ("tokens", "pooled"):
         np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", ["concat", "cross_attention", "co_attention"])
+def test_fusion_unmasked_modality_same_as_all_ones_mask(kind):
+    """A modality without a mask (image tokens) is attended to without one (cuDNN's plain
+    kernel); the result is that of an all-ones mask, with the text masked or not, and (for
+    cross_attention) with the unmasked stream as the queries or as the context."""
+    feats = _fusion_feats(33, _mask())
+    ones = {**feats, "image": {**feats["image"], "mask": np.ones((B, 4), np.int32)}}
+    nomask = {**feats, "text": {**feats["text"], "mask": None}}
+    allones = {**ones, "text": {**feats["text"], "mask": np.ones((B, L), np.int32)}}
+    for query in ("image", "text"):
+        mod = fusion_lib.Fusion(kind=kind, width=16, num_heads=2, mlp_dim=32, query=query)
+        variables = _fill(mod, feats, seed=3)
+        for without, with_ones in ((feats, ones), (nomask, allones)):
+            _assert_same_fusion(_jitted(mod)(variables, without),
+                                _jitted(mod)(variables, with_ones))
+
+
+@pytest.mark.parametrize("kind", ["cross_attention", "co_attention"])
+def test_fusion_right_padding_as_lengths_equals_the_boolean_mask(kind):
+    """padding="right" (text keys as cuDNN key lengths, in self- and cross-attention) computes
+    what the boolean mask does on right-padded text; an unknown padding names its config key."""
+    feats = _fusion_feats(34, _mask())
+    for query in ("image", "text"):
+        by_lengths, by_mask = (
+            fusion_lib.Fusion(kind=kind, width=16, num_heads=2, mlp_dim=32, query=query,
+                              padding=padding) for padding in ("right", "mask"))
+        variables = _fill(by_mask, feats, seed=4)
+        _assert_same_fusion(_jitted(by_lengths)(variables, feats),
+                            _jitted(by_mask)(variables, feats))
+    with pytest.raises(ValueError, match=r"model\.fusion\.padding"):
+        _shapes(fusion_lib.Fusion(kind=kind, width=16, num_heads=2, padding="left"), feats)
+
+
+def test_fusion_padding_follows_the_text_tower():
+    """With the text tower's padding="mask" (any 0/1 pattern, here left padding) the fusion uses
+    boolean masks too, as an explicit model.fusion.padding="mask" does; forcing key lengths on
+    the same left-padded batch gives other logits (so the comparison can fail)."""
+    batch = {**_batch(40), "text": {"ids": _ids(41), "mask": _mask()[:, ::-1].copy()}}
+
+    def logits(fusion_padding: str | None) -> np.ndarray:
+        cfg = _model_cfg("co_attention")
+        cfg["text"]["padding"] = "mask"
+        if fusion_padding:
+            cfg["fusion"]["padding"] = fusion_padding
+        model = build_model(cfg)
+        return np.asarray(_jitted(model)({"params": params}, batch)["cls"]["logits"])
+
+    params = _fill(build_model(_model_cfg("co_attention")), batch, seed=5)["params"]
+    derived = logits(None)
+    np.testing.assert_allclose(derived, logits("mask"), rtol=RTOL, atol=ATOL)
+    assert np.abs(derived - logits("right")).max() > 1e-4
 
 
 def test_head_initial_values():

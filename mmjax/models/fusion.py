@@ -29,6 +29,7 @@ Array = jax.Array
 Features = Mapping[str, Mapping[str, Array | None]]
 
 FUSION_KINDS = ("concat", "cross_attention", "co_attention", "late")
+PADDINGS = {"right": "lengths", "mask": "mask"}  # Fusion.padding → Block.kv_padding
 
 
 def _mask_or_ones(f: Mapping[str, Array | None]) -> Array:
@@ -52,6 +53,7 @@ class CoAttentionLayer(nn.Module):
     dtype: Any = jnp.float32
     attn_implementation: str | None = None
     remat: str | None = None
+    kv_padding: str = "mask"  # see layers.Block
     train: bool = False
 
     @nn.compact
@@ -62,6 +64,7 @@ class CoAttentionLayer(nn.Module):
             self.remat, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
             activation=self.activation, layer_norm_eps=self.layer_norm_eps, dropout=self.dropout,
             dtype=self.dtype, attn_implementation=self.attn_implementation,
+            kv_padding=self.kv_padding,
         )
         return _co_attend(block, self.streams, *carry, mask_a, mask_b, self.train), None
 
@@ -96,8 +99,14 @@ class Fusion(nn.Module):
     remat: str | None = None
     scan_layers: bool = False  # one nn.scan over the stacked layers (layers.Encoder's docstring)
     scan_unroll: int = 0  # layers per scan iteration; 0 = all (see layers.scan_over_layers)
+    # "right": every modality's mask is right padding (1s then 0s, the text tower's "right"),
+    # so attention to one modality's keys takes key lengths (cuDNN's own padding, no
+    # [B, 1, Tq, Tk] bias, whose gradient cuDNN computes too); "mask": any 0/1 mask, as a
+    # boolean mask. MultimodalModel sets it from the text tower's ``padding`` unless
+    # ``model.fusion.padding`` is given.
+    padding: str = "mask"
 
-    def _encoder(self, name: str, cross: bool) -> layers.Encoder:
+    def _encoder(self, name: str, cross: bool, kv_padding: str = "mask") -> layers.Encoder:
         return layers.Encoder(
             depth=self.depth,
             num_heads=self.num_heads,
@@ -113,6 +122,7 @@ class Fusion(nn.Module):
             remat=self.remat,
             scan=self.scan_layers,
             scan_unroll=self.scan_unroll,
+            kv_padding=kv_padding,
             name=name,
         )
 
@@ -141,6 +151,9 @@ class Fusion(nn.Module):
                              f"known: {FUSION_KINDS}")
         if len(order) < 2:
             raise ValueError(f"fusion needs two or more modalities, got {order}")
+        if self.padding not in PADDINGS:
+            raise ValueError(f"fusion padding {self.padding!r} (model.fusion.padding) is not one "
+                             f"of {tuple(PADDINGS)}")
         tokens = self._project(features, order)
         masks = {m: _mask_or_ones(features[m]) for m in order}
         # Attention gets no mask where no modality has one: cuDNN then runs its plain kernel
@@ -168,7 +181,10 @@ class Fusion(nn.Module):
             ctx = jnp.concatenate([tokens[m] for m in others], axis=1)
             ctx_mask = (None if all(features[m]["mask"] is None for m in others)
                         else jnp.concatenate([masks[m] for m in others], axis=1))
-            x = self._encoder("encoder", cross=True)(
+            # Concatenated right-padded masks are right padding only if just the last is masked.
+            ctx_right = all(features[m]["mask"] is None for m in others[:-1])
+            kv_padding = PADDINGS[self.padding] if ctx_right else "mask"
+            x = self._encoder("encoder", cross=True, kv_padding=kv_padding)(
                 tokens[self.query], features[self.query]["mask"], ctx, ctx_mask, train=train
             )
             qmask = masks[self.query]
@@ -188,6 +204,7 @@ class Fusion(nn.Module):
                 dtype=self.dtype,
                 attn_implementation=self.attn_implementation,
                 remat=self.remat,
+                kv_padding=PADDINGS[self.padding],
             )
             if self.scan_layers and self.depth > 0:  # depth 0: no layers (see layers.Encoder)
                 stack = layers.scan_over_layers(CoAttentionLayer, self.depth, self.scan_unroll)

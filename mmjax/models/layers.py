@@ -351,8 +351,9 @@ class Block(nn.Module):
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     attn_implementation: str | None = None
-    # "lengths": ``mask`` is right padding, passed to self-attention as key lengths (faster on
-    # cuDNN; see Attention); "mask": any [B, T] key mask, passed as a boolean mask.
+    # "lengths": ``mask`` and ``context_mask`` are right padding, passed to attention as key
+    # lengths (faster on cuDNN; see Attention); "mask": any [B, T] key mask, passed as a
+    # boolean mask.
     kv_padding: str = "mask"
     # Set only by a scanned Encoder: ``nn.scan`` hands its body arrays, not Python values, so
     # there ``train`` is fixed here and the block returns ``(x, None)`` (carry, no output).
@@ -389,13 +390,14 @@ class Block(nn.Module):
 
         if self.kv_padding not in KV_PADDINGS:
             raise ValueError(f"kv_padding={self.kv_padding!r} is not one of {KV_PADDINGS}")
-        if mask is not None and self.kv_padding == "lengths":
-            # At least one key per row, as a boolean mask's row of one valid token would give.
-            self_mask = {"kv_lengths": jnp.maximum(mask.sum(-1), 1).astype(jnp.int32)}
-        else:
-            self_mask = {"mask": padding_mask(mask)}
+        def keys(kv_mask: Array | None) -> dict[str, Array | None]:
+            if kv_mask is not None and self.kv_padding == "lengths":
+                # At least one key per row, as a boolean mask's row of one valid token gives.
+                return {"kv_lengths": jnp.maximum(kv_mask.sum(-1), 1).astype(jnp.int32)}
+            return {"mask": padding_mask(kv_mask)}
+
         x = sublayer(
-            x, lambda h: attn("attn", self.causal)(h, **self_mask, train=train), "attn"
+            x, lambda h: attn("attn", self.causal)(h, **keys(mask), train=train), "attn"
         )
         if self.cross_attention:
             if context is None:
@@ -403,7 +405,7 @@ class Block(nn.Module):
             x = sublayer(
                 x,
                 lambda h: attn("cross_attn", False)(
-                    h, context, mask=padding_mask(context_mask), train=train
+                    h, context, **keys(context_mask), train=train
                 ),
                 "cross_attn",
             )

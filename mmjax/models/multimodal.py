@@ -190,6 +190,14 @@ class MultimodalModel(nn.Module):
 
     # ------------------------------------------------------------------------------- internals
 
+    def _mask_padding(self) -> str:
+        """The padding of the masks that reach fusion: only text towers make masks, and their
+        ``padding`` (default "right") says whether those are right padding."""
+        default = next(f.default for f in dataclasses.fields(TextEncoder) if f.name == "padding")
+        paddings = {cfg.get("padding", default) for cfg in self.encoders.values()
+                    if cfg.get("kind") == "text"}
+        return "right" if paddings <= {"right"} else "mask"
+
     def _towers(self, modalities: Sequence[str]) -> dict[str, nn.Module]:
         """The encoder submodules of ``modalities``, created once per call and reused."""
         out = {}
@@ -277,6 +285,7 @@ class MultimodalModel(nn.Module):
         if kind != "none" and full_view:
             cls = fusion_lib.Fusion
             kwargs = module_kwargs(cls, self.fusion, "model.fusion")
+            kwargs.setdefault("padding", self._mask_padding())
             fusion = cls(**{**self._shared(cls), **kwargs}, kind=kind, name="fusion")
             fused = fusion(towers, train=train)
             features.update(fused)
