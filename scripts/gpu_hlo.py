@@ -17,9 +17,10 @@ rest, with those inside a ``while`` loop counted once per iteration), the bytes 
 zero-filling fusions write (a broadcast of a constant into a buffer: what a scan's gradient
 does to its stacked activation buffers), a first-order time estimate (:func:`analyse`), XLA's
 temp/argument buffer sizes (temp + argument ≈ the run's peak memory: 24.4 GiB for the unrolled
-CLIP at batch 256, where an H200 run measured 24.2), the arrays laid out batch-minor
-(:func:`batch_minor_arrays`: a layout check) and the compile time. It is a static view: the
-device session's profile gives the real times.
+CLIP at batch 256, where an H200 run measured 24.2), two layout checks (the arrays laid out
+batch-minor, :func:`batch_minor_arrays`; activations stored both ways round,
+:func:`transposed_pairs`) and the compile time. It is a static view: the device session's
+profile gives the real times.
 
 The state is built abstractly (``jax.eval_shape``), so a ViT-B/16 model costs no memory here;
 the step is the trainer's own ``train_step`` under the mesh path (plain ``jax.jit``, state
@@ -259,6 +260,32 @@ def batch_minor_arrays(hlo: str, batch: int) -> dict[str, Any]:
     return {"count": sum(shapes.values()), "top": dict(top)}
 
 
+def transposed_pairs(hlo: str, batch: int) -> dict[str, list[int]]:
+    """Rank-3 arrays that the step's top level holds both as [batch, x, y] and as [batch, y, x]
+    in memory (physical order, major to minor; x, y > 1), with how often each.
+
+    A [B, T, D] stream that XLA stores token-minor ([B, D, T]) next to its row-major GEMM
+    inputs and outputs shows up here: the fusion config's co-attention text stream did, as
+    ``[256,64,768] / [256,768,64]``, until ``layers.masked_mean`` became a matmul
+    (docs/performance.md §14). A healthy step has none; :func:`batch_minor_arrays` is the check
+    for a batch-minor stream, which this one does not see.
+    """
+    shapes: dict[tuple[int, ...], int] = {}
+    for line in _computations(hlo).get("ENTRY", []):
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        for _, dims, layout in _LAYOUT_ARRAY.findall(m.group(2)):
+            size = [int(d) for d in dims.split(",")]
+            order = [int(d) for d in layout.split(",")][::-1]  # major to minor
+            if len(size) == 3 and len(order) == 3:
+                physical = tuple(size[d] for d in order)
+                shapes[physical] = shapes.get(physical, 0) + 1
+    return {f"[{b},{x},{y}] / [{b},{y},{x}]": [n, shapes[(b, y, x)]]
+            for (b, x, y), n in sorted(shapes.items())
+            if b == batch and 1 < x < y and (b, y, x) in shapes}
+
+
 PLUGIN_HINT = (f"pip install --target /tmp/gpusite jax-cuda12-plugin=={jax.__version__} "
                f"jax-cuda12-pjrt=={jax.__version__} nvidia-cudnn-cu12, then run with "
                "PYTHONPATH=/tmp/gpusite:$PWD JAX_PLATFORMS=cpu")
@@ -330,6 +357,7 @@ def main() -> None:
         "compile_s": round(seconds, 1),
         **analyse(hlo),
         "batch_minor_arrays": batch_minor_arrays(hlo, batch_size),
+        "transposed_pairs": transposed_pairs(hlo, batch_size),
         "temp_gib": round(mem.temp_size_in_bytes / 2**30, 2),
         "argument_gib": round(mem.argument_size_in_bytes / 2**30, 2),
         "jax": jax.__version__,

@@ -151,3 +151,30 @@ ENTRY %main (a: bf16[256,80,512]) -> bf16[256,80,512] {
     assert got["count"] == 4
     assert got["top"]["bf16[80,512,256]{2,1,0}"] == 2
     assert gpu_hlo.batch_minor_arrays(hlo, 512)["count"] == 2  # the row-major [256,80,512]s
+
+
+def test_transposed_pairs_finds_a_stream_stored_both_ways(gpu_hlo):
+    """[B, T, D] and [B, D, T] at the top level (by physical order: a {1,2,0} layout of
+    [B, T, D] is [B, D, T] in memory) form a pair; fusion bodies, unit dimensions, other leading
+    dimensions and unpaired shapes do not."""
+    hlo = """HloModule m, is_scheduled=true
+
+%fused (p: bf16[256,768,64]) -> bf16[256,768,64] {
+  %p = bf16[256,768,64]{2,1,0} parameter(0)
+  ROOT %n = bf16[256,768,64]{2,1,0} negate(%p)
+}
+
+ENTRY %main (a: bf16[256,64,768]) -> bf16[256,64,768] {
+  %a = bf16[256,64,768]{2,1,0} parameter(0)
+  %t = bf16[256,768,64]{2,1,0} transpose(%a), dimensions={0,2,1}
+  %c = bf16[256,64,768]{1,2,0} copy(%a)
+  %u = (f32[256,1,64]{2,1,0}, f32[256,64,1]{2,1,0}) fusion(%a), kind=kInput, calls=%fused
+  %o = bf16[64,768,256]{2,1,0} transpose(%a), dimensions={1,2,0}
+  %q = bf16[256,196,768]{2,1,0} negate(%a)
+  ROOT %r = bf16[256,64,768]{2,1,0} negate(%a)
+}
+"""
+    # Row-major [256,64,768]: %a, %r; stored [256,768,64]: %t and %c (its layout). The unit
+    # dimension pair, the [64,768,256] transpose and the lone [256,196,768] are not pairs.
+    assert gpu_hlo.transposed_pairs(hlo, 256) == {"[256,64,768] / [256,768,64]": [2, 2]}
+    assert gpu_hlo.transposed_pairs(hlo, 64) == {}
