@@ -85,7 +85,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.optimizer = ml_collections.ConfigDict({
         "name": "adamw",
-        "lr": 2e-3,
+        # 1e-3, not the calibration's 2e-3: over seeds 0-28, 2e-3 left 4 runs on the 42% plateau
+        # or below 99% val at step 800 (seeds 4, 14, 19, 21: 0.43-0.85); 1e-3 reached >= 99% in
+        # all 29 (README, "The embedded default").
+        "lr": 1e-3,
         "warmup_steps": 100,
         "decay": "cosine",
         "weight_decay": 1e-4,
