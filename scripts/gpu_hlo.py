@@ -236,6 +236,18 @@ def analyse(hlo: str) -> dict[str, Any]:
 _LAYOUT_ARRAY = re.compile(r"(\w+)\[([\d,]+)\]\{([\d,]+)")
 
 
+def _entry_arrays(hlo: str) -> list[tuple[str, list[int], list[int]]]:
+    """(dtype, dims, minor-to-major layout) of every array the step's top level produces
+    (tuple elements included; fusion bodies excluded)."""
+    out = []
+    for line in _computations(hlo).get("ENTRY", []):
+        m = _INSTR.match(line)
+        if m:
+            out.extend((dt, [int(d) for d in dims.split(",")], [int(d) for d in layout.split(",")])
+                       for dt, dims, layout in _LAYOUT_ARRAY.findall(m.group(2)))
+    return out
+
+
 def batch_minor_arrays(hlo: str, batch: int) -> dict[str, Any]:
     """Arrays of rank >= 3 that the step's top level lays out with the batch dimension
     minor-most (their most minor physical dimension has size ``batch``).
@@ -246,16 +258,10 @@ def batch_minor_arrays(hlo: str, batch: int) -> dict[str, Any]:
     (docs/performance.md §11). Returns the count and the five most frequent shapes.
     """
     shapes: dict[str, int] = {}
-    for line in _computations(hlo).get("ENTRY", []):
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        for dt, dims, layout in _LAYOUT_ARRAY.findall(m.group(2)):
-            size = [int(d) for d in dims.split(",")]
-            minor = int(layout.split(",")[0])
-            if len(size) >= 3 and size[minor] == batch:
-                key = f"{dt}[{dims}]{{{layout}}}"
-                shapes[key] = shapes.get(key, 0) + 1
+    for dt, size, layout in _entry_arrays(hlo):
+        if len(size) >= 3 and size[layout[0]] == batch:
+            key = f"{dt}[{','.join(map(str, size))}]{{{','.join(map(str, layout))}}}"
+            shapes[key] = shapes.get(key, 0) + 1
     top = sorted(shapes.items(), key=lambda kv: -kv[1])[:5]
     return {"count": sum(shapes.values()), "top": dict(top)}
 
@@ -271,16 +277,10 @@ def transposed_pairs(hlo: str, batch: int) -> dict[str, list[int]]:
     for a batch-minor stream, which this one does not see.
     """
     shapes: dict[tuple[int, ...], int] = {}
-    for line in _computations(hlo).get("ENTRY", []):
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        for _, dims, layout in _LAYOUT_ARRAY.findall(m.group(2)):
-            size = [int(d) for d in dims.split(",")]
-            order = [int(d) for d in layout.split(",")][::-1]  # major to minor
-            if len(size) == 3 and len(order) == 3:
-                physical = tuple(size[d] for d in order)
-                shapes[physical] = shapes.get(physical, 0) + 1
+    for _, size, layout in _entry_arrays(hlo):
+        if len(size) == 3 and len(layout) == 3:
+            physical = tuple(size[d] for d in reversed(layout))  # major to minor
+            shapes[physical] = shapes.get(physical, 0) + 1
     return {f"[{b},{x},{y}] / [{b},{y},{x}]": [n, shapes[(b, y, x)]]
             for (b, x, y), n in sorted(shapes.items())
             if b == batch and 1 < x < y and (b, y, x) in shapes}

@@ -29,7 +29,6 @@ Array = jax.Array
 Features = Mapping[str, Mapping[str, Array | None]]
 
 FUSION_KINDS = ("concat", "cross_attention", "co_attention", "late")
-PADDINGS = {"right": "lengths", "mask": "mask"}  # Fusion.padding → Block.kv_padding
 
 
 def _mask_or_ones(f: Mapping[str, Array | None]) -> Array:
@@ -151,14 +150,15 @@ class Fusion(nn.Module):
                              f"known: {FUSION_KINDS}")
         if len(order) < 2:
             raise ValueError(f"fusion needs two or more modalities, got {order}")
-        if self.padding not in PADDINGS:
+        if self.padding not in layers.PADDINGS:
             raise ValueError(f"fusion padding {self.padding!r} (model.fusion.padding) is not one "
-                             f"of {tuple(PADDINGS)}")
+                             f"of {tuple(layers.PADDINGS)}")
         tokens = self._project(features, order)
         masks = {m: _mask_or_ones(features[m]) for m in order}
-        # Attention gets no mask where no modality has one: cuDNN then runs its plain kernel
-        # instead of one that reads a materialised [B, 1, Tq, Tk] bias of ones.
-        unmasked = all(features[m]["mask"] is None for m in order)
+        # Attention gets a modality's own mask, None where it has none: cuDNN then runs its
+        # plain kernel instead of one that reads a materialised [B, 1, Tq, Tk] bias of ones.
+        given = {m: features[m]["mask"] for m in order}
+        unmasked = all(given[m] is None for m in order)
 
         if self.kind == "concat":
             seq = []
@@ -179,13 +179,13 @@ class Fusion(nn.Module):
                                  f"is not among the encoders {order}")
             others = [m for m in order if m != self.query]
             ctx = jnp.concatenate([tokens[m] for m in others], axis=1)
-            ctx_mask = (None if all(features[m]["mask"] is None for m in others)
+            ctx_mask = (None if all(given[m] is None for m in others)
                         else jnp.concatenate([masks[m] for m in others], axis=1))
             # Concatenated right-padded masks are right padding only if just the last is masked.
-            ctx_right = all(features[m]["mask"] is None for m in others[:-1])
-            kv_padding = PADDINGS[self.padding] if ctx_right else "mask"
+            ctx_right = all(given[m] is None for m in others[:-1])
+            kv_padding = layers.PADDINGS[self.padding] if ctx_right else "mask"
             x = self._encoder("encoder", cross=True, kv_padding=kv_padding)(
-                tokens[self.query], features[self.query]["mask"], ctx, ctx_mask, train=train
+                tokens[self.query], given[self.query], ctx, ctx_mask, train=train
             )
             qmask = masks[self.query]
             return {"tokens": x, "pooled": self._pool(x, qmask), "mask": qmask}
@@ -204,18 +204,18 @@ class Fusion(nn.Module):
                 dtype=self.dtype,
                 attn_implementation=self.attn_implementation,
                 remat=self.remat,
-                kv_padding=PADDINGS[self.padding],
+                kv_padding=layers.PADDINGS[self.padding],
             )
             if self.scan_layers and self.depth > 0:  # depth 0: no layers (see layers.Encoder)
                 stack = layers.scan_over_layers(CoAttentionLayer, self.depth, self.scan_unroll)
                 (xa, xb), _ = stack(
                     streams=(a, b), **block_kwargs, train=train, name=layers.SCANNED_PAIRS
-                )((xa, xb), features[a]["mask"], features[b]["mask"])
+                )((xa, xb), given[a], given[b])
             else:
                 block = _block_maker(**block_kwargs)
                 for i in range(self.depth):
                     xa, xb = _co_attend(block, (f"{a}_layer_{i}", f"{b}_layer_{i}"),
-                                        xa, xb, features[a]["mask"], features[b]["mask"], train)
+                                        xa, xb, given[a], given[b], train)
             norm = lambda name: nn.LayerNorm(
                 epsilon=self.layer_norm_eps, dtype=self.dtype, name=name
             )

@@ -415,6 +415,9 @@ class Block(nn.Module):
 
 
 KV_PADDINGS = ("mask", "lengths")
+# A config's ``padding`` (text tower, fusion) -> Block.kv_padding: "right" padding can go to
+# attention as key lengths, any other 0/1 mask as a boolean mask.
+PADDINGS = {"right": "lengths", "mask": "mask"}
 
 
 def remat_block(policy: str | None, *, scanned: bool = False,

@@ -193,8 +193,7 @@ class MultimodalModel(nn.Module):
     def _mask_padding(self) -> str:
         """The padding of the masks that reach fusion: only text towers make masks, and their
         ``padding`` (default "right") says whether those are right padding."""
-        default = next(f.default for f in dataclasses.fields(TextEncoder) if f.name == "padding")
-        paddings = {cfg.get("padding", default) for cfg in self.encoders.values()
+        paddings = {cfg.get("padding", TextEncoder.padding) for cfg in self.encoders.values()
                     if cfg.get("kind") == "text"}
         return "right" if paddings <= {"right"} else "mask"
 

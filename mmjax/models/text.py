@@ -13,7 +13,6 @@ from mmjax.models import layers
 Array = jax.Array
 
 
-_PADDINGS = {"right": "lengths", "mask": "mask"}  # TextEncoder.padding → Encoder.kv_padding
 
 
 class TextEncoder(nn.Module):
@@ -99,10 +98,11 @@ class TextEncoder(nn.Module):
         if self.embed_norm:
             x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="embed_norm")(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        if self.padding not in _PADDINGS:
-            raise ValueError(f"text padding {self.padding!r} is not one of {tuple(_PADDINGS)}")
+        if self.padding not in layers.PADDINGS:
+            raise ValueError(f"text padding {self.padding!r} is not one of "
+                             f"{tuple(layers.PADDINGS)}")
         x = layers.Encoder(
-            kv_padding=_PADDINGS[self.padding],
+            kv_padding=layers.PADDINGS[self.padding],
             depth=s["depth"],
             num_heads=s["num_heads"],
             mlp_dim=s["mlp_dim"],
