@@ -150,15 +150,12 @@ class Fusion(nn.Module):
                              f"known: {FUSION_KINDS}")
         if len(order) < 2:
             raise ValueError(f"fusion needs two or more modalities, got {order}")
-        if self.padding not in layers.PADDINGS:
-            raise ValueError(f"fusion padding {self.padding!r} (model.fusion.padding) is not one "
-                             f"of {tuple(layers.PADDINGS)}")
+        kv_padding = layers.kv_padding_of(self.padding, "fusion padding (model.fusion.padding)")
         tokens = self._project(features, order)
         masks = {m: _mask_or_ones(features[m]) for m in order}
         # Attention gets a modality's own mask, None where it has none: cuDNN then runs its
         # plain kernel instead of one that reads a materialised [B, 1, Tq, Tk] bias of ones.
         given = {m: features[m]["mask"] for m in order}
-        unmasked = all(given[m] is None for m in order)
 
         if self.kind == "concat":
             seq = []
@@ -170,6 +167,7 @@ class Fusion(nn.Module):
             seq.insert(0, jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)))
             mask = jnp.concatenate([jnp.ones((b, 1), jnp.int32)] + [masks[m] for m in order], 1)
             x = jnp.concatenate(seq, axis=1)
+            unmasked = all(given[m] is None for m in order)
             x = self._encoder("encoder", cross=False)(x, None if unmasked else mask, train=train)
             return {"tokens": x, "pooled": self._pool(x, mask), "mask": mask}
 
@@ -183,8 +181,8 @@ class Fusion(nn.Module):
                         else jnp.concatenate([masks[m] for m in others], axis=1))
             # Concatenated right-padded masks are right padding only if just the last is masked.
             ctx_right = all(given[m] is None for m in others[:-1])
-            kv_padding = layers.PADDINGS[self.padding] if ctx_right else "mask"
-            x = self._encoder("encoder", cross=True, kv_padding=kv_padding)(
+            x = self._encoder("encoder", cross=True, kv_padding=kv_padding if ctx_right
+                              else "mask")(
                 tokens[self.query], given[self.query], ctx, ctx_mask, train=train
             )
             qmask = masks[self.query]
@@ -204,7 +202,7 @@ class Fusion(nn.Module):
                 dtype=self.dtype,
                 attn_implementation=self.attn_implementation,
                 remat=self.remat,
-                kv_padding=layers.PADDINGS[self.padding],
+                kv_padding=kv_padding,
             )
             if self.scan_layers and self.depth > 0:  # depth 0: no layers (see layers.Encoder)
                 stack = layers.scan_over_layers(CoAttentionLayer, self.depth, self.scan_unroll)

@@ -420,6 +420,14 @@ KV_PADDINGS = ("mask", "lengths")
 PADDINGS = {"right": "lengths", "mask": "mask"}
 
 
+def kv_padding_of(padding: str, what: str) -> str:
+    """``Block.kv_padding`` for a config's ``padding`` (:data:`PADDINGS`); a ValueError that
+    names ``what`` (the config key) for any other value."""
+    if padding not in PADDINGS:
+        raise ValueError(f"{what} {padding!r} is not one of {tuple(PADDINGS)}")
+    return PADDINGS[padding]
+
+
 def remat_block(policy: str | None, *, scanned: bool = False,
                 looped: bool = True) -> type[Block]:
     """Block, rematerialised under a named ``jax.checkpoint_policies`` policy when one is given.

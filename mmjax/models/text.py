@@ -13,8 +13,6 @@ from mmjax.models import layers
 Array = jax.Array
 
 
-
-
 class TextEncoder(nn.Module):
     """Token + position (+ segment) embeddings, a transformer, and pooling.
 
@@ -98,11 +96,8 @@ class TextEncoder(nn.Module):
         if self.embed_norm:
             x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="embed_norm")(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        if self.padding not in layers.PADDINGS:
-            raise ValueError(f"text padding {self.padding!r} is not one of "
-                             f"{tuple(layers.PADDINGS)}")
         x = layers.Encoder(
-            kv_padding=layers.PADDINGS[self.padding],
+            kv_padding=layers.kv_padding_of(self.padding, "text padding"),
             depth=s["depth"],
             num_heads=s["num_heads"],
             mlp_dim=s["mlp_dim"],
