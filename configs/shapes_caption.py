@@ -22,92 +22,38 @@ from __future__ import annotations
 
 import ml_collections
 
-_ARGS = ("tiny",)
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = [a for a in (arg or "").split(",") if a]
-    for a in args:
-        if a not in _ARGS:
-            raise ValueError(
-                f"unknown argument {a!r} of configs/shapes_caption.py; known: {_ARGS}"
-            )
+    args = common.parse_args(arg, ("tiny",), "configs/shapes_caption.py")
 
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.total_steps = 500
-    c.batch_size = 128
-    c.eval_batch_size = 500
-    c.log_every = 50
-    c.eval_every = 250
-    c.checkpoint_every = 250
-    c.init_from = ""  # e.g. a shapes_pretrain workdir: its image tower (init_subtrees)
-    c.init_subtrees = "image"
-    c.grad_accum_steps = 1
-    c.parallel = ml_collections.ConfigDict({"mode": "pmap", "fsdp": 1})
-
-    c.data = ml_collections.ConfigDict({
-        "name": "shapes",
-        "image_size": 32,
-        "max_len": 12,
-        "text": "caption",
-        "variant": "",
-        "num_train": 50_000,
-        "num_val": 2_000,
-        "num_test": 2_000,
-    })
-
+    c = common.run(total_steps=500, batch_size=128, eval_batch_size=500, eval_every=250,
+                   checkpoint_every=250)
+    c.init_subtrees = "image"  # init_from: e.g. a shapes_pretrain workdir's image tower
+    c.data = common.shapes_data(text="caption")
     width = 64
+    model = common.shapes_model(width)
+    model["text"]["depth"] = 1
     c.model = ml_collections.ConfigDict({
-        "image": {
-            "kind": "vit", "variant": "mu/8", "width": width, "depth": 0, "num_heads": 4,
-            "mlp_dim": 4 * width, "pool": "gap", "init_from": "",
-        },
-        "text": {
-            "kind": "text", "variant": "mu", "width": width, "depth": 1, "num_heads": 4,
-            "mlp_dim": 4 * width, "vocab_size": 0, "max_len": 16, "init_from": "",
-        },
+        "image": model["image"],
+        "text": model["text"],
         "fusion": {"kind": "none"},
         "heads": {
             "caption": {"kind": "caption", "width": width, "depth": 2, "num_heads": 4,
                         "mlp_dim": 4 * width, "vocab_size": 0, "max_len": 16},
             "itc": {"kind": "contrastive", "embed_dim": 64},
         },
-        "dropout": 0.0,
-        "dtype": "float32",
-        "remat": "",
-        "scan_layers": False,  # one nn.scan over stacked layers (fewer arrays, faster dispatch)
-        "scan_unroll": 0,  # with scan_layers: layers per loop iteration, 0 = all (no loop)
+        **common.model_options(),
     })
     c.losses = ml_collections.ConfigDict({"caption": 1.0, "itc": 0.5})
     c.evals = ml_collections.ConfigDict({
         "greedy": {"kind": "caption", "task": "caption", "max_len": 12},
         "retrieval": {"kind": "retrieval", "task": "itc"},
     })
-
-    c.optimizer = ml_collections.ConfigDict({
-        "name": "adamw",
-        "lr": 2e-3,
-        "warmup_steps": 100,
-        "decay": "cosine",
-        "weight_decay": 1e-4,
-        "b1": 0.9,
-        "b2": 0.999,
-        "clip_norm": 1.0,
-        "freeze": "^image/",  # LiT: the image tower is locked
-        "mu_dtype": "",
-    })
+    c.optimizer = common.optimizer(lr=2e-3, freeze="^image/")  # LiT: the image tower is locked
 
     if "tiny" in args:
-        c.total_steps = 10
-        c.batch_size = 16
-        c.eval_batch_size = 64
-        c.log_every = 5
-        c.eval_every = 10
-        c.checkpoint_every = 10
-        c.optimizer.warmup_steps = 2
-        c.data.num_train = 256
-        c.data.num_val = 64
-        c.data.num_test = 64
+        common.tiny(c, total_steps=10, num_train=256, num_eval=64)
     c.lock()
     return c

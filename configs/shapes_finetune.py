@@ -29,75 +29,24 @@ from __future__ import annotations
 
 import ml_collections
 
-_ARGS = ("lora", "lit", "tiny")
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = [a for a in (arg or "").split(",") if a]
-    for a in args:
-        if a not in _ARGS:
-            raise ValueError(
-                f"unknown argument {a!r} of configs/shapes_finetune.py; known: {_ARGS}"
-            )
+    args = common.parse_args(arg, ("lora", "lit", "tiny"), "configs/shapes_finetune.py")
 
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.total_steps = 200
-    c.batch_size = 128
-    c.eval_batch_size = 500
-    c.log_every = 50
-    c.eval_every = 100
-    c.checkpoint_every = 100
-    c.init_from = ""  # the pretraining workdir (or a checkpoint step folder of it)
-    c.init_subtrees = "image,text,fusion"
-    c.grad_accum_steps = 1
-    c.parallel = ml_collections.ConfigDict({"mode": "pmap", "fsdp": 1})
-
-    c.data = ml_collections.ConfigDict({
-        "name": "shapes",
-        "image_size": 32,
-        "max_len": 12,
-        "text": "question",
-        "variant": "",
-        "num_train": 50_000,
-        "num_val": 2_000,
-        "num_test": 2_000,
-    })
-
-    width = 64
+    c = common.run(total_steps=200, batch_size=128, eval_batch_size=500, eval_every=100,
+                   checkpoint_every=100)
+    c.init_subtrees = "image,text,fusion"  # init_from: the pretraining workdir
+    c.data = common.shapes_data()
     c.model = ml_collections.ConfigDict({
-        "image": {
-            "kind": "vit", "variant": "mu/8", "width": width, "depth": 0, "num_heads": 4,
-            "mlp_dim": 4 * width, "pool": "gap", "init_from": "",
-        },
-        "text": {
-            "kind": "text", "variant": "mu", "width": width, "depth": 0, "num_heads": 4,
-            "mlp_dim": 4 * width, "vocab_size": 0, "max_len": 16, "init_from": "",
-        },
-        "fusion": {"kind": "cross_attention", "width": width, "depth": 2, "num_heads": 4},
+        **common.shapes_model(),
         "heads": {"answer": {"kind": "classification", "num_classes": 0}},
-        "dropout": 0.0,
-        "dtype": "float32",
-        "remat": "",
-        "scan_layers": False,  # one nn.scan over stacked layers (fewer arrays, faster dispatch)
-        "scan_unroll": 0,  # with scan_layers: layers per loop iteration, 0 = all (no loop)
+        **common.model_options(),
     })
     c.losses = ml_collections.ConfigDict({"answer": 1.0})
     c.evals = ml_collections.ConfigDict({"qa": {"kind": "qa", "task": "answer"}})
-
-    c.optimizer = ml_collections.ConfigDict({
-        "name": "adamw",
-        "lr": 2e-3,
-        "warmup_steps": 20,
-        "decay": "cosine",
-        "weight_decay": 1e-4,
-        "b1": 0.9,
-        "b2": 0.999,
-        "clip_norm": 1.0,
-        "freeze": "",
-        "mu_dtype": "",
-        "layer_decay": 0.0,  # e.g. 0.75: layer-wise lr decay over tower layers; 0 = off
-    })
+    c.optimizer = common.optimizer(lr=2e-3, warmup_steps=20)
     c.lora = ml_collections.ConfigDict({
         "rank": 0,  # 0 = off
         "alpha": 16.0,
@@ -110,15 +59,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if "lit" in args:
         c.optimizer.freeze = "^image/"
     if "tiny" in args:
-        c.total_steps = 10
-        c.batch_size = 16
-        c.eval_batch_size = 64
-        c.log_every = 5
-        c.eval_every = 10
-        c.checkpoint_every = 10
-        c.optimizer.warmup_steps = 2
-        c.data.num_train = 256
-        c.data.num_val = 64
-        c.data.num_test = 64
+        common.tiny(c, total_steps=10, num_train=256, num_eval=64)
     c.lock()
     return c

@@ -8,19 +8,31 @@ renames it when complete, so a killed save never looks like a finished checkpoin
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from mmjax import lora
+
 log = logging.getLogger(__name__)
+
+HF_CONFIG = "hf_config.json"  # written next to an mmjax checkpoint converted from Hugging Face
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be restored into this run's state."""
+
+
+class CheckpointReadError(ValueError):
+    """A path is not a readable mmjax checkpoint; the message names it."""
 
 
 class Checkpointer:
@@ -144,3 +156,93 @@ class Checkpointer:
         """Waits for pending asynchronous saves, then releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+# -------------------------------------------------- reading params without a train state
+
+
+def workdir_of(path: Path) -> Path | None:
+    """The workdir above a checkpoint path (for its hf_config.json / config.json), if any."""
+    for p in (path, *path.parents[:3]):
+        if (p / "checkpoints").is_dir():
+            return p
+    return None
+
+
+def checkpoint_state_dir(path: str | Path) -> Path:
+    """``…/checkpoints/<newest step>/state`` for a workdir, a step directory or a state dir."""
+    p = Path(path)
+    if p.name != "state" and not (p / "state").is_dir():
+        steps_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        steps = sorted(int(s.name) for s in steps_dir.glob("*") if s.name.isdigit())
+        if not steps:
+            raise CheckpointReadError(f"{path}: neither a Hugging Face folder (config.json) nor "
+                                      "an mmjax checkpoint (DIR/checkpoints/<step>/state)")
+        p = steps_dir / str(steps[-1])
+    if p.name != "state":
+        p = p / "state"
+    if not p.is_dir():
+        raise CheckpointReadError(f"{path}: no checkpoint state at {p}")
+    return p
+
+
+def read_checkpoint_params(path: str | Path, *, merge_lora: bool = True) -> dict[str, Any]:
+    """The ``params`` tree of an mmjax checkpoint, as numpy arrays, without a target structure.
+
+    Restoring without a target reads only what is there, so a training checkpoint (with optimizer
+    state) and a converted one (params only) load alike. A LoRA run's adapters (``params/lora``)
+    are folded into their kernels unless ``merge_lora`` is False, so every consumer (tower
+    ``init_from``, ``config.init_from``, ``convert``) sees the plain model it describes.
+    """
+    state_dir = checkpoint_state_dir(path)
+    try:
+        tree = ocp.StandardCheckpointer().restore(state_dir.absolute())
+    except Exception as e:  # orbax raises many types; all mean "unusable"
+        raise CheckpointReadError(
+            f"{state_dir}: cannot be restored: {type(e).__name__}: {e}") from e
+    if not isinstance(tree, Mapping) or "params" not in tree:
+        raise CheckpointReadError(f"{state_dir}: the checkpoint has no 'params'")
+    params = tree["params"]
+    if merge_lora and isinstance(params, Mapping) and lora.KEY in params:
+        log.info("%s: LoRA adapters merged into their kernels", state_dir)
+        params = lora.merge(params)
+    return jax.tree.map(np.asarray, params)
+
+
+def write_checkpoint(workdir: str | Path, params: Mapping[str, Any],
+                     hf_config: Mapping[str, Any] | None = None, step: int = 0) -> Path:
+    """Writes ``{"params": params}`` as ``workdir/checkpoints/<step>/state`` (trainer layout)."""
+    ckpt = Checkpointer(workdir, best_metric=None, asynchronous=False)
+    ckpt.save(step, {"params": dict(params)}, {})
+    ckpt.close()
+    if hf_config is not None:
+        (Path(workdir) / HF_CONFIG).write_text(json.dumps(dict(hf_config), indent=2) + "\n")
+    return Path(workdir)
+
+
+def merged_params_from_workdir(workdir: str | Path) -> dict[str, Any]:
+    """Plain (merged) params of the newest checkpoint of a LoRA training workdir, as numpy.
+
+    ``workdir``'s ``config.json`` (written by the trainer) is checked against the adapters found:
+    its ``lora.rank`` and ``alpha/rank`` must match the checkpoint, so a workdir whose config was
+    edited after training fails instead of exporting a different model. A checkpoint without
+    adapters (LoRA off) is returned as it is.
+    """
+    params = read_checkpoint_params(workdir, merge_lora=False)
+    cfg_file = Path(workdir) / "config.json"
+    cfg = lora.parse_config(json.loads(cfg_file.read_text()).get("lora")) if cfg_file.is_file() \
+        else None
+    if lora.KEY in params:
+        pairs = lora.adapter_pairs(params[lora.KEY])
+        ranks = {np.shape(a)[-1] for a, _ in pairs.values()}
+        stored = float(np.asarray(params[lora.KEY][lora.SCALE]))
+        if cfg is not None and (ranks != {cfg.rank} or not math.isclose(stored, cfg.scale)):
+            raise ValueError(f"{workdir}: config.json has lora rank={cfg.rank}, "
+                             f"alpha/rank={cfg.scale}, but the checkpoint's adapters have "
+                             f"rank {sorted(ranks)} and scale {stored}")
+        log.info("%s: merging %d LoRA adapters (rank %s, scale %g)", workdir, len(pairs),
+                 sorted(ranks), stored)
+    elif cfg is not None:
+        raise ValueError(f"{workdir}: config.json has lora.rank={cfg.rank} but the checkpoint "
+                         "holds no adapters")
+    return lora.merge(params)

@@ -1,7 +1,7 @@
 """Shared command-line plumbing: config flags, logging, and the error contract.
 
-Every CLI ends a failure with a non-zero exit and a last stderr line that names the culprit
-(GUIDE §3), so ``run_main`` turns any exception into ``error: <message>`` as the final line.
+Every CLI ends a failure with a non-zero exit and a last stderr line that names the culprit, so
+``run_main`` turns any exception into ``error: <message>`` as the final line.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 * ``alpha`` (float, default ``rank``): the adapter output is scaled by ``alpha / rank``, so
   changing r does not change the size of the initial updates (Hu et al., 2021);
 * ``targets`` (regex, default :data:`DEFAULT_TARGETS`): searched in each leaf's path
-  (:func:`mmjax.optim.path_str`); matching kernels get an adapter. The default is the attention
+  (``mmjax.tree.path_str``); matching kernels get an adapter. The default is the attention
   query/key/value/out and MLP fc1/fc2 kernels of every tower and of the fusion module;
 * ``train`` (regex, default ``"^heads/"``): base params that stay trainable next to the adapters
   (a new task head must learn); ``""`` trains the adapters alone.
@@ -29,7 +29,7 @@ Kernels are flattened to matrices the way ``nn.DenseGeneral`` contracts them: a 
 output kernel ``…/out/kernel`` [H, hd, D] as [H·hd, D]; a convolution kernel [kh, kw, c_in,
 c_out] as [kh·kw·c_in, c_out]. A kernel stacked by ``model.scan_layers=True`` ([depth, ...],
 ``…/layers/…``) gets stacked adapters, ``a`` [depth, n_in, r] and ``b`` [depth, r, n_out], layer
-i's pair at i: what the unrolled model's ``layer_<i>`` pairs are, stacked (``layers.match_layers``
+i's pair at i: what the unrolled model's ``layer_<i>`` pairs are, stacked (``scan.match_layers``
 converts one into the other like any params). ``targets``, ``train`` and ``optimizer.freeze``
 regexes may name ``layer_<i>`` in either layout; an adapter covers all layers of its stacked
 kernel, so ``targets`` must match all of them or none.
@@ -37,20 +37,20 @@ kernel, so ``targets`` must match all of them or none.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.models import layers
+from mmjax import tree
+from mmjax.models import scan
+from mmjax.tree import match_per_layer, searcher
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +112,6 @@ def enabled(lora_cfg: Mapping[str, Any] | None) -> bool:
     return parse_config(lora_cfg) is not None
 
 
-def _path_str(path: tuple) -> str:
-    from mmjax.optim import path_str
-
-    return path_str(path)
-
-
-def _leaves(tree: Any) -> dict[str, Any]:
-    """``{path_str: leaf}`` of a params tree, in tree order."""
-    return {_path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def n_in_axes(path: str, shape: tuple[int, ...]) -> int:
     """How many leading axes of a kernel are inputs (the rest are outputs); see module doc."""
     ndim = len(shape)
@@ -136,7 +125,7 @@ def n_in_axes(path: str, shape: tuple[int, ...]) -> int:
 def matrix_shape(path: str, shape: tuple[int, ...]) -> tuple[int, int]:
     """(n_in, n_out) of a kernel flattened as its module contracts it (per layer for a kernel
     stacked by ``model.scan_layers``, whose leading axis is the layer)."""
-    if layers.is_stacked(path):
+    if scan.is_stacked(path):
         shape = shape[1:]
     k = n_in_axes(path, shape)
     return math.prod(shape[:k]), math.prod(shape[k:])
@@ -149,15 +138,13 @@ def target_paths(params: Any, targets: str) -> list[str]:
     A kernel stacked by ``model.scan_layers`` gets one adapter for all its layers (stacked the
     same way), so a regex must match all of its layers or none (``layer_<i>`` names count).
     """
-    from mmjax.optim import match_per_layer, searcher
-
     matches = searcher(re.compile(targets))
     found = []
-    for path, x in _leaves({k: v for k, v in params.items() if k != KEY}).items():
+    for path, x in tree.leaves({k: v for k, v in params.items() if k != KEY}).items():
         matched = np.atleast_1d(match_per_layer(path, x, matches))
         if not matched.any():
             continue
-        stacked = layers.is_stacked(path)
+        stacked = scan.is_stacked(path)
         if path.rsplit("/", 1)[-1] not in _ADAPTABLE or np.ndim(x) - stacked < 2:
             raise ValueError(f"lora.targets={targets!r} matches {path} of shape {np.shape(x)}; "
                              "only kernels (…/kernel) and embedding tables (…/embedding) of 2 "
@@ -200,14 +187,14 @@ def add_adapters(params: Mapping[str, Any], lora_cfg: Mapping[str, Any] | None,
         return dict(params)
     if KEY in params:
         raise ValueError(f"params already hold a '{KEY}' subtree; adapters are added once")
-    leaves = _leaves(params)
+    leaves = tree.leaves(params)
     paths = target_paths(params, cfg.targets)
     gen = _numpy_rng(rng)
     adapters: dict[str, Any] = {SCALE: jnp.asarray(np.float32(cfg.scale))}
     for path in paths:
         kernel = leaves[path]
         n_in, n_out = matrix_shape(path, np.shape(kernel))
-        lead = np.shape(kernel)[:1] if layers.is_stacked(path) else ()  # one pair per layer
+        lead = np.shape(kernel)[:1] if scan.is_stacked(path) else ()  # one pair per layer
         dtype = np.dtype(kernel.dtype)
         a = gen.standard_normal((*lead, n_in, cfg.rank)) / math.sqrt(n_in)
         node = adapters
@@ -308,33 +295,3 @@ def merge(params: Mapping[str, Any]) -> dict[str, Any]:
         new = node.astype(np.float64) + scale * delta.reshape(node.shape)
         out = _set(out, parts, new.astype(node.dtype))
     return out
-
-
-def merged_params_from_workdir(workdir: str | Path) -> dict[str, Any]:
-    """Plain (merged) params of the newest checkpoint of a LoRA training workdir, as numpy.
-
-    ``workdir``'s ``config.json`` (written by the trainer) is checked against the adapters found:
-    its ``lora.rank`` and ``alpha/rank`` must match the checkpoint, so a workdir whose config was
-    edited after training fails instead of exporting a different model. A checkpoint without
-    adapters (LoRA off) is returned as it is.
-    """
-    from mmjax import transfer
-
-    params = transfer.read_checkpoint_params(workdir, merge_lora=False)
-    cfg_file = Path(workdir) / "config.json"
-    cfg = parse_config(json.loads(cfg_file.read_text()).get("lora")) if cfg_file.is_file() \
-        else None
-    if KEY in params:
-        pairs = adapter_pairs(params[KEY])
-        ranks = {np.shape(a)[-1] for a, _ in pairs.values()}
-        stored = float(np.asarray(params[KEY][SCALE]))
-        if cfg is not None and (ranks != {cfg.rank} or not math.isclose(stored, cfg.scale)):
-            raise ValueError(f"{workdir}: config.json has lora rank={cfg.rank}, "
-                             f"alpha/rank={cfg.scale}, but the checkpoint's adapters have "
-                             f"rank {sorted(ranks)} and scale {stored}")
-        log.info("%s: merging %d LoRA adapters (rank %s, scale %g)", workdir, len(pairs),
-                 sorted(ranks), stored)
-    elif cfg is not None:
-        raise ValueError(f"{workdir}: config.json has lora.rank={cfg.rank} but the checkpoint "
-                         "holds no adapters")
-    return merge(params)

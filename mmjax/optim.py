@@ -13,7 +13,7 @@ towers are frozen) is a config value, so sweeps and fine-tuning recipes need no 
 * ``mu_dtype`` (default ``""`` = the params' float32): ``"bfloat16"`` stores Adam's first moment
   in bf16, halving that buffer on accelerators (the second moment stays float32 for stability);
 * ``clip_norm`` (default 0 = off): clip the global gradient norm of trainable leaves first;
-* ``freeze`` (default ``""``): a regex searched in each leaf's path (:func:`path_str`); matching
+* ``freeze`` (default ``""``): a regex searched in each leaf's path (``tree.path_str``); matching
   leaves get exactly zero updates and carry no optimizer state, so a frozen pretrained tower stays
   bit-identical and costs no Adam moments. In a scanned model (``model.scan_layers``) the regex
   is also searched in each layer's unrolled name, so ``"image/encoder/layer_[0-5]/"`` freezes
@@ -37,7 +37,6 @@ wrong thing without complaint.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -47,7 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmjax.models import layers
+from mmjax import lora
+from mmjax.models import scan
+from mmjax.tree import match_per_layer, path_str, searcher
 
 NAMES = ("adamw", "adam", "sgd")
 DECAYS = ("cosine", "linear", "constant")
@@ -98,61 +99,14 @@ def make_schedule(opt_cfg: Mapping, total_steps: int) -> optax.Schedule:
             f"optimizer.warmup_steps={warmup} must lie between 0 and total_steps={total_steps}"
         )
     decay_steps = max(total_steps - warmup, 1)
-
-    def schedule(step: jax.typing.ArrayLike) -> jax.Array:
-        step = jnp.asarray(step, jnp.float32)
-        warm = lr * step / warmup if warmup else jnp.asarray(lr, jnp.float32)
-        frac = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
-        if decay == "cosine":
-            after = end_lr + (lr - end_lr) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
-        elif decay == "linear":
-            after = lr + (end_lr - lr) * frac
-        else:
-            after = jnp.full_like(frac, lr)
-        return jnp.where(step < warmup, warm, after).astype(jnp.float32)
-
-    return schedule
-
-
-def path_str(path: tuple) -> str:
-    """A leaf's key path as ``"image/encoder/layer_0/attn/query/kernel"``.
-
-    Freeze regexes and log lines match against this one spelling, whatever pytree containers
-    (dicts, dataclasses, lists) the path runs through.
-    """
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(key.name)
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(key.key))
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
-def match_per_layer(path: str, x: Any, keep: Any) -> bool | np.ndarray:
-    """``keep(names)`` for one leaf: a bool, or per layer for a stacked leaf.
-
-    ``names`` is the leaf's path alone, or for a leaf of a scanned encoder (``.../layers/...``,
-    ``[depth, ...]``) its stacked path and layer i's unrolled path (:func:`layers.layer_paths`),
-    so a regex written for ``layer_<i>`` selects layers of either layout. Returns a bool when
-    every layer agrees, else a numpy bool array [depth] (layer i at i).
-    """
-    if not layers.is_stacked(path) or np.ndim(x) == 0:
-        return bool(keep((path,)))
-    per_layer = np.array([bool(keep((path, name)))
-                          for name in layers.layer_paths(path, np.shape(x)[0])])
-    return bool(per_layer[0]) if per_layer.all() or not per_layer.any() else per_layer
-
-
-def searcher(pattern: re.Pattern) -> Any:
-    """``names → bool``: does ``pattern`` occur in any of them (:func:`match_per_layer`)?"""
-    return lambda names: any(pattern.search(n) for n in names)
+    after = {
+        "cosine": optax.cosine_decay_schedule(lr, decay_steps, alpha=end_lr / lr if lr else 0.0),
+        "linear": optax.linear_schedule(lr, end_lr, decay_steps),
+        "constant": optax.constant_schedule(lr),
+    }[decay]
+    if not warmup:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
 def trainable_mask(params: Any, freeze: str) -> Any:
@@ -193,7 +147,7 @@ def decay_mask(params: Any) -> Any:
         name = path_str(path)
         if name.rsplit("/", 1)[-1] in _NEVER_DECAYED:
             return False
-        return np.ndim(x) - layers.is_stacked(name) >= 2
+        return np.ndim(x) - scan.is_stacked(name) >= 2
 
     return jax.tree_util.tree_map_with_path(decayed, params)
 
@@ -207,8 +161,8 @@ def _tower_depths(params: Mapping[str, Any]) -> dict[str, int]:
         if name in _NOT_TOWERS or not isinstance(sub, Mapping):
             continue
         encoder = sub.get("encoder", {})
-        if layers.SCANNED in encoder:  # scanned: the depth is the stacked leaves' leading axis
-            depths[name] = layers.stacked_depth(encoder[layers.SCANNED])
+        if scan.SCANNED in encoder:  # scanned: the depth is the stacked leaves' leading axis
+            depths[name] = scan.stacked_depth(encoder[scan.SCANNED])
             continue
         idx = [int(m.group(1)) for k in encoder if (m := _LAYER.fullmatch(str(k)))]
         depths[name] = max(idx) + 1 if idx else 0
@@ -217,8 +171,6 @@ def _tower_depths(params: Mapping[str, Any]) -> dict[str, int]:
 
 def _layer_scale(path: str, depths: Mapping[str, int], decay: float,
                  ndim: int) -> float | np.ndarray:
-    from mmjax import lora  # deferred: lora imports this module
-
     path = lora.base_path(path) or path  # an adapter follows the kernel it adapts
     tower, _, rest = path.partition("/")
     if tower not in depths or not rest:
@@ -227,7 +179,7 @@ def _layer_scale(path: str, depths: Mapping[str, int], decay: float,
     first, _, inner = rest.partition("/")
     if first == "encoder":
         head = inner.partition("/")[0]
-        if head == layers.SCANNED:  # stacked [depth, ...]: layer i's slice gets its own scale
+        if head == scan.SCANNED:  # stacked [depth, ...]: layer i's slice gets its own scale
             per_layer = decay ** (depth - np.arange(depth, dtype=np.float64))
             return per_layer.reshape((depth,) + (1,) * (ndim - 1))
         m = _LAYER.fullmatch(head)
@@ -297,8 +249,6 @@ def _trainable_fn(opt_cfg: Mapping, params: Any, lora_cfg: Mapping | None) -> An
     typo raises, naming the config key); the returned function works on any tree with the same
     paths and shapes (params, or partition's subtrees).
     """
-    from mmjax import lora
-
     freeze = _get(opt_cfg, "freeze", "")
     if freeze:
         trainable_mask(params, freeze)  # Raises early if the regex is bad or matches nothing.
@@ -428,8 +378,6 @@ def make_optimizer(opt_cfg: Mapping, params: Any, total_steps: int, *,
     masks = trainable(params)
     if not any(np.any(m) for m in jax.tree.leaves(masks)):
         freeze = _get(opt_cfg, "freeze", "")
-        from mmjax import lora
-
         lora_on = lora.enabled(lora_cfg)
         what = "every LoRA adapter and lora.train param" if lora_on else "every parameter"
         raise ValueError(f"optimizer.freeze={freeze!r} matches {what}; nothing would train")

@@ -30,8 +30,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mmjax.models import layers
-from mmjax.optim import path_str
+from mmjax.models import scan
+from mmjax.tree import path_str
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class MeshParallel:
 
     def shardings(self, state: Any) -> Any:
         def spec(path: tuple, x: Any) -> NamedSharding:
-            stacked = layers.is_stacked(path_str(path)) and np.ndim(x) > 0
+            stacked = scan.is_stacked(path_str(path)) and np.ndim(x) > 0
             return NamedSharding(self.mesh, fsdp_spec(np.shape(x), self.fsdp, stacked=stacked))
 
         return jax.tree_util.tree_map_with_path(spec, state)

@@ -22,13 +22,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from flax import traverse_util
 
-from mmjax import hf, lora
-from mmjax.models import layers
+from mmjax import hf
+from mmjax.checkpoint import (
+    HF_CONFIG,
+    checkpoint_state_dir,
+    read_checkpoint_params,
+    workdir_of,
+    write_checkpoint,
+)
+from mmjax.models import scan
 from mmjax.models.multimodal import MODEL_OPTIONS
 
-HF_CONFIG = "hf_config.json"  # written next to an mmjax checkpoint converted from Hugging Face
 _IMAGE_KINDS = ("vit", "resnet")
 
 
@@ -44,74 +52,6 @@ def is_hf_folder(path: str | Path) -> bool:
         return "model_type" in json.loads(file.read_text())
     except (OSError, ValueError):
         return False
-
-
-def _workdir_of(path: Path) -> Path | None:
-    """The workdir above a checkpoint path (for its hf_config.json / config.json), if any."""
-    for p in (path, *path.parents[:3]):
-        if (p / "checkpoints").is_dir():
-            return p
-    return None
-
-
-def checkpoint_state_dir(path: str | Path) -> Path:
-    """``…/checkpoints/<newest step>/state`` for a workdir, a step directory or a state dir."""
-    p = Path(path)
-    if p.name != "state" and not (p / "state").is_dir():
-        steps_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-        steps = sorted(int(s.name) for s in steps_dir.glob("*") if s.name.isdigit())
-        if not steps:
-            raise TransferError(f"{path}: neither a Hugging Face folder (config.json) nor an "
-                                "mmjax checkpoint (DIR/checkpoints/<step>/state)")
-        p = steps_dir / str(steps[-1])
-    if p.name != "state":
-        p = p / "state"
-    if not p.is_dir():
-        raise TransferError(f"{path}: no checkpoint state at {p}")
-    return p
-
-
-def read_checkpoint_params(path: str | Path, *, merge_lora: bool = True) -> dict[str, Any]:
-    """The ``params`` tree of an mmjax checkpoint, as numpy arrays, without a target structure.
-
-    Restoring without a target reads only what is there, so a training checkpoint (with optimizer
-    state) and a converted one (params only) load alike. A LoRA run's adapters (``params/lora``)
-    are folded into their kernels unless ``merge_lora`` is False, so every consumer (tower
-    ``init_from``, ``config.init_from``, ``convert``) sees the plain model it describes.
-    """
-    import orbax.checkpoint as ocp
-
-    state_dir = checkpoint_state_dir(path)
-    try:
-        tree = ocp.StandardCheckpointer().restore(state_dir.absolute())
-    except Exception as e:  # orbax raises many types; all mean "unusable"
-        raise TransferError(f"{state_dir}: cannot be restored: {type(e).__name__}: {e}") from e
-    if not isinstance(tree, Mapping) or "params" not in tree:
-        raise TransferError(f"{state_dir}: the checkpoint has no 'params'")
-    params = tree["params"]
-    if merge_lora and isinstance(params, Mapping) and lora.KEY in params:
-        logging.getLogger(__name__).info("%s: LoRA adapters merged into their kernels", state_dir)
-        params = lora.merge(params)
-    return _to_numpy(params)
-
-
-def _to_numpy(tree: Any) -> Any:
-    if isinstance(tree, Mapping):
-        return {k: _to_numpy(v) for k, v in tree.items()}
-    return np.asarray(tree)
-
-
-def write_checkpoint(workdir: str | Path, params: Mapping[str, Any],
-                     hf_config: Mapping[str, Any] | None = None, step: int = 0) -> Path:
-    """Writes ``{"params": params}`` as ``workdir/checkpoints/<step>/state`` (trainer layout)."""
-    from mmjax.checkpoint import Checkpointer
-
-    ckpt = Checkpointer(workdir, best_metric=None, asynchronous=False)
-    ckpt.save(step, {"params": dict(params)}, {})
-    ckpt.close()
-    if hf_config is not None:
-        (Path(workdir) / HF_CONFIG).write_text(json.dumps(dict(hf_config), indent=2) + "\n")
-    return Path(workdir)
 
 
 def _hf_part(cfg: Mapping[str, Any], kind: str | None, where: str) -> str:
@@ -159,14 +99,16 @@ def encoder_overrides(init_from: str, kind: str | None = None,
                          for k in _weight_names(init_from))
             out["pooler"] = pooled
         return out
-    work = _workdir_of(Path(init_from))
+    work = workdir_of(Path(init_from))
     if work is not None and (work / HF_CONFIG).is_file():
         cfg = json.loads((work / HF_CONFIG).read_text())
         return _hf_overrides(cfg, kind, where)
     if work is not None and (work / "config.json").is_file() and modality:
         model = json.loads((work / "config.json").read_text()).get("model", {})
         enc = dict(model.get(modality) or {})
-        for key in ("kind", "init_from", "dropout", "dtype", "attn_implementation", "remat"):
+        # (model-wide keys that older configs repeated per tower are dropped too)
+        for key in ("kind", "init_from", "dropout", "dtype", "attn_implementation", "remat",
+                    "padding", "scan_layers", "scan_unroll"):
             enc.pop(key, None)
         return enc
     return {}
@@ -222,7 +164,7 @@ def load_tower(init_from: str, modality: str, kind: str | None = None) -> dict[s
         cfg = hf.read_config(init_from)
         part = _hf_part(cfg, kind, where)
         _, variables = hf.load(init_from)
-        return _to_numpy(variables["params"][part])
+        return jax.tree.map(np.asarray, variables["params"][part])
     params = read_checkpoint_params(init_from)
     if modality in params:
         return params[modality]
@@ -234,13 +176,8 @@ def load_tower(init_from: str, modality: str, kind: str | None = None) -> dict[s
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    """``{"a/b/c": leaf}`` (with ``prefix`` in front of every key)."""
+    return {prefix + k: v for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
 
 
 def _check_shape(where: str, name: str, got: Any, want: Any) -> None:
@@ -269,8 +206,6 @@ def _fit_positions(tower: dict[str, Any], fresh: Mapping[str, Any], modality: st
     A pretrained ViT is tied to its training resolution only through ``pos_embedding``;
     resampling the grid, as the ViT paper does for fine-tuning, lets it read other image sizes.
     """
-    import jax
-
     old, new = tower.get("pos_embedding"), fresh.get("pos_embedding")
     if old is None or new is None or np.shape(old) == np.shape(new):
         return tower
@@ -307,7 +242,7 @@ def apply_init_from(config: Any, params: Mapping[str, Any],
         where = f"model.{modality}.init_from={init_from!r}"
         if modality not in params:
             raise TransferError(f"{where}: the model has no params/{modality}")
-        tower = layers.match_layers(load_tower(init_from, modality, enc.get("kind")),
+        tower = scan.match_layers(load_tower(init_from, modality, enc.get("kind")),
                                     params[modality])  # scanned model or checkpoint
         if enc.get("kind") == "vit":
             tower = _fit_positions(tower, params[modality], modality, where, log)
@@ -324,14 +259,7 @@ def apply_init_from(config: Any, params: Mapping[str, Any],
 
 
 def _unflat(flat: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, v in flat.items():
-        node = out
-        *parents, leaf = name.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
+    return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 DEFAULT_EXCLUDED = ("heads",)  # not loaded by config.init_from unless init_subtrees names them
@@ -407,7 +335,7 @@ def load_subtrees(source: str | Path, params: Mapping[str, Any],
         raise TransferError(f"{where}: {source} is a Hugging Face folder; config.init_from takes "
                             "an mmjax checkpoint (use model.<tower>.init_from for a HF tower)")
     checkpoint_state_dir(source)  # fails first, naming the path, if it is not a checkpoint
-    ckpt = layers.match_layers(read_checkpoint_params(source), params)  # scanned or unrolled
+    ckpt = scan.match_layers(read_checkpoint_params(source), params)  # scanned or unrolled
     names = parse_subtrees(subtrees, params)
     fresh = _flat(params)
     loaded: dict[str, int] = {}
@@ -468,7 +396,7 @@ def apply_config_init_from(config: Any, params: Mapping[str, Any],
 def _export_model(params: Mapping[str, Any], cfg: Mapping[str, Any], modality: str,
                   where: str) -> tuple[Any, dict[str, Any]]:
     """The HF wrapper and its variables for params read from an mmjax checkpoint."""
-    params = layers.unstack_all(params)  # a model.scan_layers run saved stacked layers
+    params = scan.unstack_all(params)  # a model.scan_layers run saved stacked layers
     mt = cfg["model_type"]
     if mt == "clip":
         missing = [k for k in ("text", "image", "text_projection", "visual_projection",
@@ -510,7 +438,7 @@ def convert(src: str, dst: str = "", *, verify: bool = False, like: str = "",
             print(f"wrote mmjax checkpoint {Path(dst) / 'checkpoints'} (init_from: {dst})")
     else:
         checkpoint_state_dir(src)  # fails first, naming src, if it is neither format
-        work = _workdir_of(Path(src))
+        work = workdir_of(Path(src))
         if like:
             cfg = hf.read_config(like)
         elif work is not None and (work / HF_CONFIG).is_file():

@@ -24,12 +24,12 @@ the train and eval lines of ``metrics.jsonl``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from mmjax import losses
 
@@ -49,18 +49,23 @@ class Schedule:
     end_step: int = 0
 
     def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
-        step = jnp.asarray(step, jnp.float32)
+        return jnp.asarray(self.schedule()(step), jnp.float32)
+
+    def schedule(self) -> optax.Schedule:
+        """The optax schedule: ``start_value`` until ``start_step``, then to ``end_value``."""
+        start, end = self.start_value, self.end_value
         if self.kind == "constant":
-            return jnp.asarray(self.start_value, jnp.float32)
+            return optax.constant_schedule(start)
         if self.kind == "step":
-            return jnp.where(step < self.start_step, self.start_value, self.end_value).astype(
-                jnp.float32
-            )
+            return optax.join_schedules(
+                [optax.constant_schedule(start), optax.constant_schedule(end)], [self.start_step])
         span = max(self.end_step - self.start_step, 1)
-        frac = jnp.clip((step - self.start_step) / span, 0.0, 1.0)
-        if self.kind == "cosine":
-            frac = 0.5 * (1.0 - jnp.cos(math.pi * frac))
-        return (self.start_value + (self.end_value - self.start_value) * frac).astype(jnp.float32)
+        if self.kind == "linear":
+            return optax.linear_schedule(start, end, span, transition_begin=self.start_step)
+        decay = optax.cosine_decay_schedule(1.0, span)  # 1 → 0 over the span
+        return optax.join_schedules(
+            [optax.constant_schedule(start), lambda s: end + (start - end) * decay(s)],
+            [self.start_step])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +104,7 @@ class Weighting:
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(total loss, {task: effective weight}) for the given per-task losses."""
         lam = self.scheduled(step)
+        lam = {n: lam[n] for n in per_task}  # a subset of the tasks may be combined
         if not self.learned:
             return losses.weighted_total(per_task, lam), lam
         if params is None or PARAMS_KEY not in params:

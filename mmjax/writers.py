@@ -71,3 +71,30 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+class Progress:
+    """A tqdm bar with loss and steps/s; silent where ``enabled`` is False (other processes)."""
+
+    def __init__(self, start: int, total: int, *, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                            mininterval=1.0)
+        self.pos = start
+
+    def update(self, step: int, loss: float, steps_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.pos)
+            self.bar.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{steps_per_s:.1f}")
+        self.pos = step
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,11 +1,11 @@
-r"""PyTorch peers of mmjax's #6 benchmark workloads, timed the same way, printing the same JSON.
+r"""PyTorch peers of mmjax's benchmark workloads, timed the same way, printing the same JSON.
 
     python scripts/bench_torch_peer.py --workload clip --batch_size 256            # GPU
     python scripts/bench_torch_peer.py --workload fusion --batch_size 256          # GPU
     python scripts/bench_torch_peer.py --workload clip --tiny --modes eager        # CPU test
 
 Why it exists: a samples/s figure means little alone; the issue's goals are ratios to PyTorch
-run on the same GPU in the same session (GUIDE §6). The peers are what a PyTorch user would
+run on the same GPU in the same session (docs/performance.md). The peers are what a PyTorch user would
 write with transformers' models:
 
 * ``clip``: ``ViTModel`` (B/16, 224 px, class token, 197 tokens) + ``CLIPTextModel`` (width 512,

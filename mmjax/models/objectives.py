@@ -1,64 +1,51 @@
-"""Pretraining objectives: their heads and the random choices they make.
+"""Pretraining objectives' inputs: the random draws and the extra passes that build them.
 
-Four head kinds live here (SigLIP is a contrastive head with a bias, in ``heads.py``):
+The heads themselves (``itm``, ``mlm``, ``mim``, ``caption``) are plain "features in, outputs
+out" modules in ``heads.py``. What they read is built here, with the model's own tower and fusion
+modules, so every extra pass shares their parameters and gradients flow into them:
 
-- ``itm``: image-text matching with hard negatives (ALBEF). A Dense(2) scores the fused pooled
-  feature of the B positive pairs and of 2B negative pairs, one negative text per image and one
-  negative image per text, each drawn with probability ∝ softmax of the (stop-gradient)
-  contrastive similarities, the positive itself excluded.
-- ``mlm``: masked language modelling (BERT's 80/10/10 corruption), conditioned on the image when
-  the text goes through cross-attention fusion.
-- ``mim``: masked image modelling, MAE-style: the ViT sees only a random subset of its patches,
-  a small decoder reconstructs every patch's pixels, the loss counts the hidden ones.
-- ``caption``: a causal text decoder cross-attending to an image tower's tokens (teacher forcing
-  in training, greedy decoding in ``MultimodalModel.generate``).
+- ``mlm``: the corrupted text (BERT's 80/10/10) goes through its tower again, then through the
+  fusion again with the other towers' unmasked tokens (cross-attention fusion with the text as
+  query keeps one fused token per text position); without fusion the tower's tokens are used.
+- ``mim``: the ViT runs again on a random subset of its patches (MAE).
+- ``itm``: hard negatives are drawn from a contrastive head's (stop-gradient) similarities; the
+  towers' tokens are gathered into B (a, negative b) and B (negative a, b) pairs and fused in one
+  extra fusion call; the B positives reuse the forward's fused output (ALBEF).
+- ``caption``: the decoder reads the forward's tokens of its tower (teacher forcing).
 
-The heads are plain "features in, outputs out" modules; building their inputs (masked tower
-passes, negative pairs through the shared fusion) needs the model's own towers and fusion and is
-done by ``MultimodalModel`` (see its docstring). The random draws are pure functions of a key
-here, so they are tested on their own; the model gives them a key from the ``"masking"`` rng
-stream in training and a fixed key in evaluation.
+Negatives and masks are local: under pmap or gradient accumulation an objective sees its
+device's (micro-)batch. Random draws are pure functions of a key (tested on their own); the
+model hands them a key from the ``"masking"`` rng stream in training, a fixed one otherwise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models import layers
+from mmjax.losses import MAX_LOGIT_SCALE
+from mmjax.models import heads as heads_lib
 
 Array = jax.Array
-
-# Head kinds whose inputs the model builds with extra tower / fusion passes.
-OBJECTIVE_KINDS = ("itm", "mlm", "mim", "caption")
+Inputs = tuple[dict[str, Any], dict[str, Any]]  # (head features, extra outputs for the loss)
 
 
-def _feature(features: Mapping[str, Any], key: str, kind: str) -> Any:
-    if key not in features or features[key] is None:
-        raise ValueError(f"{kind} head input {key!r} is not among its features {sorted(features)}")
-    return features[key]
+def salt(task: str) -> int:
+    """A per-task integer folded into the objective's key, so tasks draw independently."""
+    return zlib.crc32(task.encode()) & 0x7FFFFFFF
 
 
 # ---------------------------------------------------------------------------------------------
-# Row and token selection.
+# Random choices (pure functions of a key) and row selection.
 
 
 def select_rows(x: Array, idx: Array) -> Array:
     """``x[idx]`` along axis 0 (x [B, ...], idx int [M]); numpy inputs become jax arrays."""
     return jnp.asarray(x)[idx]
-
-
-def scatter_tokens(x: Array, idx: Array, n: int, fill: Array) -> Array:
-    """[B, n, D] holding ``x[b, k]`` at position ``idx[b, k]`` and ``fill`` [D] elsewhere.
-
-    ``idx`` must not repeat within a row (a permutation's prefix, as ``random_keep`` gives).
-    """
-    full = jnp.broadcast_to(fill.astype(x.dtype), (x.shape[0], n, x.shape[-1]))
-    return full.at[jnp.arange(x.shape[0])[:, None], idx].set(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,200 +139,121 @@ def patchify(images: Array, patch: int) -> Array:
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), patch * patch * c)
 
 
-def normalize_patches(patches: Array, eps: float = 1e-6) -> Array:
-    """MAE's ``norm_pix_loss`` targets: each patch minus its mean, over sqrt(its variance + eps)."""
-    mean = patches.mean(axis=-1, keepdims=True)
-    var = patches.var(axis=-1, keepdims=True)
-    return (patches - mean) / jnp.sqrt(var + eps)
-
-
 # ---------------------------------------------------------------------------------------------
-# Heads.
+# Inputs of each objective head. ``model`` is the bound MultimodalModel; ``towers`` and ``fused``
+# are the forward's encodings (empty / None when the forward skipped them), ``outputs`` the
+# ordinary heads' outputs.
 
 
-class ITMHead(nn.Module):
-    """Matched / not matched logits [3B, 2] from the fused pooled features of 3B pairs.
-
-    ``contrastive`` names the contrastive (or siglip) head whose embeddings pick the hard
-    negatives ("" = the model's only one); ``modalities`` = (a, b): a negative b for every a and
-    a negative a for every b. Both options are read by the model when it builds the pairs.
-    """
-
-    contrastive: str = ""
-    modalities: tuple[str, str] = ("image", "text")
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, features: Mapping[str, Any], *, train: bool = False) -> dict[str, Array]:
-        x = _feature(features, "pooled", "itm")
-        logits = nn.Dense(2, dtype=self.dtype, name="out")(x).astype(jnp.float32)
-        return {"logits": logits}
-
-
-class MLMHead(nn.Module):
-    """BERT's prediction head, Dense + GELU + LayerNorm + Dense(vocab), on every text position.
-
-    Features: ``tokens`` [B, L, D] (fused text positions, or the text tower's own tokens without
-    fusion), ``targets`` (the uncorrupted ids) and ``weights`` (1 where a position was selected),
-    which pass through to the loss. ``vocab_size`` 0 means "the text tower's vocabulary".
-    """
-
-    vocab_size: int = 0
-    mask_prob: float = 0.15
-    mask_token_id: int = 4
-    special_ids: tuple[int, ...] = (0, 1, 2, 3)
-    modality: str = "text"
-    layer_norm_eps: float = 1e-12
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, features: Mapping[str, Any], *, train: bool = False) -> dict[str, Array]:
-        if self.vocab_size <= 0:
-            raise ValueError("mlm head: vocab_size is 0 and no text tower gives one")
-        x = _feature(features, "tokens", "mlm")
-        h = nn.Dense(x.shape[-1], dtype=self.dtype, name="transform")(x)
-        h = nn.gelu(h, approximate=False)
-        h = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm")(h)
-        logits = nn.Dense(self.vocab_size, dtype=self.dtype, name="out")(h)
-        return {
-            "logits": logits.astype(jnp.float32),
-            "targets": _feature(features, "targets", "mlm"),
-            "weights": _feature(features, "weights", "mlm"),
-        }
+def itm_inputs(model: Any, task: str, *, towers: Mapping[str, Any], fused: Any,
+               outputs: Mapping[str, Any], batch: Mapping[str, Any], train: bool) -> Inputs:
+    if fused is None:
+        raise ValueError(f"model.heads.{task}: kind 'itm' scores fused image-text pairs and "
+                         "needs a fusion module; set model.fusion.kind (not 'none')")
+    head = model.head(task)
+    contrastive = head.contrastive
+    kinds = heads_lib.CONTRASTIVE_KINDS
+    if not contrastive:
+        found = [t for t, c in model.heads.items() if c.get("kind") in kinds]
+        if len(found) != 1:
+            raise ValueError(f"model.heads.{task}.contrastive must name the contrastive head "
+                             f"that picks hard negatives; contrastive heads: {found}")
+        contrastive = found[0]
+    if model.heads.get(contrastive, {}).get("kind") not in kinds:
+        raise ValueError(f"model.heads.{task}.contrastive={contrastive!r} is not a head of "
+                         f"kind {kinds}")
+    a, b = head.modalities
+    emb = outputs[contrastive]
+    for m in (a, b):
+        if f"{m}_embeds" not in emb or m not in towers:
+            raise ValueError(f"model.heads.{task}.modalities: {m!r} is not both a tower and "
+                             f"a modality of contrastive head {contrastive!r}")
+    scale = jnp.minimum(jnp.exp(emb["logit_scale"].astype(jnp.float32)), MAX_LOGIT_SCALE)
+    sim = jax.lax.stop_gradient(scale * (emb[f"{a}_embeds"] @ emb[f"{b}_embeds"].T))
+    key = model.objective_key(task)
+    # Examples whose texts are token-for-token equal are not negatives of each other (captions
+    # repeat); they are drawn only when nothing else is left.
+    duplicate = None
+    for m in (a, b):
+        if isinstance(batch.get(m), Mapping) and "ids" in batch[m]:
+            ids = batch[m]["ids"]
+            duplicate = (ids[:, None, :] == ids[None, :, :]).all(-1)
+    valid = batch.get("valid")
+    neg_b = sample_negatives(jax.random.fold_in(key, 0), sim, valid, duplicate)
+    neg_a = sample_negatives(jax.random.fold_in(key, 1), sim.T, valid, duplicate)
+    rows = jnp.arange(sim.shape[0])
+    pairs = {}
+    for m, f in towers.items():
+        idx = jnp.concatenate([neg_b if m == b else rows, neg_a if m == a else rows])
+        pairs[m] = {k: None if v is None else select_rows(v, idx) for k, v in f.items()}
+    negatives = model.fuser(pairs, train=train)
+    pooled = jnp.concatenate([fused["pooled"], negatives["pooled"]], axis=0)
+    return {"pooled": pooled}, {f"negative_{b}": neg_b, f"negative_{a}": neg_a}
 
 
-class MIMHead(nn.Module):
-    """MAE decoder: reconstructs every patch from the tokens of the visible ones.
-
-    Features: ``tokens`` [B, c+K, D] from the ViT run on the kept patches (c = 1 with a class
-    token), ``keep`` [B, K] and ``patches`` [B, N, p·p·3] (the pixels). Visible tokens are
-    projected to ``decoder_width``, a learned mask token fills the N - K hidden positions, a
-    learned position embedding is added and ``decoder_depth`` pre-LN blocks run over the full
-    sequence. Outputs: ``predictions`` [B, N, p·p·3], ``targets`` (pixels, per-patch normalised
-    when ``norm_pix``, as MAE does for sharper reconstructions) and ``mask`` (1 = hidden).
-    """
-
-    mask_ratio: float = 0.75
-    decoder_width: int = 128
-    decoder_depth: int = 2
-    decoder_heads: int = 4
-    decoder_mlp_dim: int | None = None
-    norm_pix: bool = True
-    modality: str = "image"
-    dropout: float = 0.0
-    dtype: Any = jnp.float32
-    attn_implementation: str | None = None
-
-    @nn.compact
-    def __call__(self, features: Mapping[str, Any], *, train: bool = False) -> dict[str, Array]:
-        tokens = _feature(features, "tokens", "mim")
-        keep = _feature(features, "keep", "mim")
-        patches = jnp.asarray(_feature(features, "patches", "mim"), jnp.float32)
-        _, n, p = patches.shape
-        k = keep.shape[1]
-        c = tokens.shape[1] - k  # leading tokens that are not patches (a class token)
-        w = self.decoder_width
-        x = nn.Dense(w, dtype=self.dtype, name="embed")(tokens)
-        mask_token = self.param("mask_token", nn.initializers.normal(0.02), (w,))
-        x = jnp.concatenate([x[:, :c], scatter_tokens(x[:, c:], keep, n, mask_token)], axis=1)
-        pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, c + n, w))
-        x = x + pos.astype(x.dtype)
-        x = layers.Encoder(
-            depth=self.decoder_depth,
-            num_heads=self.decoder_heads,
-            mlp_dim=self.decoder_mlp_dim or 4 * w,
-            pre_norm=True,
-            final_norm=True,
-            dropout=self.dropout,
-            dtype=self.dtype,
-            attn_implementation=self.attn_implementation,
-            name="decoder",
-        )(x, train=train)
-        predictions = nn.Dense(p, dtype=self.dtype, name="pred")(x[:, c:]).astype(jnp.float32)
-        targets = normalize_patches(patches) if self.norm_pix else patches
-        hidden = 1.0 - jax.nn.one_hot(keep, n, dtype=jnp.float32).sum(axis=1)
-        return {
-            "predictions": predictions,
-            "targets": jax.lax.stop_gradient(targets),
-            "mask": hidden,
-        }
+def mlm_inputs(model: Any, task: str, *, towers: Mapping[str, Any], fused: Any,
+               outputs: Mapping[str, Any], batch: Mapping[str, Any], train: bool) -> Inputs:
+    head = model.head(task)
+    m = head.modality
+    if model.encoders.get(m, {}).get("kind") != "text" or not isinstance(batch.get(m), Mapping):
+        raise ValueError(f"model.heads.{task}.modality={m!r} is not a text tower")
+    fuser = model.fuser
+    if fuser is not None and (fuser.kind != "cross_attention" or fuser.query != m):
+        raise ValueError(
+            f"model.heads.{task}: mlm needs one fused token per text position, i.e. "
+            f"model.fusion.kind='cross_attention' with query={m!r}, or no fusion; got "
+            f"kind={fuser.kind!r}, query={fuser.query!r}"
+        )
+    text = batch[m]
+    ids = jnp.asarray(text["ids"], jnp.int32)
+    mask = text.get("mask")
+    mask = jnp.ones_like(ids) if mask is None else jnp.asarray(mask)
+    masked_ids, selected = mlm_mask(
+        model.objective_key(task), ids, mask, vocab_size=head.vocab_size,
+        mask_prob=head.mask_prob, mask_token_id=head.mask_token_id, special_ids=head.special_ids,
+    )
+    corrupted = model.encode_one(m, {m: {**text, "ids": masked_ids, "mask": mask}}, train=train)
+    if fuser is None:
+        tokens = corrupted["tokens"]
+    else:
+        tokens = fuser({**towers, m: corrupted}, train=train)["tokens"]
+    return {"tokens": tokens, "targets": ids, "weights": selected.astype(jnp.float32)}, {}
 
 
-class CaptionHead(nn.Module):
-    """Causal text decoder with cross-attention to a tower's tokens; logits [B, S, vocab].
-
-    Features: ``context`` [B, T, D] (the ``modality`` tower's tokens, projected to ``width``),
-    ``context_mask`` ([B, T] or None) and ``ids`` [B, S], the decoder input. Self-attention is
-    causal only: texts are right-padded, so padding never precedes a real token and cannot
-    change its logits; this also makes teacher forcing and greedy decoding compute exactly the
-    same function of the prefix. ``vocab_size`` 0 means "the text tower's vocabulary";
-    ``max_len`` sizes the position embedding (decoder inputs are at most that long).
-    ``context_positions`` adds a learned embedding per context position after the projection:
-    a tower's own position embeddings may be tiny (ViT's start at std 0.02) and, when the tower
-    is frozen (LiT), never grow, which left a decoder on a locked random ViT stem unable to tell
-    which object comes first (exact match plateaued near 0.5 on the shapes captions; with it
-    the same run learns the order).
-    """
-
-    width: int = 128
-    depth: int = 2
-    num_heads: int = 4
-    mlp_dim: int | None = None
-    vocab_size: int = 0
-    max_len: int = 32
-    bos_id: int = 2
-    eos_id: int = 3
-    pad_id: int = 0
-    modality: str = "image"
-    layer_norm_eps: float = 1e-6
-    dropout: float = 0.0
-    dtype: Any = jnp.float32
-    attn_implementation: str | None = None
-    context_positions: bool = True
-
-    @nn.compact
-    def __call__(self, features: Mapping[str, Any], *, train: bool = False) -> dict[str, Array]:
-        if self.vocab_size <= 0:
-            raise ValueError("caption head: vocab_size is 0 and no text tower gives one")
-        ids = _feature(features, "ids", "caption")
-        context = _feature(features, "context", "caption")
-        context_mask = features.get("context_mask")
-        length = ids.shape[1]
-        if length > self.max_len:
-            raise ValueError(f"caption decoder input of length {length} exceeds the head's "
-                             f"max_len {self.max_len}")
-        init = nn.initializers.normal(0.02)
-        x = nn.Embed(self.vocab_size, self.width, embedding_init=init, name="token_embedding")(ids)
-        pos = self.param("position_embedding", init, (self.max_len, self.width), jnp.float32)
-        x = layers.add_positions(x, pos[:length], self.dtype)  # row-major on GPUs
-        x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        ctx = nn.Dense(self.width, dtype=self.dtype, name="context_proj")(context)
-        if self.context_positions:
-            ctx_pos = self.param(
-                "context_position_embedding", init, (context.shape[1], self.width), jnp.float32
-            )
-            ctx = ctx + ctx_pos[None].astype(self.dtype)
-        x = layers.Encoder(
-            depth=self.depth,
-            num_heads=self.num_heads,
-            mlp_dim=self.mlp_dim or 4 * self.width,
-            pre_norm=True,
-            final_norm=True,
-            causal=True,
-            cross_attention=True,
-            layer_norm_eps=self.layer_norm_eps,
-            dropout=self.dropout,
-            dtype=self.dtype,
-            attn_implementation=self.attn_implementation,
-            name="decoder",
-        )(x, None, ctx, context_mask, train=train)
-        logits = nn.Dense(self.vocab_size, dtype=self.dtype, name="out")(x)
-        return {"logits": logits.astype(jnp.float32)}
+def mim_inputs(model: Any, task: str, *, towers: Mapping[str, Any], fused: Any,
+               outputs: Mapping[str, Any], batch: Mapping[str, Any], train: bool) -> Inputs:
+    head = model.head(task)
+    m = head.modality
+    if model.encoders.get(m, {}).get("kind") != "vit":
+        raise ValueError(f"model.heads.{task}: mim masks ViT patches, but tower {m!r} is "
+                         f"{model.encoders.get(m, {}).get('kind')!r}; use kind 'vit'")
+    image = jnp.asarray(batch[m])
+    p = model.towers[m].sizes()["patch_size"]
+    n = (image.shape[1] // p) * (image.shape[2] // p)
+    keep = random_keep(model.objective_key(task), image.shape[0], n, head.mask_ratio)
+    encoded = model.encode_one(m, batch, train=train, keep=keep)
+    patches = patchify(image.astype(jnp.float32), p)
+    return {"tokens": encoded["tokens"], "keep": keep, "patches": patches}, {}
 
 
-OBJECTIVE_HEADS: dict[str, type[nn.Module]] = {
-    "itm": ITMHead,
-    "mlm": MLMHead,
-    "mim": MIMHead,
-    "caption": CaptionHead,
+def caption_inputs(model: Any, task: str, *, towers: Mapping[str, Any], fused: Any,
+                   outputs: Mapping[str, Any], batch: Mapping[str, Any], train: bool) -> Inputs:
+    head = model.head(task)
+    m = head.modality
+    if m not in towers:
+        raise ValueError(f"model.heads.{task}.modality={m!r} is not a tower")
+    text = batch.get("text")
+    if not isinstance(text, Mapping) or "ids" not in text:
+        raise ValueError(f"model.heads.{task}: captioning trains on batch['text'] "
+                         "({'ids', 'mask'}), which the batch does not have")
+    ids = jnp.asarray(text["ids"], jnp.int32)
+    mask = text.get("mask")
+    mask = (ids != head.pad_id) if mask is None else jnp.asarray(mask)
+    inputs = {"context": towers[m]["tokens"], "context_mask": towers[m]["mask"],
+              "ids": ids[:, :-1]}
+    return inputs, {"targets": ids[:, 1:], "weights": mask[:, 1:].astype(jnp.float32)}
+
+
+INPUTS: dict[str, Callable[..., Inputs]] = {
+    "itm": itm_inputs, "mlm": mlm_inputs, "mim": mim_inputs, "caption": caption_inputs,
 }

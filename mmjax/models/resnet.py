@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models.layers import Options
+
 Array = jax.Array
 
 # block kind, blocks per stage, base width
@@ -83,9 +85,7 @@ class ResNet(nn.Module):
     variant: str = "50"
     width: int | None = None
     stem: bool = True
-    bn_axis_name: str | None = None
-    dtype: Any = jnp.float32
-    dropout: float = 0.0
+    opts: Options = Options()
 
     @nn.compact
     def __call__(self, image: Array, *, train: bool = False) -> dict[str, Array | None]:
@@ -93,9 +93,10 @@ class ResNet(nn.Module):
             raise ValueError(f"unknown ResNet variant {self.variant!r}; known: {list(_VARIANTS)}")
         kind, stages, base = _VARIANTS[self.variant]
         base = self.width or base
-        x = image.astype(self.dtype)
+        axis, dtype = self.opts.bn_axis_name, self.opts.dtype
+        x = image.astype(dtype)
         if self.stem:
-            x = ConvBN(base, 7, 2, True, self.bn_axis_name, self.dtype, name="stem")(
+            x = ConvBN(base, 7, 2, True, axis, dtype, name="stem")(
                 x, train=train
             )
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -105,11 +106,11 @@ class ResNet(nn.Module):
                     base * 2**i,
                     stride=2 if (i > 0 and j == 0) else 1,
                     bottleneck=kind == "bottleneck",
-                    bn_axis_name=self.bn_axis_name,
-                    dtype=self.dtype,
+                    bn_axis_name=axis,
+                    dtype=dtype,
                     name=f"stage{i}_block{j}",
                 )(x, train=train)
         b, h, w, c = x.shape
         tokens = x.reshape(b, h * w, c)
-        pooled = nn.Dropout(self.dropout)(tokens.mean(axis=1), deterministic=not train)
+        pooled = nn.Dropout(self.opts.dropout)(tokens.mean(axis=1), deterministic=not train)
         return {"tokens": tokens, "pooled": pooled, "mask": None}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,11 +19,8 @@ class TextEncoder(nn.Module):
     pool="cls"``; CLIP text is ``pre_norm=True, causal=True, final_norm=True, pool="last"`` (or
     "argmax" on token ids, as older CLIP checkpoints do), quick_gelu activation, no segments.
 
-    ``padding``: "right" (default) says a mask is 1s then 0s, as every mmjax tokenizer writes
-    it (Hugging Face tokenizers are set to right padding too); self-attention then gets key
-    lengths instead of a mask, which cuDNN applies natively (``layers.Attention``). "mask"
-    accepts any 0/1 pattern (e.g. left padding) through a boolean mask. With right padding both
-    compute the same (tests/test_models.py).
+    ``mask`` may be any 0/1 pattern (attention masks the keys); pooling "last" assumes right
+    padding, which every mmjax tokenizer writes.
 
     Pooling: "cls" first token, "mean" masked mean, "last" last valid token by mask,
     "argmax" the position of the largest token id (CLIP's end-of-text token), "eos" the first
@@ -51,13 +46,7 @@ class TextEncoder(nn.Module):
     activation: str = "gelu"
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-12
-    dropout: float = 0.0
-    dtype: Any = jnp.float32
-    attn_implementation: str | None = None
-    remat: str | None = None
-    padding: str = "right"
-    scan_layers: bool = False  # one nn.scan over the stacked layers (layers.Encoder's docstring)
-    scan_unroll: int = 0  # layers per scan iteration; 0 = all (see layers.scan_over_layers)
+    opts: layers.Options = layers.Options()
 
     def sizes(self) -> dict[str, int]:
         size = layers.tower_sizes(
@@ -91,35 +80,22 @@ class TextEncoder(nn.Module):
             x = x + nn.Embed(
                 self.type_vocab_size, d, embedding_init=init, name="segment_embedding"
             )(seg)
-        # Positions last (as HF's BERT adds them), with the cast: see layers.add_positions.
-        x = layers.add_positions(x, pos[:length], self.dtype)
+        x = layers.add_positions(x, pos[:length], self.opts)  # last, as BERT adds them
         if self.embed_norm:
-            x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="embed_norm")(x)
-        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+            x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.opts.dtype,
+                             name="embed_norm")(x)
+        x = nn.Dropout(self.opts.dropout)(x, deterministic=not train)
         x = layers.Encoder(
-            kv_padding=layers.kv_padding_of(self.padding, "text padding"),
-            depth=s["depth"],
-            num_heads=s["num_heads"],
-            mlp_dim=s["mlp_dim"],
-            pre_norm=self.pre_norm,
-            final_norm=self.final_norm,
-            activation=self.activation,
-            qkv_bias=self.qkv_bias,
-            causal=self.causal,
-            layer_norm_eps=self.layer_norm_eps,
-            dropout=self.dropout,
-            dtype=self.dtype,
-            attn_implementation=self.attn_implementation,
-            remat=self.remat,
-            scan=self.scan_layers,
-            scan_unroll=self.scan_unroll,
-            name="encoder",
+            depth=s["depth"], num_heads=s["num_heads"], mlp_dim=s["mlp_dim"],
+            pre_norm=self.pre_norm, final_norm=self.final_norm, activation=self.activation,
+            qkv_bias=self.qkv_bias, causal=self.causal, layer_norm_eps=self.layer_norm_eps,
+            opts=self.opts, scan=self.opts.scan_layers, name="encoder",
         )(x, mask, train=train)
         batch = jnp.arange(ids.shape[0])
         if self.pool == "cls":
             pooled = x[:, 0]
         elif self.pool == "mean":
-            pooled = layers.masked_mean(x, mask)
+            pooled = layers.masked_mean(x, mask, self.opts)
         elif self.pool == "last":
             pooled = x[batch, jnp.maximum(mask.sum(axis=1) - 1, 0)]
         elif self.pool == "argmax":
@@ -129,5 +105,5 @@ class TextEncoder(nn.Module):
         else:
             raise ValueError(f"unknown text pool {self.pool!r}; use cls, mean, last, argmax or eos")
         if self.pooler:
-            pooled = jnp.tanh(nn.Dense(d, dtype=self.dtype, name="pooler")(pooled))
+            pooled = jnp.tanh(nn.Dense(d, dtype=self.opts.dtype, name="pooler")(pooled))
         return {"tokens": x, "pooled": pooled, "mask": mask}

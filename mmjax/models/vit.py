@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,8 +22,8 @@ class ViT(nn.Module):
     ``patch_bias=False`` drops the patch-embedding bias, as CLIP's vision tower does.
 
     Pooling: "cls" (needs ``class_token``), "gap" (mean of patch tokens), "none" (first token).
-    GUIDE §6: cuDNN's fused attention wants even sequence lengths, so ``gap`` without a class
-    token is the fast default for towers trained from scratch.
+    cuDNN's fused attention wants even sequence lengths, so ``gap`` without a class token is the
+    default for towers trained from scratch.
 
     ``keep`` (int [B, K] patch indices, row-major over the patch grid) runs the transformer on
     those patches only, for MAE-style masked image modelling: patches are embedded and given
@@ -50,12 +48,7 @@ class ViT(nn.Module):
     qkv_bias: bool = True
     patch_bias: bool = True
     layer_norm_eps: float = 1e-6
-    dropout: float = 0.0
-    dtype: Any = jnp.float32
-    attn_implementation: str | None = None
-    remat: str | None = None
-    scan_layers: bool = False  # one nn.scan over the stacked layers (layers.Encoder's docstring)
-    scan_unroll: int = 0  # layers per scan iteration; 0 = all (see layers.scan_over_layers)
+    opts: layers.Options = layers.Options()
 
     def sizes(self) -> dict[str, int]:
         size = layers.tower_sizes(
@@ -71,13 +64,13 @@ class ViT(nn.Module):
         self, image: Array, *, train: bool = False, keep: Array | None = None
     ) -> dict[str, Array | None]:
         s = self.sizes()
-        p = s["patch_size"]
+        p, dtype = s["patch_size"], self.opts.dtype
         if image.shape[1] % p or image.shape[2] % p:
             raise ValueError(f"image size {image.shape[1:3]} is not a multiple of patch {p}")
         x = nn.Conv(
             s["width"], (p, p), strides=(p, p), padding="VALID", use_bias=self.patch_bias,
-            dtype=self.dtype, name="embedding",
-        )(image.astype(self.dtype))
+            dtype=dtype, name="embedding",
+        )(image.astype(dtype))
         b, h, w, d = x.shape
         x = x.reshape(b, h * w, d)
         if self.class_token:
@@ -94,23 +87,12 @@ class ViT(nn.Module):
             kept = jnp.take_along_axis(x[:, c:], keep[:, :, None].astype(jnp.int32), axis=1)
             x = jnp.concatenate([x[:, :c], kept], axis=1)
         if self.embed_norm:
-            x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="embed_norm")(x)
-        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+            x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=dtype, name="embed_norm")(x)
+        x = nn.Dropout(self.opts.dropout)(x, deterministic=not train)
         x = layers.Encoder(
-            depth=s["depth"],
-            num_heads=s["num_heads"],
-            mlp_dim=s["mlp_dim"],
-            pre_norm=True,
-            final_norm=self.final_norm,
-            activation=self.activation,
-            qkv_bias=self.qkv_bias,
-            layer_norm_eps=self.layer_norm_eps,
-            dropout=self.dropout,
-            dtype=self.dtype,
-            attn_implementation=self.attn_implementation,
-            remat=self.remat,
-            scan=self.scan_layers,
-            scan_unroll=self.scan_unroll,
+            depth=s["depth"], num_heads=s["num_heads"], mlp_dim=s["mlp_dim"], pre_norm=True,
+            final_norm=self.final_norm, activation=self.activation, qkv_bias=self.qkv_bias,
+            layer_norm_eps=self.layer_norm_eps, opts=self.opts, scan=self.opts.scan_layers,
             name="encoder",
         )(x, train=train)
         if self.pool == "cls":
@@ -125,8 +107,8 @@ class ViT(nn.Module):
             raise ValueError(f"unknown ViT pool {self.pool!r}; use cls, gap or none")
         if self.pool_norm:
             pooled = nn.LayerNorm(
-                epsilon=self.layer_norm_eps, dtype=self.dtype, name="pool_norm"
+                epsilon=self.layer_norm_eps, dtype=dtype, name="pool_norm"
             )(pooled)
         if self.pooler:
-            pooled = jnp.tanh(nn.Dense(d, dtype=self.dtype, name="pooler")(pooled))
+            pooled = jnp.tanh(nn.Dense(d, dtype=dtype, name="pooler")(pooled))
         return {"tokens": x, "pooled": pooled, "mask": None}

@@ -3,8 +3,8 @@ r"""Analytic training FLOPs of a model config, for the benchmark's TFLOP/s and M
 Why analytic: MFU compares the work the *model* defines with the chip's peak, independently of
 how a backend executes it (a fused kernel that skips masked blocks, rematerialisation that runs
 the forward twice) — so the count is read off the config, not off a compiled program. It is the
-convention of PaLM's MFU and of torch's FLOP counter, which GUIDE §6's 124 GFLOP/sample for CLIP
-B/16 came from.
+convention of PaLM's MFU and of torch's FLOP counter (about 124 GFLOP/sample for CLIP B/16,
+docs/performance.md).
 
 The formula (per example; one multiply-add = 2 FLOPs; T tokens, width D, MLP width M):
 

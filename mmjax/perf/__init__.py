@@ -1,0 +1,1 @@
+"""Performance tools: analytic FLOPs, the benchmark's timed step and report, step traces."""

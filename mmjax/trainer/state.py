@@ -1,0 +1,109 @@
+"""The train state, the tasks of a run, and a fresh state built from a config."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from mmjax import lora, optim, weighting
+from mmjax import losses as losses_lib
+from mmjax.models.multimodal import loss_spec
+
+log = logging.getLogger(__name__)
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a step reads and writes. ``rng`` holds raw uint32 key data so Orbax saves it."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    model_state: Any  # non-parameter collections, e.g. {"batch_stats": ...}
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One weighted term of the loss: head ``name``, loss function name, λ, head config."""
+
+    name: str
+    loss: str
+    weight: float
+    cfg: Mapping[str, Any]
+
+
+def tasks_from_config(config: ml_collections.ConfigDict) -> tuple[Task, ...]:
+    """``config.losses`` (task → λ) joined with ``config.model.heads`` (task → head)."""
+    heads = config.model.heads
+    tasks = []
+    for name, weight in config.losses.items():
+        if name not in heads:
+            raise ValueError(f"losses.{name} has no head: add model.heads.{name}")
+        cfg = heads[name].to_dict()
+        loss = loss_spec(cfg)
+        losses_lib.get_loss(loss)  # fail now, naming the loss, rather than inside jit
+        tasks.append(Task(name, loss, float(weight), cfg))
+    if not tasks:
+        raise ValueError("config.losses is empty: nothing to train")
+    return tuple(tasks)
+
+
+def primary_metric(tasks: tuple[Task, ...]) -> tuple[str, str]:
+    """(name, "max"|"min") that picks the best checkpoint: accuracy if any task classifies."""
+    if any(t.loss == "softmax_xent" for t in tasks):
+        return "accuracy", "max"
+    return "loss", "min"
+
+
+def model_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The params the model applies: without learned loss weights, LoRA adapters folded in
+    (as ``W + scale·(a @ b)``, so gradients reach both W and the adapters)."""
+    params = {k: v for k, v in params.items() if k != weighting.PARAMS_KEY}
+    return lora.effective_params(params)
+
+
+def create_state(
+    model: Any,
+    config: ml_collections.ConfigDict,
+    sample_batch: Mapping[str, Any],
+    *,
+    params_hook: Callable[[Any], Any] | None = None,
+) -> tuple[TrainState, optax.GradientTransformation]:
+    """A fresh TrainState (float32 params from ``config.seed``) and the optimizer built for it.
+
+    ``params_hook`` edits the initial params before the optimizer sees them (pretrained towers
+    load there), so optimizer state and freezing masks match the final tree. With
+    ``config.lora`` on, adapters are added after the hook (they adapt the loaded weights).
+    """
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = dict(init({"params": init_rng, "dropout": init_rng}, sample_batch))
+    params = variables.pop("params")
+    if params_hook is not None:
+        params = params_hook(params)
+    learned_weights = weighting.from_config(config).init_params()
+    if learned_weights is not None:  # Kendall et al.'s log-variances, trained with the model
+        params = {**params, weighting.PARAMS_KEY: learned_weights}
+    lora_cfg = config.get("lora", None)
+    if lora.enabled(lora_cfg):
+        params = lora.add_adapters(params, lora_cfg, jax.random.fold_in(init_rng, 1))
+    tx = optim.make_optimizer(config.optimizer, params, config.total_steps, lora_cfg=lora_cfg)
+    n_train, n_total = optim.trainable_count(config.optimizer, params, lora_cfg)
+    log.info("trainable parameters: %s of %s", f"{n_train:,}", f"{n_total:,}")
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        model_state=variables,
+        rng=train_rng,
+    )
+    return state, tx

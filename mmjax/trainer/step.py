@@ -1,0 +1,204 @@
+"""The pure train and eval steps.
+
+Module-level functions whose dependencies (model, optimizer, tasks, loss weighting) are bound with
+``functools.partial``; ``parallel`` then compiles them with ``jax.pmap(axis_name="data")`` (the
+step averages gradients and metrics with ``lax.pmean``) or ``jax.jit`` over a mesh (global arrays,
+no explicit collective). The per-step rng is ``fold_in(rng, step)``, then the device index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from mmjax import losses as losses_lib
+from mmjax import weighting
+from mmjax.trainer.state import Task, TrainState, model_params
+
+Metrics = dict[str, jax.Array]
+
+
+def forward(params: Any, model_state: Any, batch: Mapping[str, Any], rng: jax.Array | None, *,
+            model: Any, train: bool) -> tuple[dict[str, Any], Any]:
+    """Model outputs per task, and the updated non-parameter state (BatchNorm statistics)."""
+    variables = {"params": model_params(params), **model_state}
+    # "masking" drives the objectives' random choices; without it (evaluation) they use a fixed
+    # key, so val metrics are deterministic.
+    rngs = {"dropout": rng, "masking": jax.random.fold_in(rng, 1)} if rng is not None else {}
+    if train and model_state:
+        return model.apply(variables, batch, train=True, rngs=rngs, mutable=list(model_state))
+    return model.apply(variables, batch, train=train, rngs=rngs), model_state
+
+
+def task_losses(outputs: Mapping[str, Any], batch: Mapping[str, Any],
+                tasks: tuple[Task, ...]) -> tuple[dict[str, jax.Array], Metrics]:
+    """({task: L_task}, metrics: ``<task>_loss`` and each task's own ``<task>_<metric>``)."""
+    per_task, metrics = {}, {}
+    for t in tasks:
+        value, task_metrics = losses_lib.get_loss(t.loss)(outputs[t.name], batch, t.cfg)
+        per_task[t.name] = metrics[f"{t.name}_loss"] = value
+        metrics.update({f"{t.name}_{k}": v for k, v in task_metrics.items()})
+    return per_task, metrics
+
+
+def _combine(per_task: Mapping[str, jax.Array], metrics: Metrics, weights: weighting.Weighting,
+             step: jax.Array, params: Any) -> jax.Array:
+    """L = Σ wᵢ·Lᵢ; writes ``loss`` and each ``<task>_weight`` into ``metrics``."""
+    total, effective = weights.combine(per_task, step, params)
+    metrics.update({f"{name}_weight": jnp.asarray(w) for name, w in effective.items()})
+    metrics["loss"] = total
+    return total
+
+
+def loss_fn(params: Any, model_state: Any, batch: Mapping[str, Any], rng: jax.Array | None,
+            step: jax.Array, *, model: Any, tasks: tuple[Task, ...],
+            weights: weighting.Weighting, train: bool) -> tuple[jax.Array, tuple[Metrics, Any]]:
+    """The weighted total loss, with the metrics and the new model state."""
+    outputs, new_state = forward(params, model_state, batch, rng, model=model, train=train)
+    per_task, metrics = task_losses(outputs, batch, tasks)
+    return _combine(per_task, metrics, weights, step, params), (metrics, new_state)
+
+
+def _split_micro(batch: Any, k: int) -> Any:
+    """[B, ...] → [k, B/k, ...] with micro-batch i = rows i, i+k, ... (strided, so under the
+    mesh path every device's rows split into its own micro-batches without moving data)."""
+
+    def split(x: jax.Array) -> jax.Array:
+        if x.shape[0] % k:
+            raise ValueError(
+                f"per-device batch of {x.shape[0]} is not divisible by grad_accum_steps={k}"
+            )
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def _merge_micro(x: jax.Array) -> jax.Array:
+    return x.reshape(-1, *x.shape[2:])
+
+
+def accumulated_grads(params: Any, model_state: Any, batch: Mapping[str, Any], rng: jax.Array,
+                      step: jax.Array, *, model: Any, tasks: tuple[Task, ...],
+                      weights: weighting.Weighting, accum_steps: int) -> tuple[Any, Metrics, Any]:
+    """Gradients of the batch's loss computed in ``accum_steps`` micro-batches.
+
+    Per-example losses: the mean of micro-batch gradients, identical to the full batch.
+    Batch-coupled losses (``losses.BATCH_COUPLED``, e.g. InfoNCE) use GradCache: every
+    micro-batch runs forward without gradients and keeps those tasks' outputs; the loss is taken
+    once on all of them (negatives span the whole accumulated batch) with its gradient w.r.t. the
+    outputs; then each micro-batch is re-run (same dropout rng) and back-propagates
+    ``<stop_gradient(dL/d outputs), outputs>`` plus its per-example losses.
+    """
+    k = accum_steps
+    micro = _split_micro(batch, k)
+    coupled = tuple(t for t in tasks if t.loss in losses_lib.BATCH_COUPLED)
+    local = tuple(t for t in tasks if t.loss not in losses_lib.BATCH_COUPLED)
+    names = [t.name for t in coupled]
+    micro_rng = lambda i: jax.random.fold_in(rng, i)
+
+    metrics: Metrics = {}
+    cached_grads = None
+    if coupled:
+
+        def outputs_of(i: jax.Array, mb: Any) -> dict[str, Any]:
+            out, _ = forward(params, model_state, mb, micro_rng(i), model=model, train=True)
+            return {n: out[n] for n in names}
+
+        cached = lax.stop_gradient(lax.map(lambda a: outputs_of(*a), (jnp.arange(k), micro)))
+
+        def coupled_loss(outs: Any) -> tuple[jax.Array, Metrics]:
+            # Per-example leaves [k, b, ...] merge to [k*b, ...]; scalars (a temperature) are the
+            # same in every micro-batch, so micro-batch 0's copy carries the gradient.
+            merged = jax.tree.map(lambda x: _merge_micro(x) if x.ndim >= 2 else x[0], outs)
+            per_task, m = task_losses(merged, jax.tree.map(_merge_micro, micro), coupled)
+            return weights.combine(per_task, step, None)[0], m
+
+        (_, coupled_metrics), cached_grads = jax.value_and_grad(coupled_loss, has_aux=True)(cached)
+        metrics.update(coupled_metrics)
+
+    def surrogate(p: Any, state: Any, i: jax.Array, mb: Any) -> tuple[jax.Array, Any]:
+        out, new_state = forward(p, state, mb, micro_rng(i), model=model, train=True)
+        value = jnp.zeros((), jnp.float32)
+        aux: Metrics = {}
+        if local:
+            per_task, aux = task_losses(out, mb, local)
+            value = value + weights.combine(per_task, step, None)[0] / k
+        if coupled:
+            g_i = jax.tree.map(lambda g: g[i], cached_grads)
+            value = value + sum(
+                jnp.vdot(g.astype(jnp.float32), o.astype(jnp.float32))
+                for g, o in zip(jax.tree.leaves(g_i),
+                                jax.tree.leaves({n: out[n] for n in names}), strict=True)
+            )
+        return value, (aux, new_state)
+
+    def body(carry: Any, xs: Any) -> tuple[Any, None]:
+        grads_acc, aux_acc, state = carry
+        i, mb = xs
+        (_, (aux, state)), g = jax.value_and_grad(surrogate, has_aux=True)(params, state, i, mb)
+        grads_acc = jax.tree.map(jnp.add, grads_acc, g)
+        aux_acc = jax.tree.map(lambda a, b: a + b / k, aux_acc, aux)
+        return (grads_acc, aux_acc, state), None
+
+    aux0 = jax.eval_shape(lambda: surrogate(params, model_state, jnp.zeros((), jnp.int32),
+                                            jax.tree.map(lambda x: x[0], micro))[1][0])
+    init = (jax.tree.map(jnp.zeros_like, params),
+            jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux0), model_state)
+    (grads, local_metrics, model_state), _ = lax.scan(body, init, (jnp.arange(k), micro))
+    metrics.update(local_metrics)
+    per_task = {t.name: metrics[f"{t.name}_loss"] for t in tasks}
+    _combine(per_task, metrics, weights, step, None)
+    return grads, metrics, model_state
+
+
+def train_step(state: TrainState, batch: Mapping[str, Any], *, model: Any,
+               tx: optax.GradientTransformation, tasks: tuple[Task, ...],
+               weights: weighting.Weighting, axis_name: str | None = None,
+               accum_steps: int = 1) -> tuple[TrainState, Metrics]:
+    """One optimizer step. Under pmap (``axis_name``) each device computes gradients of its
+    share and ``lax.pmean`` averages them; under the mesh path the batch is one global array."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
+    if accum_steps > 1:
+        if weights.learned:
+            raise ValueError("loss_weighting.kind='uncertainty' does not support "
+                             f"grad_accum_steps > 1 (got {accum_steps}): use 'fixed' weights "
+                             "or no accumulation")
+        grads, metrics, model_state = accumulated_grads(
+            state.params, state.model_state, batch, rng, state.step, model=model, tasks=tasks,
+            weights=weights, accum_steps=accum_steps)
+    else:
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, (metrics, model_state)), grads = grad_fn(
+            state.params, state.model_state, batch, rng, state.step, model=model, tasks=tasks,
+            weights=weights, train=True)
+    if axis_name is not None:
+        grads = lax.pmean(grads, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    if axis_name is not None:
+        metrics = lax.pmean(metrics, axis_name)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              model_state=model_state)
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Mapping[str, Any], *, model: Any,
+              tasks: tuple[Task, ...], weights: weighting.Weighting,
+              axis_name: str | None = None) -> Metrics:
+    """Sums of per-example metrics over the valid examples of the batch, and their count."""
+    _, (metrics, _) = loss_fn(state.params, state.model_state, batch, None, state.step,
+                              model=model, tasks=tasks, weights=weights, train=False)
+    n = batch["valid"].sum()
+    sums = {k: jnp.where(n > 0, v * n, 0.0) for k, v in metrics.items()}
+    sums["count"] = n
+    if axis_name is not None:
+        sums = lax.psum(sums, axis_name)
+    return sums
