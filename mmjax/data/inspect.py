@@ -33,14 +33,6 @@ cli.define_config_flag()
 FLAGS = flags.FLAGS
 
 
-def _label_names(data_config: Any, workdir: str) -> list[str]:
-    from mmjax.data import pipeline, shapes
-
-    if data_config.name == "shapes":
-        return list(shapes.ANSWERS)
-    return [str(x) for x in pipeline._labels(data_config, workdir)]
-
-
 def _batch(config: Any, split: str, num: int, workdir: str) -> tuple[dict, Any]:
     from mmjax.data import pipeline
 
@@ -84,7 +76,9 @@ def grid(images: np.ndarray, captions: list[str], *, cell: int = 160) -> Any:
 def show(config: Any, split: str, num: int, out: str, workdir: str = "") -> list[str]:
     """Prints ``num`` examples of ``split`` and writes their grid to ``out``; returns the lines."""
     batch, tok = _batch(config, split, num, workdir)
-    names = _label_names(config.data, workdir)
+    from mmjax.data import pipeline
+
+    names = pipeline.label_names(config.data, workdir=workdir)
     texts = _decode(tok, batch["text"]["ids"])
     lines = []
     for i in range(num):

@@ -1,0 +1,284 @@
+"""Folder and TFDS records: loaded and validated once per process, then batched by step.
+
+Records go one by one through the preprocessing ops of ``data.pp_train`` / ``data.pp_eval``
+(``mmjax.data.ops``); the ops up to the first random one run once and may be cached. Each row's
+augmentation is drawn from ``(seed, step, row)``, so the iterator state is the step (or grain's
+per-worker positions with ``data.num_workers > 0``) and a resumed run sees identical batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from mmjax.data import folder, ops, order
+from mmjax.data.tokenize import WordPieceTokenizer
+
+log = logging.getLogger(__name__)
+_get = order.config_get
+
+SPLITS = ("train", "val", "test")
+TOKENIZER_FILE = "tokenizer.json"
+DEFAULT_PP_TRAIN = "decode|resize|flip|normalize|tokenize"
+DEFAULT_PP_EVAL = "decode|resize|normalize|tokenize"
+
+_SPLIT_CACHE: dict[tuple, _SplitData] = {}
+_TOKENIZER_CACHE: dict[tuple, Any] = {}
+_LABEL_CACHE: dict[tuple, list] = {}
+
+
+def _data_key(data_config: Any) -> tuple:
+    """The config keys that determine which records a split holds."""
+    name = data_config.name
+    if name == "folder":
+        path = _get(data_config, "path", "")
+        if not path:
+            raise ValueError("data.path is empty: set --config.data.path=DIR for a folder dataset")
+        return (name, str(Path(path).absolute()), bool(_get(data_config, "skip_bad", False)))
+    from mmjax.data import tfds_source
+
+    return (name, *tfds_source.key(data_config))
+
+
+class _SplitData:
+    """Records of one split with int labels and, optionally, pixels cached after decoding."""
+
+    def __init__(self, data_config: Any, split: str, pp: str):
+        self.split = split
+        key = _data_key(data_config)
+        parsed = ops.parse(pp, _context(data_config, None))
+        self.prefix_ops = parsed[: ops.cacheable_prefix(parsed)]
+        self.prefix = len(self.prefix_ops)
+        budget = int(_get(data_config, "cache_mb", 2048)) * 2**20
+        use_cache = bool(_get(data_config, "cache", True)) and self.prefix > 0
+        self.cache: dict[int, np.ndarray] = {}
+        self._cached_bytes = 0
+
+        def on_image(i: int, pixels: np.ndarray) -> None:
+            if not use_cache or self._cached_bytes > budget:
+                return
+            out = ops.apply(self.prefix_ops[1:], {"image": pixels}, None)["image"]
+            self.cache[i] = out
+            self._cached_bytes += out.nbytes
+
+        t = time.perf_counter()
+        if key[0] == "folder":
+            self.source: Any = folder.FolderSource(
+                key[1], split, skip_bad=key[2], on_image=on_image
+            )
+            self.skipped = self.source.skipped
+            self._lines = self.source.lines
+            self._file = self.source.file
+        else:
+            from mmjax.data import tfds_source
+
+            self.source = tfds_source.TfdsSource(data_config, split)
+            self.skipped = 0
+            self._lines = None
+            self._file = self.source.name
+        log.info(
+            "data %s/%s: %d records (%d skipped, %d cached) in %.1f s",
+            key[0], split, len(self.source), self.skipped, len(self.cache),
+            time.perf_counter() - t,
+        )
+        self.labels: np.ndarray | None = None
+
+    def set_labels(self, vocab: list, skip_bad: bool) -> None:
+        """Maps raw labels to class indices; an unknown label is bad data like any other."""
+        index = folder.label_index(vocab)
+        if self._lines is None:  # TFDS labels are class indices already, read with each record
+            self.labels = np.zeros(0, np.int32)
+            return
+        labels, keep = [], []
+        for i, rec in enumerate(self.source.records):
+            cls = index.get(str(rec["label"]))
+            if cls is None:
+                message = (
+                    f"{self._file}:{self._lines[i]}: label {rec['label']!r} does not occur in "
+                    "train"
+                )
+                if not skip_bad:
+                    raise folder.BadDataError(message)
+                log.warning("skipping bad record %s", message)
+                self.skipped += 1
+                continue
+            labels.append(cls)
+            keep.append(i)
+        if len(keep) != len(self.source.records):
+            self.source.records = [self.source.records[i] for i in keep]
+            self.source.lines = [self.source.lines[i] for i in keep]
+            self.cache = {new: self.cache[old] for new, old in enumerate(keep) if old in self.cache}
+        self.labels = np.asarray(labels, np.int32)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def example(self, i: int) -> dict[str, Any]:
+        """Record ``i`` after the cacheable prefix ops, with its int label."""
+        ex = self.source[i]
+        pixels = self.cache.get(i)
+        if pixels is not None:
+            ex["image"] = pixels
+        else:
+            ex = ops.apply(self.prefix_ops, ex, None)
+        if self._lines is not None:
+            ex["label"] = self.labels[i]
+        return ex
+
+
+def _context(data_config: Any, tokenizer: Any) -> ops.Context:
+    return ops.Context(
+        image_size=int(_get(data_config, "image_size", 32)),
+        max_len=int(data_config.max_len),
+        tokenizer=tokenizer,
+    )
+
+
+def _pp(data_config: Any, split: str) -> str:
+    if split == "train":
+        return _get(data_config, "pp_train", DEFAULT_PP_TRAIN)
+    return _get(data_config, "pp_eval", DEFAULT_PP_EVAL)
+
+
+def split_data(
+    data_config: Any, split: str, workdir: str = "", *, labelled: bool = True
+) -> _SplitData:
+    if split not in SPLITS:
+        raise ValueError(f"unknown data split {split!r}; expected one of {SPLITS}")
+    pp = _pp(data_config, split)
+    key = (*_data_key(data_config), split, pp, _get(data_config, "image_size", 32),
+           bool(_get(data_config, "cache", True)))
+    data = _SPLIT_CACHE.get(key)
+    if data is None:
+        data = _SPLIT_CACHE[key] = _SplitData(data_config, split, pp)
+    if labelled and data.labels is None:
+        data.set_labels(labels(data_config, workdir), bool(_get(data_config, "skip_bad", False)))
+    return data
+
+
+def _train_raw_labels(data_config: Any) -> list:
+    data = split_data(data_config, "train", labelled=False)
+    return [r["label"] for r in data.source.records]
+
+
+def labels(data_config: Any, workdir: str) -> list:
+    """The label vocabulary (from train, saved in / read from ``workdir``); cached per dataset."""
+    key = _data_key(data_config)
+    vocab = _LABEL_CACHE.get(key)
+    if vocab is not None and not workdir:
+        return vocab
+    if data_config.name == "tfds":
+        from mmjax.data import tfds_source
+
+        vocab = tfds_source.label_names(data_config)
+    else:
+        raw = vocab if vocab is not None else _train_raw_labels(data_config)
+        vocab = folder.label_vocab(raw, workdir)
+    _LABEL_CACHE[key] = vocab
+    return vocab
+
+
+def records_tokenizer(data_config: Any, workdir: str) -> Any:
+    spec = _get(data_config, "tokenizer", "")
+    if spec:
+        key = ("hf", spec)
+        tok = _TOKENIZER_CACHE.get(key)
+        if tok is None:
+            from mmjax.data.tokenize import load_hf_tokenizer
+
+            tok = _TOKENIZER_CACHE[key] = load_hf_tokenizer(spec)
+        return tok
+    key = (*_data_key(data_config), int(_get(data_config, "vocab_size", 2000)))
+    saved = Path(workdir) / TOKENIZER_FILE if workdir else None
+    if saved is not None and saved.exists():
+        tok = _TOKENIZER_CACHE[key] = WordPieceTokenizer.load(saved)
+        return tok
+    tok = _TOKENIZER_CACHE.get(key)
+    if tok is None:
+        data = split_data(data_config, "train", labelled=False)
+        texts = [data.source[i]["text"] for i in range(len(data))]
+        tok = WordPieceTokenizer.train(texts, key[-1])
+        _TOKENIZER_CACHE[key] = tok
+    if saved is not None:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        tok.save(saved)
+    return tok
+
+
+def _stack(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "image": np.stack([e["image"] for e in examples]).astype(np.float32, copy=False),
+        "text": {
+            "ids": np.stack([e["text"]["ids"] for e in examples]).astype(np.int32),
+            "mask": np.stack([e["text"]["mask"] for e in examples]).astype(np.int32),
+        },
+        "label": np.asarray([e["label"] for e in examples], np.int32),
+    }
+
+
+def _records_batch(
+    step: int,
+    *,
+    order: order.GlobalOrder,
+    lo: int,
+    hi: int,
+    data: _SplitData,
+    rest: list[ops.Op],
+    seed: int,
+) -> dict[str, Any]:
+    """Step's rows ``[lo, hi)``; each row's augmentation rng is a function of (seed, step, row)."""
+    step = int(step)
+    indices = order(step)[lo:hi]
+    out = []
+    for row, i in enumerate(indices.tolist(), start=lo):
+        rng = np.random.default_rng([seed, step, row])
+        out.append(ops.apply(rest, data.example(i), rng))
+    return _stack(out)
+
+
+def train_iterator(
+    data_config: Any, *, batch_size: int, seed: int, lo: int, hi: int, tokenizer: Any
+) -> grain.DatasetIterator:
+    data = split_data(data_config, "train")
+    tok = tokenizer if tokenizer is not None else records_tokenizer(data_config, "")
+    all_ops = ops.parse(_pp(data_config, "train"), _context(data_config, tok))
+    make = functools.partial(
+        _records_batch,
+        order=order.GlobalOrder(len(data), batch_size, int(seed)),
+        lo=lo,
+        hi=hi,
+        data=data,
+        rest=all_ops[data.prefix :],
+        seed=int(seed) % 2**63,
+    )
+    ds = grain.MapDataset.range(sys.maxsize).map(make)
+    workers = int(_get(data_config, "num_workers", 0))
+    it_ds = ds.to_iter_dataset(order.READ_OPTIONS)
+    if workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; libraries may not
+            flags.FLAGS.mark_as_parsed()
+        # Decoding and augmentation in worker processes; grain keeps the element order, and the
+        # iterator state (one position per worker) stays JSON and exact across a restart.
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(it_ds)
+
+
+def eval_batches(
+    data_config: Any, split: str, batch_size: int, tokenizer: Any
+) -> Iterator[dict]:
+    data = split_data(data_config, split)
+    tok = tokenizer if tokenizer is not None else records_tokenizer(data_config, "")
+    all_ops = ops.parse(_pp(data_config, split), _context(data_config, tok))
+    rest = all_ops[data.prefix :]
+    return order.padded_batches(len(data), batch_size, lambda idx: _stack([
+        ops.apply(rest, data.example(int(i)), np.random.default_rng([0, int(i)])) for i in idx]))
