@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-shot H200 measurement of #6 (docs/performance.md §6): mmjax's two benchmark configs and
+# The one-shot H200 measurement (docs/performance.md): mmjax's two benchmark configs and
 # their PyTorch peers in one call, main numbers first, ablations last, each under `timeout` so one
 # failure costs only its own line. Results go to $OUT/results.jsonl (one JSON object per run, or
 # {"failed": ...}); stderr of each side to $OUT/jax.err / $OUT/torch.err.
@@ -30,24 +30,7 @@ XLA_FLAGS="${XLA_FLAGS:-} $DEFAULT_XLA_FLAGS" \
   python3 -c "import jax.numpy as jnp; print(jnp.ones(3).sum())" > /dev/null 2>> "$OUT/import.err" \
   || { echo "default XLA flags rejected; MMJAX_NO_XLA_FLAGS=1" >> "$OUT/env.txt"; export MMJAX_NO_XLA_FLAGS=1; }
 
-# Version 2 gives cuDNN the text padding as key lengths (2g: the fusion config's image queries
-# over text keys too). If this cuDNN/JAX pair refuses that (fwd or bwd, the configs' three
-# shapes), every mmjax run falls back to the boolean mask (the fusion follows the text tower).
-TEXT_PADDING=""
-timeout 120 python3 - >> "$OUT/env.txt" 2>> "$OUT/import.err" <<'EOF' || { TEXT_PADDING="--config.model.text.padding=mask"; echo "cuDNN refused key lengths: runs use $TEXT_PADDING" >> "$OUT/env.txt"; }
-import jax, jax.numpy as jnp
-if jax.default_backend() == "gpu":
-    for tq, t, h, causal in ((80, 80, 8, True), (64, 64, 12, False), (196, 64, 12, False)):
-        k = jax.random.split(jax.random.key(0), 3)
-        q, kk, v = (jax.random.normal(x, (4, n, h, 64), jnp.bfloat16) for x, n in zip(k, (tq, t, t)))
-        lengths = jnp.array([t, t // 2, 3, t - 1], jnp.int32)
-        f = lambda q: jax.nn.dot_product_attention(q, kk, v, is_causal=causal, key_value_seq_lengths=lengths, implementation="cudnn").astype(jnp.float32).sum()
-        g = jax.jit(jax.grad(f))(q)
-        assert bool(jnp.isfinite(g).all()), "non-finite cuDNN gradient"
-    print("cuDNN key-length attention: ok")
-EOF
-
-# The matmul ceiling on this card, measured the way METHOD.md asks (random bf16 8192^3, 10 after 3).
+# The matmul ceiling on this card (random bf16 8192^3, 10 timed after 3).
 timeout 60 python3 - "${MATMUL_N:-8192}" >> "$R" 2>> "$OUT/jax.err" <<'EOF'
 import json, time, jax, jax.numpy as jnp
 import sys; n = int(sys.argv[1])
@@ -62,30 +45,30 @@ dt = (time.perf_counter() - t) / 10
 print(json.dumps({"config": f"matmul_bf16_{n}", "ms": round(dt * 1e3, 3), "tflops_per_s": round(2 * n**3 / dt / 1e12, 1)}))
 EOF
 
-b() { timeout "$1" python3 -m mmjax.benchmark --batch_size "$B" --steps 20 --warmup 3 "${@:2}" $TEXT_PADDING >> "$R" 2>> "$OUT/jax.err" || echo "{\"failed\": \"mmjax $*\"}" >> "$R"; }
+b() { timeout "$1" python3 -m mmjax.benchmark --batch_size "$B" --steps 20 --warmup 3 "${@:2}" >> "$R" 2>> "$OUT/jax.err" || echo "{\"failed\": \"mmjax $*\"}" >> "$R"; }
 p() { timeout "$1" python3 scripts/bench_torch_peer.py --batch_size "$B" --steps 20 --warmup 5 $PEER_TINY "${@:2}" >> "$R" 2>> "$OUT/torch.err" || echo "{\"failed\": \"peer $*\"}" >> "$R"; }
 
 # PARTS picks what runs, in this order (default: all): main = both configs and both peers;
 # probe = scripts/dispatch_probe.py: host dispatch ms against the number of state arrays;
 # mmjax = both configs only; peers_eager = both peers in eager mode only (the fusion goal's
 #   reference; the compiled clip peer was slower than eager on the H200);
-# mmjaxprof = both configs as configured (since version 2b layers stacked and unrolled,
-#   scan_layers=True, scan_unroll=0), each also tracing 5 steps after its timing (--profile_steps:
-#   the summary joins the same JSON line; one process and one compile instead of two);
+# mmjaxprof = both configs as configured (layers stacked and unrolled, scan_layers=True,
+#   scan_unroll=0, and the opt-in model.gpu_rewrites on), each also tracing 5 steps after its
+#   timing (--profile_steps: the summary joins the same JSON line; one process, one compile);
+# plain / plain_fusion = clip / fusion with model.gpu_rewrites=False: the A/B of the rewrites;
 # unrolled / unrolled_fusion = clip / fusion with scan_layers=False (the layout §5 measured): the
 #   A/B of the stacked layout on the same image;
 # scanloop = clip scanned as a loop (scan_unroll=1), profiled: what the H200-compiled step says
 #   costs 38 GiB of zero-fill and 70 % more memory (docs/performance.md §8);
 # scan = the same as mmjax plus clip under parallel.mode=mesh (plain jit, no pmap wrapper);
-# textmask = clip with the text padding as a boolean mask (the pre-lengths path) for an A/B;
 # mesh = both configs under jit over a one-device mesh (on a CPU it dispatched no faster);
 # profile / profile_fusion = mmjax.profile_step: 5 steps traced, device time summed per kernel and
 #   per category (matmul, attention, fusion, copy, ...) into $OUT/profile_*.jsonl (the trace
 #   itself stays in /tmp: too big to bring back); PROFILE_ARGS adds overrides (e.g. scan_layers);
-# gelu / merge / xla / flags = the ablations: tanh-GELU (layers.gelu_tanh, which XLA puts into
-# the fc1 matmul's cuBLASLt epilogue; exact erf-GELU it cannot; docs §10), XLA's dot merger back
-# at its default 32 MB (docs §12), XLA attention instead of cuDNN, mmjax's three XLA flags off.
-PARTS=${PARTS:-main gelu merge xla flags}
+# gelu / nomerge / xla / flags = the ablations: tanh-GELU (with gpu_rewrites XLA can put it into
+# the fc1 matmul's cuBLASLt epilogue; docs §10), XLA's dot merger off (docs §12), XLA attention
+# instead of cuDNN, mmjax's two XLA flags off.
+PARTS=${PARTS:-main plain gelu nomerge xla flags}
 for part in $PARTS; do
   case $part in
     main)
@@ -103,8 +86,10 @@ for part in $PARTS; do
       p 120 --workload fusion --modes eager ;;
     gelu) b 150 --config configs/clip_vitb16.py$S --config.model.image.activation=gelu_tanh --config.model.text.activation=gelu_tanh ;;
     xla) b 150 --config configs/clip_vitb16.py$S --config.model.attn_implementation=xla ;;
-    flags) XLA_FLAGS="--xla_gpu_enable_triton_gemm=true --xla_gpu_enable_latency_hiding_scheduler=false --xla_gpu_dot_merger_threshold_mb=32" b 150 --config configs/clip_vitb16.py$S ;;
-    merge) XLA_FLAGS="--xla_gpu_dot_merger_threshold_mb=32" b 150 --config configs/clip_vitb16.py$S ;;
+    flags) XLA_FLAGS="--xla_gpu_enable_triton_gemm=true --xla_gpu_enable_latency_hiding_scheduler=false" b 150 --config configs/clip_vitb16.py$S ;;
+    nomerge) XLA_FLAGS="--xla_gpu_dot_merger_threshold_mb=0" b 150 --config configs/clip_vitb16.py$S ;;
+    plain) b 150 --config configs/clip_vitb16.py$S --config.model.gpu_rewrites=False ;;
+    plain_fusion) b 150 --config configs/fusion_vitb16_bert.py$S --config.model.gpu_rewrites=False ;;
     scan) b 150 --config configs/clip_vitb16.py$S
           b 150 --config configs/fusion_vitb16_bert.py$S
           # pmap's Python wrapper is a fixed per-call cost that shows once the arrays are few
@@ -114,13 +99,12 @@ for part in $PARTS; do
     unrolled) b 150 --config configs/clip_vitb16.py$S --config.model.scan_layers=False ;;
     unrolled_fusion) b 150 --config configs/fusion_vitb16_bert.py$S --config.model.scan_layers=False ;;
     scanloop) b 150 --config configs/clip_vitb16.py$S --config.model.scan_unroll=1 --profile_steps 5 ;;
-    textmask) b 150 --config configs/clip_vitb16.py$S --config.model.text.padding=mask ;;
     mesh) b 150 --config configs/clip_vitb16.py$S --config.parallel.mode=mesh
           b 150 --config configs/fusion_vitb16_bert.py$S --config.parallel.mode=mesh ;;
     profile|profile_fusion)
       cfg=configs/clip_vitb16.py; [ "$part" = profile_fusion ] && cfg=configs/fusion_vitb16_bert.py
       timeout 180 python3 -m mmjax.profile_step --config "$cfg$S" --batch_size "$B" --steps 5 \
-        --top 60 --out "/tmp/mmjax_trace_$part" ${PROFILE_ARGS:-} $TEXT_PADDING > "$OUT/$part.jsonl" 2>> "$OUT/jax.err" \
+        --top 60 --out "/tmp/mmjax_trace_$part" ${PROFILE_ARGS:-} > "$OUT/$part.jsonl" 2>> "$OUT/jax.err" \
         || echo "{\"failed\": \"$part\"}" >> "$R"
       tail -n 1 "$OUT/$part.jsonl" ;;
     fusion_compile) p 150 --workload fusion --modes compile ;;
@@ -132,7 +116,7 @@ import json, sys
 for line in open(sys.argv[1]):
     d = json.loads(line)
     keys = ("config", "mode", "samples_per_s", "mfu", "step_ms_median", "step_ms_pipelined",
-            "dispatch_ms_median", "state_leaves", "scan_layers", "scan_unroll", "text_padding", "compile_s",
+            "dispatch_ms_median", "state_leaves", "scan_layers", "scan_unroll", "gpu_rewrites", "compile_s",
             "peak_memory_gib", "attention", "tflops_per_s", "leaves", "us_per_leaf", "failed")
     print({k: d[k] for k in keys if k in d})
     if "profile" in d:

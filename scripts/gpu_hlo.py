@@ -254,7 +254,7 @@ def batch_minor_arrays(hlo: str, batch: int) -> dict[str, Any]:
 
     A handful are normal (the patch convolution's own input layout). Hundreds mean that XLA laid a
     whole residual stream out batch-minor, so every elementwise op on it transposes: what a batch
-    sum of an activation gradient did to the text tower before ``layers.add_positions``
+    sum of an activation gradient did to the text tower before ``gpu_rewrites.add_positions``
     (docs/performance.md §11). Returns the count and the five most frequent shapes.
     """
     shapes: dict[str, int] = {}
@@ -272,7 +272,7 @@ def transposed_pairs(hlo: str, batch: int) -> dict[str, list[int]]:
 
     A [B, T, D] stream that XLA stores token-minor ([B, D, T]) next to its row-major GEMM
     inputs and outputs shows up here: the fusion config's co-attention text stream did, as
-    ``[256,64,768] / [256,768,64]``, until ``layers.masked_mean`` became a matmul
+    ``[256,64,768] / [256,768,64]``, until ``gpu_rewrites.masked_mean`` made it a matmul
     (docs/performance.md §14). A healthy step has none; :func:`batch_minor_arrays` is the check
     for a batch-minor stream, which this one does not see.
     """
