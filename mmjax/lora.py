@@ -47,6 +47,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from mmjax import tree
 from mmjax.models import scan
@@ -207,18 +208,9 @@ def add_adapters(params: Mapping[str, Any], lora_cfg: Mapping[str, Any] | None,
 
 def adapter_pairs(adapters: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{kernel path: (a, b)}`` of a ``params["lora"]`` subtree."""
-    out: dict[str, tuple[Any, Any]] = {}
-
-    def walk(node: Mapping[str, Any], prefix: str) -> None:
-        if "a" in node and "b" in node and not isinstance(node["a"], Mapping):
-            out[prefix] = (node["a"], node["b"])
-            return
-        for k, v in node.items():
-            if isinstance(v, Mapping):
-                walk(v, f"{prefix}/{k}" if prefix else k)
-
-    walk({k: v for k, v in adapters.items() if k != SCALE}, "")
-    return out
+    flat = traverse_util.flatten_dict({k: v for k, v in adapters.items() if k != SCALE}, sep="/")
+    return {path[:-2]: (flat[path], flat[path[:-2] + "/b"])
+            for path in flat if path.endswith("/a") and path[:-2] + "/b" in flat}
 
 
 def base_path(path: str) -> str | None:
@@ -228,25 +220,31 @@ def base_path(path: str) -> str | None:
     return None
 
 
-def _set(tree: Mapping[str, Any], path: list[str], value: Any) -> dict[str, Any]:
-    """A copy of ``tree`` with the leaf at ``path`` replaced (only the dicts on the path copied)."""
-    head, *rest = path
-    if head not in tree:
-        raise KeyError(head)
-    out = dict(tree)
-    out[head] = _set(tree[head], rest, value) if rest else value
-    return out
-
-
-def _base(tree: Mapping[str, Any], parts: list[str], path: str) -> Any:
-    """The kernel an adapter belongs to; an adapter without one is a clear error."""
-    node: Any = tree
-    try:
-        for part in parts:
-            node = node[part]
-    except (KeyError, TypeError):
-        raise ValueError(f"LoRA adapter lora/{path} has no base parameter {path}") from None
-    return node
+def _fold(params: Mapping[str, Any], *, host: bool) -> dict[str, Any]:
+    """``params`` without ``lora/``, each adapted kernel replaced by ``W + scale·(a @ b)``:
+    traced jax arrays (``host=False``), or numpy computed in float64 (``host=True``)."""
+    xp = np if host else jnp
+    flat = traverse_util.flatten_dict({k: v for k, v in params.items() if k != KEY}, sep="/")
+    if host:
+        flat = {k: np.asarray(v) for k, v in flat.items()}
+    scale = params[KEY][SCALE]
+    for path, (a, b) in adapter_pairs(params[KEY]).items():
+        if path not in flat:
+            raise ValueError(f"LoRA adapter lora/{path} has no base parameter {path}")
+        kernel = flat[path]
+        if host:
+            delta = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+        else:
+            delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+        if delta.size != np.size(kernel):
+            raise ValueError(f"LoRA adapter lora/{path}: a{tuple(np.shape(a))} @ "
+                             f"b{tuple(np.shape(b))} does not fit the kernel's shape "
+                             f"{tuple(np.shape(kernel))}")
+        base = kernel.astype(np.float64) if host else kernel
+        update = xp.asarray(scale, base.dtype if host else None) * delta.reshape(np.shape(kernel))
+        flat[path] = (base + update).astype(kernel.dtype) if host else \
+            kernel + update.astype(kernel.dtype)
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def effective_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -258,19 +256,7 @@ def effective_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
     """
     if KEY not in params:
         return params
-    adapters = params[KEY]
-    scale = adapters[SCALE]
-    out = {k: v for k, v in params.items() if k != KEY}
-    for path, (a, b) in adapter_pairs(adapters).items():
-        parts = path.split("/")
-        kernel = _base(out, parts, path)
-        delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
-        if delta.size != np.size(kernel):
-            raise ValueError(f"LoRA adapter lora/{path}: a{tuple(a.shape)} @ b{tuple(b.shape)} "
-                             f"does not fit the kernel's shape {tuple(np.shape(kernel))}")
-        new = kernel + (scale * delta).reshape(np.shape(kernel)).astype(kernel.dtype)
-        out = _set(out, parts, new)
-    return out
+    return _fold(params, host=False)
 
 
 def merge(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -282,16 +268,4 @@ def merge(params: Mapping[str, Any]) -> dict[str, Any]:
     """
     if KEY not in params:
         return {k: jax.tree.map(np.asarray, v) for k, v in params.items()}
-    adapters = params[KEY]
-    scale = float(np.asarray(adapters[SCALE]))
-    out = {k: jax.tree.map(np.asarray, v) for k, v in params.items() if k != KEY}
-    for path, (a, b) in adapter_pairs(adapters).items():
-        parts = path.split("/")
-        node = _base(out, parts, path)
-        delta = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
-        if delta.size != node.size:
-            raise ValueError(f"LoRA adapter lora/{path}: a{np.shape(a)} @ b{np.shape(b)} does "
-                             f"not fit the kernel's shape {node.shape}")
-        new = node.astype(np.float64) + scale * delta.reshape(node.shape)
-        out = _set(out, parts, new.astype(node.dtype))
-    return out
+    return _fold(params, host=True)

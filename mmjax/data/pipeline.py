@@ -1,19 +1,10 @@
-"""Grain pipelines that turn a data config into train and eval batches.
+"""Train and eval batches for any data config: the entry points the trainer calls.
 
-Batches are formed from *indices* first and the examples of a whole batch are drawn at once
-(``ShapesSource.get_batch``): per-record reads, per-record shuffling and stacking cost several
-times more than the vectorised path on the 2-core demo machine, where a train step takes ~75 ms.
-
-Multi-process sharding slices the global batch: every process shuffles the same global index
-stream and keeps rows ``[p * B/P, (p + 1) * B/P)``, so the global batch at a step is the same
-examples whatever the process count, and restarting on a different topology changes nothing.
-
-Folder and TFDS data (``data.name`` = ``"folder"`` | ``"tfds"``) share the same step-indexed
-design, but go record by record through the preprocessing ops named in ``data.pp_train`` /
-``data.pp_eval`` (``mmjax.data.ops``), with each row's augmentation drawn from
-``(seed, step, row)``; so the iterator state stays ``{"next_index": step}`` (or grain's
-per-worker positions with ``data.num_workers > 0``) and a resumed run sees identical batches.
-Each split is loaded, validated and optionally cached once per process.
+The embedded shapes data is handled here: a whole batch of indices is drawn at once
+(``ShapesSource.get_batch``), much cheaper than per-record reads on a small CPU. Folder and TFDS
+records go through ``records.py`` (preprocessing ops per record). Both follow ``order.py``:
+step ``i``'s global batch is a fixed function of (seed, i) and each process keeps its rows, so
+batches do not depend on the process count and a resumed run sees identical batches.
 """
 
 from __future__ import annotations

@@ -260,7 +260,7 @@ class ShapesSource:
     """A grain random-access source over one split; examples are drawn lazily when read.
 
     Reading by index (``__getitem__``) serves grain's per-record pipelines; ``get_batch`` draws a
-    whole batch of indices vectorised, which the shapes pipeline uses because it is ~50x faster.
+    whole batch of indices vectorised, which the shapes pipeline uses because it is much faster.
     """
 
     def __init__(
