@@ -18,12 +18,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub reads it
 
-from mmjax import hf, transfer  # noqa: E402
-from mmjax.models.multimodal import build_model  # noqa: E402
+import torch
+import transformers
+
+from mmjax import hf, transfer
+from mmjax.models.multimodal import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
