@@ -29,10 +29,10 @@ def main() -> None:
         raise ValueError("--input is required")
     if not FLAGS.output and not FLAGS.verify:
         raise ValueError("nothing to do: give --output and/or --verify")
-    from mmjax import transfer  # after flag parsing: keeps --help fast
+    from mmjax.hf.convert import convert  # after flag parsing: keeps --help fast
 
-    transfer.convert(FLAGS.input, FLAGS.output, verify=FLAGS.verify, like=FLAGS.like,
-                        modality=FLAGS.modality, seed=FLAGS.seed)
+    convert(FLAGS.input, FLAGS.output, verify=FLAGS.verify, like=FLAGS.like,
+            modality=FLAGS.modality, seed=FLAGS.seed)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import jax
 import numpy as np
 
 from mmjax.data import pipeline, shapes
+from mmjax.data.tokenize import Tokenizer
 
 KINDS = ("retrieval", "zeroshot", "qa", "caption")
 
@@ -117,7 +118,7 @@ class Env:
     """What evaluators share: the model, data config, tokenizer, label names, eval batch size."""
 
     def __init__(self, *, model: Any, model_cfg: Mapping[str, Any], data_config: Any,
-                 tokenizer: Any, label_names: Sequence[str], batch_size: int):
+                 tokenizer: Tokenizer, label_names: Sequence[str], batch_size: int):
         self.model = model
         self.model_cfg = model_cfg
         self.data_config = data_config

@@ -32,54 +32,21 @@ from mmjax.checkpoint import (
     checkpoint_state_dir,
     read_checkpoint_params,
     workdir_of,
-    write_checkpoint,
 )
 from mmjax.models import scan
 from mmjax.models.multimodal import MODEL_OPTIONS
-
-_IMAGE_KINDS = ("vit", "resnet")
 
 
 class TransferError(ValueError):
     """A tower cannot start from its ``init_from``; the message names the key and tensor."""
 
 
-def is_hf_folder(path: str | Path) -> bool:
-    file = Path(path) / "config.json"
-    if not file.is_file():
-        return False
+def _hf_tower(cfg: Mapping[str, Any], kind: str | None, where: str) -> tuple[str, dict]:
+    """(tower name in the folder, encoder options) for ``kind``, from the architecture registry."""
     try:
-        return "model_type" in json.loads(file.read_text())
-    except (OSError, ValueError):
-        return False
-
-
-def _hf_part(cfg: Mapping[str, Any], kind: str | None, where: str) -> str:
-    """Which tower of a Hugging Face model a ``kind`` wants: "text" or "image"."""
-    mt = cfg["model_type"]
-    if mt == "resnet":
-        raise TransferError(f"{where}: ResNet towers cannot start from Hugging Face yet (their "
-                            "BatchNorm statistics live outside params); use mmjax.hf.load")
-    part = {"bert": "text", "vit": "image"}.get(mt)
-    if part is None:  # clip holds both
-        part = "image" if kind in _IMAGE_KINDS else "text"
-    if kind is not None and (kind in _IMAGE_KINDS) != (part == "image"):
-        raise TransferError(f"{where}: a {mt} model has no tower for kind={kind!r}")
-    if kind == "resnet":
-        raise TransferError(f"{where}: Hugging Face {mt} towers load into kind='vit', not resnet")
-    return part
-
-
-def _hf_overrides(cfg: Mapping[str, Any], kind: str | None, where: str) -> dict[str, Any]:
-    part = _hf_part(cfg, kind, where)
-    mt = cfg["model_type"]
-    if mt == "bert":
-        return hf.bert_text_options(cfg)
-    if mt == "vit":
-        return hf.vit_image_options(cfg)
-    if part == "text":
-        return hf.clip_text_options(cfg.get("text_config", {}))
-    return hf.clip_vision_options(cfg.get("vision_config", {}))
+        return hf.registry.architecture(cfg).tower_options(cfg, kind)
+    except hf.HFError as e:
+        raise TransferError(f"{where}: {e}") from None
 
 
 def encoder_overrides(init_from: str, kind: str | None = None,
@@ -91,9 +58,9 @@ def encoder_overrides(init_from: str, kind: str | None = None,
     workdir, from ``config.json``'s ``model.<modality>``; the BERT/ViT pooler is assumed present.
     """
     where = f"init_from={init_from!r}"
-    if is_hf_folder(init_from):
+    if hf.is_hf_folder(init_from):
         cfg = hf.read_config(init_from)
-        out = _hf_overrides(cfg, kind, where)
+        out = dict(_hf_tower(cfg, kind, where)[1])
         if cfg["model_type"] in ("bert", "vit"):
             pooled = any(k.startswith(("pooler.", f"{cfg['model_type']}.pooler."))
                          for k in _weight_names(init_from))
@@ -102,7 +69,7 @@ def encoder_overrides(init_from: str, kind: str | None = None,
     work = workdir_of(Path(init_from))
     if work is not None and (work / HF_CONFIG).is_file():
         cfg = json.loads((work / HF_CONFIG).read_text())
-        return _hf_overrides(cfg, kind, where)
+        return dict(_hf_tower(cfg, kind, where)[1])
     if work is not None and (work / "config.json").is_file() and modality:
         model = json.loads((work / "config.json").read_text()).get("model", {})
         enc = dict(model.get(modality) or {})
@@ -160,15 +127,15 @@ def apply_encoder_overrides(config: Any, log: logging.Logger | None = None) -> N
 def load_tower(init_from: str, modality: str, kind: str | None = None) -> dict[str, Any]:
     """The params subtree of one tower from a Hugging Face folder or an mmjax checkpoint."""
     where = f"model.{modality}.init_from={init_from!r}"
-    if is_hf_folder(init_from):
+    if hf.is_hf_folder(init_from):
         cfg = hf.read_config(init_from)
-        part = _hf_part(cfg, kind, where)
+        part = _hf_tower(cfg, kind, where)[0]
         _, variables = hf.load(init_from)
         return jax.tree.map(np.asarray, variables["params"][part])
     params = read_checkpoint_params(init_from)
     if modality in params:
         return params[modality]
-    part = "image" if kind in _IMAGE_KINDS else "text"
+    part = "image" if kind in hf.IMAGE_KINDS else "text"
     if part in params:  # a converted checkpoint names towers "text"/"image"
         return params[part]
     raise TransferError(f"{where}: the checkpoint has no params/{modality} "
@@ -331,7 +298,7 @@ def load_subtrees(source: str | Path, params: Mapping[str, Any],
     import jax.numpy as jnp
 
     where = f"init_from={str(source)!r}"
-    if is_hf_folder(source):
+    if hf.is_hf_folder(source):
         raise TransferError(f"{where}: {source} is a Hugging Face folder; config.init_from takes "
                             "an mmjax checkpoint (use model.<tower>.init_from for a HF tower)")
     checkpoint_state_dir(source)  # fails first, naming the path, if it is not a checkpoint
@@ -391,75 +358,3 @@ def apply_config_init_from(config: Any, params: Mapping[str, Any],
                     "keys are ignored (see the line above)", source, len(report.missing),
                     len(report.unexpected))
     return out
-
-
-def _export_model(params: Mapping[str, Any], cfg: Mapping[str, Any], modality: str,
-                  where: str) -> tuple[Any, dict[str, Any]]:
-    """The HF wrapper and its variables for params read from an mmjax checkpoint."""
-    params = scan.unstack_all(params)  # a model.scan_layers run saved stacked layers
-    mt = cfg["model_type"]
-    if mt == "clip":
-        missing = [k for k in ("text", "image", "text_projection", "visual_projection",
-                               "logit_scale") if k not in params]
-        if missing:
-            raise TransferError(f"{where}: a CLIP export needs params/{missing[0]}")
-        tree = {k: params[k] for k in ("text", "image", "text_projection", "visual_projection",
-                                       "logit_scale")}
-        return hf.build(cfg), {"params": tree}
-    part = "text" if mt == "bert" else "image"
-    name = modality or part
-    if name not in params:
-        raise TransferError(f"{where}: the checkpoint has no params/{name} (it has "
-                            f"{sorted(params)}); pick the tower with --modality")
-    tower = params[name]
-    pos = tower.get("pos_embedding")
-    if mt == "vit" and pos is not None:  # trained at another resolution (see _fit_positions)
-        grid = math.isqrt(pos.shape[1] - 1)
-        if grid * grid == pos.shape[1] - 1:
-            size = grid * hf.vit_image_options(cfg)["patch_size"]
-            if hf.image_size(cfg) != (size, size):
-                cfg = {**cfg, "image_size": size}
-    model = hf.build(cfg, pooler="pooler" in tower)
-    return model, {"params": {part: tower}}
-
-
-def convert(src: str, dst: str = "", *, verify: bool = False, like: str = "",
-            modality: str = "", seed: int = 0) -> list[tuple[str, float]] | None:
-    """Hugging Face folder → mmjax checkpoint, or mmjax checkpoint → Hugging Face folder.
-
-    The direction follows ``src``. With ``verify`` the Hugging Face side (``src`` or the written
-    ``dst``) is run against mmjax and the per-layer table is printed and returned.
-    """
-    if is_hf_folder(src):
-        model, variables = hf.load(src)
-        hf_dir = src
-        if dst:
-            write_checkpoint(dst, variables["params"], json.loads(model.hf_config))
-            print(f"wrote mmjax checkpoint {Path(dst) / 'checkpoints'} (init_from: {dst})")
-    else:
-        checkpoint_state_dir(src)  # fails first, naming src, if it is neither format
-        work = workdir_of(Path(src))
-        if like:
-            cfg = hf.read_config(like)
-        elif work is not None and (work / HF_CONFIG).is_file():
-            cfg = json.loads((work / HF_CONFIG).read_text())
-        else:
-            raise TransferError(f"{src}: no {HF_CONFIG} next to the checkpoint; give --like "
-                                "HF_DIR naming the architecture")
-        params = read_checkpoint_params(src)
-        model, variables = _export_model(params, cfg, modality, src)
-        # Validates names and shapes against the config before anything is written.
-        hf.variables_from_hf(model, hf.state_dict(model, variables), f"{src}: ")
-        if not dst:
-            raise TransferError("--output is required to verify an mmjax checkpoint (it is "
-                                "compared through the Hugging Face folder written there)")
-        hf.save(model, variables, dst)
-        print(f"wrote Hugging Face folder {dst}")
-        hf_dir = dst
-    if not verify:
-        return None
-    rows = hf.compare(hf_dir, model, variables, seed=seed)
-    print(hf.format_table(rows))
-    worst = max(d for _, d in rows)
-    print(f"max abs difference {worst:.3e} ({'ok' if worst <= 1e-4 else 'ABOVE 1e-4'})")
-    return rows

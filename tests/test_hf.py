@@ -18,12 +18,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub reads it
 
-from mmjax import hf, transfer  # noqa: E402
-from mmjax.models.multimodal import build_model  # noqa: E402
+import torch
+import transformers
+
+from mmjax import checkpoint, hf, transfer
+from mmjax.models import scan
+from mmjax.models.multimodal import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -195,8 +197,8 @@ def test_convert_cli_round_trip_and_verify(tmp_path: Path) -> None:
     # The converted checkpoint serves as a tower's init_from as well.
     tower = transfer.load_tower(str(tmp_path / "ck"), "image", "vit")
     assert tower["encoder"]["layer_1"]["attn"]["query"]["kernel"].shape == (32, 4, 8)
-    with pytest.raises(transfer.TransferError, match="nowhere"):
-        transfer.convert(str(tmp_path / "nowhere"), str(tmp_path / "x"))
+    with pytest.raises(checkpoint.CheckpointReadError, match="nowhere"):
+        hf.convert(str(tmp_path / "nowhere"), str(tmp_path / "x"))
 
 
 def _config(text_from: str, image_from: str = "") -> ml_collections.ConfigDict:
@@ -279,25 +281,23 @@ def test_hf_tower_into_a_scanned_model_and_back(tmp_path: Path) -> None:
     exports to the same HF tensors."""
     from safetensors.numpy import load_file
 
-    from mmjax.models import layers
-
     src = _bert(tmp_path / "bert")
     config = _config(str(src))
     transfer.apply_encoder_overrides(config)
     with config.unlocked():
         config.model.scan_layers = True
     params = transfer.apply_init_from(config, _init(config))
-    stacked = params["text"]["encoder"][layers.SCANNED]
+    stacked = params["text"]["encoder"][scan.SCANNED]
     assert stacked["attn"]["query"]["kernel"].shape == (2, 48, 3, 16)
     # apply_init_from checked names and shapes against the scanned model; the values must be
     # the HF tensors, which hf.load gives in the unrolled layout.
     wrapper, ref = hf.load(src)
-    jax.tree.map(np.testing.assert_array_equal, layers.unstack_all(params["text"]),
+    jax.tree.map(np.testing.assert_array_equal, scan.unstack_all(params["text"]),
                  ref["params"]["text"])
 
-    transfer.write_checkpoint(tmp_path / "ck", {"text": params["text"]},
-                              json.loads(wrapper.hf_config))
-    transfer.convert(str(tmp_path / "ck"), str(tmp_path / "back"))
+    checkpoint.write_checkpoint(tmp_path / "ck", {"text": params["text"]},
+                                json.loads(wrapper.hf_config))
+    hf.convert(str(tmp_path / "ck"), str(tmp_path / "back"))
     a = load_file(str(src / "model.safetensors"))
     b = load_file(str(tmp_path / "back" / "model.safetensors"))
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)

@@ -43,16 +43,6 @@ def _batch(config: Any, split: str, num: int, workdir: str) -> tuple[dict, Any]:
     return next(iter(pipeline.eval_batches(config.data, split, batch_size=num))), tok
 
 
-def _decode(tok: Any, ids: np.ndarray) -> list[str]:
-    """Token ids back to text; tokenizers without ``decode`` (some HF adapters) show the ids."""
-    if hasattr(tok, "decode"):
-        return tok.decode(ids)
-    inner = getattr(tok, "tokenizer", None)
-    if inner is not None and hasattr(inner, "batch_decode"):
-        return inner.batch_decode(ids.tolist(), skip_special_tokens=True)
-    return [" ".join(str(i) for i in row if i) for row in ids.tolist()]
-
-
 def grid(images: np.ndarray, captions: list[str], *, cell: int = 160) -> Any:
     """A PIL image: one tile per example, the picture above its caption."""
     from PIL import Image, ImageDraw
@@ -79,7 +69,7 @@ def show(config: Any, split: str, num: int, out: str, workdir: str = "") -> list
     from mmjax.data import pipeline
 
     names = pipeline.label_names(config.data, workdir=workdir)
-    texts = _decode(tok, batch["text"]["ids"])
+    texts = tok.decode(batch["text"]["ids"])
     lines = []
     for i in range(num):
         label = names[int(batch["label"][i])]

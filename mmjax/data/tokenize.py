@@ -1,8 +1,10 @@
-"""A word-level tokenizer for small closed vocabularies such as the embedded shapes task.
+"""Tokenizers: one interface (``Tokenizer``) and its word-level, word-piece and HF implementations.
 
-The shapes questions use about twenty words, so a subword tokenizer would add a dependency and
-a model download for nothing. Ids follow BERT's layout (``[CLS] words [SEP]`` then padding) so
-the same text encoder serves both this and Hugging Face checkpoints.
+The shapes questions use about twenty words, so ``WordTokenizer`` maps whole words and needs no
+model download; folder and TFDS datasets use a word-piece tokenizer trained on their train texts,
+or a Hugging Face tokenizer folder (``data.tokenizer``). The first two write BERT's layout
+(``[CLS] words [SEP]`` then padding) so the same text encoder serves them and Hugging Face
+checkpoints; all three pad on the right, as the text towers expect.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -18,6 +20,35 @@ from mmjax.data import shapes
 
 _SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _CACHE_LIMIT = 1 << 16
+
+Ids = np.ndarray | Sequence[int] | Sequence[Sequence[int]]
+
+
+class Tokenizer(Protocol):
+    """What the data pipeline, the evaluators and ``data.inspect`` call on a tokenizer.
+
+    ``encode`` pads and truncates on the right: the text towers read a mask as 1s then 0s
+    (``TextEncoder.padding="right"``). ``decode`` drops special and padding tokens, so a decoded
+    row compares with a caption or a question's words. The special-token ids are those of the
+    vocabulary; ``None`` where a Hugging Face tokenizer has no such token.
+    """
+
+    PAD: int
+    UNK: int | None
+    CLS: int | None
+    SEP: int | None
+    MASK: int | None
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask), both int32 ``[N, max_len]``, right-padded; mask is 1 on real tokens."""
+        ...
+
+    def decode(self, ids: Ids) -> list[str]:
+        """One string per row of ``ids`` (``[L]`` or ``[N, L]``), special tokens dropped."""
+        ...
 
 
 class WordTokenizer:
@@ -73,7 +104,7 @@ class WordTokenizer:
         ids = np.stack([self._encode_one(t, max_len) for t in texts])
         return ids, (ids != self.PAD).astype(np.int32)
 
-    def decode(self, ids: np.ndarray | Sequence[int] | Sequence[Sequence[int]]) -> list[str]:
+    def decode(self, ids: Ids) -> list[str]:
         """One string per row of ``ids`` (a single row gives a list of one).
 
         [PAD], [CLS] and [SEP] are dropped so ``decode(encode(t)[0])`` gives back ``t``'s words
@@ -177,52 +208,62 @@ class WordPieceTokenizer:
             ids[r, 1 + len(pieces)] = self.SEP
         return ids, (ids != self.PAD).astype(np.int32)
 
-    def decode(self, ids: np.ndarray | Sequence[int] | Sequence[Sequence[int]]) -> list[str]:
+    def decode(self, ids: Ids) -> list[str]:
         arr = np.atleast_2d(np.asarray(ids))
         return [self._tok.decode([int(i) for i in row]) for row in arr]
 
 
 class HFTokenizer:
-    """Adapts a Hugging Face tokenizer (a folder) to ``.vocab_size`` / ``.encode(texts, L)``."""
+    """A Hugging Face tokenizer (transformers, offline) behind the ``Tokenizer`` interface.
+
+    Rows are padded and truncated on the right whatever the saved tokenizer says: a folder saved
+    with ``padding_side="left"`` would otherwise give masks the text towers misread, and left
+    truncation would drop the start of the text and [CLS]. The adapter owns the wrapped
+    tokenizer and sets both sides on it.
+    """
 
     def __init__(self, tokenizer: Any):
+        if tokenizer.pad_token_id is None:
+            raise ValueError(f"Hugging Face tokenizer {tokenizer.name_or_path!r} has no padding "
+                             "token; batches of texts need one")
+        tokenizer.padding_side = "right"
+        tokenizer.truncation_side = "right"
         self._tok = tokenizer
-        # Text towers read masks as right padding (TextEncoder.padding="right"); some tokenizers
-        # pad on the left by default.
-        self._tok.padding_side = "right"
+        self.PAD: int = tokenizer.pad_token_id
+        self.UNK: int | None = tokenizer.unk_token_id
+        self.CLS: int | None = tokenizer.cls_token_id
+        self.SEP: int | None = tokenizer.sep_token_id
+        self.MASK: int | None = tokenizer.mask_token_id
+
+    @classmethod
+    def load(cls, path: str | Path) -> HFTokenizer:
+        """The tokenizer saved in a local folder (``save_pretrained``); nothing is downloaded.
+
+        transformers is imported here: it takes seconds to import.
+        """
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
 
     @property
     def vocab_size(self) -> int:
-        return len(self._tok)
+        return len(self._tok)  # with added tokens, unlike the tokenizer's own vocab_size
 
     def encode(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-        out = self._tok(
-            list(texts), max_length=max_len, padding="max_length", truncation=True,
-            return_tensors="np",
-        )
+        """(ids, mask), both int32 ``[N, max_len]``: padded to and truncated at ``max_len``."""
+        if isinstance(texts, str):
+            raise TypeError("encode takes a sequence of texts, not a single string")
+        if not len(texts):
+            return np.zeros((0, max_len), np.int32), np.zeros((0, max_len), np.int32)
+        out = self._tok(list(texts), max_length=max_len, padding="max_length", truncation=True,
+                        return_tensors="np")
         return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
 
-    def decode(self, ids: np.ndarray | Sequence[int] | Sequence[Sequence[int]]) -> list[str]:
+    def decode(self, ids: Ids) -> list[str]:
         arr = np.atleast_2d(np.asarray(ids))
         return self._tok.batch_decode(arr.tolist(), skip_special_tokens=True)
 
 
-def load_hf_tokenizer(path: str) -> Any:
-    """A tokenizer folder: through ``mmjax.hf`` when it exists, else transformers directly.
-
-    ``mmjax.hf.load_tokenizer`` may already return an object with our interface; anything else
-    is wrapped. Imported lazily: transformers takes seconds to import.
-    """
-    try:
-        from mmjax.hf import load_tokenizer  # type: ignore[attr-defined]
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
-        tok = load_tokenizer(path)
-    else:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(path)
-    if hasattr(tok, "encode") and hasattr(tok, "vocab_size") and not hasattr(tok, "batch_decode"):
-        return tok
-    return HFTokenizer(tok)
+def load_hf_tokenizer(path: str | Path) -> HFTokenizer:
+    """The Hugging Face tokenizer saved in a local folder, behind the ``Tokenizer`` interface."""
+    return HFTokenizer.load(path)
