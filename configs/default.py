@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         **common.model_options(),
     })
     c.losses = ml_collections.ConfigDict({"answer": 1.0})
-    # lr 1e-3: with 2e-3 some seeds stay on the binding plateau at step 800 (docs/recipes.md).
+    # lr 1e-3: with 2e-3 some seeds stay on the binding plateau at step 800 (docs/training.md).
     c.optimizer = common.optimizer(lr=1e-3)
 
     if "tiny" in args:

@@ -13,14 +13,14 @@ from scratch for the same 200 steps:
     python -m mmjax.train --config configs/default.py --workdir /tmp/mmjax_scratch200 \
         --config.total_steps=200
 
-With ``init_from`` empty this config trains from scratch (and logs a warning), which is that
+With ``init_from`` empty this config trains from scratch, which is that
 baseline with this config's schedule. Evaluator: question-answer accuracy by answer string,
 overall and per question type.
 
 Arguments (comma-separated after the path):
   lora   train LoRA adapters (rank 8) on the attention and MLP kernels plus the answer head
          instead of every parameter; the merged params are exported by
-         ``mmjax.lora.merged_params_from_workdir``
+         ``mmjax.checkpoint.merged_params_from_workdir``
   lit    freeze the image tower (LiT): only text, fusion and the head train
   tiny   a few steps on small splits, for tests
 """

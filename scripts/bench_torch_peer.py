@@ -4,9 +4,9 @@ r"""PyTorch peers of mmjax's benchmark workloads, timed the same way, printing t
     python scripts/bench_torch_peer.py --workload fusion --batch_size 256          # GPU
     python scripts/bench_torch_peer.py --workload clip --tiny --modes eager        # CPU test
 
-Why it exists: a samples/s figure means little alone; the issue's goals are ratios to PyTorch
-run on the same GPU in the same session (docs/performance.md). The peers are what a PyTorch user would
-write with transformers' models:
+Why it exists: a samples/s figure means little alone; the goals are ratios to PyTorch run on the
+same GPU in the same session (docs/performance.md). The peers are what a PyTorch user would write
+with transformers' models:
 
 * ``clip``: ``ViTModel`` (B/16, 224 px, class token, 197 tokens) + ``CLIPTextModel`` (width 512,
   8 heads, 12 layers, 77 tokens, causal), 512-d projections without bias, a learnt temperature,
@@ -21,7 +21,7 @@ params under ``torch.autocast(bfloat16)``, one synthetic batch made on the devic
 not zeros), and each timed step ends with ``torch.cuda.synchronize()``. ``--modes`` runs
 ``eager`` and/or ``compile`` (``torch.compile`` of the model's loss; the optimizer step stays
 eager). Each mode prints one JSON line with mmjax.benchmark's fields; ``tflops_per_step`` is
-mmjax.flops' analytic count for the peer's own shapes (197 image tokens, 77 CLIP text tokens).
+mmjax.perf.flops' analytic count for the peer's own shapes (197 image tokens, 77 CLIP text tokens).
 """
 
 from __future__ import annotations
@@ -213,9 +213,9 @@ def synthetic_batch(workload: str, tiny: bool, batch_size: int, device: torch.de
 
 
 def analytic_flops(workload: str, tiny: bool, batch_size: int) -> float:
-    """mmjax.flops' training count for the peer's shapes (class token; 77 CLIP tokens), TFLOP."""
+    """mmjax.perf.flops' training count for the peer's shapes (class token; 77 CLIP tokens), TFLOP."""
     from configs import clip_vitb16, fusion_vitb16_bert
-    from mmjax import flops
+    from mmjax.perf import flops
 
     module = clip_vitb16 if workload == "clip" else fusion_vitb16_bert
     config = module.get_config("tiny" if tiny else None)

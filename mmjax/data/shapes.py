@@ -3,8 +3,8 @@
 Every image is black with exactly two objects, each centred in its own cell of a 4x4 grid, so
 with an image of 32 px each object lies inside one 8x8 ViT patch. That alignment is what lets a
 tiny ViT learn the task on a 2-core CPU in a couple of minutes; objects placed freely did not
-learn in that budget (docs/recipes.md). The two objects always differ in shape *and* colour,
-so "what colour is the circle ?" and "what shape is the red one ?" each have exactly one answer,
+learn in that budget (docs/training.md). The two objects always differ in shape *and* colour, so
+"what colour is the circle ?" and "what shape is the red one ?" each have exactly one answer,
 and neither the picture alone nor the question alone determines it.
 
 Nothing is stored or downloaded: example ``i`` of a split is a pure function of

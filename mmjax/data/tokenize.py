@@ -27,9 +27,9 @@ Ids = np.ndarray | Sequence[int] | Sequence[Sequence[int]]
 class Tokenizer(Protocol):
     """What the data pipeline, the evaluators and ``data.inspect`` call on a tokenizer.
 
-    ``encode`` pads and truncates on the right: the text towers read a mask as 1s then 0s
-    (``TextEncoder.padding="right"``). ``decode`` drops special and padding tokens, so a decoded
-    row compares with a caption or a question's words. The special-token ids are those of the
+    ``encode`` pads and truncates on the right: last-token pooling and captioning read a mask as
+    1s then 0s. ``decode`` drops special and padding tokens, so a decoded row compares with a
+    caption or a question's words. The special-token ids are those of the
     vocabulary; ``None`` where a Hugging Face tokenizer has no such token.
     """
 
@@ -150,8 +150,7 @@ class WordPieceTokenizer:
 
     def __init__(self, tokenizer: Any):
         self._tok = tokenizer
-        # Text towers read masks as right padding (TextEncoder.padding="right"); some tokenizers
-        # pad on the left by default.
+        # mmjax reads masks as right padding (see Tokenizer); some tokenizers pad on the left.
         self._tok.padding_side = "right"
         for i, name in enumerate(_SPECIALS):
             if tokenizer.token_to_id(name) != i:
@@ -217,7 +216,8 @@ class HFTokenizer:
     """A Hugging Face tokenizer (transformers, offline) behind the ``Tokenizer`` interface.
 
     Rows are padded and truncated on the right whatever the saved tokenizer says: a folder saved
-    with ``padding_side="left"`` would otherwise give masks the text towers misread, and left
+    with ``padding_side="left"`` would otherwise give masks that last-token pooling and the
+    caption targets misread, and left
     truncation would drop the start of the text and [CLS]. The adapter owns the wrapped
     tokenizer and sets both sides on it.
     """
