@@ -213,7 +213,7 @@ def synthetic_batch(workload: str, tiny: bool, batch_size: int, device: torch.de
 
 
 def analytic_flops(workload: str, tiny: bool, batch_size: int) -> float:
-    """mmjax.perf.flops' training count for the peer's shapes (class token; 77 CLIP tokens), TFLOP."""
+    """mmjax.perf.flops' training count for the peer's shapes (class token, 77 tokens), TFLOP."""
     from configs import clip_vitb16, fusion_vitb16_bert
     from mmjax.perf import flops
 
