@@ -84,6 +84,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Setup:
     tokenizer = pipeline.build_tokenizer(config.data, workdir=workdir)
     data_info = pipeline.dataset_info(config.data, tokenizer, workdir=workdir)
     _fill_from_data(config, data_info)
+    _fill_special_ids(config, tokenizer)
     tasks = tasks_from_config(config)
     model = build_model(config.model, bn_axis_name=par.axis_name)
     evaluators = evaluators_lib.build(config.get("evals"), evaluators_lib.Env(
@@ -119,6 +120,22 @@ def _fill_from_data(config: ml_collections.ConfigDict, info: Mapping[str, int]) 
             head.num_classes = info["num_classes"]
         if "vocab_size" in head and not head.get("vocab_size"):  # MLM, captioning heads
             head.vocab_size = info["vocab_size"]
+
+
+def _fill_special_ids(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
+    """Token ids of MLM and caption heads that the config leaves unset come from the tokenizer
+    (a Hugging Face vocabulary puts [CLS], [SEP] and [MASK] elsewhere than mmjax's own)."""
+    ids = {"mask_token_id": "MASK", "bos_id": "CLS", "eos_id": "SEP", "pad_id": "PAD"}
+    wanted = {"mlm": ("mask_token_id",), "caption": ("bos_id", "eos_id", "pad_id")}
+    with config.unlocked():
+        for head in config.model.heads.values():
+            for key in wanted.get(head.get("kind"), ()):
+                value = getattr(tokenizer, ids[key], None)
+                if key not in head and value is not None:
+                    head[key] = int(value)
+            if head.get("kind") == "mlm" and "special_ids" not in head:
+                specials = [getattr(tokenizer, n, None) for n in ("PAD", "UNK", "CLS", "SEP")]
+                head.special_ids = tuple(int(v) for v in specials if v is not None)
 
 
 def initial_state(s: Setup) -> tuple[TrainState, optax.GradientTransformation]:
