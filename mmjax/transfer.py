@@ -29,6 +29,7 @@ from flax import traverse_util
 from mmjax import hf
 from mmjax.checkpoint import (
     HF_CONFIG,
+    CheckpointReadError,
     checkpoint_state_dir,
     read_checkpoint_params,
     workdir_of,
@@ -301,7 +302,10 @@ def load_subtrees(source: str | Path, params: Mapping[str, Any],
     if hf.is_hf_folder(source):
         raise TransferError(f"{where}: {source} is a Hugging Face folder; config.init_from takes "
                             "an mmjax checkpoint (use model.<tower>.init_from for a HF tower)")
-    checkpoint_state_dir(source)  # fails first, naming the path, if it is not a checkpoint
+    try:  # fails first, naming the path, if it is not a checkpoint
+        checkpoint_state_dir(source)
+    except CheckpointReadError as e:
+        raise TransferError(f"{where}: {e}") from None
     ckpt = scan.match_layers(read_checkpoint_params(source), params)  # scanned or unrolled
     names = parse_subtrees(subtrees, params)
     fresh = _flat(params)

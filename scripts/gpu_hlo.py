@@ -51,9 +51,9 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mmjax import cli
-from mmjax.benchmark import synthetic_batch
 from mmjax.models import layers
 from mmjax.models.multimodal import build_model
+from mmjax.perf.step import synthetic_batch
 from mmjax.trainer import create_state, tasks_from_config, train_step
 
 # --batch_size and --config are mmjax.benchmark's flags (0 = the config's batch size); this

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmjax.data import folder, ops, pipeline
+from mmjax.data import folder, ops, pipeline, records
 from mmjax.data.tokenize import WordPieceTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,8 +130,8 @@ def test_pad_truncate_and_tokenize():
 def test_wordpiece_trained_saved_and_reloaded(dataset, tmp_path):
     cfg = _config(dataset)
     tok = pipeline.build_tokenizer(cfg, workdir=tmp_path)
-    assert (tmp_path / pipeline.TOKENIZER_FILE).exists()
-    again = WordPieceTokenizer.load(tmp_path / pipeline.TOKENIZER_FILE)
+    assert (tmp_path / records.TOKENIZER_FILE).exists()
+    again = WordPieceTokenizer.load(tmp_path / records.TOKENIZER_FILE)
     texts = ["is there a disc ?", "is there a zebra ?"]
     for a, b in zip(tok.encode(texts, 8), again.encode(texts, 8), strict=True):
         np.testing.assert_array_equal(a, b)

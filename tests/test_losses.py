@@ -48,8 +48,10 @@ def _pad(batch_or_outputs: dict, rng: np.random.Generator, extra: int) -> dict:
 
 
 def test_registry_knows_all_losses_and_rejects_unknown_names():
-    for name in ("softmax_xent", "sigmoid_xent", "mse", "infonce"):
-        assert losses.get_loss(name) is losses.LOSSES[name]
+    names = ("softmax_xent", "sigmoid_xent", "mse", "infonce", "siglip", "itm", "mlm", "mim",
+             "caption")
+    for name in names:  # each name is bound to the function of that name
+        assert losses.get_loss(name) is getattr(losses, name)
     for exc in (KeyError, ValueError):
         with pytest.raises(exc, match="softmax_xent") as info:
             losses.get_loss("softmax_xnet")

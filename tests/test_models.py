@@ -1,6 +1,7 @@
 """Model tests on CPU: variant decoding, tower shapes and param trees, attention against a float64
 numpy reference, padding/causal invariances, every fusion kind and head kind through
-``build_model``, cross-device BatchNorm, compute dtype, dropout and remat."""
+``build_model``, cross-device BatchNorm, compute dtype, dropout and remat. The opt-in GPU rewrites
+(``model.gpu_rewrites``) are compared with the plain path in tests/test_gpu_rewrites.py."""
 
 import copy
 import functools
@@ -23,7 +24,7 @@ from flax.errors import InvalidRngError
 
 from mmjax.models import fusion as fusion_lib
 from mmjax.models import layers
-from mmjax.models.multimodal import Heads, build_model
+from mmjax.models.multimodal import build_model, make_head
 from mmjax.models.resnet import ResNet
 from mmjax.models.text import TextEncoder
 from mmjax.models.vit import ViT
@@ -153,19 +154,24 @@ def _shapes(model: nn.Module, *args, **kwargs) -> dict:
 
 
 def test_decode_variant_vit():
+    # ViT-B/16 and ViT-L/14 as published (Dosovitskiy et al. 2021, Table 1)
     assert layers.decode_variant("B/16") == {
-        "width": 768,
-        "depth": 12,
-        "mlp_dim": 3072,
-        "num_heads": 12,
-        "patch_size": 16,
-    }
-    assert layers.decode_variant("mu/8")["patch_size"] == 8
+        "width": 768, "depth": 12, "mlp_dim": 3072, "num_heads": 12, "patch_size": 16}
+    assert layers.decode_variant("L/14") == {
+        "width": 1024, "depth": 24, "mlp_dim": 4096, "num_heads": 16, "patch_size": 14}
 
 
 def test_decode_variant_text_has_no_patch():
-    assert layers.decode_variant("mu") == {"width": 32, "depth": 1, "mlp_dim": 128, "num_heads": 2}
-    assert "patch_size" not in layers.decode_variant("B")
+    """One size table serves both towers: a text variant is the image variant's sizes without
+    a patch size (BERT-base is ViT-B's width, depth, MLP and heads)."""
+    for size in ("mu", "S", "B"):
+        text = layers.decode_variant(size)
+        assert "patch_size" not in text
+        assert layers.decode_variant(f"{size}/8") == {**text, "patch_size": 8}
+    assert layers.decode_variant("B") == {"width": 768, "depth": 12, "mlp_dim": 3072,
+                                          "num_heads": 12}
+    assert layers.tower_sizes("B", width=64, depth=None) == {**layers.decode_variant("B"),
+                                                              "width": 64}
 
 
 @pytest.mark.parametrize("bad", ["X/16", "B16", "B/", "B/16/2", "", "b/16", "B/x", " B/16"])
@@ -320,9 +326,7 @@ def test_text_padding_invariance(causal, pre_norm, side):
         mask = mask[:, ::-1].copy()
     other = np.where(mask == 0, _ids(7), ids)  # new content at padded positions only
     assert (other != ids).any()
-    # Left padding needs the boolean-mask path; right padding runs as key lengths.
-    padding = "mask" if side == "left" else "right"
-    model = _text("mean", causal=causal, pre_norm=pre_norm, padding=padding)
+    model = _text("mean", causal=causal, pre_norm=pre_norm)
     variables = _fill(model, ids, mask, seed=1)
     apply = _jitted(model)
     a = apply(variables, ids, mask)
@@ -339,24 +343,6 @@ def test_text_padding_invariance(causal, pre_norm, side):
         a_nomask = np.asarray(apply(variables, ids)["tokens"])
         b_nomask = np.asarray(apply(variables, other)["tokens"])
         assert not np.allclose(a_nomask[1][valid[1]], b_nomask[1][valid[1]], atol=1e-4)
-
-
-@pytest.mark.parametrize("causal", [False, True])
-def test_text_right_padding_as_lengths_equals_the_boolean_mask(causal):
-    """padding="right" (key lengths) and padding="mask" compute the same on right-padded text,
-    at every position; a left-padded mask read as lengths would not (the option matters)."""
-    ids, mask = _ids(20), _mask()
-    by_lengths = _text("mean", causal=causal, pre_norm=True, padding="right")
-    by_mask = _text("mean", causal=causal, pre_norm=True, padding="mask")
-    variables = _fill(by_mask, ids, mask, seed=21)
-    a = _jitted(by_lengths)(variables, ids, mask)
-    b = _jitted(by_mask)(variables, ids, mask)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL), a, b)
-    left = mask[:, ::-1].copy()
-    assert not np.allclose(_jitted(by_lengths)(variables, ids, left)["pooled"],
-                           _jitted(by_mask)(variables, ids, left)["pooled"], atol=1e-4)
-    with pytest.raises(ValueError, match="'sideways'"):
-        _shapes(_text(padding="sideways"), ids)
 
 
 @pytest.mark.parametrize("t", [0, 3, 6])
@@ -428,10 +414,6 @@ def test_attention_matches_numpy(causal, full_mask):
     assert np.isfinite(y).all()
     ref = _ref_attention(params, x, x, mask, causal)
     np.testing.assert_allclose(y, ref, rtol=RTOL, atol=ATOL)
-    if not full_mask:  # the same right padding given as key lengths
-        lengths = jnp.asarray(LENGTHS, jnp.int32)
-        y = np.asarray(_jitted(attn)({"params": params}, x, kv_lengths=lengths))
-        np.testing.assert_allclose(y, ref, rtol=RTOL, atol=ATOL)
 
 
 def test_cross_attention_matches_numpy():
@@ -445,14 +427,13 @@ def test_cross_attention_matches_numpy():
     np.testing.assert_allclose(y, _ref_attention(params, x, ctx, mask), rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize(("pre_norm", "kv_padding"),
-                         [(True, "mask"), (False, "mask"), (True, "lengths")])
-def test_padded_rows_are_finite(pre_norm, kv_padding):
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_padded_rows_are_finite(pre_norm):
     """Padded query positions, and even a row with no valid token at all, stay finite (no NaN
     leaking into the valid rows), in the outputs and in the gradients."""
     x = np.random.default_rng(12).normal(size=(2, L, 32)).astype(np.float32)
     mask = np.stack([_mask([4], L)[0], np.zeros(L, np.int32)])  # second row: nothing valid
-    blk = layers.Block(num_heads=2, mlp_dim=64, pre_norm=pre_norm, kv_padding=kv_padding)
+    blk = layers.Block(num_heads=2, mlp_dim=64, pre_norm=pre_norm)
     variables = _fill(blk, x, mask, seed=6)
     apply = _jitted(blk)
     y = np.asarray(apply(variables, x, mask))
@@ -547,33 +528,6 @@ def test_fusion_pool(pool):
     np.testing.assert_allclose(np.asarray(out["pooled"]), expected, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_masked_mean_matches_numpy(dtype):
-    """The matmul form of the masked mean against float64 numpy, a row without valid tokens
-    included (zeros), and its gradient (the mask over the count, broadcast over D)."""
-    rng = np.random.default_rng(31)
-    x = rng.normal(size=(4, 7, 5)).astype(np.float32)
-    mask = (rng.random((4, 7)) < 0.6).astype(np.int32)
-    mask[0] = 0
-    mask[1, 3] = 1
-    xd = jnp.asarray(x, dtype)
-    x64 = np.asarray(xd.astype(jnp.float32), np.float64)  # the values the function sees
-    count = np.maximum(mask.sum(1, keepdims=True), 1)
-    expected = (x64 * mask[..., None]).sum(1) / count
-    got = jax.jit(layers.masked_mean)(xd, jnp.asarray(mask))
-    assert got.dtype == xd.dtype and got.shape == (4, 5)
-    tol = dict(rtol=1e-6, atol=1e-6) if dtype == "float32" else dict(rtol=8e-3, atol=8e-3)
-    np.testing.assert_allclose(np.asarray(got, np.float64), expected, **tol)
-    np.testing.assert_array_equal(np.asarray(got[0], np.float64), 0.0)
-    w = rng.normal(size=(4, 5))
-    grad = jax.jit(jax.grad(
-        lambda v: (layers.masked_mean(v, jnp.asarray(mask)).astype(jnp.float32) * w).sum()))(xd)
-    expected_grad = mask[..., None] / count[..., None] * w[:, None, :]
-    np.testing.assert_allclose(np.asarray(grad, np.float64), expected_grad, **tol)
-    np.testing.assert_allclose(np.asarray(layers.masked_mean(xd, None), np.float64),
-                               x64.mean(1), **tol)
-
-
 def _fusion_feats(seed: int, text_mask: np.ndarray | None) -> dict:
     rng = np.random.default_rng(seed)
     feats = {
@@ -599,7 +553,8 @@ def test_fusion_unmasked_modality_same_as_all_ones_mask(kind):
     ones = {**feats, "image": {**feats["image"], "mask": np.ones((B, 4), np.int32)}}
     nomask = {**feats, "text": {**feats["text"], "mask": None}}
     allones = {**ones, "text": {**feats["text"], "mask": np.ones((B, L), np.int32)}}
-    for query in ("image", "text"):
+    # Only cross-attention reads ``query``; the other kinds would recompile the same function.
+    for query in ("image", "text") if kind == "cross_attention" else ("text",):
         mod = fusion_lib.Fusion(kind=kind, width=16, num_heads=2, mlp_dim=32, query=query)
         variables = _fill(mod, feats, seed=3)
         for without, with_ones in ((feats, ones), (nomask, allones)):
@@ -607,56 +562,39 @@ def test_fusion_unmasked_modality_same_as_all_ones_mask(kind):
                                 _jitted(mod)(variables, with_ones))
 
 
-@pytest.mark.parametrize("kind", ["cross_attention", "co_attention"])
-def test_fusion_right_padding_as_lengths_equals_the_boolean_mask(kind):
-    """padding="right" (text keys as cuDNN key lengths, in self- and cross-attention) computes
-    what the boolean mask does on right-padded text; an unknown padding names its config key."""
-    feats = _fusion_feats(34, _mask())
-    for query in ("image", "text"):
-        by_lengths, by_mask = (
-            fusion_lib.Fusion(kind=kind, width=16, num_heads=2, mlp_dim=32, query=query,
-                              padding=padding) for padding in ("right", "mask"))
-        variables = _fill(by_mask, feats, seed=4)
-        _assert_same_fusion(_jitted(by_lengths)(variables, feats),
-                            _jitted(by_mask)(variables, feats))
-    with pytest.raises(ValueError, match=r"model\.fusion\.padding"):
-        _shapes(fusion_lib.Fusion(kind=kind, width=16, num_heads=2, padding="left"), feats)
-
-
-def test_fusion_padding_follows_the_text_tower():
-    """With the text tower's padding="mask" (any 0/1 pattern, here left padding) the fusion uses
-    boolean masks too, as an explicit model.fusion.padding="mask" does; forcing key lengths on
-    the same left-padded batch gives other logits (so the comparison can fail)."""
-    batch = {**_batch(40), "text": {"ids": _ids(41), "mask": _mask()[:, ::-1].copy()}}
-
-    def logits(fusion_padding: str | None) -> np.ndarray:
-        cfg = _model_cfg("co_attention")
-        cfg["text"]["padding"] = "mask"
-        if fusion_padding:
-            cfg["fusion"]["padding"] = fusion_padding
-        model = build_model(cfg)
-        return np.asarray(_jitted(model)({"params": params}, batch)["cls"]["logits"])
-
-    params = _fill(build_model(_model_cfg("co_attention")), batch, seed=5)["params"]
-    derived = logits(None)
-    np.testing.assert_allclose(derived, logits("mask"), rtol=RTOL, atol=ATOL)
-    assert np.abs(derived - logits("right")).max() > 1e-4
-
-
-def test_head_initial_values():
+def test_heads_initial_values_and_outputs_against_numpy():
+    """The classifier starts at exactly zero logits (big_vision's zero-initialised output); the
+    contrastive head starts at log(1 / init_temperature) and returns the L2-normalised
+    projections; the regression head is one affine map, squeezed to [B]. References are float64
+    numpy with the heads' own initial parameters."""
     rng = np.random.default_rng(16)
     feats = {
         k: rng.normal(size=(B, d)).astype(np.float32)
         for k, d in (("pooled", 32), ("image", 24), ("text", 32))
     }
-    heads = Heads(HEADS)
-    variables = _jit_run(heads.init, _key(1), feats)
-    out = _jitted(heads)(variables, feats)
-    # big_vision's zero-initialised classifier: logits start at exactly zero.
+    specs = {
+        "cls": {"kind": "classification", "num_classes": 5},
+        "reg": {"kind": "regression"},
+        "clip": {"kind": "contrastive", "embed_dim": 16, "init_temperature": 0.25},
+    }
+    heads = {t: make_head(t, c, layers.Options(), parent=None) for t, c in specs.items()}
+    both = _jit_run(lambda k: {t: h.init_with_output(k, feats) for t, h in heads.items()},
+                    _key(1))
+    out = {t: o for t, (o, _) in both.items()}
+    variables = {t: v["params"] for t, (_, v) in both.items()}
     np.testing.assert_array_equal(np.asarray(out["cls"]["logits"]), np.zeros((B, 5)))
-    assert np.abs(np.asarray(out["reg"]["predictions"])).max() > 0
-    np.testing.assert_allclose(float(out["clip"]["logit_scale"]), np.log(1 / 0.07), rtol=1e-6)
+    reg = variables["reg"]["out"]
+    want = feats["pooled"].astype(np.float64) @ np.asarray(reg["kernel"], np.float64)
+    want = want[:, 0] + float(reg["bias"][0])
+    assert out["reg"]["predictions"].shape == (B,)
+    np.testing.assert_allclose(np.asarray(out["reg"]["predictions"]), want, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(float(out["clip"]["logit_scale"]), np.log(4.0), rtol=1e-6)
     assert out["clip"]["logit_scale"].shape == ()
+    for m in ("image", "text"):
+        z = feats[m].astype(np.float64) @ np.asarray(variables["clip"][f"{m}_proj"]["kernel"])
+        want = z / np.linalg.norm(z, axis=-1, keepdims=True)
+        np.testing.assert_allclose(np.asarray(out["clip"][f"{m}_embeds"]), want,
+                                   rtol=RTOL, atol=ATOL)
 
 
 def test_build_model_outputs_and_param_tree(fused):
@@ -833,6 +771,7 @@ _PMAP_BN = textwrap.dedent(
     import json
     import jax, numpy as np
     from flax import traverse_util
+    from mmjax.models.layers import Options
     from mmjax.models.resnet import ResNet
 
     n = jax.local_device_count()
@@ -852,7 +791,7 @@ _PMAP_BN = textwrap.dedent(
             return model.apply(v, xs, train=True, mutable=["batch_stats"])[1]["batch_stats"]
         return step
 
-    synced = jax.pmap(stats(ResNet("mu", bn_axis_name="data")), axis_name="data",
+    synced = jax.pmap(stats(ResNet("mu", opts=Options(bn_axis_name="data"))), axis_name="data",
                       in_axes=(None, 0))(variables, x)
     local = jax.pmap(stats(ResNet("mu")), axis_name="data", in_axes=(None, 0))(variables, x)
     single = jax.jit(stats(ResNet("mu")))(variables, x.reshape(n * 2, 32, 32, 3))
@@ -898,7 +837,7 @@ def test_resnet_cross_device_batchnorm_matches_global_batch():
 def test_bfloat16_compute_float32_params():
     batch = _batch(40)
     model = build_model(_model_cfg("cross_attention", dtype="bfloat16"))
-    assert model.dtype == jnp.bfloat16
+    assert model.opts.dtype == jnp.bfloat16
     shapes = _shapes(model, batch)["params"]
     assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
     f32 = build_model(_model_cfg("cross_attention"))
@@ -958,7 +897,7 @@ def test_remat_same_loss_and_grads():
     heads = {"cls": {"kind": "classification", "num_classes": 5}}
     plain = build_model(_model_cfg(heads=heads, dropout=0.1))
     remat = build_model(_model_cfg(heads=heads, dropout=0.1, remat="nothing_saveable"))
-    assert plain.remat is None and remat.remat == "nothing_saveable"
+    assert plain.opts.remat is None and remat.opts.remat == "nothing_saveable"
     params = _fill(plain, batch, seed=7)["params"]
     assert jax.tree.structure(params) == jax.tree.structure(_shapes(remat, batch)["params"])
     labels = np.random.default_rng(61).integers(0, 5, size=B)
@@ -993,108 +932,3 @@ def test_remat_same_loss_and_grads():
         )
     for part in ("image", "text", "fusion", "heads"):  # gradients reach every part
         assert max(np.abs(np.asarray(v)).max() for k, v in f0.items() if k.startswith(part)) > 0
-
-
-def _gelu_erf(x):
-    return x * 0.5 * (1.0 + jax.scipy.special.erf(x / np.sqrt(2.0)))
-
-
-def _gelu_tanh(x):
-    return 0.5 * x * (1.0 + jnp.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
-
-
-@pytest.mark.parametrize("name,reference,library", [
-    ("gelu", _gelu_erf, lambda x: nn.gelu(x, approximate=False)),
-    ("gelu_tanh", _gelu_tanh, lambda x: nn.gelu(x, approximate=True)),
-])
-def test_gelu_gradient_is_the_exact_one_and_keeps_only_its_input(capsys, name, reference,
-                                                                  library):
-    """layers.gelu / gelu_tanh: the hand-written backward against autodiff of the formula
-    (float64), and what each saves for the backward pass: the input alone (autodiff of the
-    library function keeps three more tensors)."""
-    from jax.ad_checkpoint import print_saved_residuals
-
-    fn = layers.get_activation(name)
-    rng = np.random.default_rng(17)
-    with jax.enable_x64(True):
-        x = jnp.asarray(3.0 * rng.standard_normal((64, 33)))
-        w = jnp.asarray(rng.standard_normal((64, 33)))
-        grad = lambda f: jax.grad(lambda x: jnp.vdot(f(x), w))(x)
-        np.testing.assert_allclose(fn(x), reference(x), rtol=1e-14, atol=1e-15)
-        # Gradients are O(1); near the derivative's zero (x ≈ -0.75) the hand-written and the
-        # autodiff formulas cancel differently, by ~1e-14 absolute.
-        np.testing.assert_allclose(grad(fn), grad(reference), rtol=1e-13, atol=1e-13)
-    xb = jnp.asarray(rng.standard_normal((4, 8)), jnp.bfloat16)
-
-    def saved(f) -> list[str]:
-        capsys.readouterr()
-        print_saved_residuals(lambda x: f(x).astype(jnp.float32).sum(), xb)
-        return [ln for ln in capsys.readouterr().out.splitlines() if "[4,8]" in ln]
-
-    assert saved(fn) == ["bf16[4,8] from the argument x"]
-    assert len(saved(library)) >= 3
-    # bf16 in, bf16 gradient out, within bf16 rounding of the float32 derivative.
-    g = jax.grad(lambda x: fn(x).astype(jnp.float32).sum())(xb)
-    g32 = jax.grad(lambda x: fn(x).sum())(xb.astype(jnp.float32))
-    assert g.dtype == jnp.bfloat16
-    np.testing.assert_allclose(g.astype(np.float32), g32, rtol=1e-2, atol=1e-2)
-
-
-@pytest.mark.parametrize("pos_shape", [(7, 5), (1, 7, 5)])
-def test_add_positions_is_broadcasting_with_its_gradients(pos_shape):
-    """layers.add_positions against plain broadcasting: value and both gradients in float64
-    (random inputs and cotangent), the bfloat16 path (the position gradient is the float32 sum
-    of the bfloat16 cotangent), and a clear error for shapes it does not take."""
-    rng = np.random.default_rng(29)
-    with jax.enable_x64(True):
-        x = jnp.asarray(rng.standard_normal((6, 7, 5)))
-        pos = jnp.asarray(rng.standard_normal(pos_shape))
-        w = jnp.asarray(rng.standard_normal((6, 7, 5)))
-        ours = lambda x, p: jnp.vdot(layers.add_positions(x, p, jnp.float64), w)
-        plain = lambda x, p: jnp.vdot(x + p, w)
-        np.testing.assert_array_equal(layers.add_positions(x, pos, jnp.float64), x + pos)
-        for got, want in zip(jax.grad(ours, (0, 1))(x, pos), jax.grad(plain, (0, 1))(x, pos),
-                             strict=True):
-            assert got.shape == want.shape and got.dtype == want.dtype
-            np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
-
-    x32 = jnp.asarray(rng.standard_normal((6, 7, 5)), jnp.float32)
-    pos32 = jnp.asarray(rng.standard_normal(pos_shape), jnp.float32)
-    wb = jnp.asarray(rng.standard_normal((6, 7, 5)), jnp.bfloat16)
-    out = layers.add_positions(x32, pos32, jnp.bfloat16)
-    assert out.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(out, (x32 + pos32).astype(jnp.bfloat16))
-    gx, gp = jax.grad(
-        lambda x, p: (layers.add_positions(x, p, jnp.bfloat16) * wb).astype(jnp.float32).sum(),
-        (0, 1))(x32, pos32)
-    assert gx.dtype == jnp.float32 and gp.dtype == jnp.float32 and gp.shape == pos_shape
-    np.testing.assert_array_equal(gx, wb.astype(jnp.float32))
-    np.testing.assert_allclose(gp.reshape(7, 5), wb.astype(jnp.float32).sum(axis=0), rtol=1e-6)
-
-    for call in (lambda p: layers.add_positions(x32, p, jnp.float32),  # forward alone
-                 jax.grad(lambda p: layers.add_positions(x32, p, jnp.float32).sum())):
-        with pytest.raises(ValueError, match=r"got x \(6, 7, 5\) and pos \(7, 4\)"):
-            call(jnp.ones((7, 4), jnp.float32))
-
-
-def test_heads_dense_is_dense_general_with_a_2d_bias():
-    """layers.HeadsDense draws DenseGeneral((heads, head_dim))'s params for the same key and
-    computes its function (float32, random params and inputs)."""
-
-    class Reference(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.DenseGeneral((4, 8), name="query")(x)
-
-    class Heads(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return layers.HeadsDense(4, 8, name="query")(x)
-
-    rng = np.random.default_rng(23)
-    x = jnp.asarray(rng.standard_normal((3, 5, 32)), jnp.float32)
-    want, got = Reference().init(jax.random.key(4), x), Heads().init(jax.random.key(4), x)
-    jax.tree.map(np.testing.assert_array_equal, got, want)
-    params = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), want)
-    np.testing.assert_allclose(Heads().apply(params, x), Reference().apply(params, x),
-                               rtol=1e-5, atol=1e-5)

@@ -13,13 +13,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import linen as nn
 from flax import traverse_util
 
-from mmjax import losses, trainer
+from mmjax import losses, weighting
 from mmjax.models import heads as heads_lib
 from mmjax.models import layers, objectives
-from mmjax.models.multimodal import Heads, MultimodalModel, build_model
+from mmjax.models.multimodal import MultimodalModel, build_model, loss_spec, make_head
 from mmjax.models.vit import ViT
+from mmjax.trainer import state as state_lib
+from mmjax.trainer import step as step_lib
 
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
@@ -93,6 +96,9 @@ def test_siglip_loss_matches_numpy():
 
 
 def test_siglip_head_defaults_and_registration():
+    """SigLIP's published initialisation (Zhai et al. 2023: t' = log 10, b = -10), a contrastive
+    head that asks for a bias and temperature, and CLIP's parameter tree without one; every head
+    kind resolves to a registered loss, and a head's own ``loss`` key wins."""
     rng = np.random.default_rng(1)
     feats = {"image": rng.normal(size=(3, 12)), "text": rng.normal(size=(3, 10))}
     specs = {
@@ -101,20 +107,21 @@ def test_siglip_head_defaults_and_registration():
                    "init_temperature": 0.5, "loss": "siglip"},
         "clip": {"kind": "contrastive", "embed_dim": 8},
     }
-    heads = Heads(specs)
-    out, variables = _jit(heads.init_with_output)(_key(0), feats)
+    heads = {t: make_head(t, c, layers.Options(), parent=None) for t, c in specs.items()}
+    both = _jit(lambda k: {t: h.init_with_output(k, feats) for t, h in heads.items()})(_key(0))
+    out = {t: o for t, (o, _) in both.items()}
+    params = {t: v["params"] for t, (_, v) in both.items()}
     np.testing.assert_allclose(float(out["sig"]["logit_scale"]), math.log(10.0), rtol=1e-6)
     np.testing.assert_allclose(float(out["sig"]["logit_bias"]), -10.0)
     np.testing.assert_allclose(float(out["biased"]["logit_scale"]), math.log(2.0), rtol=1e-6)
     np.testing.assert_allclose(float(out["biased"]["logit_bias"]), -3.0)
-    # Without init_bias the head (and its parameter tree) is CLIP's, as before.
+    # Without init_bias the head (and its parameter tree) is CLIP's.
     assert "logit_bias" not in out["clip"]
-    assert set(variables["params"]["clip"]) == {"image_proj", "text_proj", "logit_scale"}
-    assert variables["params"]["sig"]["logit_bias"].shape == ()
-    assert heads_lib.DEFAULT_LOSS["siglip"] == "siglip"
-    assert {"siglip", "infonce"} <= losses.BATCH_COUPLED
-    for kind in ("itm", "mlm", "mim", "caption"):
-        assert heads_lib.DEFAULT_LOSS[kind] == kind and kind in losses.LOSSES
+    assert set(params["clip"]) == {"image_proj", "text_proj", "logit_scale"}
+    assert params["sig"]["logit_bias"].shape == ()
+    assert loss_spec(specs["biased"]) == "siglip" and loss_spec(specs["clip"]) == "infonce"
+    for kind in heads_lib.HEADS:  # every kind has a default loss that the registry knows
+        losses.get_loss(loss_spec({"kind": kind}))
 
 
 def test_siglip_gradient_accumulation_matches_full_batch():
@@ -123,16 +130,18 @@ def test_siglip_gradient_accumulation_matches_full_batch():
     rng = np.random.default_rng(13)
     batch = {"image": rng.normal(size=(8, 12)).astype(np.float32),
              "text": rng.normal(size=(8, 10)).astype(np.float32)}
-    model = Heads({"sig": {"kind": "siglip", "embed_dim": 8}})  # features = the batch itself
+    model = _SigLIPOnly()  # features = the batch itself
     params = _jit(model.init)(_key(0), batch)["params"]
     params = {**params, "sig": {**params["sig"], "logit_bias": jnp.float32(-1.5)}}
-    tasks = (trainer.Task("sig", "siglip", 1.0, {"kind": "siglip"}),)
+    tasks = (state_lib.Task("sig", "siglip", 1.0, {"kind": "siglip"}),)
+    weights = weighting.Weighting(lambdas=(("sig", 1.0),))
+    step = jnp.int32(0)
 
     def both(p, key):
-        full = jax.value_and_grad(trainer.compute_losses, has_aux=True)(
-            p, {}, batch, key, model=model, tasks=tasks, train=True)
-        accum = trainer.accumulated_grads(p, {}, batch, key, model=model, tasks=tasks,
-                                          accum_steps=2)
+        full = jax.value_and_grad(step_lib.loss_fn, has_aux=True)(
+            p, {}, batch, key, step, model=model, tasks=tasks, weights=weights, train=True)
+        accum = step_lib.accumulated_grads(p, {}, batch, key, step, model=model, tasks=tasks,
+                                           weights=weights, accum_steps=2)
         return full, accum
 
     ((loss, (metrics, _)), grads), (accum_grads, accum_metrics, _) = _jit(both)(params, _key(1))
@@ -145,6 +154,14 @@ def test_siglip_gradient_accumulation_matches_full_batch():
         assert np.abs(np.asarray(flat[k])).max() > 0, k
         np.testing.assert_allclose(np.asarray(v), np.asarray(flat[k]), rtol=1e-5, atol=1e-6,
                                    err_msg="/".join(k))
+
+
+class _SigLIPOnly(nn.Module):
+    """A model that is one SigLIP head reading the batch's arrays as its features."""
+
+    @nn.compact
+    def __call__(self, batch, *, train: bool = False):
+        return {"sig": heads_lib.SigLIPHead(embed_dim=8, name="sig")(batch, train=train)}
 
 
 # --------------------------------------------------------------------------------------- MLM
@@ -274,7 +291,7 @@ def test_mim_targets_and_loss_match_numpy():
     np.testing.assert_array_equal(np.asarray(objectives.patchify(images, 4)), patches)
     mean = patches.mean(-1, keepdims=True)
     var = ((patches - mean) ** 2).mean(-1, keepdims=True)
-    np.testing.assert_allclose(np.asarray(objectives.normalize_patches(patches)),
+    np.testing.assert_allclose(np.asarray(heads_lib.normalize_patches(patches)),
                                (patches - mean) / np.sqrt(var + 1e-6), rtol=1e-4, atol=1e-5)
     preds = rng.normal(size=patches.shape).astype(np.float32)
     hidden = (rng.random((3, 6)) < 0.5).astype(np.float32)
@@ -410,13 +427,13 @@ def _batch(seed: int) -> dict:
 def setup():
     config = _config()
     model = build_model(config.model)
-    tasks = trainer.tasks_from_config(config)
+    tasks = state_lib.tasks_from_config(config)
     batch = _batch(12)
     params = _fill(model, batch)
 
-    def evaluate(p, b):  # trainer.eval_step's computation (no rng; batches carry "valid")
-        outputs, _ = trainer.forward(p, {}, b, None, model=model, train=False)
-        return outputs, trainer.task_losses(outputs, b, tasks)[1]
+    def evaluate(p, b):  # eval_step's computation (no rng; batches carry "valid")
+        outputs, _ = step_lib.forward(p, {}, b, None, model=model, train=False)
+        return outputs, step_lib.task_losses(outputs, b, tasks)[1]
 
     return model, tasks, batch, params, _jit(evaluate)
 
@@ -426,9 +443,12 @@ def test_all_objectives_train_together(setup):
     assert {t.name: t.loss for t in tasks} == {
         "clip": "siglip", "itm": "itm", "mlm": "mlm", "mim": "mim", "cap": "caption"}
 
-    def loss_fn(p, rng):  # trainer.compute_losses, keeping the outputs to inspect them
-        outputs, _ = trainer.forward(p, {}, batch, rng, model=model, train=True)
-        total, metrics = trainer.task_losses(outputs, batch, tasks)
+    weights = weighting.from_config(_config())
+
+    def loss_fn(p, rng):  # step.loss_fn, keeping the outputs to inspect them
+        outputs, _ = step_lib.forward(p, {}, batch, rng, model=model, train=True)
+        per_task, metrics = step_lib.task_losses(outputs, batch, tasks)
+        total, _ = weights.combine(per_task, 0, p)
         return total, (metrics, outputs)
 
     def step(p, rng):

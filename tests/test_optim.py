@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from mmjax import optim
+from mmjax.tree import path_str
 
 
 def _cfg(**kw) -> ml_collections.ConfigDict:
@@ -200,10 +201,10 @@ def test_frozen_tower_stays_bit_identical_while_others_train():
 
 def test_path_str_and_masks():
     params = _params(np.random.default_rng(4))
-    paths = [optim.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     assert "image/encoder/layer_0/attn/query/kernel" in paths
     assert (
-        optim.path_str(jax.tree_util.tree_leaves_with_path({"a": [0, {"b": 1}]})[1][0]) == "a/1/b"
+        path_str(jax.tree_util.tree_leaves_with_path({"a": [0, {"b": 1}]})[1][0]) == "a/1/b"
     )
 
     mask = optim.trainable_mask(params, "attn/query|^heads/")

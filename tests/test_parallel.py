@@ -23,7 +23,7 @@ import pytest
 from configs.default import get_config
 from mmjax import trainer
 from mmjax.data import pipeline
-from mmjax.models.multimodal import build_model
+from mmjax.trainer import step as step_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-5
@@ -109,31 +109,28 @@ def test_losses_agree_across_devices_modes_and_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_gradcache_accumulation_matches_full_batch_for_contrastive_loss():
+def test_gradcache_accumulation_matches_full_batch_for_contrastive_loss(tmp_path):
     config = get_config("tiny")
     config.unlock()
     config.data.text = "caption"
     config.model.heads.clip = {"kind": "contrastive", "embed_dim": 16}
     config.losses.clip = 0.5
-    tok = pipeline.build_tokenizer(config.data)
-    trainer._fill_from_data(config, pipeline.dataset_info(config.data, tok))
-    tasks = trainer.tasks_from_config(config)
-    model = build_model(config.model)
+    run = trainer.setup(config, tmp_path)  # vocabulary and classes from the data
+    model, tasks, weights = run.model, run.tasks, run.weights
     batch = next(pipeline.train_iterator(config.data, batch_size=16, seed=3))
     params = model.init(jax.random.PRNGKey(7), batch)["params"]
     params = jax.tree.map(  # random head weights: the zero-initialised classifier hides errors
         lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params
     )
-    rng = jax.random.PRNGKey(0)
+    rng, step = jax.random.PRNGKey(0), jnp.int32(3)
+    common = dict(model=model, tasks=tasks, weights=weights)
 
     def full(p):
-        return trainer.compute_losses(p, {}, batch, rng, model=model, tasks=tasks, train=True)
+        return step_lib.loss_fn(p, {}, batch, rng, step, train=True, **common)
 
     (loss, (metrics, _)), want = jax.jit(jax.value_and_grad(full, has_aux=True))(params)
     got, got_metrics, _ = jax.jit(
-        lambda p: trainer.accumulated_grads(
-            p, {}, batch, rng, model=model, tasks=tasks, accum_steps=4
-        )
+        lambda p: step_lib.accumulated_grads(p, {}, batch, rng, step, accum_steps=4, **common)
     )(params)
     np.testing.assert_allclose(got_metrics["loss"], loss, rtol=1e-6)
     np.testing.assert_allclose(got_metrics["clip_loss"], metrics["clip_loss"], rtol=1e-6)

@@ -1,13 +1,22 @@
-"""mmjax.profile_step: the trace summary adds up what the trace holds, on the right tracks."""
+"""mmjax.profile_step (mmjax.perf.trace): the trace summary adds up what the trace holds, on the
+right tracks; the CLI prints it."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import profile_step
+from mmjax.perf import trace
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _meta(pid, name, tid=None):
@@ -28,7 +37,7 @@ def test_summary_sums_device_kernels_per_step():
             {"ph": "X", "pid": 2, "tid": 1, "name": "PjitFunction(step)", "dur": 1e6},
             {"ph": "i", "pid": 1, "tid": 7, "name": "marker"},
         ]
-    s = profile_step.summarize(events, steps=2)
+    s = trace.summarize(events, steps=2)
     assert s["device_tracks"] is True
     total = (gemm.sum() + fusion.sum() + fmha.sum()) / 1e3
     assert s["device_ms_per_step"] == pytest.approx(total / 2)
@@ -43,7 +52,7 @@ def test_summary_sums_device_kernels_per_step():
         (r["ms_per_step"] for r in s["ops"]), reverse=True)
     assert s["kernels_per_step"] == 6
     with pytest.raises(ValueError, match="steps=0"):
-        profile_step.summarize(events, steps=0)
+        trace.summarize(events, steps=0)
 
 
 @pytest.mark.parametrize(("name", "cat"), [
@@ -56,7 +65,7 @@ def test_summary_sums_device_kernels_per_step():
     ("something_else", "other"),
 ])
 def test_categories(name, cat):
-    assert profile_step.category(name) == cat
+    assert trace.category(name) == cat
 
 
 def test_a_real_cpu_trace_is_found_and_read(tmp_path):
@@ -67,8 +76,30 @@ def test_a_real_cpu_trace_is_found_and_read(tmp_path):
     with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
         for _ in range(3):
             f(x).block_until_ready()
-    trace = profile_step.find_trace(tmp_path)
-    s = profile_step.summarize(profile_step.load_events(trace), steps=3)
+    found = trace.find_trace(tmp_path)
+    s = trace.summarize(trace.load_events(found), steps=3)
     assert s["device_tracks"] is False and s["device_ms_per_step"] > 0 and s["ops"]
     with pytest.raises(FileNotFoundError, match="perfetto_trace"):
-        profile_step.find_trace(tmp_path / "empty")
+        trace.find_trace(tmp_path / "empty")
+
+
+def test_cli_prints_ops_then_the_summary(tmp_path):
+    """``python -m mmjax.profile_step``: one JSON line per op (heaviest first), then the summary;
+    the trace stays in --out."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "mmjax.profile_step", "--config", "configs/clip_vitb16.py:tiny",
+         "--steps", "2", "--warmup", "1", "--batch_size", "4", "--top", "5",
+         "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    *ops, summary = [json.loads(line) for line in result.stdout.splitlines()
+                     if line.startswith("{")]
+    assert summary["summary"] is True and summary["batch_size"] == 4
+    assert summary["device_ms_per_step"] > 0 and summary["state_leaves"] > 0
+    assert 0 < len(ops) <= 5
+    assert [r["ms_per_step"] for r in ops] == sorted((r["ms_per_step"] for r in ops),
+                                                     reverse=True)
+    assert sum(summary["categories_ms_per_step"].values()) == pytest.approx(
+        summary["device_ms_per_step"], rel=1e-6)
+    assert Path(summary["trace"]).is_file() and tmp_path in Path(summary["trace"]).parents

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 from mmjax import lora, optim, transfer
-from mmjax.models import layers
+from mmjax.checkpoint import write_checkpoint
+from mmjax.models import scan as scan_lib
 from mmjax.models.multimodal import build_model
+from mmjax.tree import path_str
 
 MODEL = {
     "image": {"kind": "vit", "variant": "mu/4", "width": 16, "depth": 3, "num_heads": 2,
@@ -53,7 +55,7 @@ def _jit(fn):
 
 
 def _leaves(tree) -> dict:
-    return {optim.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 @functools.cache
@@ -70,20 +72,22 @@ def _random_params(seed: int) -> dict:
 
 def test_layouts_convert_both_ways():
     unrolled = _random_params(1)
-    scanned = layers.match_layers(unrolled, _shapes(True))
+    scanned = scan_lib.match_layers(unrolled, _shapes(True))
     assert jax.tree.structure(scanned) == jax.tree.structure(_shapes(True))
     for name, want in (("image", 3), ("text", 2), ("fusion", 2)):
-        stacked = scanned[name]["encoder"][layers.SCANNED]
+        stacked = scanned[name]["encoder"][scan_lib.SCANNED]
         assert {x.shape[0] for x in jax.tree.leaves(stacked)} == {want}
         assert not any(k.startswith("layer_") for k in scanned[name]["encoder"])
     np.testing.assert_array_equal(
         scanned["image"]["encoder"]["layers"]["mlp"]["fc1"]["kernel"][2],
         unrolled["image"]["encoder"]["layer_2"]["mlp"]["fc1"]["kernel"])
-    back = layers.match_layers(scanned, _shapes(False))
+    back = scan_lib.match_layers(scanned, _shapes(False))
     jax.tree.map(np.testing.assert_array_equal, back, unrolled)
-    jax.tree.map(np.testing.assert_array_equal, layers.unstack_all(scanned), unrolled)
+    jax.tree.map(np.testing.assert_array_equal, scan_lib.unstack_all(scanned), unrolled)
     # A tree in the target's layout already passes through untouched.
-    assert layers.match_layers(unrolled, _shapes(False))["heads"] is not None
+    same = scan_lib.match_layers(unrolled, _shapes(False))
+    assert jax.tree.structure(same) == jax.tree.structure(unrolled)
+    jax.tree.map(np.testing.assert_array_equal, same, unrolled)
 
 
 def _outputs_and_grads(model, params, batch, weights_seed: int):
@@ -111,7 +115,7 @@ def test_scanned_model_matches_unrolled_outputs_and_grads(unroll, remat):
     """ViT, causal text and cross-attention fusion, scanned: one layer per loop iteration, all
     layers in one (``scan_unroll=0``, the default: no loop; under remat here) and two per
     iteration (depth 3: a remainder). The co-attention test below runs the loop under remat."""
-    scanned = layers.match_layers(_random_params(2), _shapes(True))
+    scanned = scan_lib.match_layers(_random_params(2), _shapes(True))
     outs_ref, g_ref, _ = _unrolled_reference()
     outs, g, hlo = _outputs_and_grads(_model(True, scan_unroll=unroll, remat=remat), scanned,
                                       _batch(3), 4)
@@ -122,7 +126,7 @@ def test_scanned_model_matches_unrolled_outputs_and_grads(unroll, remat):
                  outs, outs_ref)
     assert np.abs(g["image"]["encoder"]["layers"]["attn"]["query"]["kernel"][0]).max() > 0
     got = _leaves(g)
-    for name, want in _leaves(layers.match_layers(g_ref, _shapes(True))).items():
+    for name, want in _leaves(scan_lib.match_layers(g_ref, _shapes(True))).items():
         np.testing.assert_allclose(got[name], want, rtol=2e-4, atol=2e-5, err_msg=name)
 
 
@@ -141,17 +145,17 @@ def test_scanned_co_attention_matches_unrolled():
     unrolled = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32),
                             init(unrolled_model))
     assert "image_layer_2" in unrolled["fusion"] and "text_layer_0" in unrolled["fusion"]
-    scanned = layers.match_layers(unrolled, target)
+    scanned = scan_lib.match_layers(unrolled, target)
     assert jax.tree.structure(scanned) == jax.tree.structure(target)
     np.testing.assert_array_equal(scanned["fusion"]["co_layers"]["text"]["mlp"]["fc2"]["kernel"][1],
                                   unrolled["fusion"]["text_layer_1"]["mlp"]["fc2"]["kernel"])
-    jax.tree.map(np.testing.assert_array_equal, layers.unstack_all(scanned), unrolled)
+    jax.tree.map(np.testing.assert_array_equal, scan_lib.unstack_all(scanned), unrolled)
     outs_ref, g_ref, _ = _outputs_and_grads(unrolled_model, unrolled, _batch(13), 14)
     outs, g, _ = _outputs_and_grads(scanned_model, scanned, _batch(13), 14)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  outs, outs_ref)
     got = _leaves(g)
-    for name, want in _leaves(layers.match_layers(g_ref, target)).items():
+    for name, want in _leaves(scan_lib.match_layers(g_ref, target)).items():
         np.testing.assert_allclose(got[name], want, rtol=2e-4, atol=2e-5, err_msg=name)
     mask = _leaves(optim.decay_mask(scanned))
     assert mask["fusion/co_layers/image/mlp/fc1/kernel"]
@@ -160,7 +164,7 @@ def test_scanned_co_attention_matches_unrolled():
 
 def test_scanned_dropout_follows_its_key():
     """Train mode inside the scan: dropout is on, reproducible per key, different across keys."""
-    params = layers.match_layers(_random_params(5), _shapes(True))
+    params = scan_lib.match_layers(_random_params(5), _shapes(True))
     model = _model(True, dropout=0.3)
     fn = _jit(lambda k: [model.apply({"params": params}, _batch(6), train=t,
                                      rngs={"dropout": k})["answer"]["logits"] for t in (1, 0)])
@@ -176,8 +180,8 @@ def test_scanned_optimizer_update_matches_unrolled():
            "weight_decay": 0.3, "clip_norm": 0.5, "layer_decay": 0.6}
     unrolled = _random_params(7)
     grads = _random_params(8)
-    scanned = layers.match_layers(unrolled, _shapes(True))
-    g_scanned = layers.match_layers(grads, _shapes(True))
+    scanned = scan_lib.match_layers(unrolled, _shapes(True))
+    g_scanned = scan_lib.match_layers(grads, _shapes(True))
 
     mask = _leaves(optim.decay_mask(scanned))
     assert mask["image/encoder/layers/mlp/fc1/kernel"]
@@ -208,7 +212,7 @@ def _assert_same_updates(cfg, unrolled, grads, scanned, g_scanned, lora_cfg=None
     got = _updates(cfg, scanned, g_scanned, lora_cfg)
     ref = _updates(cfg, unrolled, grads, lora_cfg)
     for u_ref, u in zip(ref, got, strict=True):
-        want, have = _leaves(layers.match_layers(u_ref, scanned)), _leaves(u)
+        want, have = _leaves(scan_lib.match_layers(u_ref, scanned)), _leaves(u)
         assert want.keys() == have.keys()
         for name in want:
             np.testing.assert_allclose(have[name], want[name], rtol=1e-5, atol=1e-7,
@@ -218,16 +222,16 @@ def _assert_same_updates(cfg, unrolled, grads, scanned, g_scanned, lora_cfg=None
 
 def test_checkpoints_load_across_layouts(tmp_path):
     unrolled = _random_params(9)
-    transfer.write_checkpoint(tmp_path / "unrolled", unrolled)
+    write_checkpoint(tmp_path / "unrolled", unrolled)
     fresh_scanned = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), _shapes(True))
     loaded, report = transfer.load_subtrees(tmp_path / "unrolled", fresh_scanned, "image,text")
     assert not report.missing and not report.unexpected
-    want = layers.match_layers(unrolled, _shapes(True))
+    want = scan_lib.match_layers(unrolled, _shapes(True))
     for part in ("image", "text"):
         jax.tree.map(np.testing.assert_array_equal, loaded[part], want[part])
     assert not np.any(jax.tree.leaves(loaded["fusion"])[0])  # not listed: stays fresh
 
-    transfer.write_checkpoint(tmp_path / "scanned", want)
+    write_checkpoint(tmp_path / "scanned", want)
     fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), _shapes(False))
     back, report = transfer.load_subtrees(tmp_path / "scanned", fresh, "")
     assert not report.missing and not report.unexpected
@@ -276,8 +280,8 @@ def test_freezing_some_layers_of_a_scanned_model_matches_unrolled():
     that must not count the frozen layers) equal the unrolled model's."""
     cfg = {**OPT, "freeze": r"image/encoder/layer_[02]/|text/encoder/layer_1/mlp|^fusion/"}
     unrolled, grads = _random_params(14), _random_params(15)
-    scanned = layers.match_layers(unrolled, _shapes(True))
-    g_scanned = layers.match_layers(grads, _shapes(True))
+    scanned = scan_lib.match_layers(unrolled, _shapes(True))
+    g_scanned = scan_lib.match_layers(grads, _shapes(True))
     mask = _leaves(optim.trainable_mask(scanned, cfg["freeze"]))
     np.testing.assert_array_equal(mask["image/encoder/layers/mlp/fc1/kernel"], [0, 1, 0])
     np.testing.assert_array_equal(mask["text/encoder/layers/mlp/fc2/bias"], [1, 0])
@@ -300,9 +304,9 @@ def _lora_pair(targets: str | None = None):
     rng = np.random.default_rng(17)
     unrolled = jax.tree_util.tree_map_with_path(
         lambda p, x: (0.2 * rng.standard_normal(x.shape)).astype(np.float32)
-        if optim.path_str(p).endswith("/b") else x, unrolled)
-    target = lora.add_adapters(layers.match_layers(_random_params(16), _shapes(True)), cfg, 1)
-    return cfg, unrolled, layers.match_layers(unrolled, target)
+        if path_str(p).endswith("/b") else x, unrolled)
+    target = lora.add_adapters(scan_lib.match_layers(_random_params(16), _shapes(True)), cfg, 1)
+    return cfg, unrolled, scan_lib.match_layers(unrolled, target)
 
 
 def test_lora_adapts_stacked_kernels_as_the_unrolled_layers():
@@ -311,12 +315,12 @@ def test_lora_adapts_stacked_kernels_as_the_unrolled_layers():
     assert a.shape == (3, 16, 2)  # [depth, heads * head_dim, rank]
     # one pair per stacked kernel: q, k, v, out, fc1, fc2 per tower, + cross_attn in the fusion
     assert len(lora.adapter_pairs(scanned["lora"])) == 6 + 6 + 10
-    want = layers.match_layers(lora.effective_params(unrolled), _shapes(True))
+    want = scan_lib.match_layers(lora.effective_params(unrolled), _shapes(True))
     got = lora.effective_params(scanned)
     assert not np.allclose(got["text"]["encoder"]["layers"]["mlp"]["fc2"]["kernel"],
                            scanned["text"]["encoder"]["layers"]["mlp"]["fc2"]["kernel"])
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6), got, want)
-    merged = layers.match_layers(lora.merge(unrolled), _shapes(True))
+    merged = scan_lib.match_layers(lora.merge(unrolled), _shapes(True))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6),
                  lora.merge(scanned), merged)
 
@@ -324,7 +328,7 @@ def test_lora_adapts_stacked_kernels_as_the_unrolled_layers():
     # and the heads, as it does unrolled.
     g_unrolled = jax.tree.map(lambda x: np.random.default_rng(x.size).standard_normal(x.shape)
                               .astype(np.float32), unrolled)
-    g_scanned = layers.match_layers(g_unrolled, scanned)
+    g_scanned = scan_lib.match_layers(g_unrolled, scanned)
     u1, _ = _assert_same_updates(OPT, unrolled, g_unrolled, scanned, g_scanned, cfg)
     assert not np.any(u1["image"]["encoder"]["layers"]["attn"]["out"]["kernel"])
     assert np.abs(u1["lora"]["image"]["encoder"]["layers"]["attn"]["out"]["kernel"]["a"]).min() > 0
@@ -334,7 +338,7 @@ def test_lora_targets_name_unrolled_layers_and_must_cover_a_stacked_kernel():
     _, _, scanned = _lora_pair(targets=r"encoder/layer_\d+/mlp/fc1/kernel$")
     assert sorted(lora.adapter_pairs(scanned["lora"])) == [
         f"{t}/encoder/layers/mlp/fc1/kernel" for t in ("fusion", "image", "text")]
-    plain = layers.match_layers(_random_params(18), _shapes(True))
+    plain = scan_lib.match_layers(_random_params(18), _shapes(True))
     with pytest.raises(ValueError, match=r"matches layers \[0, 1\] of 3 of image/encoder/layers/"
                                          r"attn/query/kernel.*all of them or none"):
         lora.add_adapters(plain, {"rank": 2,

@@ -99,7 +99,7 @@ def test_cycle_finder_finds_a_planted_cycle():
 def test_no_import_cycles():
     modules = _modules()
     graph = {name: _imports(name, path, set(modules)) for name, path in modules.items()}
-    assert "mmjax.trainer.loop" in graph and graph["mmjax.trainer.loop"], "import scan is broken"
+    assert graph.get("mmjax.trainer.loop"), "the import scan found nothing: it is broken"
     assert _cycles(graph) == []
 
 

@@ -46,10 +46,31 @@ def test_schedules_match_their_formulas() -> None:
 
 def test_fixed_weights_total() -> None:
     w = weighting.from_config(_cfg({"a": 0.3, "b": 1.7}))
-    per_task = {"a": jnp.float32(1.25), "b": jnp.float32(0.4)}
+    rng = np.random.default_rng(4)
+    la, lb = (float(v) for v in rng.uniform(0.1, 3.0, 2))
+    per_task = {"a": jnp.float32(la), "b": jnp.float32(lb)}
     total, eff = w.combine(per_task, 0, None)
-    np.testing.assert_allclose(float(total), 0.3 * 1.25 + 1.7 * 0.4, rtol=1e-6)
+    np.testing.assert_allclose(float(total), 0.3 * la + 1.7 * lb, rtol=1e-6)
     assert {k: float(v) for k, v in eff.items()} == pytest.approx({"a": 0.3, "b": 1.7})
+
+
+def test_combine_takes_a_subset_of_the_tasks() -> None:
+    """Gradient accumulation combines the batch-coupled and the per-example tasks apart: a subset
+    of the tasks gives the subset's weighted sum, its schedules and (learned) weights."""
+    sched = {"b": {"kind": "linear", "start_value": 1.0, "end_value": 0.0, "start_step": 0,
+                   "end_step": 10}}
+    fixed = weighting.from_config(_cfg({"a": 0.5, "b": 2.0, "c": 3.0}, {"schedules": sched}))
+    rng = np.random.default_rng(5)
+    lb, lc = (float(v) for v in rng.uniform(0.1, 3.0, 2))
+    total, eff = fixed.combine({"b": jnp.float32(lb), "c": jnp.float32(lc)}, 4, None)
+    np.testing.assert_allclose(float(total), 2.0 * 0.6 * lb + 3.0 * lc, rtol=1e-6)
+    assert set(eff) == {"b", "c"}
+    learned = weighting.from_config(_cfg({"a": 0.5, "b": 2.0}, {"kind": "uncertainty"}))
+    s_b = float(rng.normal())
+    params = {weighting.PARAMS_KEY: {"a": jnp.float32(rng.normal()), "b": jnp.float32(s_b)}}
+    total, eff = learned.combine({"b": jnp.float32(lb)}, 0, params)
+    np.testing.assert_allclose(float(total), 2.0 * (math.exp(-s_b) * lb + s_b), rtol=1e-5)
+    assert set(eff) == {"b"}
 
 
 def test_uncertainty_weighting_value_and_gradient() -> None:

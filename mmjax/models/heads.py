@@ -181,8 +181,6 @@ class MLMHead(nn.Module):
 
     vocab_size: int = 0
     mask_prob: float = 0.15
-
-
     mask_token_id: int = 4
     special_ids: tuple[int, ...] = (0, 1, 2, 3)
     modality: str = "text"

@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mmjax.models import layers
+from mmjax.models.heads import CONTRASTIVE_KINDS
 from mmjax.models.multimodal import MODEL_OPTIONS
 
 
@@ -133,7 +134,7 @@ def head_flops(
         if hidden:
             return dense_flops(1, d, hidden) + dense_flops(1, hidden, out)
         return dense_flops(1, d, out)
-    if kind == "contrastive":
+    if kind in CONTRASTIVE_KINDS:  # contrastive and siglip: two projections and the logits
         e = head.get("embed_dim", 64)
         mods = head.get("modalities", ("image", "text"))
         return sum(dense_flops(1, tower_width[m], e) for m in mods) + 2 * device_batch * e
