@@ -1,9 +1,11 @@
 """Orbax checkpoints of the train state and the data-iterator state.
 
-Layout: ``WORKDIR/checkpoints/<step>/{state,data}``. Saves are asynchronous (the device→host copy
-happens before ``save`` returns, the disk write in the background); the newest ``keep`` steps and
-the best by validation metric are preserved. Orbax writes a step under a temporary name and
-renames it when complete, so a killed save never looks like a finished checkpoint.
+Layout: ``WORKDIR/checkpoints/<step>/{state,data}``; the newest ``keep`` steps and the best by
+validation metric are preserved. Orbax writes a step under a temporary name and renames it when
+complete, so a killed save never looks like a finished checkpoint. Saves are asynchronous (the
+disk write overlaps training); a write that fails (a full disk) surfaces at the next save or at
+the end, named with its own step, and leaves no temporary folder. Checkpoints that no longer
+restore are moved aside, never deleted (:meth:`Checkpointer.restore_latest`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from mmjax import lora
+from mmjax.errors import ExplainedError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,13 @@ HF_CONFIG = "hf_config.json"  # written next to an mmjax checkpoint converted fr
 
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be restored into this run's state."""
+
+    summary = ""  # the cause in one line, for logs
+
+
+class CheckpointWriteError(OSError, ExplainedError):
+    """A checkpoint could not be written (full disk, lost permission, read-only mount); the
+    message names the workdir and the step."""
 
 
 class CheckpointReadError(ValueError):
@@ -66,6 +77,7 @@ class Checkpointer:
             self.directory, item_names=("state", "data"), options=options
         )
         self.best_metric = best_metric
+        self._pending: int | None = None  # the step of an asynchronous save not yet finished
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -80,18 +92,37 @@ class Checkpointer:
         data_state: dict[str, Any] | None,
         metrics: dict[str, float] | None = None,
     ) -> None:
-        """Saves ``state`` (a single-copy pytree) and the JSON data-iterator state at ``step``."""
+        """Saves ``state`` (a single-copy pytree) and the JSON data-iterator state at ``step``.
+
+        The previous asynchronous save is finished first, so a write that failed in the
+        background is reported with its own step. A failed write leaves no temporary folder
+        behind and raises :class:`CheckpointWriteError`; older checkpoints are untouched.
+        """
+        self.wait()
         if metrics is not None and self.best_metric and self.best_metric not in metrics:
             metrics = None
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state or {}),
-            ),
-            metrics=metrics,
-            force=True,
-        )
+        self._pending = step
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data_state or {}),
+                ),
+                metrics=metrics,
+                force=True,
+            )
+        except Exception as e:  # orbax raises many types for one cause: the write failed
+            self._write_failed(e)
+
+    def _write_failed(self, error: BaseException) -> None:
+        step, self._pending = self._pending, None
+        for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        cause = " ".join(f"{type(error).__name__}: {error}".split())
+        raise CheckpointWriteError(
+            f"cannot save checkpoint step {step} in workdir {self.directory.parent}: "
+            f"{cause[:400]}") from error
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
         """Restores ``step`` into the structure, shapes and shardings of ``target``.
@@ -121,41 +152,65 @@ class Checkpointer:
                         "config it was written with, or start a new workdir with "
                         "config.init_from set to this one (which converts scanned/unrolled "
                         "layers); the checkpoint is left as it is")
-            raise CheckpointError(
+            error = CheckpointError(
                 f"{where} cannot be restored: {type(e).__name__}: {e}\n"
                 f"{where} cannot be restored:{hint or ' see the lines above'}"
-            ) from e
+            )
+            error.summary = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            raise error from e
         return restored.state, dict(restored.data or {})
 
     def restore_latest(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
         """Restores the newest step that loads; None when there is no checkpoint.
 
-        A step that fails (truncated files, a different model) is reported and the next older
-        one is tried; if none loads, the newest step's error is raised.
+        Steps that fail are tried newest first, one log line each. When an older step then
+        restores into the same state, the newer ones are damaged (the model is the same) and
+        are moved aside to ``checkpoints/<step>.damaged-<n>``, never deleted, so training can
+        pass those steps again. If no step loads (e.g. the model config changed), nothing is
+        moved and the newest step's error is raised.
         """
         steps = self.all_steps()
         if not steps:
             return None
-        first_error: CheckpointError | None = None
+        failed: list[tuple[int, CheckpointError]] = []
         for step in reversed(steps):
             try:
                 state, data = self.restore(step, target)
-                if first_error is not None:
-                    log.warning("resuming from older checkpoint step %d", step)
-                return step, state, data
             except CheckpointError as e:
-                log.warning("%s", e)
-                first_error = first_error or e
-        assert first_error is not None
-        raise first_error
+                log.warning("checkpoint step %d cannot be restored: %s", step, e.summary)
+                failed.append((step, e))
+                continue
+            for bad, error in failed:
+                self._set_aside(bad, error.summary)
+            if failed:
+                self.manager.reload()
+                log.warning("resuming from older checkpoint step %d", step)
+            return step, state, data
+        raise failed[0][1]
+
+    def _set_aside(self, step: int, reason: str) -> Path:
+        src = self.directory / str(step)
+        n = 1
+        while (dst := self.directory / f"{step}.damaged-{n}").exists():
+            n += 1
+        src.rename(dst)
+        log.warning("checkpoint step %d is damaged (%s): moved to %s", step, reason, dst)
+        return dst
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the pending asynchronous save; its write error, if any, names its step."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            self._write_failed(e)
+        self._pending = None
 
     def close(self) -> None:
         """Waits for pending asynchronous saves, then releases the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 # -------------------------------------------------- reading params without a train state

@@ -11,10 +11,13 @@ import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 from pathlib import Path
 
 from absl import flags
 from ml_collections import config_flags
+
+from mmjax.errors import ExplainedError
 
 FLAGS = flags.FLAGS
 
@@ -70,11 +73,45 @@ def _fail(message: str, code: int = 1) -> None:
     their last line is the one that names the culprit.
     """
     lines = [line for line in message.splitlines() if line.strip()] or ["unknown error"]
+    _quiet_shutdown()
     sys.stderr.flush()
     if len(lines) > 1:
         print("\n".join(lines[:-1]), file=sys.stderr)
     print(f"error: {lines[-1]}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def _drop_closed_loop_reports() -> None:
+    """Orbax's writes, after one fails, call into asyncio loops that are already closed; each
+    call reports "Event loop is closed" through ``sys.unraisablehook``, repeating the failure
+    the run reports itself. Those go to the debug log; every other report goes through."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            logging.getLogger(__name__).debug("ignored: %s", value)
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def _quiet_shutdown() -> None:
+    """After a failure, background writers (Orbax's asyncio tasks) may report the same error
+    again while the interpreter shuts down; those reports go to the debug log, so the error
+    line stays the last one."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda u: logging.getLogger(__name__).debug(
+        "ignored during shutdown: %s", u.exc_value)
+
+
+def _one_line_orbax_errors(record: logging.LogRecord) -> bool:
+    """Orbax logs a failed background write from several threads, each with its traceback; the
+    run reports the error itself, so those records keep their message and lose the traceback."""
+    if record.exc_info and "orbax" in record.pathname:
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def run_main(main: Callable[[], object], argv: Sequence[str] | None = None) -> None:
@@ -87,10 +124,14 @@ def run_main(main: Callable[[], object], argv: Sequence[str] | None = None) -> N
     )
     for noisy in ("absl", "orbax", "jax._src", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_one_line_orbax_errors)
+    _drop_closed_loop_reports()
     try:
         main()
     except KeyboardInterrupt:
         _fail("interrupted", code=130)
     except Exception as e:
-        traceback.print_exc(file=sys.stderr)
+        if not isinstance(e, ExplainedError):
+            traceback.print_exc(file=sys.stderr)
         _fail(f"{type(e).__name__}: {e}")

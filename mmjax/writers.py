@@ -85,10 +85,12 @@ class Progress:
                             mininterval=1.0)
         self.pos = start
 
-    def update(self, step: int, loss: float, steps_per_s: float) -> None:
+    def update(self, step: int, loss: float | None = None,
+               steps_per_s: float | None = None) -> None:
         if self.bar is not None:
             self.bar.update(step - self.pos)
-            self.bar.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{steps_per_s:.1f}")
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{steps_per_s:.1f}")
         self.pos = step
 
     def note(self, text: str) -> None:
@@ -98,3 +100,4 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None

@@ -28,8 +28,10 @@ from mmjax import evaluators as evaluators_lib
 from mmjax import optim, parallel, transfer, weighting
 from mmjax.checkpoint import Checkpointer
 from mmjax.data import pipeline
+from mmjax.errors import ExplainedError
 from mmjax.models.multimodal import MultimodalModel, build_model
 from mmjax.trainer import step as step_lib
+from mmjax.trainer import workdir as workdir_lib
 from mmjax.trainer.state import (
     Task,
     TrainState,
@@ -207,11 +209,33 @@ def _check_finite(window: list[tuple[int, dict[str, Any]]]) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Trains to ``total_steps`` (resuming from the workdir's newest checkpoint), evaluates on
-    val and test, and returns ``{"step", "val", "test", "wall_s", "last_checkpoint"}``."""
+    val and test, and returns ``{"step", "val", "test", "wall_s", "last_checkpoint"}``.
+
+    The workdir is locked for the whole run (``workdir.lock``): a second run on it stops before
+    writing anything.
+    """
     t_start = time.time()
-    s = setup(config, workdir)
     is_main = jax.process_index() == 0
-    s.workdir.mkdir(parents=True, exist_ok=True)
+    with workdir_lib.lock(workdir, enabled=is_main):
+        try:
+            summary = _run(config, Path(workdir), is_main)
+        except OSError as e:
+            if isinstance(e, ExplainedError):
+                raise
+            raise workdir_lib.WorkdirWriteError(
+                f"cannot write to workdir {Path(workdir).absolute()}: {type(e).__name__}: {e}"
+            ) from e
+    summary["wall_s"] = time.time() - t_start
+    if is_main and not summary.get("preempted"):
+        name, val, test, nan = summary["metric"], summary["val"], summary["test"], float("nan")
+        print(f"done: step {summary['step']}, val {name} {val.get(name, nan):.4f}, "
+              f"test {name} {test.get(name, nan):.4f}, "
+              f"wall {summary['wall_s']:.1f} s, workdir {workdir}", flush=True)
+    return summary
+
+
+def _run(config: ml_collections.ConfigDict, workdir: Path, is_main: bool) -> dict[str, Any]:
+    s = setup(config, workdir)
     if is_main:
         (s.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     state, tx = initial_state(s)
@@ -226,6 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     metric_name, mode = primary_metric(s.tasks)
     ckpt = Checkpointer(s.workdir, best_metric=metric_name, best_mode=mode)
     writer = MetricWriter(s.workdir, enabled=is_main)
+    bar = Progress(0, config.total_steps, enabled=is_main)
     data_iter = pipeline.train_iterator(
         config.data, batch_size=config.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -237,21 +262,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             data_iter.set_state(data_state)
             log.info("resumed from checkpoint step %d", step0)
         with _Preemption() as preemption:
-            summary = _loop(s, state, tx, data_iter, ckpt, writer, preemption)
+            summary = _loop(s, state, tx, data_iter, ckpt, writer, bar, preemption)
     finally:
-        ckpt.close()
-        writer.close()
-    summary["wall_s"] = time.time() - t_start
-    if is_main and not summary.get("preempted"):
-        val, test, nan = summary["val"], summary["test"], float("nan")
-        print(f"done: step {summary['step']}, val {metric_name} {val.get(metric_name, nan):.4f}, "
-              f"test {metric_name} {test.get(metric_name, nan):.4f}, "
-              f"wall {summary['wall_s']:.1f} s, workdir {s.workdir}", flush=True)
-    return summary
+        bar.close()  # before any error is printed: the error must be the last line
+        try:
+            ckpt.close()
+        finally:
+            writer.close()
+    return {**summary, "metric": metric_name}
 
 
 def _loop(s: Setup, state: TrainState, tx: optax.GradientTransformation,
-          data_iter: Iterator[Any], ckpt: Checkpointer, writer: MetricWriter,
+          data_iter: Iterator[Any], ckpt: Checkpointer, writer: MetricWriter, bar: Progress,
           preemption: _Preemption) -> dict[str, Any]:
     cfg, par = s.config, s.par
     total_steps = cfg.total_steps
@@ -262,11 +284,10 @@ def _loop(s: Setup, state: TrainState, tx: optax.GradientTransformation,
     train_fn = par.compile_train(functools.partial(
         step_lib.train_step, tx=tx, accum_steps=s.accum_steps, **common))
     eval_fn = par.compile_eval(functools.partial(step_lib.eval_step, **common))
-    is_main = jax.process_index() == 0
     window: list[tuple[int, Any]] = []
     val: dict[str, float] = {}
     last_saved = first_step - 1
-    bar = Progress(first_step - 1, total_steps, enabled=is_main)
+    bar.update(first_step - 1)
     t_log, steps_since = time.time(), 0
     next_batch = par.put_batch(next(data_iter)) if first_step <= total_steps else None
     for step in range(first_step, total_steps + 1):
@@ -291,7 +312,6 @@ def _loop(s: Setup, state: TrainState, tx: optax.GradientTransformation,
         if stop:
             ckpt.save(step, par.state_for_checkpoint(dstate), data_state)
             ckpt.wait()
-            bar.close()
             log.warning("preempted: checkpoint saved at step %d; rerun to resume", step)
             return {"step": step, "preempted": True, "last_checkpoint": step}
         eval_now = step % cfg.eval_every == 0 or step == total_steps
@@ -306,7 +326,6 @@ def _loop(s: Setup, state: TrainState, tx: optax.GradientTransformation,
             ckpt.save(step, par.state_for_checkpoint(dstate), data_state,
                       val if eval_now else None)
             last_saved = step
-    bar.close()
     final_step = max(total_steps, first_step - 1)
     if not val:  # nothing trained in this call (already at total_steps): still report
         val = evaluate(s, eval_fn, dstate, "val")
