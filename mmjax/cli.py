@@ -11,8 +11,8 @@ import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from absl import flags
 from ml_collections import config_flags
