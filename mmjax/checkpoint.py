@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from mmjax import lora
@@ -46,6 +47,16 @@ class CheckpointReadError(ValueError):
     """A path is not a readable mmjax checkpoint; the message names it."""
 
 
+# Orbax warnings that describe what mmjax does on purpose: a save without metrics once best_fn
+# is set (a step saved without a validation pass: SIGTERM, checkpoint_every off eval_every), and
+# a manager opened read-only (saved_steps).
+_EXPECTED_WARNINGS = ("did not provide metrics", "Given directory is read only")
+
+
+def _drop_expected_warnings(record: logging.LogRecord) -> bool:
+    return not any(text in record.getMessage() for text in _EXPECTED_WARNINGS)
+
+
 class Checkpointer:
     def __init__(
         self,
@@ -69,10 +80,16 @@ class Checkpointer:
             )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(preserve),
+            # best_fn only makes Orbax write each step's metrics to disk (``<step>/metrics``),
+            # so "best" survives a restart and ``mmjax.evaluate --step best`` can find it; the
+            # preservation policy above alone decides what is deleted.
+            best_fn=(lambda m: float(m[best_metric])) if best_metric else None,
+            best_mode=best_mode,
             enable_async_checkpointing=asynchronous,
             create=True,
             cleanup_tmp_directories=True,
         )
+        logging.getLogger("absl").addFilter(_drop_expected_warnings)
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=("state", "data"), options=options
         )
@@ -241,27 +258,67 @@ def checkpoint_state_dir(path: str | Path) -> Path:
     return p
 
 
-def read_checkpoint_params(path: str | Path, *, merge_lora: bool = True) -> dict[str, Any]:
-    """The ``params`` tree of an mmjax checkpoint, as numpy arrays, without a target structure.
+def read_state(state_dir: str | Path,
+               keys: tuple[str, ...] = ("params",)) -> dict[str, Any]:
+    """The subtrees ``keys`` of a saved state (those present), as host numpy arrays.
 
-    Restoring without a target reads only what is there, so a training checkpoint (with optimizer
-    state) and a converted one (params only) load alike. A LoRA run's adapters (``params/lora``)
-    are folded into their kernels unless ``merge_lora`` is False, so every consumer (tower
-    ``init_from``, ``config.init_from``, ``convert``) sees the plain model it describes.
+    The target is built from the checkpoint's own metadata with numpy leaves, so the saved
+    shardings are never used: a checkpoint written on 8 devices (mesh, FSDP) reads on 1, and
+    the optimizer state is not read at all when ``keys`` leaves it out.
     """
-    state_dir = checkpoint_state_dir(path)
+    state_dir = Path(state_dir).absolute()
     try:
-        tree = ocp.StandardCheckpointer().restore(state_dir.absolute())
+        meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir)).tree
+        wanted = {k: meta[k] for k in keys if k in meta}
+        if "params" in keys and "params" not in wanted:
+            raise CheckpointReadError(f"{state_dir}: the checkpoint has no 'params'")
+        item = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), wanted)
+        restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        tree = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+    except CheckpointReadError:
+        raise
     except Exception as e:  # orbax raises many types; all mean "unusable"
         raise CheckpointReadError(
             f"{state_dir}: cannot be restored: {type(e).__name__}: {e}") from e
-    if not isinstance(tree, Mapping) or "params" not in tree:
-        raise CheckpointReadError(f"{state_dir}: the checkpoint has no 'params'")
-    params = tree["params"]
+    return {k: jax.tree.map(np.asarray, v) for k, v in tree.items()}
+
+
+def read_checkpoint_params(path: str | Path, *, merge_lora: bool = True) -> dict[str, Any]:
+    """The ``params`` tree of an mmjax checkpoint, as numpy arrays, without a target structure.
+
+    Only what is there is read (:func:`read_state`), so a training checkpoint (with optimizer
+    state) and a converted one (params only) load alike, under any device count. A LoRA run's
+    adapters (``params/lora``) are folded into their kernels unless ``merge_lora`` is False, so
+    every consumer (tower ``init_from``, ``config.init_from``, ``convert``) sees the plain model
+    it describes.
+    """
+    state_dir = checkpoint_state_dir(path)
+    params = read_state(state_dir)["params"]
     if merge_lora and isinstance(params, Mapping) and lora.KEY in params:
         log.info("%s: LoRA adapters merged into their kernels", state_dir)
         params = lora.merge(params)
     return jax.tree.map(np.asarray, params)
+
+
+def saved_steps(workdir: str | Path) -> dict[int, dict[str, float] | None]:
+    """``{step: the validation metrics saved with it, or None}`` of a training workdir.
+
+    Read with a read-only Orbax manager: nothing is created, cleaned up or locked, so this is
+    safe while a run is writing. Steps moved aside as damaged are not steps.
+    """
+    directory = Path(workdir).absolute() / "checkpoints"
+    if not directory.is_dir():
+        return {}
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                           best_fn=lambda m: 0.0)
+    logging.getLogger("absl").addFilter(_drop_expected_warnings)
+    manager = ocp.CheckpointManager(directory, item_names=("state", "data"), options=options)
+    try:
+        return {int(step): (dict(m) if (m := manager.metrics(step)) is not None else None)
+                for step in sorted(manager.all_steps())}
+    finally:
+        manager.close()
 
 
 def write_checkpoint(workdir: str | Path, params: Mapping[str, Any],

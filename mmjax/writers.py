@@ -23,6 +23,12 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def json_line(record: dict[str, Any]) -> str:
+    """One metrics record as the JSON line ``metrics.jsonl`` holds (numpy values as Python
+    numbers, a non-finite value as a string)."""
+    return json.dumps({k: _plain(v) for k, v in record.items()})
+
+
 def _tb_name(key: str) -> str:
     """TensorBoard's allowed characters (it warns on each other one): "recall@1" → "recall_at_1"."""
     return re.sub(r"[^\w.\-/]", "_", key.replace("@", "_at_"))
@@ -57,7 +63,7 @@ class MetricWriter:
         if not self.enabled:
             return
         record = {"step": int(step), "split": split, **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json_line(record) + "\n")
         self._file.flush()
         if self._tb is not None:
             for k, v in record.items():

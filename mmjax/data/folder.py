@@ -5,6 +5,9 @@ Each line is a JSON object with ``"image"`` (a path relative to DIR, any format 
 every line and fully decodes every image *before* training starts, because a bad record found
 an hour into a run wastes the hour; each failure names the JSONL file and line (and the image
 file). With ``skip_bad`` the bad records are dropped and counted instead.
+
+``FolderSource.from_file`` reads any JSONL file in the same format, with the label optional
+(inputs to ``mmjax.predict``).
 """
 
 from __future__ import annotations
@@ -49,13 +52,35 @@ class FolderSource:
     ):
         if split not in SPLITS:
             raise ValueError(f"unknown folder split {split!r}; expected one of {SPLITS}")
-        self.root = str(Path(root).absolute())
         self.split = split
-        self.file = os.path.join(self.root, f"{split}.jsonl")
+        self._open(Path(root) / f"{split}.jsonl", FIELDS, skip_bad, validate_images, on_image)
+
+    @classmethod
+    def from_file(
+        cls,
+        file: str | Path,
+        *,
+        skip_bad: bool = False,
+        validate_images: bool = True,
+        on_image: Callable[[int, np.ndarray], None] | None = None,
+    ) -> FolderSource:
+        """Records of any JSONL file in the folder format, image paths relative to the file's
+        folder; ``label`` is optional and dropped (new inputs to a trained model)."""
+        self = cls.__new__(cls)
+        self.split = ""
+        self._open(Path(file), FIELDS[:2], skip_bad, validate_images, on_image)
+        return self
+
+    def _open(self, file: Path, fields: tuple[str, ...], skip: bool, validate_images: bool,
+              on_image: Callable[[int, np.ndarray], None] | None) -> None:
+        self.root = str(file.parent.absolute())
+        self.file = os.path.join(self.root, file.name)
         self.records: list[dict[str, Any]] = []
         self.lines: list[int] = []  # the JSONL line number of each record, for error messages
+        self.indices: list[int] = []  # each record's position among the file's non-blank lines
         self.skipped = 0
-        self._load(skip_bad, validate_images, on_image)
+        self._fields = fields
+        self._load(skip, validate_images, on_image)
 
     def _bad(self, skip: bool, line: int, why: str) -> None:
         message = f"{self.file}:{line}: {why}"
@@ -72,10 +97,13 @@ class FolderSource:
     ) -> None:
         if not os.path.isfile(self.file):
             raise FileNotFoundError(f"{self.file}: split file not found")
+        labelled = "label" in self._fields
+        position = -1
         with open(self.file, encoding="utf-8") as f:
             for line_no, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
+                position += 1
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -84,12 +112,12 @@ class FolderSource:
                 if not isinstance(rec, dict):
                     self._bad(skip, line_no, "a line must be a JSON object")
                     continue
-                missing = [k for k in FIELDS if k not in rec]
+                missing = [k for k in self._fields if k not in rec]
                 if missing:
                     self._bad(skip, line_no, f"record has no field {missing[0]!r}")
                     continue
-                label = rec["label"]
-                if isinstance(label, bool) or not isinstance(label, str | int):
+                label = rec.get("label")
+                if labelled and (isinstance(label, bool) or not isinstance(label, str | int)):
                     self._bad(skip, line_no, f"label must be a string or an int, got {label!r}")
                     continue
                 if not isinstance(rec["image"], str) or not isinstance(rec["text"], str):
@@ -107,8 +135,12 @@ class FolderSource:
                         continue
                     if on_image is not None:
                         on_image(len(self.records), pixels)
-                self.records.append({"image": path, "text": rec["text"], "label": label})
+                record = {"image": path, "text": rec["text"]}
+                if labelled:
+                    record["label"] = label
+                self.records.append(record)
                 self.lines.append(line_no)
+                self.indices.append(position)
         if not self.records:
             raise BadDataError(f"{self.file}: no usable records")
         if self.skipped:

@@ -185,3 +185,21 @@ def label_names(data_config: Any, *, workdir: str | Path = "") -> list[str]:
     if _check_name(data_config) == "shapes":
         return list(shapes.ANSWERS)
     return [str(v) for v in records.labels(data_config, str(workdir or ""))]
+
+
+def file_batches(
+    data_config: Any, file: str | Path, *, batch_size: int, tokenizer: Any,
+    skip_bad: bool = False,
+) -> tuple[Any, Iterator[dict]]:
+    """New inputs: a JSONL file in the folder format (labels optional, ignored), every line
+    validated first (errors name FILE:LINE; ``skip_bad`` drops and counts them), then padded
+    batches preprocessed as this data's val/test examples are (``data.pp_eval``; for the shapes
+    data its default, which is the shapes scaling when images are ``image_size`` square).
+
+    Returns the ``FolderSource`` (its ``indices``, ``lines`` and ``skipped`` place the batches'
+    rows in the file) and the batches, with ``"valid"`` marking real rows.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    return records.file_batches(data_config, file, batch_size=batch_size, tokenizer=tokenizer,
+                                skip_bad=skip_bad)

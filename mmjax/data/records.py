@@ -49,11 +49,16 @@ def _data_key(data_config: Any) -> tuple:
 
 
 class _SplitData:
-    """Records of one split with int labels and, optionally, pixels cached after decoding."""
+    """Records of one split with int labels and, optionally, pixels cached after decoding.
 
-    def __init__(self, data_config: Any, split: str, pp: str):
+    ``file`` reads that JSONL file instead (``FolderSource.from_file``: no labels), with the
+    same preprocessing and cache as a split.
+    """
+
+    def __init__(self, data_config: Any, split: str, pp: str, *, file: str | Path = "",
+                 skip_bad: bool = False):
         self.split = split
-        key = _data_key(data_config)
+        key = ("file", str(file), skip_bad) if file else _data_key(data_config)
         parsed = ops.parse(pp, _context(data_config, None))
         self.prefix_ops = parsed[: ops.cacheable_prefix(parsed)]
         self.prefix = len(self.prefix_ops)
@@ -70,10 +75,11 @@ class _SplitData:
             self._cached_bytes += out.nbytes
 
         t = time.perf_counter()
-        if key[0] == "folder":
+        if key[0] in ("folder", "file"):
             self.source: Any = folder.FolderSource(
                 key[1], split, skip_bad=key[2], on_image=on_image
-            )
+            ) if key[0] == "folder" else folder.FolderSource.from_file(
+                key[1], skip_bad=key[2], on_image=on_image)
             self.skipped = self.source.skipped
             self._lines = self.source.lines
             self._file = self.source.file
@@ -85,8 +91,9 @@ class _SplitData:
             self._lines = None
             self._file = self.source.name
         log.info(
-            "data %s/%s: %d records (%d skipped, %d cached) in %.1f s",
-            key[0], split, len(self.source), self.skipped, len(self.cache),
+            "data %s: %d records (%d skipped, %d cached) in %.1f s",
+            f"{key[0]}/{split}" if split else key[1], len(self.source), self.skipped,
+            len(self.cache),
             time.perf_counter() - t,
         )
         self.labels: np.ndarray | None = None
@@ -115,6 +122,7 @@ class _SplitData:
         if len(keep) != len(self.source.records):
             self.source.records = [self.source.records[i] for i in keep]
             self.source.lines = [self.source.lines[i] for i in keep]
+            self.source.indices = [self.source.indices[i] for i in keep]
             self.cache = {new: self.cache[old] for new, old in enumerate(keep) if old in self.cache}
         self.labels = np.asarray(labels, np.int32)
 
@@ -129,7 +137,7 @@ class _SplitData:
             ex["image"] = pixels
         else:
             ex = ops.apply(self.prefix_ops, ex, None)
-        if self._lines is not None:
+        if self._lines is not None and self.labels is not None:
             ex["label"] = self.labels[i]
         return ex
 
@@ -171,7 +179,12 @@ def _train_raw_labels(data_config: Any) -> list:
 
 def labels(data_config: Any, workdir: str) -> list:
     """The label vocabulary (from train, saved in / read from ``workdir``); cached per dataset."""
+    saved = Path(workdir) / folder.LABELS_FILE if workdir else None
     key = _data_key(data_config)
+    if data_config.name == "folder" and saved is not None and saved.exists():
+        # The run's own classes, as saved; train is not read (it may have changed since).
+        vocab = _LABEL_CACHE[key] = folder.label_vocab([], workdir)
+        return vocab
     vocab = _LABEL_CACHE.get(key)
     if vocab is not None and not workdir:
         return vocab
@@ -214,14 +227,16 @@ def records_tokenizer(data_config: Any, workdir: str) -> Any:
 
 
 def _stack(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
+    batch = {
         "image": np.stack([e["image"] for e in examples]).astype(np.float32, copy=False),
         "text": {
             "ids": np.stack([e["text"]["ids"] for e in examples]).astype(np.int32),
             "mask": np.stack([e["text"]["mask"] for e in examples]).astype(np.int32),
         },
-        "label": np.asarray([e["label"] for e in examples], np.int32),
     }
+    if "label" in examples[0]:
+        batch["label"] = np.asarray([e["label"] for e in examples], np.int32)
+    return batch
 
 
 def _records_batch(
@@ -278,7 +293,23 @@ def eval_batches(
 ) -> Iterator[dict]:
     data = split_data(data_config, split)
     tok = tokenizer if tokenizer is not None else records_tokenizer(data_config, "")
-    all_ops = ops.parse(_pp(data_config, split), _context(data_config, tok))
+    return _padded(data, data_config, split, batch_size, tok)
+
+
+def _padded(data: _SplitData, data_config: Any, split: str, batch_size: int,
+            tokenizer: Any) -> Iterator[dict]:
+    all_ops = ops.parse(_pp(data_config, split), _context(data_config, tokenizer))
     rest = all_ops[data.prefix :]
     return order.padded_batches(len(data), batch_size, lambda idx: _stack([
         ops.apply(rest, data.example(int(i)), np.random.default_rng([0, int(i)])) for i in idx]))
+
+
+def file_batches(
+    data_config: Any, file: str | Path, *, batch_size: int, tokenizer: Any, skip_bad: bool
+) -> tuple[folder.FolderSource, Iterator[dict]]:
+    """A JSONL file of new inputs (labels optional, ignored), validated up front like a split
+    and preprocessed exactly as val/test are (``data.pp_eval``); the source's ``indices``,
+    ``lines`` and ``skipped`` say which of its lines the padded batches hold."""
+    data = _SplitData(data_config, "", _pp(data_config, "val"), file=Path(file).absolute(),
+                      skip_bad=skip_bad)
+    return data.source, _padded(data, data_config, "val", batch_size, tokenizer)

@@ -15,7 +15,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Setup:
     data_info = pipeline.dataset_info(config.data, tokenizer, workdir=workdir)
     _fill_from_data(config, data_info)
     _fill_special_ids(config, tokenizer)
+    return assemble(config, workdir, par=par, tokenizer=tokenizer, data_info=data_info,
+                    label_names=pipeline.label_names(config.data, workdir=workdir),
+                    accum_steps=accum_steps)
+
+
+def assemble(config: ml_collections.ConfigDict, workdir: str | Path, *, par: Any,
+             tokenizer: Any, data_info: Mapping[str, int], label_names: list[str],
+             accum_steps: int = 1) -> Setup:
+    """The run's parts from a config whose sizes are filled in (``setup``'s, or a workdir's
+    ``config.json``): what training and ``mmjax.evaluate`` share."""
     tasks = tasks_from_config(config)
     model = build_model(config.model, bn_axis_name=par.axis_name)
     evaluators = evaluators_lib.build(config.get("evals"), evaluators_lib.Env(
@@ -94,7 +104,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Setup:
         model_cfg=config.model.to_dict(),
         data_config=config.data,
         tokenizer=tokenizer,
-        label_names=pipeline.label_names(config.data, workdir=workdir),
+        label_names=label_names,
         batch_size=int(config.get("eval_batch_size") or config.batch_size),
     ))
     if evaluators and jax.process_count() > 1:
@@ -150,16 +160,32 @@ def initial_state(s: Setup) -> tuple[TrainState, optax.GradientTransformation]:
     ))
 
 
-def evaluate(s: Setup, eval_fn: Any, state: Any, split: str) -> dict[str, float]:
-    """Metrics of ``split``: means over its examples, plus every evaluator's metrics."""
+def compile_eval(s: Setup) -> Any:
+    """The compiled eval step of the run (under the mesh path, after ``par.put_state``)."""
+    return s.par.compile_eval(functools.partial(
+        step_lib.eval_step, model=s.model, tasks=s.tasks, weights=s.weights,
+        axis_name=s.par.axis_name))
+
+
+def evaluate(s: Setup, eval_fn: Any, state: Any, split: str, *,
+             batch_fn: Callable[[dict], dict] | None = None) -> dict[str, float]:
+    """Metrics of ``split``: means over its examples, plus every evaluator's metrics.
+
+    The one implementation of val/test lines: ``mmjax.evaluate`` calls it too, with a state
+    read from a checkpoint. ``batch_fn`` edits each host batch before the step sees it (an
+    evaluation of changed inputs, e.g. a modality removed).
+    """
     n_dev = jax.device_count()
     bs = max(n_dev, (s.config.get("eval_batch_size") or s.config.batch_size) // n_dev * n_dev)
     n_proc, index = jax.process_count(), jax.process_index()
     total: dict[str, float] = {}
-    for batch in pipeline.eval_batches(s.config.data, split, batch_size=bs):
+    for batch in pipeline.eval_batches(s.config.data, split, batch_size=bs,
+                                       tokenizer=s.tokenizer):
         if n_proc > 1:  # this process's share of the global batch
             n = len(batch["valid"]) // n_proc
             batch = jax.tree.map(lambda x, n=n: x[index * n: (index + 1) * n], batch)
+        if batch_fn is not None:
+            batch = batch_fn(batch)
         sums = s.par.fetch(eval_fn(state, s.par.put_batch(batch)))
         for k, v in sums.items():
             total[k] = total.get(k, 0.0) + float(v)
@@ -283,7 +309,7 @@ def _loop(s: Setup, state: TrainState, tx: optax.GradientTransformation,
     common = dict(model=s.model, tasks=s.tasks, weights=s.weights, axis_name=par.axis_name)
     train_fn = par.compile_train(functools.partial(
         step_lib.train_step, tx=tx, accum_steps=s.accum_steps, **common))
-    eval_fn = par.compile_eval(functools.partial(step_lib.eval_step, **common))
+    eval_fn = compile_eval(s)
     window: list[tuple[int, Any]] = []
     val: dict[str, float] = {}
     last_saved = first_step - 1

@@ -1,0 +1,116 @@
+"""Answer new inputs with a trained run: a JSONL file in the folder format in, one JSON line per
+input out (or the contrastive embeddings as ``.npz``).
+
+Every input line is validated first (as training validates its splits), so a bad line stops
+the command before anything is written, naming FILE:LINE; with ``skip_bad`` it is dropped and
+counted. The inputs then go through the run's eval preprocessing (``data.pp_eval``, the
+workdir's tokenizer) and the model runs data-parallel over all local devices. The output is
+written to a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from mmjax import parallel
+from mmjax.data import pipeline
+from mmjax.inference import run as run_lib
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 5
+
+
+def _rows(kind: str, out: Mapping[str, np.ndarray], run: run_lib.Run,
+          top_k: int) -> Iterator[dict[str, Any]]:
+    """The answer of each row of one batch, without its index."""
+    if kind == "classification":
+        probs = out["probs"]
+        k = min(top_k, probs.shape[1])
+        for p in probs:
+            best = np.argsort(-p, kind="stable")[:k]
+            yield {"predictions": [{"label": run.label_names[c], "score": float(p[c])}
+                                   for c in best]}
+    elif kind == "regression":
+        for v in out["values"]:
+            yield {"value": v.tolist()}
+    else:  # caption
+        for text in run.tokenizer.decode(out["tokens"]):
+            yield {"text": text}
+
+
+def _batch_size(run: run_lib.Run, batch_size: int) -> int:
+    """``batch_size`` (default: the run's eval batch) rounded up to the local device count."""
+    n = jax.local_device_count()
+    bs = batch_size or int(run.config.get("eval_batch_size") or run.config.batch_size)
+    return max(n, math.ceil(bs / n) * n)
+
+
+def predict(workdir: str | Path, input_file: str | Path, output: str | Path, *,
+            top_k: int = DEFAULT_TOP_K, step: str | int | None = None, batch_size: int = 0,
+            skip_bad: bool = False, task: str = "", embed: bool = False,
+            progress: bool = True) -> dict[str, Any]:
+    """Writes the answers to ``output`` and returns ``{"output", "count", "skipped", "step",
+    "task"}``. With ``embed`` the output is ``<output without suffix>.npz`` holding ``index``
+    and ``<modality>_embeds`` [N, E] for the modalities the contrastive head embeds."""
+    if top_k < 1:
+        raise run_lib.RunError(f"--top_k={top_k} must be at least 1")
+    run = run_lib.load(workdir, step)
+    task, kind = run_lib.output_task(run.config, task, embed=embed)
+    model = run.build_model()
+    names = run_lib.input_names(model, task, kind)
+    source, batches = pipeline.file_batches(
+        run.config.data, input_file, batch_size=_batch_size(run, batch_size),
+        tokenizer=run.tokenizer, skip_bad=skip_bad)
+    par = parallel.MeshParallel(1)  # data-parallel over the devices, params replicated
+    variables = par.put_state(run.variables())
+    fn = par.compile_eval(run_lib.output_fn(model, task, kind))
+    out_path = Path(output).with_suffix(".npz") if embed else Path(output)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    indices = iter(source.indices)
+    embeds: dict[str, list[np.ndarray]] = {}
+    bar = _bar(len(source), enabled=progress)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for batch in batches:
+                keep = np.asarray(batch["valid"]) > 0
+                inputs = par.put_batch(run_lib.model_inputs(batch, names))
+                out = {k: np.asarray(v)[keep] for k, v in par.fetch(fn(variables, inputs)).items()}
+                if embed:
+                    for k, v in out.items():
+                        embeds.setdefault(k, []).append(v)
+                else:
+                    for answer in _rows(kind, out, run, top_k):
+                        f.write(json.dumps({"index": next(indices), **answer}) + "\n")
+                if bar is not None:
+                    bar.update(int(keep.sum()))
+        if embed:
+            with open(tmp, "wb") as f:
+                np.savez(f, index=np.asarray(source.indices, np.int64),
+                         **{k: np.concatenate(v) for k, v in embeds.items()})
+        os.replace(tmp, out_path)
+    finally:
+        if bar is not None:
+            bar.close()
+        tmp.unlink(missing_ok=True)
+    return {"output": str(out_path), "count": len(source), "skipped": source.skipped,
+            "step": run.step, "task": task}
+
+
+def _bar(total: int, *, enabled: bool) -> Any:
+    """A progress bar on stderr for inputs longer than a few hundred examples."""
+    if not enabled or total < 256:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="ex", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
