@@ -1,0 +1,252 @@
+"""Using a trained run: predict, evaluate, export (float and int8), across device layouts.
+
+One tiny folder run is trained per module (the CLI, in a subprocess, so nothing the trainer
+cached in this process helps inference); predict, evaluate and export then read it back from
+its workdir alone. Expected values come from what training logged, from the raw files, or from
+numpy: never from the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmjax.checkpoint import Checkpointer, saved_steps
+from mmjax.data.folder import BadDataError
+from mmjax.inference import evaluate, export, predict
+from mmjax.inference import run as run_lib
+from tests.test_folder import make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(devices: int = 1) -> dict[str, str]:
+    flags = os.environ.get("XLA_FLAGS", "")
+    if devices > 1:
+        flags += f" --xla_force_host_platform_device_count={devices}"
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("MMJAX_")},
+            "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags.strip()}
+
+
+def _cli(module: str, *args: str, devices: int = 1) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=_env(devices),
+                          capture_output=True, text=True, timeout=600)
+
+
+def _train(data: Path, workdir: Path, *extra: str, devices: int = 1) -> list[dict]:
+    result = _cli("mmjax.train", "--config", "configs/folder.py:tiny", "--workdir", str(workdir),
+                  f"--config.data.path={data}", *extra, devices=devices)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _logged(lines: list[dict], split: str, step: int | None = None) -> dict:
+    return [r for r in lines if r["split"] == split and step in (None, r["step"])][-1]
+
+
+def _gold(data: Path, split: str = "test") -> list[str]:
+    return [str(json.loads(line)["label"]) for line in (data / f"{split}.jsonl").open()]
+
+
+def _top1(path: Path) -> list[str]:
+    return [json.loads(line)["predictions"][0]["label"] for line in path.open()]
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory) -> tuple[Path, Path, list[dict]]:
+    """(data, workdir, metrics.jsonl lines) of configs/folder.py:tiny (12 steps, checkpoints
+    and val at 6 and 12, 32 px); 40 px images (so preprocessing resizes) and 200 test
+    examples, so one answer is half a point of accuracy."""
+    base = tmp_path_factory.mktemp("inference")
+    data = make_dataset(base / "data", {"train": 64, "val": 24, "test": 200}, image_size=40)
+    return data, base / "run", _train(data, base / "run")
+
+
+def _close(got: dict, want: dict, keys: list[str]) -> None:
+    for k in keys:
+        assert abs(got[k] - want[k]) <= 1e-6, (k, got[k], want[k])
+
+
+def test_predict_evaluate_and_training_agree(folder_run, tmp_path):
+    data, workdir, lines = folder_run
+    before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+    out = tmp_path / "pred.jsonl"
+    summary = predict.predict(workdir, data / "test.jsonl", out, top_k=2, progress=False)
+    assert summary["count"] == 200 and summary["skipped"] == 0 and summary["step"] == 12
+    rows = [json.loads(line) for line in out.open()]
+    assert [r["index"] for r in rows] == list(range(200))
+    for r in rows:  # top 2 of the two classes, most probable first, probabilities summing to 1
+        scores = [p["score"] for p in r["predictions"]]
+        assert {p["label"] for p in r["predictions"]} == {"no", "yes"}
+        assert scores[0] >= scores[1] and abs(sum(scores) - 1) < 1e-5
+    gold = _gold(data)
+    accuracy = float(np.mean([p == g for p, g in zip(_top1(out), gold, strict=True)]))
+
+    test = evaluate.evaluate(workdir, split="test")
+    logged = _logged(lines, "test")
+    assert test["step"] == 12 and test["split"] == "test"
+    assert accuracy == test["accuracy"] == logged["accuracy"]
+    assert set(test) == set(logged)
+    _close(test, logged, [k for k in logged if k not in ("step", "split")])
+    val = evaluate.evaluate(workdir, split="val")
+    _close(val, _logged(lines, "val", 12), ["accuracy", "loss", "answer_loss"])
+    # Only read: the workdir holds exactly what training left.
+    assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
+
+
+def test_evaluate_picks_the_step_asked_for(folder_run):
+    _, workdir, lines = folder_run
+    val = {r["step"]: r for r in lines if r["split"] == "val"}
+    saved = saved_steps(workdir)  # Orbax now keeps each checkpoint's val metrics
+    assert sorted(saved) == sorted(val) == [6, 12]
+    for step in saved:
+        _close(saved[step], val[step], ["accuracy", "loss"])
+    got = evaluate.evaluate(workdir, split="val", step=6)
+    assert got["step"] == 6
+    _close(got, val[6], ["accuracy", "loss"])
+    best = max(val, key=lambda s: (val[s]["accuracy"], s))  # ties: the newer step
+    got = evaluate.evaluate(workdir, split="val", step="best")
+    assert got["step"] == best
+    _close(got, val[best], ["accuracy", "loss"])
+
+
+def test_best_step_from_saved_metrics_or_the_log(tmp_path):
+    config = ml_collections.ConfigDict({
+        "model": {"heads": {"answer": {"kind": "classification", "num_classes": 2}}},
+        "losses": {"answer": 1.0}})
+    accuracies = {1: 0.5, 2: 0.9, 3: None, 4: 0.7, 5: 0.9}
+    new, old = tmp_path / "new", tmp_path / "old"
+    for workdir, best_metric in ((new, "accuracy"), (old, None)):
+        ckpt = Checkpointer(workdir, keep=10, best_metric=best_metric, asynchronous=False)
+        for step, acc in accuracies.items():
+            metrics = None if acc is None else {"accuracy": acc, "loss": 1 - acc}
+            ckpt.save(step, {"params": {"w": np.full(3, step, np.float32)}}, {}, metrics)
+        ckpt.close()
+    # A workdir from before metrics were saved: "best" comes from metrics.jsonl's val lines.
+    (old / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "split": "val", "accuracy": a}) + "\n"
+        for s, a in accuracies.items() if a is not None) + '{"step": 4, "spl')
+    for workdir in (new, old):
+        assert run_lib.resolve_step(workdir, "best", config) == 5  # 2 and 5 tie: the newer
+        assert run_lib.resolve_step(workdir, None, config) == 5
+        assert run_lib.resolve_step(workdir, "3", config) == 3
+        with pytest.raises(run_lib.RunError, match=r"no checkpoint step 7; saved steps"):
+            run_lib.resolve_step(workdir, 7, config)
+
+
+_RUN_EXPORTED = r"""
+import json, sys
+sys.modules["mmjax"] = None  # the artifact must not need mmjax
+import jax, numpy as np
+exported = jax.export.deserialize(open("model.jaxexport", "rb").read())
+x = np.load("example_inputs.npz")
+args = [x[f"arg{i}"] for i in range(len(x.files))]
+full = np.asarray(exported.call(*args))
+three = np.asarray(exported.call(*[a[:3] for a in args]))  # the batch dimension is symbolic
+print(json.dumps({"full": full.tolist(), "three": three.tolist(),
+                  "platforms": list(exported.platforms)}))
+"""
+
+
+def _call_exported(directory: Path) -> dict:
+    env = {k: v for k, v in _env().items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-I", "-c", _RUN_EXPORTED], cwd=directory, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_export_runs_without_mmjax_and_int8_is_smaller(folder_run, tmp_path):
+    data, workdir, lines = folder_run
+    sizes, probs = {}, {}
+    for mode in ("", "int8"):
+        out = tmp_path / (mode or "float")
+        result = export.export(workdir, out, quantize=mode, num_examples=5)
+        sizes[mode] = (out / "model.jaxexport").stat().st_size
+        assert result["inputs"] == ["image", "text.ids", "text.mask"]
+        got = _call_exported(out)
+        assert got["platforms"] == ["cpu", "cuda"]
+        want = np.load(out / "example_outputs.npz")["probs"]
+        assert want.shape == (5, 2)
+        np.testing.assert_allclose(got["full"], want, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got["three"], want[:3], atol=1e-5, rtol=0)
+        probs[mode] = want
+        labels = json.loads((out / "labels.json").read_text())
+        assert labels == ["no", "yes"]
+        if not mode:  # predict reads the raw files: the artifact's rows are their first five
+            pred = tmp_path / "pred.jsonl"
+            predict.predict(workdir, data / "test.jsonl", pred, top_k=1, progress=False)
+            assert [labels[i] for i in np.argmax(got["full"], axis=1)] == _top1(pred)[:5]
+    # The README's preprocessing, redone with Pillow, numpy and the tokenizers library.
+    x = np.load(tmp_path / "float" / "example_inputs.npz")
+    records = [json.loads(line) for line in (data / "test.jsonl").open()][:5]
+    pixels = np.stack([np.asarray(Image.open(data / r["image"]).convert("RGB").resize(
+        (32, 32), Image.BILINEAR)) for r in records]).astype(np.float32) / 127.5 - 1
+    np.testing.assert_allclose(x["arg0"], pixels, atol=1e-6)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tmp_path / "float" / "tokenizer.json"))
+    for row, ids, mask in zip(records, x["arg1"], x["arg2"], strict=True):
+        pieces = tok.encode(row["text"], add_special_tokens=False).ids
+        want = [2, *pieces, 3] + [0] * (16 - len(pieces) - 2)
+        assert ids.tolist() == want and mask.tolist() == [int(i != 0) for i in want]
+    readme = (tmp_path / "int8" / "README.md").read_text()
+    assert "`text.mask`" in readme and "x / 127.5 - 1" in readme and "int8" in readme
+    # int8: a file at least 2.5x smaller, answers within a point of float32.
+    assert sizes[""] / sizes["int8"] >= 2.5, sizes
+    assert np.abs(probs["int8"] - probs[""]).max() < 0.02
+    float_test = _logged(lines, "test")["accuracy"]
+    int8_test = evaluate.evaluate(workdir, split="test", quantize="int8")
+    assert int8_test["quantize"] == "int8"
+    assert abs(int8_test["accuracy"] - float_test) <= 0.01
+
+
+def test_bad_input_lines_are_named_or_skipped(folder_run, tmp_path):
+    data, workdir, _ = folder_run
+    good = [json.loads(line) for line in (data / "test.jsonl").open()][:4]
+    lines = [
+        json.dumps({"image": str(data / good[0]["image"]), "text": good[0]["text"]}),
+        json.dumps({"image": str(data / good[1]["image"]), "text": good[1]["text"], "x": 1}),
+        "{not json",
+        "",
+        json.dumps({"image": "missing.png", "text": "is there a disc ?"}),
+        json.dumps({"image": str(data / good[3]["image"]), "text": good[3]["text"]}),
+    ]
+    file = tmp_path / "in.jsonl"
+    file.write_text("\n".join(lines) + "\n")
+    with pytest.raises(BadDataError, match=rf"{file}:3: malformed JSON"):
+        predict.predict(workdir, file, tmp_path / "out.jsonl", progress=False)
+    assert not (tmp_path / "out.jsonl").exists()
+    result = _cli("mmjax.predict", "--workdir", str(workdir), "--input", str(file),
+                  "--output", str(tmp_path / "out.jsonl"))
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"{file}:3" in last, last
+
+    summary = predict.predict(workdir, file, tmp_path / "out.jsonl", skip_bad=True,
+                              progress=False)
+    assert summary["skipped"] == 2 and summary["count"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").open()]
+    assert [r["index"] for r in rows] == [0, 1, 4]  # positions among the non-blank lines
+
+
+def test_checkpoint_of_8_devices_mesh_fsdp_predicts_on_1(folder_run, tmp_path):
+    data, _, _ = folder_run
+    workdir = tmp_path / "mesh"
+    lines = _train(data, workdir, "--config.parallel.mode=mesh", "--config.parallel.fsdp=2",
+                   "--config.total_steps=4", devices=8)
+    out = tmp_path / "pred.jsonl"
+    result = _cli("mmjax.predict", "--workdir", str(workdir), "--input",
+                  str(data / "test.jsonl"), "--output", str(out), "--top_k", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "done: 200 inputs" in result.stdout
+    accuracy = float(np.mean([p == g for p, g in zip(_top1(out), _gold(data), strict=True)]))
+    assert accuracy == _logged(lines, "test")["accuracy"]
