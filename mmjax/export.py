@@ -1,5 +1,5 @@
 """Export a trained run for deployment: python -m mmjax.export --workdir DIR --output OUT
-[--quantize int8] [--step N|best] [--task NAME].
+[--quantize int8] [--step N|best] [--task NAME] [--format jaxexport|onnx].
 
 OUT/model.jaxexport is serialized StableHLO (``jax.export``) with the weights inside; calling it
 needs jax alone. OUT/README.md says what each input is (docs/inference.md).
@@ -18,6 +18,9 @@ flags.DEFINE_string("step", None, "checkpoint step, or 'best'; default: the newe
 flags.DEFINE_string("task", "", "the head to export (default: the first classification, else "
                     "regression, else caption head)")
 flags.DEFINE_integer("num_examples", 8, "test rows in example_inputs.npz")
+flags.DEFINE_enum("format", "jaxexport", ["jaxexport", "onnx"], "jaxexport: serialized "
+                  "StableHLO (model.jaxexport); onnx: model.onnx via jax2onnx, checked with "
+                  "onnxruntime (pip install jax2onnx onnxruntime)")
 FLAGS = flags.FLAGS
 
 
@@ -29,8 +32,8 @@ def main() -> None:
 
     result = export.export(FLAGS.workdir, FLAGS.output, step=FLAGS.step,
                            quantize=FLAGS.quantize, task=FLAGS.task,
-                           num_examples=FLAGS.num_examples)
-    print(f"done: {result['output']}/model.jaxexport, {result['bytes']:,} bytes, task "
+                           num_examples=FLAGS.num_examples, fmt=FLAGS.format)
+    print(f"done: {result['output']}/{result['file']}, {result['bytes']:,} bytes, task "
           f"{result['task']}, step {result['step']}, platforms {result['platforms']}, inputs "
           f"{result['inputs']}", flush=True)
 

@@ -209,6 +209,38 @@ def test_export_runs_without_mmjax_and_int8_is_smaller(folder_run, tmp_path):
     assert abs(int8_test["accuracy"] - float_test) <= 0.01
 
 
+_RUN_ONNX = r"""
+import json, sys
+sys.modules["mmjax"] = None
+sys.modules["jax"] = None  # an ONNX runtime is all it needs
+import numpy as np, onnxruntime
+session = onnxruntime.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
+x = np.load("example_inputs.npz")
+names = [i.name for i in session.get_inputs()]
+args = {n: x[f"arg{i}"] for i, n in enumerate(names)}
+full = session.run(None, args)[0]
+three = session.run(None, {n: a[:3] for n, a in args.items()})[0]
+print(json.dumps({"names": names, "full": full.tolist(), "three": three.tolist()}))
+"""
+
+
+def test_onnx_export_runs_in_onnxruntime(folder_run, tmp_path):
+    _, workdir, _ = folder_run
+    out = tmp_path / "onnx"
+    result = export.export(workdir, out, quantize="int8", num_examples=5, fmt="onnx")
+    assert result["file"] == "model.onnx" and not (out / "model.jaxexport").exists()
+    env = {k: v for k, v in _env().items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-I", "-c", _RUN_ONNX], cwd=out, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["names"] == ["image", "text.ids", "text.mask"]
+    want = np.load(out / "example_outputs.npz")["probs"]
+    np.testing.assert_allclose(got["full"], want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got["three"], want[:3], atol=1e-5, rtol=0)
+    assert "onnxruntime.InferenceSession" in (out / "README.md").read_text()
+
+
 def test_bad_input_lines_are_named_or_skipped(folder_run, tmp_path):
     data, workdir, _ = folder_run
     good = [json.loads(line) for line in (data / "test.jsonl").open()][:4]
@@ -250,3 +282,55 @@ def test_checkpoint_of_8_devices_mesh_fsdp_predicts_on_1(folder_run, tmp_path):
     assert "done: 200 inputs" in result.stdout
     accuracy = float(np.mean([p == g for p, g in zip(_top1(out), _gold(data), strict=True)]))
     assert accuracy == _logged(lines, "test")["accuracy"]
+
+
+def test_caption_and_embed_answers_match_the_model(tmp_path):
+    """A caption + contrastive model (configs/shapes_caption.py, initialised, not trained):
+    predict's captions and --embed's embeddings of PNG files equal the model's own on the
+    pipeline's batch of the same examples."""
+    import jax
+
+    from configs.shapes_caption import get_config
+    from mmjax import trainer
+    from mmjax.data import pipeline, shapes
+    from mmjax.trainer import loop
+
+    config = get_config("tiny")
+    workdir = tmp_path / "run"
+    s = trainer.setup(config, workdir)
+    state, _ = loop.initial_state(s)
+    workdir.mkdir()
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    ckpt = Checkpointer(workdir, best_metric=None, asynchronous=False)
+    ckpt.save(1, state, {})
+    ckpt.close()
+
+    n = 12
+    batch = next(iter(pipeline.eval_batches(config.data, "test", batch_size=n)))
+    raw = shapes.ShapesSource("test", n, image_size=32).get_batch(np.arange(n))
+    lines = []
+    for i in range(n):
+        Image.fromarray(raw["image"][i]).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "text": raw["caption"][i]}))
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+
+    variables = {"params": state.params}
+    tokens = s.model.apply(variables, {"image": batch["image"]}, task="caption",
+                           method="generate")
+    want_text = s.tokenizer.decode(np.asarray(tokens))
+    want = jax.tree.map(np.asarray, s.model.apply(
+        variables, {"image": batch["image"], "text": batch["text"]}, task="itc", method="embed"))
+
+    out = tmp_path / "captions.jsonl"
+    summary = predict.predict(workdir, tmp_path / "in.jsonl", out, batch_size=8, progress=False)
+    assert summary["task"] == "caption"
+    rows = [json.loads(line) for line in out.open()]
+    assert [r["index"] for r in rows] == list(range(n))
+    assert [r["text"] for r in rows] == want_text
+
+    summary = predict.predict(workdir, tmp_path / "in.jsonl", out, embed=True, progress=False)
+    assert summary["task"] == "itc" and summary["output"] == str(tmp_path / "captions.npz")
+    got = np.load(tmp_path / "captions.npz")
+    assert got["index"].tolist() == list(range(n))
+    for key in ("image_embeds", "text_embeds"):
+        np.testing.assert_allclose(got[key], want[key], atol=1e-5, rtol=0)

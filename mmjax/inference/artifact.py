@@ -71,6 +71,34 @@ def _meaning(name: str) -> str:
     return "pixels in [-1, 1] (see Images)"
 
 
+def _call_jax(signature: dict[str, Any]) -> list[str]:
+    return [
+        "Needs `jax` (and `flatbuffers`, which `jax.export` uses to read the file), not mmjax:",
+        "",
+        "```python",
+        "import jax, numpy as np",
+        'exported = jax.export.deserialize(open("model.jaxexport", "rb").read())',
+        'x = np.load("example_inputs.npz")',
+        f'{signature["output"]["name"]} = exported.call(*[x[f"arg{{i}}"] '
+        'for i in range(len(x.files))])',
+    ]
+
+
+def _call_onnx(signature: dict[str, Any]) -> list[str]:
+    names = [x["name"] for x in signature["inputs"]]
+    return [
+        "Needs `onnxruntime` (or any ONNX runtime); the inputs are named as below:",
+        "",
+        "```python",
+        "import numpy as np, onnxruntime",
+        'session = onnxruntime.InferenceSession("model.onnx")',
+        'x = np.load("example_inputs.npz")',
+        f"names = {names}",
+        f'{signature["output"]["name"]} = session.run(None, '
+        '{n: x[f"arg{i}"] for i, n in enumerate(names)})[0]',
+    ]
+
+
 def readme(run: run_lib.Run, signature: dict[str, Any], *, size: int, note: str,
            tokenizer_file: str, num_classes: int) -> str:
     """The artifact's README.md."""
@@ -79,22 +107,17 @@ def readme(run: run_lib.Run, signature: dict[str, Any], *, size: int, note: str,
     out = signature["output"]
     weights = ("int8 weight matrices with one float32 scale per output channel, dequantized "
                "inside the function" if signature["quantize"] == "int8" else "float32 weights")
+    onnx = signature["format"] == "onnx"
+    where = "ONNX (opset 23)" if onnx else f"lowered for {', '.join(signature['platforms'])}"
     lines = [
         f"# `{signature['task']}` ({signature['kind']} head), exported from mmjax",
         "",
         f"Run `{signature['workdir']}`, checkpoint step {signature['step']}; {weights}; "
-        f"lowered for {', '.join(signature['platforms'])}; `model.jaxexport` is {size:,} bytes."
-        + (f" Note: {note}." if note else ""),
+        f"{where}; `{signature['file']}` is {size:,} bytes." + (f" Note: {note}." if note else ""),
         "",
         "## Calling it",
         "",
-        "Needs `jax` (and `flatbuffers`, which `jax.export` uses to read the file), not mmjax:",
-        "",
-        "```python",
-        "import jax, numpy as np",
-        'exported = jax.export.deserialize(open("model.jaxexport", "rb").read())',
-        'x = np.load("example_inputs.npz")',
-        f'{out["name"]} = exported.call(*[x[f"arg{{i}}"] for i in range(len(x.files))])',
+        *(_call_onnx(signature) if onnx else _call_jax(signature)),
         f'np.testing.assert_allclose({out["name"]}, '
         f'np.load("example_outputs.npz")["{out["name"]}"], atol=1e-5)',
         "```",
