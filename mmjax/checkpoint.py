@@ -47,14 +47,16 @@ class CheckpointReadError(ValueError):
     """A path is not a readable mmjax checkpoint; the message names it."""
 
 
-# Orbax warnings that describe what mmjax does on purpose: a save without metrics once best_fn
-# is set (a step saved without a validation pass: SIGTERM, checkpoint_every off eval_every), and
-# a manager opened read-only (saved_steps).
-_EXPECTED_WARNINGS = ("did not provide metrics", "Given directory is read only")
+# The validation metrics of a step are saved with it as this item (JSON), so that "best" can be
+# found again after the run (``saved_steps``). Not Orbax's own ``metrics`` (what ``best_fn``
+# writes): Orbax reads those for every step when a manager starts, and one damaged file would
+# stop training before the damaged checkpoint could be set aside.
+VAL_ITEM = "val"
 
 
-def _drop_expected_warnings(record: logging.LogRecord) -> bool:
-    return not any(text in record.getMessage() for text in _EXPECTED_WARNINGS)
+def _drop_read_only_warning(record: logging.LogRecord) -> bool:
+    """Orbax warns that a manager opened read-only (``saved_steps``) is read-only."""
+    return "Given directory is read only" not in record.getMessage()
 
 
 class Checkpointer:
@@ -80,18 +82,12 @@ class Checkpointer:
             )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(preserve),
-            # best_fn only makes Orbax write each step's metrics to disk (``<step>/metrics``),
-            # so "best" survives a restart and ``mmjax.evaluate --step best`` can find it; the
-            # preservation policy above alone decides what is deleted.
-            best_fn=(lambda m: float(m[best_metric])) if best_metric else None,
-            best_mode=best_mode,
             enable_async_checkpointing=asynchronous,
             create=True,
             cleanup_tmp_directories=True,
         )
-        logging.getLogger("absl").addFilter(_drop_expected_warnings)
         self.manager = ocp.CheckpointManager(
-            self.directory, item_names=("state", "data"), options=options
+            self.directory, item_names=("state", "data", VAL_ITEM), options=options
         )
         self.best_metric = best_metric
         self._pending: int | None = None  # the step of an asynchronous save not yet finished
@@ -109,23 +105,25 @@ class Checkpointer:
         data_state: dict[str, Any] | None,
         metrics: dict[str, float] | None = None,
     ) -> None:
-        """Saves ``state`` (a single-copy pytree) and the JSON data-iterator state at ``step``.
+        """Saves ``state`` (a single-copy pytree) and the JSON data-iterator state at ``step``,
+        and ``metrics`` (the step's validation metrics, if it ran validation) with them.
 
         The previous asynchronous save is finished first, so a write that failed in the
         background is reported with its own step. A failed write leaves no temporary folder
         behind and raises :class:`CheckpointWriteError`; older checkpoints are untouched.
         """
         self.wait()
+        items = {"state": ocp.args.StandardSave(state),
+                 "data": ocp.args.JsonSave(data_state or {})}
+        if metrics is not None:
+            items[VAL_ITEM] = ocp.args.JsonSave({k: float(v) for k, v in metrics.items()})
         if metrics is not None and self.best_metric and self.best_metric not in metrics:
             metrics = None
         self._pending = step
         try:
             self.manager.save(
                 step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    data=ocp.args.JsonSave(data_state or {}),
-                ),
+                args=ocp.args.Composite(**items),
                 metrics=metrics,
                 force=True,
             )
@@ -301,6 +299,14 @@ def read_checkpoint_params(path: str | Path, *, merge_lora: bool = True) -> dict
     return jax.tree.map(np.asarray, params)
 
 
+def _saved_metrics(step_dir: Path) -> dict[str, float] | None:
+    try:
+        metrics = ocp.JsonCheckpointHandler().restore(epath.Path(step_dir / VAL_ITEM))
+    except Exception:  # absent (no validation at that step, an older run) or damaged
+        return None
+    return dict(metrics) if isinstance(metrics, Mapping) else None
+
+
 def saved_steps(workdir: str | Path) -> dict[int, dict[str, float] | None]:
     """``{step: the validation metrics saved with it, or None}`` of a training workdir.
 
@@ -310,15 +316,14 @@ def saved_steps(workdir: str | Path) -> dict[int, dict[str, float] | None]:
     directory = Path(workdir).absolute() / "checkpoints"
     if not directory.is_dir():
         return {}
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
-                                           best_fn=lambda m: 0.0)
-    logging.getLogger("absl").addFilter(_drop_expected_warnings)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    logging.getLogger("absl").addFilter(_drop_read_only_warning)
     manager = ocp.CheckpointManager(directory, item_names=("state", "data"), options=options)
     try:
-        return {int(step): (dict(m) if (m := manager.metrics(step)) is not None else None)
-                for step in sorted(manager.all_steps())}
+        steps = sorted(manager.all_steps())
     finally:
         manager.close()
+    return {int(step): _saved_metrics(directory / str(step)) for step in steps}
 
 
 def write_checkpoint(workdir: str | Path, params: Mapping[str, Any],

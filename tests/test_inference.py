@@ -105,7 +105,7 @@ def test_predict_evaluate_and_training_agree(folder_run, tmp_path):
 def test_evaluate_picks_the_step_asked_for(folder_run):
     _, workdir, lines = folder_run
     val = {r["step"]: r for r in lines if r["split"] == "val"}
-    saved = saved_steps(workdir)  # Orbax now keeps each checkpoint's val metrics
+    saved = saved_steps(workdir)  # each checkpoint keeps its val metrics
     assert sorted(saved) == sorted(val) == [6, 12]
     for step in saved:
         _close(saved[step], val[step], ["accuracy", "loss"])
@@ -124,13 +124,16 @@ def test_best_step_from_saved_metrics_or_the_log(tmp_path):
         "losses": {"answer": 1.0}})
     accuracies = {1: 0.5, 2: 0.9, 3: None, 4: 0.7, 5: 0.9}
     new, old = tmp_path / "new", tmp_path / "old"
-    for workdir, best_metric in ((new, "accuracy"), (old, None)):
-        ckpt = Checkpointer(workdir, keep=10, best_metric=best_metric, asynchronous=False)
+    for workdir in (new, old):
+        ckpt = Checkpointer(workdir, keep=10, asynchronous=False)
         for step, acc in accuracies.items():
             metrics = None if acc is None else {"accuracy": acc, "loss": 1 - acc}
-            ckpt.save(step, {"params": {"w": np.full(3, step, np.float32)}}, {}, metrics)
+            ckpt.save(step, {"params": {"w": np.full(3, step, np.float32)}}, {},
+                      metrics if workdir == new else None)
         ckpt.close()
-    # A workdir from before metrics were saved: "best" comes from metrics.jsonl's val lines.
+    assert saved_steps(new)[2] == {"accuracy": 0.9, "loss": pytest.approx(0.1)}
+    assert set(saved_steps(old).values()) == {None}
+    # A workdir from before checkpoints kept their metrics: "best" from metrics.jsonl.
     (old / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "split": "val", "accuracy": a}) + "\n"
         for s, a in accuracies.items() if a is not None) + '{"step": 4, "spl')

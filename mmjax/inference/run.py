@@ -78,7 +78,7 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
 
 def _logged_val_metrics(workdir: Path) -> dict[int, dict[str, Any]]:
     """Val lines of ``metrics.jsonl`` by step (the last line of a step wins: a resumed run logs
-    its steps again); for checkpoints written before Orbax kept their metrics."""
+    its steps again); for checkpoints written before they kept their val metrics."""
     path = workdir / "metrics.jsonl"
     out: dict[int, dict[str, Any]] = {}
     if path.is_file():
