@@ -337,3 +337,23 @@ def test_caption_and_embed_answers_match_the_model(tmp_path):
     assert got["index"].tolist() == list(range(n))
     for key in ("image_embeds", "text_embeds"):
         np.testing.assert_allclose(got[key], want[key], atol=1e-5, rtol=0)
+
+
+def test_the_answering_head_is_chosen_by_kind():
+    def config(heads: dict, losses: list[str]) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict({"model": {"heads": {
+            t: {"kind": k} for t, k in heads.items()}}, "losses": {t: 1.0 for t in losses}})
+
+    c = config({"itc": "contrastive", "cap": "caption", "score": "regression",
+                "answer": "classification"}, ["itc", "cap", "score", "answer"])
+    assert run_lib.output_task(c) == ("answer", "classification")
+    assert run_lib.output_task(c, "cap") == ("cap", "caption")
+    assert run_lib.output_task(c, embed=True) == ("itc", "contrastive")
+    c = config({"cap": "caption", "score": "regression"}, ["cap"])  # score: a head, no loss
+    assert run_lib.output_task(c) == ("score", "regression")
+    with pytest.raises(run_lib.RunError, match="--embed"):
+        run_lib.output_task(config({"itc": "siglip"}, ["itc"]), "itc")
+    with pytest.raises(run_lib.RunError, match="no head named 'nope'"):
+        run_lib.output_task(c, "nope")
+    with pytest.raises(run_lib.RunError, match=r"no head of kind \['contrastive', 'siglip'\]"):
+        run_lib.output_task(c, embed=True)

@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 def _quantized_params(run: run_lib.Run, mode: str) -> dict[str, Any]:
     """The run's params with the model's weights through int8 and back (what an int8 export
     computes with); learned loss weights kept, so the weighted ``loss`` is the run's own."""
-    params = quantize_lib.dequantize(run.model_params(mode))
+    quantized = run.model_params(mode)
+    summary = quantize_lib.summary(quantized)
+    params = quantize_lib.dequantize(quantized)
     if weighting.PARAMS_KEY in run.params:
         params = {**params, weighting.PARAMS_KEY: run.params[weighting.PARAMS_KEY]}
-    summary = quantize_lib.summary(run.model_params(mode))
     log.info("%s: %d weight leaves (%s elements) through int8", mode,
              summary["quantized_leaves"], f"{summary['quantized_elements']:,}")
     return params

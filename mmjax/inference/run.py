@@ -174,8 +174,10 @@ def output_task(config: ml_collections.ConfigDict, task: str = "", *,
     if task:
         kind = _kind(config, task)
         if kind not in kinds:
+            hint = "" if embed or kind not in CONTRASTIVE_KINDS else \
+                " (mmjax.predict --embed writes its embeddings)"
             raise RunError(f"head {task!r} is a {kind} head; this needs one of {list(kinds)}"
-                           + ("" if embed or kind not in CONTRASTIVE_KINDS else " (use --embed)"))
+                           + hint)
         return task, kind
     order = list(config.losses) + [t for t in config.model.heads if t not in config.losses]
     for wanted in kinds:
@@ -184,7 +186,7 @@ def output_task(config: ml_collections.ConfigDict, task: str = "", *,
                 return t, wanted
     heads = {t: config.model.heads[t].kind for t in config.model.heads}
     raise RunError(f"no head of kind {list(kinds)} to answer with; heads: {heads}"
-                   + ("" if embed else "; a contrastive model answers with --embed"))
+                   + ("" if embed else "; a contrastive model answers mmjax.predict --embed"))
 
 
 def input_names(model: MultimodalModel, task: str, kind: str) -> list[str]:
