@@ -89,3 +89,22 @@ def test_missing_feature_is_named(built):
     cfg = _config(data_dir=built, text_key="answer_text")
     with pytest.raises(KeyError, match="answer_text"):
         pipeline.build_tokenizer(cfg)
+
+
+def test_tfds_config_trains_from_the_command_line(built, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run(
+        [sys.executable, "-m", "mmjax.train", "--config", "configs/tfds.py:tiny",
+         "--workdir", str(tmp_path), "--config.data.tfds_name=mmjax_shapes/tiny",
+         f"--config.data.data_dir={built}", "--config.data.text_key=question",
+         "--config.data.val_split=val"],
+        cwd=root, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    test = [x for x in lines if x["split"] == "test"]
+    assert len(test) == 1 and test[0]["step"] == 12 and "qa_accuracy" in test[0]

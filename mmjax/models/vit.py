@@ -21,6 +21,13 @@ class ViT(nn.Module):
 
     ``patch_bias=False`` drops the patch-embedding bias, as CLIP's vision tower does.
 
+    ``pos_embedding_std`` (default 0.02, ViT's and big_vision's) scales the learnt position
+    embeddings at initialisation. At 0.02 a patch token is almost only its content, so tokens are
+    nearly exchangeable until training grows the embeddings; when an answer depends on where ink
+    sits across patches, that growth has little gradient to follow and training can stall. At
+    the scale of the content (1.0) every token knows its place from the first step
+    (docs/recipes.md).
+
     Pooling: "cls" (needs ``class_token``), "gap" (mean of patch tokens), "none" (first token).
     cuDNN's fused attention wants even sequence lengths, so ``gap`` without a class token is the
     default for towers trained from scratch.
@@ -47,6 +54,7 @@ class ViT(nn.Module):
     activation: str = "gelu"
     qkv_bias: bool = True
     patch_bias: bool = True
+    pos_embedding_std: float = 0.02  # stddev of the position embeddings' normal initialisation
     layer_norm_eps: float = 1e-6
     opts: layers.Options = layers.Options()
 
@@ -77,7 +85,8 @@ class ViT(nn.Module):
             cls = self.param("cls", nn.initializers.zeros, (1, 1, d), jnp.float32)
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)), x], axis=1)
         pos = self.param(
-            "pos_embedding", nn.initializers.normal(stddev=0.02), (1, x.shape[1], d), jnp.float32
+            "pos_embedding", nn.initializers.normal(stddev=self.pos_embedding_std),
+            (1, x.shape[1], d), jnp.float32,
         )
         x = x + pos.astype(x.dtype)
         if keep is not None:

@@ -108,9 +108,10 @@ def assemble(config: ml_collections.ConfigDict, workdir: str | Path, *, par: Any
         batch_size=int(config.get("eval_batch_size") or config.batch_size),
     ))
     if evaluators and jax.process_count() > 1:
-        raise ValueError("config.evals runs on one process only (evaluators copy the params to "
-                         f"one device); this run has {jax.process_count()} processes: clear "
-                         "config.evals")
+        log.warning("config.evals %s skipped: evaluators run on one process only (they copy "
+                    "the params to one device), and this run has %d", sorted(evaluators),
+                    jax.process_count())
+        evaluators = {}
     return Setup(
         config=config, workdir=Path(workdir), par=par, model=model, tasks=tasks,
         weights=weighting.from_config(config, [t.name for t in tasks]), tokenizer=tokenizer,
