@@ -25,6 +25,7 @@ from mmjax.hf.convert import convert
 from mmjax.hf.io import (
     is_hf_folder,
     load,
+    load_feature_extractor,
     read_config,
     read_weights,
     save,
@@ -61,6 +62,7 @@ __all__ = [
     "image_size",
     "is_hf_folder",
     "load",
+    "load_feature_extractor",
     "load_tokenizer",
     "random_inputs",
     "read_config",

@@ -1,4 +1,5 @@
-"""Hugging Face folders on disk ↔ mmjax variables: config.json, weights, and the mapping.
+"""Hugging Face folders on disk ↔ mmjax variables: config.json, weights, and the mapping (and
+an audio folder's feature extractor).
 
 Local folders only: nothing is downloaded. Every tensor goes through its architecture's weight
 table, so a missing, unexpected or mis-shaped tensor is an error that names it, in both
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from mmjax.data.audio import FrontEnd
 from mmjax.hf import registry
 from mmjax.hf.common import HFError
 
@@ -137,6 +139,22 @@ def save(model: nn.Module, variables: Mapping[str, Any], path: str | Path) -> Pa
               metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def load_feature_extractor(path: str | Path) -> FrontEnd:
+    """The audio front end of a folder's ``preprocessor_config.json`` (AST or Whisper).
+
+    ``fe(waveforms, sampling_rate=16000)`` returns what transformers' feature extractor returns
+    for the same call: AST ``input_values`` [B, frames, mels], Whisper ``input_features``
+    [B, mels, frames]; pure numpy (``mmjax.data.audio``).
+    """
+    file = Path(path) / "preprocessor_config.json"
+    if not file.is_file():
+        raise HFError(f"{file}: not found (an audio folder's feature extractor config)")
+    try:
+        return FrontEnd.from_config(json.loads(file.read_text()), f"{file}: ")
+    except ValueError as e:
+        raise HFError(str(e)) from None
 
 
 def is_hf_folder(path: str | Path) -> bool:
