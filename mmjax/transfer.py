@@ -1,11 +1,11 @@
 """Pretrained towers in training: ``config.model.<modality>.init_from``.
 
-A tower starts from a Hugging Face folder (BERT, ViT, either tower of CLIP) or from an mmjax
-checkpoint (a workdir written by ``python -m mmjax.convert`` or by training, a step directory, or
-its ``state`` item). Only that tower's subtree ``params[<modality>]`` is replaced; everything else
-keeps its fresh initialisation, and the log says which is which. ``encoder_overrides`` reads the
-architecture from the source, so a config that names only ``kind`` and ``init_from`` builds a
-tower whose shapes fit.
+A tower starts from a Hugging Face folder (BERT, ViT, either tower of CLIP, AST, the encoder of
+a Whisper model) or from an mmjax checkpoint (a workdir written by ``python -m mmjax.convert`` or
+by training, a step directory, or its ``state`` item). Only that tower's subtree
+``params[<modality>]`` is replaced; everything else keeps its fresh initialisation, and the log
+says which is which. ``encoder_overrides`` reads the architecture from the source, so a config
+that names only ``kind`` and ``init_from`` builds a tower whose shapes fit.
 
 A whole model (or any set of its subtrees) starts from an earlier run with the top-level
 ``config.init_from`` and ``config.init_subtrees``; see :func:`apply_config_init_from`.
@@ -136,8 +136,9 @@ def load_tower(init_from: str, modality: str, kind: str | None = None) -> dict[s
     params = read_checkpoint_params(init_from)
     if modality in params:
         return params[modality]
-    part = "image" if kind in hf.IMAGE_KINDS else "text"
-    if part in params:  # a converted checkpoint names towers "text"/"image"
+    part = ("image" if kind in hf.IMAGE_KINDS else "audio" if kind in hf.AUDIO_KINDS
+            else "text")
+    if part in params:  # a converted checkpoint names towers "text"/"image"/"audio"
         return params[part]
     raise TransferError(f"{where}: the checkpoint has no params/{modality} "
                         f"(it has {sorted(params)})")

@@ -1,9 +1,11 @@
-"""Hugging Face BERT, ViT, CLIP and ResNet folders loaded into mmjax's own encoders, and back.
+"""Hugging Face BERT, ViT, CLIP, ResNet, AST and Whisper (encoder) folders loaded into mmjax's own
+encoders, and back.
 
-The towers are the trainer's modules (``TextEncoder``, ``ViT``, ``ResNet``) with the options
-Hugging Face needs, wrapped only to rename outputs to Hugging Face's names; there is no parallel
-copy of an encoder here. Each architecture is one module (``bert``, ``vit``, ``clip``,
-``resnet``: config → options, wrapper, weight table) registered in ``registry.ARCHITECTURES``;
+The towers are the trainer's modules (``TextEncoder``, ``ViT``, ``ResNet``, ``AST``,
+``WhisperEncoder``) with the options Hugging Face needs, wrapped only to rename outputs to Hugging
+Face's names; there is no parallel copy of an encoder here. Each architecture is one module
+(``bert``, ``vit``, ``clip``, ``resnet``, ``ast``, ``whisper``: config → options, wrapper, weight
+table) registered in ``registry.ARCHITECTURES``;
 ``io`` reads and writes folders through that registry and ``compare`` checks the result against
 transformers. Local folders only: nothing is downloaded.
 
@@ -17,14 +19,16 @@ from __future__ import annotations
 from mmjax.data.tokenize import HFTokenizer
 from mmjax.data.tokenize import load_hf_tokenizer as load_tokenizer
 from mmjax.hf import registry
+from mmjax.hf.ast import HFAST, ast_audio_options, ast_table
 from mmjax.hf.bert import HFBert, bert_table, bert_text_options
 from mmjax.hf.clip import HFCLIP, clip_table, clip_text_options, clip_vision_options
-from mmjax.hf.common import IMAGE_KINDS, Architecture, HFError
+from mmjax.hf.common import AUDIO_KINDS, IMAGE_KINDS, Architecture, HFError
 from mmjax.hf.compare import compare, format_table, random_inputs
 from mmjax.hf.convert import convert
 from mmjax.hf.io import (
     is_hf_folder,
     load,
+    load_feature_extractor,
     read_config,
     read_weights,
     save,
@@ -35,9 +39,12 @@ from mmjax.hf.registry import ARCHITECTURES, MODEL_TYPES, build, image_size, tab
 from mmjax.hf.resnet import HFResNet, resnet_image_options, resnet_table
 from mmjax.hf.table import Entry
 from mmjax.hf.vit import HFViT, crop_to_patches, vit_image_options, vit_table
+from mmjax.hf.whisper import HFWhisperEncoder, whisper_audio_options, whisper_table
 
 __all__ = [
     "ARCHITECTURES",
+    "AUDIO_KINDS",
+    "HFAST",
     "HFCLIP",
     "IMAGE_KINDS",
     "MODEL_TYPES",
@@ -48,6 +55,9 @@ __all__ = [
     "HFResNet",
     "HFTokenizer",
     "HFViT",
+    "HFWhisperEncoder",
+    "ast_audio_options",
+    "ast_table",
     "bert_table",
     "bert_text_options",
     "build",
@@ -61,6 +71,7 @@ __all__ = [
     "image_size",
     "is_hf_folder",
     "load",
+    "load_feature_extractor",
     "load_tokenizer",
     "random_inputs",
     "read_config",
@@ -74,4 +85,6 @@ __all__ = [
     "variables_from_hf",
     "vit_image_options",
     "vit_table",
+    "whisper_audio_options",
+    "whisper_table",
 ]

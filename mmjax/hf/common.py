@@ -74,6 +74,7 @@ def max_abs_diff(a: Any, b: Any) -> float:
 
 
 IMAGE_KINDS = ("vit", "resnet")  # mmjax encoder kinds that read images
+AUDIO_KINDS = ("ast", "whisper")  # mmjax encoder kinds that read audio features
 
 
 class Architecture:
@@ -112,7 +113,7 @@ class Architecture:
         """(tower name in the folder, encoder options) for a training tower of ``kind``
         (``config.model.<modality>.init_from``); an error when the folder has no such tower."""
         image = kind in IMAGE_KINDS if kind is not None else self.tower == "image"
-        if image != (self.tower == "image"):
+        if image != (self.tower == "image") or kind in AUDIO_KINDS:
             raise HFError(f"a {self.model_type} model has no tower for kind={kind!r}")
         if kind == "resnet":
             raise HFError(f"Hugging Face {self.model_type} towers load into kind='vit', not "
@@ -122,6 +123,35 @@ class Architecture:
     def image_size(self, cfg: Mapping[str, Any]) -> tuple[int, int]:
         """(height, width) the position embeddings were made for."""
         raise HFError(f"model_type={self.model_type!r} takes no images")
+
+    def select_weights(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The folder's tensors that the weight table covers: a task model's base-model
+        ``prefix`` (``bert.``, ``vit.``) is removed."""
+        p = self.prefix
+        if p and any(k.startswith(f"{p}embeddings.") for k in weights):
+            return {k.removeprefix(p): v for k, v in weights.items()}
+        return weights
+
+    def fixed(self, model: nn.Module) -> dict[str, np.ndarray]:
+        """Hugging Face tensors that mmjax computes instead of storing (Whisper's sinusoidal
+        positions): loading checks the folder's against them, saving writes them."""
+        return {}
+
+    def implied(self, model: nn.Module) -> dict[tuple[str, ...], np.ndarray]:
+        """mmjax variables (paths below the collection) with no Hugging Face tensor and no effect
+        on the outputs (Whisper's key bias, which softmax cancels): loading sets these values,
+        saving leaves them out."""
+        return {}
+
+    def export_config(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The config.json ``save`` writes: the folder's own, with ``architectures`` if absent."""
+        return {**cfg, "architectures": cfg.get("architectures") or [self.hf_class]}
+
+    def reference_model(self, path: Any) -> Any:
+        """transformers' PyTorch module of a folder, run by ``compare``."""
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(str(path), local_files_only=True)
 
     def reference(self, out: Any, to_numpy: Callable[[Any], np.ndarray]
                   ) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]]:

@@ -28,15 +28,14 @@ def _torch_outputs(path: str | Path, inputs: Mapping[str, np.ndarray]
                    ) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]]:
     """Hugging Face outputs and per-layer hidden states: ({name: array}, {tower: [states]})."""
     import torch
-    from transformers import AutoModel
 
-    hf = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+    arch = registry.architecture(io.read_config(path))
+    hf = arch.reference_model(path).eval()
     tin = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
     if "pixel_values" in tin:
         tin["pixel_values"] = tin["pixel_values"].permute(0, 3, 1, 2)
     with torch.no_grad():
         out = hf(**tin, output_hidden_states=True)
-    arch = registry.architecture({"model_type": hf.config.model_type})
     return arch.reference(out, lambda t: t.detach().float().numpy())
 
 

@@ -36,7 +36,7 @@ def _export_model(params: Mapping[str, Any], cfg: Mapping[str, Any], modality: s
         tree = {k: params[k] for k in ("text", "image", "text_projection", "visual_projection",
                                        "logit_scale")}
         return registry.build(cfg), {"params": tree}
-    part = "text" if mt == "bert" else "image"
+    part = registry.architecture(cfg).tower  # "text" (BERT), "image" (ViT), "audio"
     name = modality or part
     if name not in params:
         raise HFError(f"{where}: the checkpoint has no params/{name} (it has "

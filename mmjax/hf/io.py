@@ -1,4 +1,5 @@
-"""Hugging Face folders on disk ↔ mmjax variables: config.json, weights, and the mapping.
+"""Hugging Face folders on disk ↔ mmjax variables: config.json, weights, and the mapping (and
+an audio folder's feature extractor).
 
 Local folders only: nothing is downloaded. Every tensor goes through its architecture's weight
 table, so a missing, unexpected or mis-shaped tensor is an error that names it, in both
@@ -18,11 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from mmjax.data.audio import FrontEnd
 from mmjax.hf import registry
-from mmjax.hf.common import HFError
+from mmjax.hf.common import HFError, max_abs_diff
 
 # Non-persistent buffers that older checkpoints still contain; they are not weights.
 _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids", "num_batches_tracked")
+# How far a stored tensor that mmjax computes (``Architecture.fixed``) may be from mmjax's:
+# Whisper's sinusoids at angles up to 1500 rad differ by float32 rounding of the angle (an ulp
+# there is 1.2e-4); anything that is not Whisper's table differs by O(1).
+FIXED_TOL = 5e-4
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -57,13 +63,6 @@ def read_weights(path: str | Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, np.float32) for k, v in raw.items() if not k.endswith(_BUFFERS)}
 
 
-def _strip_prefix(weights: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    """Drops the base-model prefix (``bert.``, ``vit.``) that task models' checkpoints carry."""
-    if prefix and any(k.startswith(f"{prefix}embeddings.") for k in weights):
-        return {k.removeprefix(prefix): v for k, v in weights.items()}
-    return weights
-
-
 def _path(p: tuple[str, ...]) -> str:
     return "/".join(p)
 
@@ -78,14 +77,22 @@ def variables_from_hf(
     expected = traverse_util.flatten_dict(
         jax.eval_shape(model.init, jax.random.key(0), **inputs))
     entries = arch.table(model)
-    names = {e.hf for e in entries}
+    fixed, implied = arch.fixed(model), arch.implied(model)
+    names = {e.hf for e in entries} | set(fixed)
+    for name, value in fixed.items():
+        got = weights.get(name)
+        if got is not None and (got.shape != value.shape or max_abs_diff(got, value) > FIXED_TOL):
+            diff = max_abs_diff(got, value) if got.shape == value.shape else float("nan")
+            raise HFError(f"{where}weight {name!r} {tuple(got.shape)} is not what mmjax computes "
+                          f"for it {tuple(value.shape)} (max |diff| {diff:.2e}; mmjax's tower "
+                          "has no parameter for it)")
     for e in entries:
         if e.hf not in weights:
             raise HFError(f"{where}missing weight {e.hf!r} (mmjax {_path(e.mm)})")
     for name in weights:
         if name not in names:
             raise HFError(f"{where}unexpected weight {name!r} (no mmjax parameter takes it)")
-    covered = {e.mm for e in entries}
+    covered = {e.mm for e in entries} | set(implied)
     for p in expected:
         if p not in covered:
             raise HFError(f"mmjax parameter {_path(p)} has no Hugging Face source")
@@ -98,6 +105,8 @@ def variables_from_hf(
             raise HFError(f"{where}weight {e.hf!r} has shape {tuple(got.shape)}, the config "
                           f"implies {tuple(want_hf)} (mmjax {_path(e.mm)})")
         flat[e.mm] = jnp.asarray(e.to_mm(got), jnp.float32)
+    for p, value in implied.items():
+        flat[p] = jnp.asarray(value, jnp.float32)
     return traverse_util.unflatten_dict(flat)
 
 
@@ -107,7 +116,7 @@ def load(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     ``model.apply(variables, **inputs)`` returns Hugging Face's output names; images are NHWC.
     """
     cfg = read_config(path)
-    weights = _strip_prefix(read_weights(path), registry.architecture(cfg).prefix)
+    weights = registry.architecture(cfg).select_weights(read_weights(path))
     pooler = any(k.startswith("pooler.") for k in weights)
     model = registry.build(cfg, pooler=pooler)
     return model, variables_from_hf(model, weights, f"{path}: ")
@@ -116,7 +125,8 @@ def load(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 def state_dict(model: nn.Module, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """mmjax variables → Hugging Face tensors (exact: transposes and reshapes only)."""
     flat = traverse_util.flatten_dict(dict(variables))
-    out = {}
+    fixed = registry.architecture_of(model).fixed(model)
+    out = {k: np.asarray(v, np.float32) for k, v in fixed.items()}
     for e in registry.table(model):
         if e.mm not in flat:
             raise HFError(f"params have no {_path(e.mm)} (for {e.hf!r})")
@@ -132,11 +142,27 @@ def save(model: nn.Module, variables: Mapping[str, Any], path: str | Path) -> Pa
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = json.loads(model.hf_config)
-    cfg.setdefault("architectures", [registry.architecture(cfg).hf_class])
+    cfg = registry.architecture(cfg).export_config(cfg)
     save_file(state_dict(model, variables), str(path / "model.safetensors"),
               metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def load_feature_extractor(path: str | Path) -> FrontEnd:
+    """The audio front end of a folder's ``preprocessor_config.json`` (AST or Whisper).
+
+    ``fe(waveforms, sampling_rate=16000)`` returns what transformers' feature extractor returns
+    for the same call: AST ``input_values`` [B, frames, mels], Whisper ``input_features``
+    [B, mels, frames]; pure numpy (``mmjax.data.audio``).
+    """
+    file = Path(path) / "preprocessor_config.json"
+    if not file.is_file():
+        raise HFError(f"{file}: not found (an audio folder's feature extractor config)")
+    try:
+        return FrontEnd.from_config(json.loads(file.read_text()), f"{file}: ")
+    except ValueError as e:
+        raise HFError(str(e)) from None
 
 
 def is_hf_folder(path: str | Path) -> bool:

@@ -12,13 +12,13 @@ from typing import Any
 
 import flax.linen as nn
 
-from mmjax.hf import bert, clip, resnet, vit
+from mmjax.hf import ast, bert, clip, resnet, vit, whisper
 from mmjax.hf.common import Architecture, HFError
 from mmjax.hf.table import Entry
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a for a in (bert.ARCHITECTURE, vit.ARCHITECTURE, clip.ARCHITECTURE,
-                              resnet.ARCHITECTURE)
+                              resnet.ARCHITECTURE, ast.ARCHITECTURE, whisper.ARCHITECTURE)
 }
 MODEL_TYPES = tuple(ARCHITECTURES)
 

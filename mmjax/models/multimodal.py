@@ -26,13 +26,15 @@ import jax.numpy as jnp
 from mmjax.models import fusion as fusion_lib
 from mmjax.models import heads as heads_lib
 from mmjax.models import layers, objectives
+from mmjax.models.audio import AST, WhisperEncoder
 from mmjax.models.resnet import ResNet
 from mmjax.models.text import TextEncoder
 from mmjax.models.vit import ViT
 
 Array = jax.Array
 
-ENCODERS: dict[str, type[nn.Module]] = {"vit": ViT, "resnet": ResNet, "text": TextEncoder}
+ENCODERS: dict[str, type[nn.Module]] = {"vit": ViT, "resnet": ResNet, "text": TextEncoder,
+                                         "ast": AST, "whisper": WhisperEncoder}
 # config.model keys that are model-wide options, not modalities.
 MODEL_OPTIONS = (
     "fusion", "heads", "dropout", "dtype", "attn_implementation", "remat", "scan_layers",
@@ -82,7 +84,7 @@ class Heads(nn.Module):
 class MultimodalModel(nn.Module):
     """Encoders → fusion → heads.
 
-    ``encoders``: modality → {"kind": "vit"|"resnet"|"text", **module options}; the batch holds
+    ``encoders``: modality → {"kind": one of ``ENCODERS``, **module options}; the batch holds
     the modality's input under the same name (an array, or a dict of keyword arguments such as
     ``{"ids", "mask"}`` for text). ``fusion``: {"kind": ... | "none", **options}; "none" makes a
     two-tower model whose heads read the towers' pooled features. ``heads``: task → {"kind":
