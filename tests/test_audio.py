@@ -86,18 +86,6 @@ def test_front_end_errors_name_the_problem(tmp_path: Path) -> None:
         hf.load_feature_extractor(tmp_path)
 
 
-@pytest.mark.parametrize("window", ["hanning", "povey"])
-def test_kaldi_fbank_matches_torchaudio(window: str) -> None:
-    """Where torchaudio is installed, the fbank is also checked against Kaldi's port."""
-    kaldi = pytest.importorskip("torchaudio.compliance.kaldi")
-    import torch
-
-    wave = _waves(3, 16000 + 123)[0]
-    ref = kaldi.fbank(torch.from_numpy(wave)[None], sample_frequency=16000, window_type=window,
-                      num_mel_bins=80).numpy()
-    _check(audio.kaldi_fbank(wave, window=window, num_mel_bins=80), ref)
-
-
 def _bands(masked: np.ndarray) -> list[tuple[int, int]]:
     """(start, width) of each run of True."""
     edges = np.flatnonzero(np.diff(np.concatenate([[0], masked.astype(int), [0]])))
