@@ -50,6 +50,9 @@ def model_options(**overrides: Any) -> dict[str, Any]:
         "scan_layers": False,  # each encoder's layers as one nn.scan over stacked params
         "scan_unroll": 0,  # with scan_layers: layers per loop iteration, 0 = all (no loop)
         "gpu_rewrites": False,  # opt-in GPU layout rewrites, same math (models/gpu_rewrites.py)
+        # training only: drop each modality of an example with this probability (never all);
+        # the fusion puts a learned token in its place
+        "modality_dropout": 0.0,
         **overrides,
     }
 

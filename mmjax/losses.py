@@ -196,11 +196,20 @@ def mse(outputs: Mapping, batch: Mapping, cfg: Mapping) -> tuple[jax.Array, dict
     return loss, {"mae": _weighted_mean(jnp.mean(jnp.abs(err), axis=-1), weights)}
 
 
+def _pair_embeds(outputs: Mapping, cfg: Mapping) -> tuple[jax.Array, jax.Array]:
+    """The head's two embeddings, in its ``modalities`` order (image and text by default, e.g.
+    audio and text for a CLAP-style head); metric names keep i2t = first → second."""
+    a, b = cfg.get("modalities", ("image", "text"))
+    return (jnp.asarray(outputs[f"{a}_embeds"], jnp.float32),
+            jnp.asarray(outputs[f"{b}_embeds"], jnp.float32))
+
+
 @register("infonce")
 def infonce(
     outputs: Mapping, batch: Mapping, cfg: Mapping
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Symmetric CLIP contrastive loss between ``image_embeds`` and ``text_embeds`` [B,D].
+    """Symmetric CLIP contrastive loss between the head's two embeddings [B,D] (``image_embeds``
+    and ``text_embeds`` unless the head's ``modalities`` say otherwise).
 
     The embeddings arrive L2-normalised from the head. ``outputs["logit_scale"]`` is the learnt
     *log* of the logit multiplier, so the multiplier stays positive; logits are
@@ -216,9 +225,7 @@ def infonce(
     Metrics: ``i2t_accuracy`` and ``t2i_accuracy`` (retrieval top-1 within the batch) and
     ``temperature``, the clamped multiplier exp(logit_scale) applied to the logits.
     """
-    del cfg  # No options yet; the argument keeps the common loss signature.
-    img = jnp.asarray(outputs["image_embeds"], jnp.float32)
-    txt = jnp.asarray(outputs["text_embeds"], jnp.float32)
+    img, txt = _pair_embeds(outputs, cfg)
     scale = jnp.minimum(
         jnp.exp(jnp.asarray(outputs["logit_scale"], jnp.float32)), MAX_LOGIT_SCALE
     ).reshape(())
@@ -259,12 +266,10 @@ def siglip(
     Metrics: ``i2t_accuracy``/``t2i_accuracy`` (in-batch top-1 retrieval), ``temperature``
     (exp(logit_scale)) and ``bias``.
     """
-    del cfg  # No options; the argument keeps the common loss signature.
     if "logit_bias" not in outputs:
         raise ValueError("the siglip loss needs a learnable bias: use head kind 'siglip' or set "
                          "init_bias on the contrastive head")
-    img = jnp.asarray(outputs["image_embeds"], jnp.float32)
-    txt = jnp.asarray(outputs["text_embeds"], jnp.float32)
+    img, txt = _pair_embeds(outputs, cfg)
     scale = jnp.exp(jnp.asarray(outputs["logit_scale"], jnp.float32)).reshape(())
     bias = jnp.asarray(outputs["logit_bias"], jnp.float32).reshape(())
     n = img.shape[0]

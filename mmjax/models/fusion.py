@@ -12,6 +12,16 @@ and returns ``{"tokens": [B, T', W], "pooled": [B, W'], "mask": [B, T'] | None}`
   previous state; pooled = the two streams' masked means, concatenated.
 - ``late``: no token interaction; the encoders' pooled features are concatenated and mixed by a
   two-layer MLP; tokens are the projected sequences side by side (for heads that want them).
+- ``bottleneck``: attention bottlenecks (Nagrani et al. 2021, MBT): each modality keeps its own
+  layers, and modalities exchange information only through ``bottleneck_tokens`` shared tokens
+  that every modality's layer updates and that are then averaged across modalities; pooled = the
+  mean over modalities of each stream's learned [CLS] token.
+
+Every kind takes any number of modalities except ``co_attention`` (two streams). A modality may
+be absent from some examples (``features[m]["present"]``, bool [B], False = absent): its tokens
+are replaced by one learned per-modality token (``<m>_absent``; for ``late`` a learned pooled
+vector) and the rest of its positions are masked, so the fusion never reads the placeholder
+input of an absent modality.
 """
 
 from __future__ import annotations
@@ -28,12 +38,75 @@ from mmjax.models import layers, scan
 Array = jax.Array
 Features = Mapping[str, Mapping[str, Array | None]]
 
-FUSION_KINDS = ("concat", "cross_attention", "co_attention", "late")
+FUSION_KINDS = ("concat", "cross_attention", "co_attention", "late", "bottleneck")
 
 
-def _mask_or_ones(f: Mapping[str, Array | None]) -> Array:
-    t = f["tokens"]
-    return jnp.ones(t.shape[:2], jnp.int32) if f["mask"] is None else f["mask"]
+def _ones_if_none(mask: Array | None, x: Array) -> Array:
+    return jnp.ones(x.shape[:2], jnp.int32) if mask is None else mask
+
+
+def fill_absent(x: Array, mask: Array | None, present: Array, token: Array
+                ) -> tuple[Array, Array]:
+    """Rows where ``present`` is False become ``token`` at every position, with only the first
+    position valid in the returned mask (so attention reads one learned token, never the
+    placeholder input)."""
+    first = jnp.arange(x.shape[1]) == 0
+    x = jnp.where(present[:, None, None], x, token.astype(x.dtype))
+    base = _ones_if_none(mask, x)
+    return x, jnp.where(present[:, None], base, first[None].astype(base.dtype))
+
+
+class Bottleneck(nn.Module):
+    """MBT's attention bottlenecks over token streams already projected to one width.
+
+    Layer i runs each modality's own Block on [its stream, the shared bottleneck tokens]; the
+    modalities' updated bottleneck tokens are averaged into the next layer's. A modality sees
+    the others only through those ``num_tokens`` tokens.
+    """
+
+    num_tokens: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    opts: layers.Options = layers.Options()
+
+    @nn.compact
+    def __call__(self, tokens: Mapping[str, Array], masks: Mapping[str, Array | None], *,
+                 train: bool = False) -> dict[str, Array]:
+        order = sorted(tokens)
+        b, w, dtype = tokens[order[0]].shape[0], tokens[order[0]].shape[-1], self.opts.dtype
+        init = nn.initializers.normal(0.02)
+        z = self.param("tokens", init, (1, self.num_tokens, w)).astype(dtype)
+        z = jnp.broadcast_to(z, (b, self.num_tokens, w))
+        streams, attn_masks, out_masks = {}, {}, {}
+        for m in order:
+            cls = self.param(f"{m}_cls", init, (1, 1, w)).astype(dtype)
+            streams[m] = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, w)), tokens[m]], 1)
+            mask = _ones_if_none(masks[m], tokens[m])
+            out_masks[m] = jnp.concatenate([jnp.ones((b, 1), mask.dtype), mask], 1)
+            attn_masks[m] = None if masks[m] is None else jnp.concatenate(
+                [out_masks[m], jnp.ones((b, self.num_tokens), mask.dtype)], 1)
+        block = scan.remat(layers.Block, self.opts.remat)
+        for i in range(self.depth):
+            updates = []
+            for m in order:
+                t = streams[m].shape[1]
+                y = block(num_heads=self.num_heads, mlp_dim=self.mlp_dim, pre_norm=True,
+                          activation=self.activation, layer_norm_eps=self.layer_norm_eps,
+                          opts=self.opts, name=f"{m}_layer_{i}")(
+                    jnp.concatenate([streams[m], z], 1), attn_masks[m], None, None, train)
+                streams[m] = y[:, :t]
+                updates.append(y[:, t:])
+            z = jnp.mean(jnp.stack(updates), axis=0)
+        outs = [nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=dtype, name=f"{m}_norm")(
+            streams[m]) for m in order]
+        return {
+            "tokens": jnp.concatenate(outs, axis=1),
+            "pooled": jnp.mean(jnp.stack([x[:, 0] for x in outs]), axis=0),
+            "mask": jnp.concatenate([out_masks[m] for m in order], axis=1),
+        }
 
 
 class CoAttentionLayer(nn.Module):
@@ -85,6 +158,7 @@ class Fusion(nn.Module):
     pool: str = "first"
     activation: str = "gelu"
     layer_norm_eps: float = 1e-6
+    bottleneck_tokens: int = 4
     opts: layers.Options = layers.Options()
 
     def _encoder(self, name: str, cross: bool) -> layers.Encoder:
@@ -117,9 +191,20 @@ class Fusion(nn.Module):
         dtype = self.opts.dtype
         tokens = {m: nn.Dense(self.width, dtype=dtype, name=f"{m}_proj")(features[m]["tokens"])
                   for m in order}
-        masks = {m: _mask_or_ones(features[m]) for m in order}
         # Attention gets a modality's own mask, None where it has none (no all-ones mask).
         given = {m: features[m]["mask"] for m in order}
+        present = {m: features[m].get("present") for m in order}
+        for m in order:  # the learned stand-ins exist whether or not this batch needs them
+            absent = self.param(f"{m}_absent", nn.initializers.normal(0.02), (self.width,))
+            if present[m] is not None:
+                tokens[m], given[m] = fill_absent(tokens[m], given[m], present[m], absent)
+        masks = {m: _ones_if_none(given[m], tokens[m]) for m in order}
+
+        if self.kind == "bottleneck":
+            return Bottleneck(self.bottleneck_tokens, self.depth, self.num_heads,
+                              self.mlp_dim or 4 * self.width, self.activation,
+                              self.layer_norm_eps, self.opts, name="bottleneck")(
+                tokens, given, train=train)
 
         if self.kind == "concat":
             seq = []
@@ -177,7 +262,15 @@ class Fusion(nn.Module):
             }
 
         # late
-        pooled = jnp.concatenate([features[m]["pooled"].astype(dtype) for m in order], -1)
+        pooled = []
+        for m in order:
+            p = features[m]["pooled"].astype(dtype)
+            absent = self.param(f"{m}_absent_pooled", nn.initializers.normal(0.02),
+                                (p.shape[-1],))
+            if present[m] is not None:
+                p = jnp.where(present[m][:, None], p, absent.astype(dtype))
+            pooled.append(p)
+        pooled = jnp.concatenate(pooled, -1)
         h = nn.Dense(self.mlp_dim or 4 * self.width, dtype=dtype, name="mlp_fc1")(pooled)
         h = layers.get_activation(self.activation, self.opts)(h)
         h = nn.Dropout(self.opts.dropout)(h, deterministic=not train)

@@ -38,7 +38,7 @@ ENCODERS: dict[str, type[nn.Module]] = {"vit": ViT, "resnet": ResNet, "text": Te
 # config.model keys that are model-wide options, not modalities.
 MODEL_OPTIONS = (
     "fusion", "heads", "dropout", "dtype", "attn_implementation", "remat", "scan_layers",
-    "scan_unroll", "gpu_rewrites",
+    "scan_unroll", "gpu_rewrites", "modality_dropout",
 )
 # Config keys that describe a part but are not arguments of its module.
 _NON_MODULE_KEYS = {"kind", "init_from", "loss", "target", "label_smoothing", "tokenizer"}
@@ -89,12 +89,18 @@ class MultimodalModel(nn.Module):
     ``{"ids", "mask"}`` for text). ``fusion``: {"kind": ... | "none", **options}; "none" makes a
     two-tower model whose heads read the towers' pooled features. ``heads``: task → {"kind":
     ..., **options}. ``opts``: the settings every layer shares.
+
+    Missing modalities: ``batch["present"]`` (optional) maps a modality to bool [B], False where
+    an example lacks it (its batch entry is then a placeholder). In training,
+    ``modality_dropout`` = P also drops each modality of an example with probability P, never
+    all of an example's modalities. The fusion replaces an absent modality by a learned token.
     """
 
     encoders: Mapping[str, Mapping[str, Any]]
     fusion: Mapping[str, Any]
     heads: Mapping[str, Mapping[str, Any]]
     opts: layers.Options = layers.Options()
+    modality_dropout: float = 0.0
 
     def setup(self) -> None:
         self.towers = {m: _tower(m, cfg, self.opts) for m, cfg in self.encoders.items()}
@@ -116,8 +122,35 @@ class MultimodalModel(nn.Module):
         return self.towers[modality](x, train=train, **extra)
 
     def encode(self, batch: Mapping[str, Any], *, train: bool = False) -> dict[str, dict]:
-        """Every tower on its input: ``{modality: {"tokens", "pooled", "mask"}}``."""
-        return {m: self.encode_one(m, batch, train=train) for m in self.encoders}
+        """Every tower on its input: ``{modality: {"tokens", "pooled", "mask", "present"}}``
+        (``present``: bool [B], or None when every example has the modality)."""
+        towers = {m: self.encode_one(m, batch, train=train) for m in self.encoders}
+        present = self.presence(batch, train=train)
+        return {m: {**f, "present": present[m]} for m, f in towers.items()}
+
+    def presence(self, batch: Mapping[str, Any], *, train: bool = False
+                 ) -> dict[str, Array | None]:
+        """``{modality: bool [B] | None}`` from ``batch["present"]`` and, in training,
+        ``modality_dropout`` (drawn from the "dropout" rng stream)."""
+        given = dict(batch.get("present") or {})
+        unknown = sorted(set(given) - set(self.encoders))
+        if unknown:
+            raise ValueError(f"batch['present'] names {unknown}, which are not towers of the "
+                             f"model ({sorted(self.encoders)})")
+        present = {m: given.get(m) for m in self.encoders}
+        if not (train and self.modality_dropout > 0 and len(self.encoders) > 1):
+            return present
+        names = list(self.encoders)
+        b = _batch_size(batch[names[0]])
+        base = jnp.stack([jnp.ones((b,), bool) if present[m] is None else present[m]
+                          for m in names], axis=1)
+        k_drop, k_pick = jax.random.split(self.make_rng("dropout"))
+        keep = base & (jax.random.uniform(k_drop, base.shape) >= self.modality_dropout)
+        # An example that lost all its modalities keeps one of them, drawn uniformly.
+        pick = jnp.argmax(jnp.where(base, jax.random.uniform(k_pick, base.shape), -1.0), axis=1)
+        rescue = jax.nn.one_hot(pick, len(names), dtype=bool) & base
+        keep = jnp.where(keep.any(axis=1, keepdims=True), keep, rescue)
+        return {m: keep[:, i] for i, m in enumerate(names)}
 
     def __call__(self, batch: Mapping[str, Any], *, train: bool = False) -> dict[str, Any]:
         """``{task: head outputs}`` for every head."""
@@ -204,6 +237,10 @@ class MultimodalModel(nn.Module):
         return jax.random.fold_in(base, objectives.salt(task))
 
 
+def _batch_size(x: Any) -> int:
+    return jax.tree_util.tree_leaves(x)[0].shape[0]
+
+
 def _tower(modality: str, cfg: Mapping[str, Any], opts: layers.Options) -> nn.Module:
     kind = cfg.get("kind")
     if kind not in ENCODERS:
@@ -270,11 +307,18 @@ def build_model(model_cfg: Any, *, bn_axis_name: str | None = None) -> Multimoda
         if head.get("kind") not in heads_lib.HEADS:
             raise ValueError(f"model.heads.{task}.kind={head.get('kind')!r}; "
                              f"known: {sorted(heads_lib.HEADS)}")
+    p = cfg.get("modality_dropout", 0.0)
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"model.modality_dropout={p!r} must be a probability in [0, 1)")
+    if p and cfg.get("fusion", {}).get("kind", "none") == "none":
+        raise ValueError("model.modality_dropout needs a fusion (model.fusion.kind is 'none'): "
+                         "an absent modality is replaced inside the fusion")
     return MultimodalModel(
         encoders=encoders,
         fusion=cfg.get("fusion", {"kind": "none"}),
         heads=_head_specs(cfg["heads"], encoders),
         opts=options(cfg, bn_axis_name),
+        modality_dropout=float(p),
     )
 
 
