@@ -24,6 +24,7 @@ import scipy.ndimage
 import simplejpeg
 from PIL import Image, ImageEnhance
 
+from mmjax.data.tokenize import WordPieceTokenizer
 from mmjax.inference import evaluate
 from mmjax.inference import run as run_lib
 from mmjax.robust import attacks, corruptions, drop, report
@@ -166,6 +167,21 @@ def test_word_shuffles_permute_more_with_severity():
         moved.append(np.mean([np.mean([a != b for a, b in zip(o.split(), _WORDS, strict=True)])
                               for o in outs]))
     assert all(a < b for a, b in itertools.pairwise(moved)), moved
+
+
+def test_text_batches_keep_unknown_words_through_the_tokenizer():
+    tok = WordPieceTokenizer.train(["is there a red disc ?", "is there a blue square ?"] * 20,
+                                   vocab_size=60)
+    ids, mask = tok.encode(["is there a zebra disc ?", "a xylo square", "is there"], 12)
+    assert (ids == tok.UNK).sum() >= 2  # "zebra" and "xylo" are not in the vocabulary
+    texts = corruptions.decode_keeping_unknown(tok, ids)
+    assert np.array_equal(tok.encode(texts, 12)[0], ids)  # a plain decode would drop them
+    out = corruptions.corrupt_batch({"text": {"ids": ids, "mask": mask}}, "word_shuffle", 5,
+                                    np.random.default_rng(1), tokenizer=tok)["text"]
+    assert out["ids"].dtype == ids.dtype and np.array_equal(out["mask"], mask)
+    for a, b in zip(out["ids"], ids, strict=True):  # a shuffle keeps the tokens
+        assert sorted(a.tolist()) == sorted(b.tolist())
+    assert not np.array_equal(out["ids"], ids)
 
 
 @pytest.mark.parametrize("severity", corruptions.SEVERITIES)

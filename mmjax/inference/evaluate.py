@@ -109,6 +109,11 @@ def evaluate(workdir: str | Path, *, split: str = "test", step: str | int | None
                                       f"{attacks_lib.METHODS}")
     if attack and not eps:
         raise attacks_lib.AttackError("--attack needs --eps (e.g. --eps=0.0314 for 8/255)")
+    if eps and not attack:
+        raise attacks_lib.AttackError(f"--eps={list(eps)} without --attack (fgsm or pgd)")
+    if step_size is not None and attack != "pgd":
+        raise attacks_lib.AttackError(f"--step_size={step_size} is a PGD option; --attack is "
+                                      f"{attack or 'not set'}")
     run = run_lib.load(workdir, step)
     par = run_lib.parallel_for(run.config)
     info = {"vocab_size": run.tokenizer.vocab_size, "num_classes": len(run.label_names)}

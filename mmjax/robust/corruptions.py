@@ -16,6 +16,7 @@ op is mapped back to its exact pixels, corrupted and scaled again.
 from __future__ import annotations
 
 import io
+import logging
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -24,6 +25,8 @@ import numpy as np
 from PIL import Image
 
 from mmjax.errors import ExplainedError
+
+log = logging.getLogger(__name__)
 
 # ImageNet-C's parameters per severity 1..5 (Hendrycks & Dietterich 2019, make_imagenet_c.py).
 IMAGE_TABLES: dict[str, tuple[float, ...]] = {
@@ -41,6 +44,7 @@ AUDIO_TABLES: dict[str, tuple[float, ...]] = {"audio_noise": (20, 15, 10, 5, 0)}
 KINDS = {**dict.fromkeys(IMAGE_TABLES, "image"), **dict.fromkeys(TEXT_TABLES, "text"),
          **dict.fromkeys(AUDIO_TABLES, "audio")}
 SEVERITIES = (1, 2, 3, 4, 5)
+UNKNOWN = "[UNK]"  # how an unknown token is written in decoded text (BERT's spelling)
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -248,6 +252,28 @@ def image_pixels(images: np.ndarray) -> tuple[np.ndarray, Callable[[np.ndarray],
     return pixels.astype(np.uint8), back
 
 
+def decode_keeping_unknown(tokenizer: Any, ids: np.ndarray) -> list[str]:
+    """``tokenizer.decode`` of each row, with every unknown-token id written as ``[UNK]``
+    (decoders drop special tokens, so a plain round trip would delete unknown words)."""
+    unk = getattr(tokenizer, "UNK", None)
+    out = []
+    for row in np.atleast_2d(ids):
+        if unk is None or unk not in row:
+            out.append(tokenizer.decode(row[None])[0])
+            continue
+        parts, run = [], []
+        for i in [*row.tolist(), unk]:
+            if i != unk:
+                run.append(i)
+                continue
+            if run:
+                parts.append(tokenizer.decode(np.asarray([run]))[0])
+            parts.append(UNKNOWN)
+            run = []
+        out.append(" ".join(p for p in parts[:-1] if p))
+    return out
+
+
 def corrupt_batch(batch: Mapping[str, Any], name: str, severity: int, rng: np.random.Generator,
                   *, tokenizer: Any = None) -> dict[str, Any]:
     """``batch`` with corruption ``name`` applied to every row of its modality's entry
@@ -266,7 +292,12 @@ def corrupt_batch(batch: Mapping[str, Any], name: str, severity: int, rng: np.ra
         if tokenizer is None:
             raise CorruptionError(f"text corruption {name} needs the run's tokenizer")
         ids = np.asarray(batch["text"]["ids"])
-        texts = [corrupt_text(t, name, severity, rng) for t in tokenizer.decode(ids)]
+        texts = decode_keeping_unknown(tokenizer, ids)
+        same = (tokenizer.encode(texts, ids.shape[1])[0] == ids).all(axis=1)
+        if not same.all():
+            log.warning("%s: %d of %d text rows change in the tokenizer's decode/encode round "
+                        "trip alone", name, int((~same).sum()), len(same))
+        texts = [corrupt_text(t, name, severity, rng) for t in texts]
         new_ids, new_mask = tokenizer.encode(texts, ids.shape[1])
         out["text"] = {**batch["text"], "ids": new_ids.astype(ids.dtype),
                        "mask": new_mask.astype(np.asarray(batch["text"]["mask"]).dtype)}
