@@ -298,7 +298,8 @@ def test_drop_hands_the_model_present_masks(trained, monkeypatch):
     assert sum(int(b["valid"].sum()) for b in seen) == 96  # every test row went through
     for batch in seen:
         present = batch["present"]
-        assert set(present) == {"image"}
+        # (a pipeline that writes masks of its own keeps them: every example has its text)
+        assert all(np.all(v) for k, v in present.items() if k != "image")
         assert present["image"].dtype == bool and not present["image"].any()
         assert present["image"].shape == batch["label"].shape
         # the placeholder: the entry in place, its usual dtype and per-row shape
