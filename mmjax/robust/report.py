@@ -84,7 +84,8 @@ def write(result: Mapping[str, Any], directory: str | Path) -> list[Path]:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(table)
-    lines = [f"# Robustness: step {result.get('step')}, split {result.get('split')}", "",
+    dropped = f", without {'+'.join(result['drop'])}" if result.get("drop") else ""
+    lines = [f"# Robustness: step {result.get('step')}, split {result.get('split')}{dropped}", "",
              "| kind | name | level | accuracy |", "|---|---|---|---|"]
     lines += [f"| {r['kind']} | {r['name']} | {r['level']:g} | {r['accuracy']:.4f} |"
               for r in table]
