@@ -4,21 +4,28 @@ The run's config, tokenizer and labels come from its workdir; ``trainer.loop.ass
 the same ``Setup`` training built, and ``trainer.loop.evaluate`` produces the metrics, so for a
 checkpoint that training evaluated the numbers are those of its ``metrics.jsonl`` line. Options
 that change what is evaluated are edits of the state (or, through ``batch_fn``, of each batch)
-applied in :func:`evaluate` before that one call.
+applied in :func:`evaluate` before that one call. Robustness options (``mmjax.robust``) are
+batch edits too: ``drop`` marks modalities absent, each ``corrupt`` spec is one more pass over
+the split with corrupted inputs, and ``attack`` runs FGSM/PGD on the classification head.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mmjax import weighting
+from mmjax.data import pipeline
 from mmjax.data.records import SPLITS
 from mmjax.inference import quantize as quantize_lib
 from mmjax.inference import run as run_lib
+from mmjax.robust import attacks as attacks_lib
+from mmjax.robust import corruptions, drop
 from mmjax.trainer import loop
 from mmjax.trainer.state import TrainState
 
@@ -38,25 +45,111 @@ def _quantized_params(run: run_lib.Run, mode: str) -> dict[str, Any]:
     return params
 
 
+def _chain(*fns: Callable[[dict], dict] | None) -> Callable[[dict], dict] | None:
+    fns = tuple(f for f in fns if f is not None)
+    if not fns:
+        return None
+
+    def fn(batch: dict) -> dict:
+        for f in fns:
+            batch = f(batch)
+        return batch
+
+    return fn
+
+
+def _attacks(run: run_lib.Run, split: str, batch_size: int, *, method: str,
+             eps: Sequence[float], steps: int, step_size: float | None, quantize: str,
+             dropped: Sequence[str], batch_fn: Callable[[dict], dict] | None
+             ) -> dict[str, dict[str, float]]:
+    """``{"method:modalities:eps": robust accuracy entry}``: each attackable modality alone,
+    then all of them together when there are several."""
+    task, kind = run_lib.output_task(run.config)
+    if kind != "classification":
+        raise attacks_lib.AttackError(f"--attack needs a classification head; {task!r} is a "
+                                      f"{kind} head")
+    model = run.build_model()
+    kinds = {m: k for m, k in attacks_lib.targets(model.encoders).items() if m not in dropped}
+    sets = [[m] for m in kinds] + ([list(kinds)] if len(kinds) > 1 else [])
+    if not sets:
+        raise attacks_lib.AttackError("--attack: no modality to attack (image towers "
+                                      f"{attacks_lib.IMAGE_KINDS}, text towers "
+                                      f"{attacks_lib.TEXT_KINDS}; dropped: {list(dropped)})")
+    variables = quantize_lib.dequantize(run.variables(quantize))
+    out = {}
+    for mods in sets:
+        for e in eps:
+            batches = pipeline.eval_batches(run.config.data, split, batch_size=batch_size,
+                                            tokenizer=run.tokenizer)
+            if batch_fn is not None:
+                batches = map(batch_fn, batches)
+            out[f"{method}:{'+'.join(mods)}:{e:g}"] = attacks_lib.robust_accuracy(
+                model, variables, batches, task=task, kinds={m: kinds[m] for m in mods},
+                method=method, eps=e, steps=steps, step_size=step_size)
+    return out
+
+
 def evaluate(workdir: str | Path, *, split: str = "test", step: str | int | None = None,
-             quantize: str = "") -> dict[str, Any]:
+             quantize: str = "", drop_modalities: Sequence[str] | str = (), corrupt: str = "",
+             attack: str = "", eps: Sequence[float] = (), steps: int = 10,
+             step_size: float | None = None) -> dict[str, Any]:
     """``{"step", "split", **metrics}`` of checkpoint ``step`` (default: the newest) on
-    ``split``: the keys and values a training line of that split carries."""
+    ``split``: the keys and values a training line of that split carries.
+
+    ``drop_modalities`` evaluates with those modalities marked absent (``batch["present"]``);
+    ``corrupt`` (``"name:severity,..."``) adds ``"corrupt": {"name:severity": metrics}``;
+    ``attack`` (``"fgsm"``/``"pgd"``, with ``eps``) adds ``"attack": {"method:mods:eps":
+    {"accuracy", ...}}``. docs/inference.md describes the entries.
+    """
     if split not in SPLITS:
         raise run_lib.RunError(f"--split={split!r}; expected one of {SPLITS}")
+    specs = corruptions.parse_specs(corrupt) if corrupt else []
+    if attack and attack not in attacks_lib.METHODS:
+        raise attacks_lib.AttackError(f"--attack={attack!r}; expected one of "
+                                      f"{attacks_lib.METHODS}")
+    if attack and not eps:
+        raise attacks_lib.AttackError("--attack needs --eps (e.g. --eps=0.0314 for 8/255)")
+    if eps and not attack:
+        raise attacks_lib.AttackError(f"--eps={list(eps)} without --attack (fgsm or pgd)")
+    if step_size is not None and attack != "pgd":
+        raise attacks_lib.AttackError(f"--step_size={step_size} is a PGD option; --attack is "
+                                      f"{attack or 'not set'}")
     run = run_lib.load(workdir, step)
     par = run_lib.parallel_for(run.config)
     info = {"vocab_size": run.tokenizer.vocab_size, "num_classes": len(run.label_names)}
     s = loop.assemble(run.config, run.workdir, par=par, tokenizer=run.tokenizer,
                       data_info=info, label_names=run.label_names)
+    dropped = drop.parse_drop(drop_modalities, s.model.encoders)
+    drop_fn = drop.batch_drop(dropped) if dropped else None
+    if dropped and s.evaluators:
+        # Evaluators read the split themselves, unchanged: their metrics would describe the
+        # inputs with every modality present.
+        log.info("--drop: evaluators %s not run", sorted(s.evaluators))
+        s = dataclasses.replace(s, evaluators={})
     # The float path evaluates the params exactly as saved (LoRA adapters applied inside the
     # step, as in training), so its numbers are training's to the last bit.
     params = _quantized_params(run, quantize) if quantize else run.params
     state = TrainState(step=np.asarray(run.step, np.int32), params=params, opt_state=None,
                        model_state=run.model_state, rng=None)
     state = par.put_state(state)
-    metrics = loop.evaluate(s, loop.compile_eval(s), state, split)
+    eval_fn = loop.compile_eval(s)
+    metrics = loop.evaluate(s, eval_fn, state, split, batch_fn=drop_fn)
     out = {"step": run.step, "split": split, **metrics}
     if quantize:
         out["quantize"] = quantize
+    if dropped:
+        out["drop"] = list(dropped)
+    if specs:
+        plain = dataclasses.replace(s, evaluators={})  # evaluators would see clean inputs
+        seed = int(run.config.get("seed", 0))
+        out["corrupt"] = {
+            f"{name}:{sev}": loop.evaluate(plain, eval_fn, state, split, batch_fn=_chain(
+                drop_fn, corruptions.batch_corruption(name, sev, tokenizer=run.tokenizer,
+                                                      seed=seed)))
+            for name, sev in specs}
+    if attack:
+        bs = int(run.config.get("eval_batch_size") or run.config.batch_size)
+        out["attack"] = _attacks(run, split, bs, method=attack, eps=eps, steps=steps,
+                                 step_size=step_size, quantize=quantize, dropped=dropped,
+                                 batch_fn=drop_fn)
     return out

@@ -22,6 +22,11 @@ class TextEncoder(nn.Module):
     ``mask`` may be any 0/1 pattern (attention masks the keys); pooling "last" assumes right
     padding, which every mmjax tokenizer writes.
 
+    ``token_embeds`` ([B, L, D]) replaces the token-embedding lookup of ``ids`` (positions,
+    segments and pooling still come from ``ids`` and ``mask``): the entry point for gradients
+    with respect to the input embeddings (``mmjax.robust.attacks``). In a batch it is one more
+    key of the text entry, ``{"ids", "mask", "token_embeds"}``.
+
     Pooling: "cls" first token, "mean" masked mean, "last" last valid token by mask,
     "argmax" the position of the largest token id (CLIP's end-of-text token), "eos" the first
     position whose id is ``eos_token_id`` (newer CLIP checkpoints; position 0 when absent, as in
@@ -63,6 +68,7 @@ class TextEncoder(nn.Module):
         mask: Array | None = None,
         segment_ids: Array | None = None,
         *,
+        token_embeds: Array | None = None,
         train: bool = False,
     ) -> dict[str, Array]:
         s = self.sizes()
@@ -74,6 +80,8 @@ class TextEncoder(nn.Module):
             mask = jnp.ones_like(ids)
         init = nn.initializers.normal(stddev=0.02)
         x = nn.Embed(self.vocab_size, d, embedding_init=init, name="token_embedding")(ids)
+        if token_embeds is not None:  # [B, L, D] instead of the lookup (input-gradient attacks)
+            x = token_embeds.astype(x.dtype)
         pos = self.param("position_embedding", init, (self.max_len, d), jnp.float32)
         if self.type_vocab_size:
             seg = jnp.zeros_like(ids) if segment_ids is None else segment_ids
