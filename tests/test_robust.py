@@ -307,6 +307,15 @@ def test_drop_hands_the_model_present_masks(trained, monkeypatch):
         assert batch["image"].shape[:present["image"].ndim] == present["image"].shape
 
 
+def test_dropping_the_image_changes_accuracy(trained):
+    """"is there a disc/square?" cannot be answered without the image: marking it absent must
+    move the accuracy (the model replaces it by its stand-in token)."""
+    clean = evaluate.evaluate(trained[1])
+    no_image = evaluate.evaluate(trained[1], drop_modalities="image")
+    assert no_image["drop"] == ["image"]
+    assert abs(no_image["accuracy"] - clean["accuracy"]) >= 0.05, (no_image, clean)
+
+
 def test_drop_of_an_unknown_modality_is_a_clear_error(trained):
     with pytest.raises(drop.DropError, match=r"'audio'.*modalities: \['image', 'text'\]"):
         evaluate.evaluate(trained[1], drop_modalities="image,audio")
