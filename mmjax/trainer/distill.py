@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mmjax.data.records import TOKENIZER_FILE
 from mmjax.errors import ExplainedError
 from mmjax.inference import run as run_lib
 from mmjax.models.multimodal import MultimodalModel
@@ -97,6 +99,20 @@ class Teacher:
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
     return bool((config.get("distill") or {}).get("teacher"))
+
+
+def adopt_tokenizer(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+    """A student that trains its own word-piece tokenizer (``data.tokenizer`` empty) starts
+    from the teacher's instead (copied into its workdir, where a resumed run finds it), so both
+    read a text as the same ids even when the student trains on fewer texts."""
+    if not enabled(config) or config.data.get("tokenizer") or config.data.name == "shapes":
+        return
+    theirs = Path(config.distill.teacher) / TOKENIZER_FILE
+    mine = Path(workdir) / TOKENIZER_FILE
+    if theirs.is_file() and not mine.exists():
+        mine.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(theirs, mine)
+        log.info("distill: the student reads text with the teacher's %s", theirs)
 
 
 def with_agreement(config: ml_collections.ConfigDict) -> dict[str, Any]:

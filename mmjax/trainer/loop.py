@@ -85,6 +85,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Setup:
     transfer.apply_encoder_overrides(config, log)
     # The workdir keeps the tokenizer and label vocabulary built from train data, so that a
     # resumed run reads exactly the ids it trained with.
+    distill_lib.adopt_tokenizer(config, workdir)
     tokenizer = pipeline.build_tokenizer(config.data, workdir=workdir)
     data_info = pipeline.dataset_info(config.data, tokenizer, workdir=workdir)
     _fill_from_data(config, data_info)
