@@ -14,7 +14,9 @@ resumed run reloads them from the teacher's workdir.
 
 The teacher may have another architecture than the student, but it must read the same inputs
 (data kind, image size, text length, eval preprocessing, tokenizer) and answer over the same
-label vocabulary; :func:`load` checks that and names the first mismatch.
+label vocabulary; :func:`load` checks that and names the first mismatch. A student that trains
+its own word-piece tokenizer starts from the teacher's (:func:`adopt_tokenizer`), and val/test
+lines get an ``agreement`` evaluator (:func:`with_agreement`). docs/training.md has the numbers.
 """
 
 from __future__ import annotations
