@@ -214,3 +214,15 @@ def test_a_teacher_over_other_labels_or_inputs_is_refused(runs, tmp_path):
     c = _student_config(runs["data"], tmp_path / "nowhere")
     with pytest.raises(distill.DistillError, match="nowhere"):
         loop.setup(c, tmp_path / "s4")
+
+
+@pytest.mark.slow
+def test_the_student_reads_text_with_the_teachers_tokenizer(runs, tmp_path):
+    theirs = (runs["teacher"] / "tokenizer.json").read_bytes()
+    c = _student_config(runs["data"], runs["teacher"])
+    distill.adopt_tokenizer(c, tmp_path / "fresh")
+    assert (tmp_path / "fresh" / "tokenizer.json").read_bytes() == theirs
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "tokenizer.json").write_text("{}")  # a resumed run keeps its own
+    distill.adopt_tokenizer(c, tmp_path / "own")
+    assert (tmp_path / "own" / "tokenizer.json").read_text() == "{}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -100,6 +101,7 @@ class Teacher:
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``config.distill.teacher`` names a teacher (configs from before it: no)."""
     return bool((config.get("distill") or {}).get("teacher"))
 
 
@@ -113,7 +115,9 @@ def adopt_tokenizer(config: ml_collections.ConfigDict, workdir: str | Path) -> N
     mine = Path(workdir) / TOKENIZER_FILE
     if theirs.is_file() and not mine.exists():
         mine.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(theirs, mine)
+        tmp = mine.with_suffix(f".tmp{os.getpid()}")
+        shutil.copyfile(theirs, tmp)
+        os.replace(tmp, mine)  # atomic: processes of one run may copy at once
         log.info("distill: the student reads text with the teacher's %s", theirs)
 
 
