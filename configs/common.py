@@ -35,6 +35,11 @@ def run(*, total_steps: int, batch_size: int, eval_batch_size: int, log_every: i
     c.init_from = ""  # a training workdir or checkpoint to start from; "" = fresh
     c.init_subtrees = ""  # params subtrees taken from init_from; "" = all but heads
     c.grad_accum_steps = 1
+    # Knowledge distillation from a trained run (mmjax/trainer/distill.py): teacher = its
+    # workdir ("" = off); the student's loss gets weight·T²·KL(teacher ‖ student) on the
+    # classification head `task` ("" = the first); step: "" (newest), N or "best".
+    c.distill = ml_collections.ConfigDict(
+        {"teacher": "", "weight": 1.0, "temperature": 1.0, "step": "", "task": ""})
     # mode "pmap" or "mesh"; fsdp: size of the parameter-sharding mesh axis (mesh only)
     c.parallel = ml_collections.ConfigDict({"mode": "pmap", "fsdp": 1})
     return c

@@ -19,6 +19,10 @@ Kinds:
   prediction is right if that object is one of the image's two.
 * ``qa`` (``task``: a classification head): answer accuracy by string (predicted label name
   against the gold one), overall and per question type (the question's first two words).
+* ``agreement`` (``task``: a classification head, default the one ``config.distill`` teaches):
+  with a distillation teacher (``config.distill.teacher``), how often the student's top-1 class
+  is the teacher's (``agreement``), the mean KL(teacher ‖ student) of their softmax at
+  temperature 1 in nats (``kl``), and the teacher's own accuracy (``teacher_accuracy``).
 * ``caption`` (``task``: a caption head; ``max_len``): greedy decoding from the image; exact
   match of the decoded words with the reference caption, and corpus BLEU-4 (Papineni et al.
   2002: clipped n-gram precisions for n = 1..4, geometric mean, brevity penalty; one reference
@@ -43,7 +47,7 @@ import numpy as np
 from mmjax.data import pipeline, shapes
 from mmjax.data.tokenize import Tokenizer
 
-KINDS = ("retrieval", "zeroshot", "qa", "caption")
+KINDS = ("retrieval", "zeroshot", "qa", "agreement", "caption")
 
 
 # --- metrics (pure numpy, tested against references) ------------------------------------------
@@ -115,16 +119,19 @@ class Evaluator:
 
 
 class Env:
-    """What evaluators share: the model, data config, tokenizer, label names, eval batch size."""
+    """What evaluators share: the model, data config, tokenizer, label names, eval batch size,
+    and the run's distillation teacher (``trainer.distill.Teacher``) if it has one."""
 
     def __init__(self, *, model: Any, model_cfg: Mapping[str, Any], data_config: Any,
-                 tokenizer: Tokenizer, label_names: Sequence[str], batch_size: int):
+                 tokenizer: Tokenizer, label_names: Sequence[str], batch_size: int,
+                 teacher: Any = None):
         self.model = model
         self.model_cfg = model_cfg
         self.data_config = data_config
         self.tokenizer = tokenizer
         self.label_names = list(label_names)
         self.batch_size = batch_size
+        self.teacher = teacher
         self._jitted: dict[tuple, Callable] = {}
 
     def apply(self, method: str, **kwargs: Any) -> Callable:
@@ -242,6 +249,36 @@ class QA(Evaluator):
         return out
 
 
+class Agreement(Evaluator):
+    def __init__(self, name: str, cfg: Mapping[str, Any], env: Env):
+        if env.teacher is None:
+            raise ValueError(f"evals.{name}.kind='agreement' needs a teacher: set "
+                             "config.distill.teacher")
+        super().__init__(name, {"task": env.teacher.spec.task, **cfg}, env)
+        self._teacher_logits = jax.jit(env.teacher.spec.teacher_logits)
+        self._teacher_vars: Any = None
+
+    def __call__(self, variables: Mapping[str, Any], split: str) -> dict[str, float]:
+        fwd = self.env.apply("__call__")
+        if self._teacher_vars is None:  # on device once, not per batch
+            self._teacher_vars = jax.device_put(self.env.teacher.variables)
+        same = kl = right = 0.0
+        n = 0
+        for batch in self.env.batches(split):
+            keep = _valid(batch)
+            inputs = {k: v for k, v in batch.items() if k != "valid"}
+            s = np.asarray(fwd(variables, inputs)[self.task]["logits"], np.float32)[keep]
+            t = np.asarray(self._teacher_logits(self._teacher_vars, inputs), np.float32)[keep]
+            log_s, log_t = (np.asarray(jax.nn.log_softmax(x, axis=1), np.float64) for x in (s, t))
+            same += float((s.argmax(1) == t.argmax(1)).sum())
+            kl += float((np.exp(log_t) * (log_t - log_s)).sum())
+            gold = np.asarray(batch[self.env.model_cfg["heads"][self.task].get("target", "label")])
+            right += float((t.argmax(1) == gold[keep]).sum())
+            n += int(keep.sum())
+        n = max(n, 1)
+        return {"agreement": same / n, "kl": kl / n, "teacher_accuracy": right / n}
+
+
 def _norm(text: str) -> str:
     return " ".join(str(text).lower().split())
 
@@ -265,7 +302,8 @@ class Caption(Evaluator):
 
 
 EVALUATORS: dict[str, type[Evaluator]] = {
-    "retrieval": Retrieval, "zeroshot": ZeroShot, "qa": QA, "caption": Caption,
+    "retrieval": Retrieval, "zeroshot": ZeroShot, "qa": QA, "agreement": Agreement,
+    "caption": Caption,
 }
 UNPREFIXED = {"caption": ("exact_match", "bleu")}
 

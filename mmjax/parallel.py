@@ -137,7 +137,13 @@ class PmapParallel:
 
         return jax.tree.map(put, batch)
 
-    def compile_train(self, fn: Callable) -> Callable:
+    def put_frozen(self, tree: Any) -> Any:
+        """A read-only tree the step takes as an extra argument (a distillation teacher's
+        variables): replicated on the local devices like the state."""
+        return self.put_state(tree)
+
+    def compile_train(self, fn: Callable, frozen: Any = None) -> Callable:
+        """``fn(state, batch[, frozen])``: pmap maps every argument, ``frozen`` included."""
         return jax.pmap(fn, axis_name=AXIS, donate_argnums=(0,))
 
     def compile_eval(self, fn: Callable) -> Callable:
@@ -216,12 +222,20 @@ class MeshParallel:
             batch,
         )
 
-    def compile_train(self, fn: Callable) -> Callable:
+    def put_frozen(self, tree: Any) -> Any:
+        """A read-only tree the step takes as an extra argument (a distillation teacher's
+        variables), sharded like params (``parallel.fsdp``)."""
+        return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), tree,
+                            self.shardings(tree))
+
+    def compile_train(self, fn: Callable, frozen: Any = None) -> Callable:
+        """``fn(state, batch[, frozen])``; ``frozen``: the tree ``put_frozen`` placed."""
         if self._state_shardings is None:
             raise RuntimeError("put_state must run before compile_train (it fixes the shardings)")
+        extra = () if frozen is None else (jax.tree.map(lambda x: x.sharding, frozen),)
         return jax.jit(
             fn,
-            in_shardings=(self._state_shardings, self.batch_sharding),
+            in_shardings=(self._state_shardings, self.batch_sharding, *extra),
             out_shardings=(self._state_shardings, self.replicated),
             donate_argnums=(0,),
         )

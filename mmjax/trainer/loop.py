@@ -30,6 +30,7 @@ from mmjax.checkpoint import Checkpointer
 from mmjax.data import pipeline
 from mmjax.errors import ExplainedError
 from mmjax.models.multimodal import MultimodalModel, build_model
+from mmjax.trainer import distill as distill_lib
 from mmjax.trainer import step as step_lib
 from mmjax.trainer import workdir as workdir_lib
 from mmjax.trainer.state import (
@@ -64,6 +65,7 @@ class Setup:
     evaluators: Mapping[str, Any]
     accum_steps: int
     schedule: optax.Schedule
+    teacher: distill_lib.Teacher | None = None  # config.distill's, loaded once
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Setup:
@@ -83,6 +85,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Setup:
     transfer.apply_encoder_overrides(config, log)
     # The workdir keeps the tokenizer and label vocabulary built from train data, so that a
     # resumed run reads exactly the ids it trained with.
+    distill_lib.adopt_tokenizer(config, workdir)
     tokenizer = pipeline.build_tokenizer(config.data, workdir=workdir)
     data_info = pipeline.dataset_info(config.data, tokenizer, workdir=workdir)
     _fill_from_data(config, data_info)
@@ -99,13 +102,16 @@ def assemble(config: ml_collections.ConfigDict, workdir: str | Path, *, par: Any
     ``config.json``): what training and ``mmjax.evaluate`` share."""
     tasks = tasks_from_config(config)
     model = build_model(config.model, bn_axis_name=par.axis_name)
-    evaluators = evaluators_lib.build(config.get("evals"), evaluators_lib.Env(
+    teacher = distill_lib.load(config, workdir, tasks=tasks, tokenizer=tokenizer,
+                               label_names=label_names, accum_steps=accum_steps)
+    evaluators = evaluators_lib.build(distill_lib.with_agreement(config), evaluators_lib.Env(
         model=model,
         model_cfg=config.model.to_dict(),
         data_config=config.data,
         tokenizer=tokenizer,
         label_names=label_names,
         batch_size=int(config.get("eval_batch_size") or config.batch_size),
+        teacher=teacher,
     ))
     if evaluators and jax.process_count() > 1:
         log.warning("config.evals %s skipped: evaluators run on one process only (they copy "
@@ -117,6 +123,7 @@ def assemble(config: ml_collections.ConfigDict, workdir: str | Path, *, par: Any
         weights=weighting.from_config(config, [t.name for t in tasks]), tokenizer=tokenizer,
         data_info=data_info, evaluators=evaluators, accum_steps=accum_steps,
         schedule=optim.make_schedule(config.optimizer, config.total_steps),
+        teacher=teacher,
     )
 
 
@@ -308,8 +315,11 @@ def _loop(s: Setup, state: TrainState, tx: optax.GradientTransformation,
     dstate = par.put_state(state)
     del state
     common = dict(model=s.model, tasks=s.tasks, weights=s.weights, axis_name=par.axis_name)
+    # A teacher's variables are a step argument (on device once), not a compiled-in constant.
+    teacher = () if s.teacher is None else (par.put_frozen(s.teacher.variables),)
     train_fn = par.compile_train(functools.partial(
-        step_lib.train_step, tx=tx, accum_steps=s.accum_steps, **common))
+        step_lib.train_step, tx=tx, accum_steps=s.accum_steps,
+        distill=s.teacher.spec if s.teacher else None, **common), *teacher)
     eval_fn = compile_eval(s)
     window: list[tuple[int, Any]] = []
     val: dict[str, float] = {}
@@ -318,7 +328,7 @@ def _loop(s: Setup, state: TrainState, tx: optax.GradientTransformation,
     t_log, steps_since = time.time(), 0
     next_batch = par.put_batch(next(data_iter)) if first_step <= total_steps else None
     for step in range(first_step, total_steps + 1):
-        dstate, metrics = train_fn(dstate, next_batch)
+        dstate, metrics = train_fn(dstate, next_batch, *teacher)
         window.append((step, metrics))
         steps_since += 1
         data_state = data_iter.get_state()

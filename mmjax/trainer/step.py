@@ -57,11 +57,16 @@ def _combine(per_task: Mapping[str, jax.Array], metrics: Metrics, weights: weigh
 
 def loss_fn(params: Any, model_state: Any, batch: Mapping[str, Any], rng: jax.Array | None,
             step: jax.Array, *, model: Any, tasks: tuple[Task, ...],
-            weights: weighting.Weighting, train: bool) -> tuple[jax.Array, tuple[Metrics, Any]]:
-    """The weighted total loss, with the metrics and the new model state."""
+            weights: weighting.Weighting, train: bool, teacher: Any = None,
+            distill: Any = None) -> tuple[jax.Array, tuple[Metrics, Any]]:
+    """The weighted total loss, with the metrics and the new model state. With ``distill`` (a
+    ``trainer.distill.Spec``), plus its term from the ``teacher`` variables on this batch."""
     outputs, new_state = forward(params, model_state, batch, rng, model=model, train=train)
     per_task, metrics = task_losses(outputs, batch, tasks)
-    return _combine(per_task, metrics, weights, step, params), (metrics, new_state)
+    total = _combine(per_task, metrics, weights, step, params)
+    if distill is not None:
+        total = distill.add_term(total, metrics, outputs, batch, teacher)
+    return total, (metrics, new_state)
 
 
 def _split_micro(batch: Any, k: int) -> Any:
@@ -156,12 +161,14 @@ def accumulated_grads(params: Any, model_state: Any, batch: Mapping[str, Any], r
     return grads, metrics, model_state
 
 
-def train_step(state: TrainState, batch: Mapping[str, Any], *, model: Any,
-               tx: optax.GradientTransformation, tasks: tuple[Task, ...],
+def train_step(state: TrainState, batch: Mapping[str, Any], teacher: Any = None, *,
+               model: Any, tx: optax.GradientTransformation, tasks: tuple[Task, ...],
                weights: weighting.Weighting, axis_name: str | None = None,
-               accum_steps: int = 1) -> tuple[TrainState, Metrics]:
+               accum_steps: int = 1, distill: Any = None) -> tuple[TrainState, Metrics]:
     """One optimizer step. Under pmap (``axis_name``) each device computes gradients of its
-    share and ``lax.pmean`` averages them; under the mesh path the batch is one global array."""
+    share and ``lax.pmean`` averages them; under the mesh path the batch is one global array.
+    ``teacher``: the frozen teacher's variables, read when ``distill`` is given
+    (``trainer.distill``)."""
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
@@ -177,7 +184,7 @@ def train_step(state: TrainState, batch: Mapping[str, Any], *, model: Any,
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, (metrics, model_state)), grads = grad_fn(
             state.params, state.model_state, batch, rng, state.step, model=model, tasks=tasks,
-            weights=weights, train=True)
+            weights=weights, train=True, teacher=teacher, distill=distill)
     if axis_name is not None:
         grads = lax.pmean(grads, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
