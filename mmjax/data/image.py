@@ -1,11 +1,13 @@
 """Fast image decode-and-crop, and the Inception-style random resized crop box.
 
 A train crop reads the file's bytes and header only; the pixels are decoded once, already
-cropped and resized: JPEGs with simplejpeg (libjpeg-turbo) at the smallest DCT scale ``k/8``
-that still leaves the crop at least the target size (a large crop costs a fraction of a full
-decode, and no crop is ever upsampled from fewer pixels than a full decode gives), other formats
-with Pillow (``draft`` for its own JPEG scaling, then one ``resize(box=...)``). docs/
-input_pipeline.md has the measurements that chose these libraries.
+cropped and resized: JPEGs with simplejpeg (libjpeg-turbo), DCT-scaled by 1/2, 1/4 or 1/8 when
+the crop is at least 2, 4 or 8 times the target (libjpeg-turbo's other k/8 scales were
+measurably blurrier), other formats with Pillow (``draft`` does the same scaling for JPEGs it
+decodes); then one OpenCV resize of the crop (a view, no copy): bilinear, or area averaging
+for a shrink over 2x. docs/input_pipeline.md has the measurements that chose these libraries
+and rules (Pillow's antialiased resize cost 5x OpenCV's bilinear and was no closer to a
+Lanczos reference).
 
 The crop box is drawn as torchvision's ``RandomResizedCrop.get_params`` and big_vision's
 ``inception_crop`` draw it: area fraction uniform in ``scale``, log aspect ratio uniform in
@@ -20,12 +22,14 @@ import math
 import os
 from typing import Any
 
+import cv2
 import numpy as np
 import simplejpeg
 from PIL import Image
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in the full image
 _SIMPLEJPEG_SPACES = frozenset({"YCbCr", "Gray", "RGB"})  # CMYK/YCCK: Pillow converts them
+cv2.setNumThreads(1)  # the data workers are the parallelism; threads per resize only contend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,30 +91,37 @@ def inception_box(rng: np.random.Generator, height: int, width: int,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _resize_box(im: Image.Image, box: tuple[float, float, float, float], size: int
-                ) -> np.ndarray:
-    return np.asarray(im.resize((size, size), Image.BILINEAR, box=box))
+def _resize(pixels: np.ndarray, box: tuple[float, float, float, float], size: int
+            ) -> np.ndarray:
+    """``pixels[top:bottom, left:right]`` (fractional edges rounded) → ``[size, size, 3]``."""
+    top, left, bottom, right = (round(x) for x in box)
+    crop = pixels[top : max(bottom, top + 1), left : max(right, left + 1)]
+    # Bilinear where the shrink is at most 2x (after the DCT scaling it nearly always is): it
+    # reads every source pixel; area averaging beyond that, where bilinear would alias.
+    shrink = max(crop.shape[0], crop.shape[1]) / size
+    interpolation = cv2.INTER_LINEAR if shrink <= 2 else cv2.INTER_AREA
+    return cv2.resize(crop, (size, size), interpolation=interpolation)
 
 
 def crop_resize(image: Encoded | np.ndarray, box: Box, size: int) -> np.ndarray:
-    """``box`` of ``image`` resized to uint8 ``[size, size, 3]`` (Pillow bilinear, antialiased)."""
+    """``box`` of ``image`` resized to uint8 ``[size, size, 3]``."""
     top, left, h, w = box
     if isinstance(image, np.ndarray):
-        return _resize_box(Image.fromarray(image), (left, top, left + w, top + h), size)
+        return _resize(image, (top, left, top + h, left + w), size)
     H, W = image.height, image.width
-    # The smallest decode in which the crop still has >= size pixels each way.
-    min_h, min_w = min(H, math.ceil(H * size / h)), min(W, math.ceil(W * size / w))
+    k = 1  # DCT-domain downscale by 2, 4 or 8 where the crop keeps >= size pixels each way
+    while k < 8 and min(h, w) >= 2 * k * size:
+        k *= 2
+    min_h, min_w = math.ceil(H / k), math.ceil(W / k)
     if image.jpeg:
         try:
             pixels = simplejpeg.decode_jpeg(image.data, colorspace="RGB", min_height=min_h,
                                             min_width=min_w)
         except ValueError as e:
             raise ValueError(f"cannot decode image {image.name}: {e}") from None
-        fy, fx = pixels.shape[0] / H, pixels.shape[1] / W
-        return _resize_box(Image.fromarray(pixels),
-                           (left * fx, top * fy, (left + w) * fx, (top + h) * fy), size)
-    with Image.open(io.BytesIO(image.data)) as im:
-        im.draft("RGB", (min_w, min_h))  # JPEGs Pillow decodes: a 1/2, 1/4, 1/8 DCT scale
-        fy, fx = im.size[1] / H, im.size[0] / W
-        rgb = im if im.mode == "RGB" else im.convert("RGB")
-        return _resize_box(rgb, (left * fx, top * fy, (left + w) * fx, (top + h) * fy), size)
+    else:
+        with Image.open(io.BytesIO(image.data)) as im:
+            im.draft("RGB", (min_w, min_h))  # JPEGs Pillow decodes: a 1/2, 1/4, 1/8 DCT scale
+            pixels = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    fy, fx = pixels.shape[0] / H, pixels.shape[1] / W
+    return _resize(pixels, (top * fy, left * fx, (top + h) * fy, (left + w) * fx), size)
