@@ -91,37 +91,55 @@ def inception_box(rng: np.random.Generator, height: int, width: int,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _resize(pixels: np.ndarray, box: tuple[float, float, float, float], size: int
-            ) -> np.ndarray:
-    """``pixels[top:bottom, left:right]`` (fractional edges rounded) → ``[size, size, 3]``."""
-    top, left, bottom, right = (round(x) for x in box)
-    crop = pixels[top : max(bottom, top + 1), left : max(right, left + 1)]
+def _resize(pixels: np.ndarray, box: Box, size: int) -> np.ndarray:
+    """``pixels`` inside ``box`` → ``[size, size, 3]``; the crop is a view, not a copy."""
+    top, left, h, w = box
+    crop = pixels[top : top + h, left : left + w]
     # Bilinear where the shrink is at most 2x (after the DCT scaling it nearly always is): it
     # reads every source pixel; area averaging beyond that, where bilinear would alias.
-    shrink = max(crop.shape[0], crop.shape[1]) / size
-    interpolation = cv2.INTER_LINEAR if shrink <= 2 else cv2.INTER_AREA
+    interpolation = cv2.INTER_LINEAR if max(h, w) <= 2 * size else cv2.INTER_AREA
     return cv2.resize(crop, (size, size), interpolation=interpolation)
+
+
+def dct_scale(box: Box, size: int) -> int:
+    """1, 2, 4 or 8: the JPEG is decoded at ``1/k`` scale where the crop keeps >= ``2 * size``
+    pixels before the scaling, i.e. >= ``size`` after it, each way."""
+    _, _, h, w = box
+    k = 1
+    while k < 8 and min(h, w) >= 2 * k * size:
+        k *= 2
+    return k
+
+
+def scaled_box(box: Box, k: int, height: int, width: int) -> Box:
+    """``box`` on the ``1/k`` decode (ceil(height/k) x ceil(width/k)): edges to the nearest
+    scaled pixel, so the crop moves by at most ``k/2`` full-size pixels."""
+    top, left, h, w = box
+    t, lo = round(top / k), round(left / k)
+    b = min(max(round((top + h) / k), t + 1), -(-height // k))
+    r = min(max(round((left + w) / k), lo + 1), -(-width // k))
+    return t, lo, b - t, r - lo
 
 
 def crop_resize(image: Encoded | np.ndarray, box: Box, size: int) -> np.ndarray:
     """``box`` of ``image`` resized to uint8 ``[size, size, 3]``."""
-    top, left, h, w = box
     if isinstance(image, np.ndarray):
-        return _resize(image, (top, left, top + h, left + w), size)
+        return _resize(image, box, size)
     H, W = image.height, image.width
-    k = 1  # DCT-domain downscale by 2, 4 or 8 where the crop keeps >= size pixels each way
-    while k < 8 and min(h, w) >= 2 * k * size:
-        k *= 2
-    min_h, min_w = math.ceil(H / k), math.ceil(W / k)
+    k = dct_scale(box, size)
     if image.jpeg:
         try:
-            pixels = simplejpeg.decode_jpeg(image.data, colorspace="RGB", min_height=min_h,
-                                            min_width=min_w)
+            pixels = simplejpeg.decode_jpeg(image.data, colorspace="RGB",
+                                            min_height=-(-H // k), min_width=-(-W // k))
         except ValueError as e:
             raise ValueError(f"cannot decode image {image.name}: {e}") from None
     else:
         with Image.open(io.BytesIO(image.data)) as im:
-            im.draft("RGB", (min_w, min_h))  # JPEGs Pillow decodes: a 1/2, 1/4, 1/8 DCT scale
+            im.draft("RGB", (-(-W // k), -(-H // k)))  # Pillow's JPEGs: the same DCT scaling
             pixels = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-    fy, fx = pixels.shape[0] / H, pixels.shape[1] / W
-    return _resize(pixels, (top * fy, left * fx, (top + h) * fy, (left + w) * fx), size)
+    if pixels.shape[:2] != (-(-H // k), -(-W // k)):  # a decoder that did not scale by 1/k
+        k = 1 if pixels.shape[:2] == (H, W) else k
+        if k != 1:
+            raise ValueError(f"{image.name}: decoded {pixels.shape[:2]}, expected 1/{k} of "
+                             f"{(H, W)}")
+    return _resize(pixels, scaled_box(box, k, H, W), size)
