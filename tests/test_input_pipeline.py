@@ -155,14 +155,14 @@ def test_dct_scaling_only_when_the_crop_is_twice_the_target(photos, monkeypatch)
 
 
 def test_decode_before_crop_reads_only_the_file(photos):
-    chain = ops.parse("decode|random_crop(0.6, 160)|flip", ops.Context())  # no DCT scale
+    chain = ops.parse("decode|random_crop(0.6, 200)|flip", ops.Context())  # 375 < 2 * 200
     lazy = chain[0]({"image": str(photos[0])})["image"]
     assert isinstance(lazy, image_lib.Encoded)
     eager = ops.parse("decode|resize(96)", ops.Context())[0]({"image": str(photos[0])})["image"]
     assert isinstance(eager, np.ndarray) and eager.shape == (375, 500, 3)
     from_file = ops.apply(chain, {"image": str(photos[0])}, np.random.default_rng(7))["image"]
     from_pixels = ops.apply(chain[1:], {"image": eager}, np.random.default_rng(7))["image"]
-    assert from_file.shape == (160, 160, 3) and from_file.dtype == np.uint8
+    assert from_file.shape == (200, 200, 3) and from_file.dtype == np.uint8
     np.testing.assert_array_equal(from_file, from_pixels)  # simplejpeg decodes as Pillow does
     with open(photos[0], "rb") as f:
         as_bytes = ops.apply(chain, {"image": f.read()}, np.random.default_rng(7))["image"]
