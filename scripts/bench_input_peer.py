@@ -2,6 +2,7 @@ r"""mmjax's input pipeline against the PyTorch DataLoader a user would write, si
 
     PYTHONPATH=. python scripts/bench_input_peer.py [--dir DIR] [--workers 1,2,all] \
         [--batches 30] [--repeats 3] [--out results.json]
+    PYTHONPATH=. python scripts/bench_input_peer.py --dir DIR --micro
 
 Same JPEG files, same work: decode, a random crop of 60-100 % of the area with aspect ratio in
 [3/4, 4/3] resized to 224 (bilinear), horizontal flip with p = 0.5, normalise to [-1, 1],
@@ -9,6 +10,8 @@ batches of 64 from N worker processes. Without ``--dir`` it writes ~2,000 photo 
 quality 90: random crops and scales of scikit-learn's two sample photos) into a temporary
 folder in the folder-dataset layout. Each measurement runs in its own process, the two
 pipelines alternating, and times ``--batches`` batches after the first (steady state).
+``--micro`` instead times the decoders and resizers one crop could use, in one process, and
+how far each path's pixels are from a Lanczos resize (the choices in mmjax.data.image).
 
 The peer: ``torch.utils.data.DataLoader`` over a Dataset doing ``PIL.Image.open(f).convert
 ("RGB")``, then torchvision's ``RandomResizedCrop(224, scale=(0.6, 1))`` / flip / ``ToTensor`` /
@@ -21,6 +24,7 @@ torch's RNG, ``img.crop(box).resize(size, BILINEAR)``, ``ToTensor``, ``Normalize
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -154,6 +158,85 @@ def _run_mmjax(root: Path, workers: int, batches: int) -> float:
     return data_inspect.benchmark(config, batches)["images_per_s"]
 
 
+# --- the choices inside one crop ------------------------------------------------------------
+
+
+def micro(root: Path, n: int = 60, sizes: tuple[int, ...] = (224, 96, 64)) -> None:
+    """Per-image ms of decoders and resizers (one process, best of 3) and each path's mean
+    |difference| from a Lanczos resize of the full decode (grey levels, the same crop)."""
+    import cv2
+    import simplejpeg
+    from PIL import Image
+
+    from mmjax.data import image as image_lib
+
+    files = sorted((root / "img").glob("*.jpg"))[:n]
+    data = [f.read_bytes() for f in files]
+
+    def best_ms(fn) -> float:
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            for i in range(len(data)):
+                fn(i)
+            best = min(best, (time.perf_counter() - t) / len(data) * 1e3)
+        return best
+
+    decoders = {
+        "Pillow open+convert RGB": lambda i: Image.open(io.BytesIO(data[i])).convert("RGB"),
+        "simplejpeg": lambda i: simplejpeg.decode_jpeg(data[i]),
+        "OpenCV imdecode": lambda i: cv2.imdecode(np.frombuffer(data[i], np.uint8),
+                                                  cv2.IMREAD_COLOR_RGB),
+    }
+    for name, fn in decoders.items():
+        print(f"decode {name}: {best_ms(fn):.2f} ms")
+    full = [simplejpeg.decode_jpeg(d) for d in data]
+    rng = np.random.default_rng(0)
+    boxes = [image_lib.inception_box(rng, *f.shape[:2], (MIN_SCALE, 1.0)) for f in full]
+
+    def pil_box(i: int, size: int, f=Image.BILINEAR) -> np.ndarray:
+        t, left, h, w = boxes[i]
+        return np.asarray(Image.fromarray(full[i]).resize((size, size), f,
+                                                          box=(left, t, left + w, t + h)))
+
+    def cv(i: int, size: int, interpolation: int) -> np.ndarray:
+        t, left, h, w = boxes[i]
+        return cv2.resize(full[i][t : t + h, left : left + w], (size, size),
+                          interpolation=interpolation)
+
+    resizers = {"Pillow bilinear resize(box)": pil_box,
+                "OpenCV INTER_LINEAR": lambda i, s: cv(i, s, cv2.INTER_LINEAR),
+                "OpenCV INTER_AREA": lambda i, s: cv(i, s, cv2.INTER_AREA)}
+    for name, fn in resizers.items():
+        print(f"resize to {SIZE} {name}: {best_ms(lambda i, fn=fn: fn(i, SIZE)):.2f} ms")
+    for size in sizes:
+        errors: dict[str, list[float]] = {"Pillow bilinear": [], "mmjax crop_resize": [],
+                                          "simplejpeg at k/8 >= size, Pillow bilinear": []}
+        for i, d in enumerate(data):
+            k = image_lib.dct_scale(boxes[i], size)
+            H, W = full[i].shape[:2]
+            t, left, h, w = (x * k for x in image_lib.scaled_box(boxes[i], k, H, W))
+            edges = (left, t, min(left + w, W), min(t + h, H))
+            ref = np.asarray(Image.fromarray(full[i]).resize((size, size), Image.LANCZOS,
+                                                             box=edges), np.float64)
+            bil = np.asarray(Image.fromarray(full[i]).resize((size, size), Image.BILINEAR,
+                                                             box=edges))
+            ours = image_lib.crop_resize(image_lib.read_encoded(d), boxes[i], size)
+            t0, l0, h0, w0 = boxes[i]  # libjpeg-turbo's smallest k/8 scale keeping >= size
+            px = simplejpeg.decode_jpeg(d, min_height=math.ceil(H * size / h0),
+                                        min_width=math.ceil(W * size / w0))
+            fy, fx = px.shape[0] / H, px.shape[1] / W
+            m8 = np.asarray(Image.fromarray(px).resize((size, size), Image.BILINEAR, box=(
+                l0 * fx, t0 * fy, (l0 + w0) * fx, (t0 + h0) * fy)))
+            ref0 = np.asarray(Image.fromarray(full[i]).resize((size, size), Image.LANCZOS, box=(
+                l0, t0, l0 + w0, t0 + h0)), np.float64)
+            errors["Pillow bilinear"].append(np.abs(bil - ref).mean())
+            errors["mmjax crop_resize"].append(np.abs(ours - ref).mean())
+            errors["simplejpeg at k/8 >= size, Pillow bilinear"].append(np.abs(m8 - ref0).mean())
+        print(f"{size} px, mean |x - Lanczos|: " + ", ".join(
+            f"{k} {np.mean(v):.2f}" for k, v in errors.items()))
+
+
 # --- side by side ---------------------------------------------------------------------------
 
 
@@ -196,6 +279,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=30, help="timed batches after the first")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="", help="write the rows as JSON here")
+    p.add_argument("--micro", action="store_true",
+                   help="instead: time decoders/resizers and their distance from Lanczos")
     p.add_argument("--one", choices=("torch", "mmjax"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -204,6 +289,9 @@ def main() -> None:
         return
     root = Path(args.dir) if args.dir else make_jpegs(
         Path(tempfile.mkdtemp(prefix="mmjax_photos_")), args.num)
+    if args.micro:
+        micro(root)
+        return
     counts = sorted({(os.cpu_count() or 1) if w == "all" else int(w)
                      for w in args.workers.split(",")})
     print(f"{root}: {sum(1 for _ in (root / 'img').iterdir())} JPEGs; {os.cpu_count()} cores; "
