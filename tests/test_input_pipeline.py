@@ -8,6 +8,7 @@ to the device as uint8.
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -240,3 +241,26 @@ def test_eval_step_scales_uint8_images_like_the_host(tmp_path):
     unscaled = loop.evaluate(s, eval_fn, state, "val", batch_fn=lambda b: {
         **b, "image": b["image"].astype(np.float32)})  # what a step that forgot would see
     assert abs(unscaled["loss"] - on_host["loss"]) > 1e-4
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "L"])
+def test_other_jpegs_decode_like_pillow(photos, mode):
+    """CMYK JPEGs go through Pillow (its DCT scaling via ``draft``), greyscale through
+    simplejpeg; both give RGB close to Pillow's own decode, crop and resize."""
+    with Image.open(photos[0]) as im:
+        src = im.convert(mode)
+    buf = io.BytesIO()
+    src.save(buf, "JPEG", quality=90)
+    encoded = image_lib.read_encoded(buf.getvalue())
+    assert encoded.jpeg == (mode == "L")
+    box = (20, 30, 300, 400)
+    for size in (224, 64):
+        got = image_lib.crop_resize(encoded, box, size).astype(np.float64)
+        with Image.open(io.BytesIO(buf.getvalue())) as im:
+            rgb = im.convert("RGB")
+        k = image_lib.dct_scale(box, size) if size == 64 and mode == "L" else 1
+        top, left, h, w = (x * k for x in image_lib.scaled_box(box, k, 375, 500))
+        want = np.asarray(rgb.resize((size, size), Image.BILINEAR,
+                                     box=(left, top, left + w, top + h)), np.float64)
+        assert got.shape == (size, size, 3)
+        assert np.abs(got - want).mean() < 4.0, (mode, size, np.abs(got - want).mean())

@@ -137,9 +137,9 @@ def crop_resize(image: Encoded | np.ndarray, box: Box, size: int) -> np.ndarray:
         with Image.open(io.BytesIO(image.data)) as im:
             im.draft("RGB", (-(-W // k), -(-H // k)))  # Pillow's JPEGs: the same DCT scaling
             pixels = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-    if pixels.shape[:2] != (-(-H // k), -(-W // k)):  # a decoder that did not scale by 1/k
-        k = 1 if pixels.shape[:2] == (H, W) else k
-        if k != 1:
-            raise ValueError(f"{image.name}: decoded {pixels.shape[:2]}, expected 1/{k} of "
-                             f"{(H, W)}")
-    return _resize(pixels, scaled_box(box, k, H, W), size)
+    # The scale the decoder used (Pillow's draft may choose less, a PNG has none).
+    scales = [s for s in (1, 2, 4, 8) if pixels.shape[:2] == (-(-H // s), -(-W // s))]
+    if not scales:
+        raise ValueError(f"{image.name}: decoded to {pixels.shape[:2]}, which is no 1/k of "
+                         f"its {(H, W)} header size")
+    return _resize(pixels, scaled_box(box, scales[0], H, W), size)
