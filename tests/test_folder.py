@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from mmjax.data import folder, ops, pipeline, records
+from mmjax.data.device import normalize_images
 from mmjax.data.tokenize import WordPieceTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +101,8 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def test_ops_parse_and_run():
-    chain = ops.parse("decode|resize(16)|random_crop(0.5)|flip(1.0)|normalize", ops.Context())
+    chain = ops.parse("decode|resize(16)|random_crop(0.5)|flip(1.0)|normalize('host')",
+                      ops.Context())
     assert [o.name for o in chain] == ["decode", "resize", "random_crop", "flip", "normalize"]
     assert ops.cacheable_prefix(chain) == 2
     image = np.zeros((20, 30, 3), np.uint8)
@@ -150,14 +152,15 @@ def test_labels_saved_and_batches_match_files(dataset, tmp_path):
     batches = list(pipeline.eval_batches(cfg, "val", batch_size=8))
     assert len(batches) == 2 and batches[1]["valid"].sum() == 4
     b = batches[0]
-    assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.float32
+    assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.uint8  # step scales
     assert b["text"]["ids"].shape == (8, 8) and b["label"].dtype == np.int32
     lines = [json.loads(x) for x in (dataset / "val.jsonl").read_text().splitlines()]
     expected = [["no", "yes"].index(r["label"]) for r in lines[:8]]
     assert b["label"].tolist() == expected
     pixels = ops.decode_image(str(dataset / lines[0]["image"]))
     want = np.asarray(Image.fromarray(pixels).resize((32, 32), Image.BILINEAR), np.float32)
-    np.testing.assert_allclose(b["image"][0], want / 127.5 - 1.0, atol=1e-6)
+    scaled = np.asarray(normalize_images(b)["image"][0])
+    np.testing.assert_allclose(scaled, want / 127.5 - 1.0, atol=1e-6)
 
 
 def test_int_labels_sort_numerically():

@@ -54,7 +54,9 @@ def grid(images: np.ndarray, captions: list[str], *, cell: int = 160) -> Any:
     canvas = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
     draw = ImageDraw.Draw(canvas)
     for i, (im, caption) in enumerate(zip(images, captions, strict=True)):
-        pixels = np.clip((np.asarray(im, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+        pixels = np.asarray(im)  # uint8 as the workers send it, or float32 in [-1, 1]
+        if pixels.dtype != np.uint8:
+            pixels = np.clip((pixels.astype(np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
         tile = Image.fromarray(pixels).resize((cell, cell), Image.NEAREST)
         x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
         canvas.paste(tile, (x, y))
@@ -75,7 +77,7 @@ def show(config: Any, split: str, num: int, out: str, workdir: str = "") -> list
         label = names[int(batch["label"][i])]
         im = batch["image"][i]
         lines.append(
-            f"[{i}] image {tuple(im.shape)} range [{im.min():.2f}, {im.max():.2f}]  "
+            f"[{i}] image {tuple(im.shape)} {im.dtype} range [{im.min():.2f}, {im.max():.2f}]  "
             f"text {texts[i]!r}  label {label!r}"
         )
         print(lines[-1])

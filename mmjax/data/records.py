@@ -27,7 +27,7 @@ _get = order.config_get
 
 SPLITS = ("train", "val", "test")
 TOKENIZER_FILE = "tokenizer.json"
-DEFAULT_PP_TRAIN = "decode|resize|flip|normalize|tokenize"
+DEFAULT_PP_TRAIN = "decode|random_crop|flip|normalize|tokenize"  # Inception-style crop
 DEFAULT_PP_EVAL = "decode|resize|normalize|tokenize"
 
 _SPLIT_CACHE: dict[tuple, _SplitData] = {}
@@ -226,9 +226,12 @@ def records_tokenizer(data_config: Any, workdir: str) -> Any:
     return tok
 
 
-def _stack(examples: list[dict[str, Any]]) -> dict[str, Any]:
+def _stack(examples: list[dict[str, Any]], uint8_images: bool = False) -> dict[str, Any]:
+    """``uint8_images``: uint8 pixels stay uint8 (the step normalises them); else float32."""
+    images = np.stack([e["image"] for e in examples])
     batch = {
-        "image": np.stack([e["image"] for e in examples]).astype(np.float32, copy=False),
+        "image": images if uint8_images and images.dtype == np.uint8
+        else images.astype(np.float32, copy=False),
         "text": {
             "ids": np.stack([e["text"]["ids"] for e in examples]).astype(np.int32),
             "mask": np.stack([e["text"]["mask"] for e in examples]).astype(np.int32),
@@ -248,6 +251,7 @@ def _records_batch(
     data: _SplitData,
     rest: list[ops.Op],
     seed: int,
+    uint8_images: bool = False,
 ) -> dict[str, Any]:
     """Step's rows ``[lo, hi)``; each row's augmentation rng is a function of (seed, step, row)."""
     step = int(step)
@@ -256,7 +260,7 @@ def _records_batch(
     for row, i in enumerate(indices.tolist(), start=lo):
         rng = np.random.default_rng([seed, step, row])
         out.append(ops.apply(rest, data.example(i), rng))
-    return _stack(out)
+    return _stack(out, uint8_images)
 
 
 def train_iterator(
@@ -273,6 +277,7 @@ def train_iterator(
         data=data,
         rest=all_ops[data.prefix :],
         seed=int(seed) % 2**63,
+        uint8_images=ops.device_normalized(all_ops),
     )
     ds = grain.MapDataset.range(sys.maxsize).map(make)
     workers = int(_get(data_config, "num_workers", 0))
@@ -300,8 +305,10 @@ def _padded(data: _SplitData, data_config: Any, split: str, batch_size: int,
             tokenizer: Any) -> Iterator[dict]:
     all_ops = ops.parse(_pp(data_config, split), _context(data_config, tokenizer))
     rest = all_ops[data.prefix :]
+    uint8_images = ops.device_normalized(all_ops)
     return order.padded_batches(len(data), batch_size, lambda idx: _stack([
-        ops.apply(rest, data.example(int(i)), np.random.default_rng([0, int(i)])) for i in idx]))
+        ops.apply(rest, data.example(int(i)), np.random.default_rng([0, int(i)])) for i in idx],
+        uint8_images))
 
 
 def file_batches(

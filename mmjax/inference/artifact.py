@@ -32,6 +32,9 @@ def _image_steps(data: Any, spec: str, size: int) -> list[str]:
         elif op.name == "center_crop":
             steps.append(f"crop the central square and resize it to {size} x {size} (Pillow "
                          "`Image.BILINEAR`)")
+        elif op.name == "normalize" and getattr(op.fn, "on_device", False):
+            steps.append("pass the pixels as uint8 [0, 255]: the function itself converts them "
+                         "to float32 and scales them, `x / 127.5 - 1`, to [-1, 1]")
         elif op.name == "normalize":
             steps.append("convert to float32 and scale: `x / 127.5 - 1`, so [0, 255] → [-1, 1]")
     return steps
@@ -61,13 +64,15 @@ def _shape(shape: list) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def _meaning(name: str) -> str:
+def _meaning(name: str, dtype: str) -> str:
     if name.endswith(".ids"):
         return "token ids (see Text)"
     if name.endswith(".mask"):
         return "1 on real tokens ([CLS], pieces, [SEP]), 0 on padding"
     if name.endswith(".segment_ids"):
         return "segment ids (0 for a single text)"
+    if dtype == "uint8":
+        return "RGB pixels, uint8 in [0, 255], scaled inside the function (see Images)"
     return "pixels in [-1, 1] (see Images)"
 
 
@@ -129,7 +134,7 @@ def readme(run: run_lib.Run, signature: dict[str, Any], *, size: int, note: str,
     ]
     for x in signature["inputs"]:
         lines.append(f"| arg{x['arg']} | `{x['name']}` | {_shape(x['shape'])} | {x['dtype']} | "
-                     f"{_meaning(x['name'])} |")
+                     f"{_meaning(x['name'], x['dtype'])} |")
     lines += [
         "",
         f"## Output: `{out['name']}`, {_shape(out['shape'])} {out['dtype']}",

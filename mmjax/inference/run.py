@@ -23,6 +23,7 @@ import numpy as np
 
 from mmjax import checkpoint, lora, parallel, weighting
 from mmjax.data import pipeline
+from mmjax.data.device import normalize_images
 from mmjax.data.folder import LABELS_FILE
 from mmjax.data.records import TOKENIZER_FILE
 from mmjax.errors import ExplainedError
@@ -203,10 +204,12 @@ def output_fn(model: MultimodalModel, task: str, kind: str
               ) -> Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, jax.Array]]:
     """``fn(variables, inputs) -> {name: array}``, traceable: class probabilities
     ``{"probs"}`` [B, C] (float32 softmax), regression ``{"values"}``, generated caption ids
-    ``{"tokens"}`` [B, L], or the contrastive embeddings ``{"<modality>_embeds"}``."""
+    ``{"tokens"}`` [B, L], or the contrastive embeddings ``{"<modality>_embeds"}``. uint8
+    images are scaled to [-1, 1] inside, as the train and eval steps do."""
 
     def fn(variables: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict[str, jax.Array]:
         variables = quantize_lib.dequantize(variables)
+        inputs = normalize_images(inputs)
         if kind in CONTRASTIVE_KINDS:
             return model.apply(variables, inputs, task=task, method="embed")
         if kind == "caption":

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mmjax.data.device import normalize_images
 from mmjax.errors import ExplainedError
 
 METHODS = ("fgsm", "pgd")
@@ -46,10 +47,11 @@ def targets(encoders: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
 
 def pixels01(images: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
     """(images on the [0, 1] scale, the map back to the batch's representation): the
-    ``normalize`` op's ``[-1, 1]`` floats, or uint8 pixels (given back as float 0..255 values,
-    for a model that scales pixels itself)."""
+    ``normalize`` op's ``[-1, 1]`` floats, or uint8 pixels (given back as the [-1, 1] floats
+    the steps would have made of them: ``data.device.normalize_images`` leaves floats as they
+    are)."""
     if images.dtype == jnp.uint8:
-        return images.astype(jnp.float32) / 255.0, lambda x: x * 255.0
+        return images.astype(jnp.float32) / 255.0, lambda x: x * 2.0 - 1.0
     return (images.astype(jnp.float32) + 1.0) * 0.5, lambda x: (x * 2.0 - 1.0).astype(
         images.dtype)
 
@@ -94,7 +96,8 @@ def attack_batch(model: Any, variables: Mapping[str, Any], batch: Mapping[str, A
     x0, masks, lo, hi = _inputs(variables, batch, kinds)
 
     def loss_and_correct(x: dict) -> tuple[jax.Array, jax.Array]:
-        logits = model.apply(variables, _with(batch, x, kinds))[task]["logits"]
+        # normalize_images: an image that is not attacked may still be uint8
+        logits = model.apply(variables, normalize_images(_with(batch, x, kinds)))[task]["logits"]
         logits = logits.astype(jnp.float32)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
         return loss, jnp.argmax(logits, axis=-1) == labels

@@ -16,6 +16,7 @@ import optax
 
 from mmjax import lora, optim, weighting
 from mmjax import losses as losses_lib
+from mmjax.data.device import normalize_images
 from mmjax.models.multimodal import loss_spec
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,9 @@ def create_state(
     """
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     init = jax.jit(functools.partial(model.init, train=False))
-    variables = dict(init({"params": init_rng, "dropout": init_rng}, sample_batch))
+    # The step scales uint8 images before the model sees them; init sees what the model sees.
+    variables = dict(init({"params": init_rng, "dropout": init_rng},
+                          normalize_images(sample_batch)))
     params = variables.pop("params")
     if params_hook is not None:
         params = params_hook(params)

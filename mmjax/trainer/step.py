@@ -18,6 +18,7 @@ from jax import lax
 
 from mmjax import losses as losses_lib
 from mmjax import weighting
+from mmjax.data.device import normalize_images
 from mmjax.trainer.state import Task, TrainState, model_params
 
 Metrics = dict[str, jax.Array]
@@ -169,6 +170,7 @@ def train_step(state: TrainState, batch: Mapping[str, Any], teacher: Any = None,
     share and ``lax.pmean`` averages them; under the mesh path the batch is one global array.
     ``teacher``: the frozen teacher's variables, read when ``distill`` is given
     (``trainer.distill``)."""
+    batch = normalize_images(batch)  # uint8 pixels from the host → [-1, 1], here on device
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
@@ -201,6 +203,7 @@ def eval_step(state: TrainState, batch: Mapping[str, Any], *, model: Any,
               tasks: tuple[Task, ...], weights: weighting.Weighting,
               axis_name: str | None = None) -> Metrics:
     """Sums of per-example metrics over the valid examples of the batch, and their count."""
+    batch = normalize_images(batch)
     _, (metrics, _) = loss_fn(state.params, state.model_state, batch, None, state.step,
                               model=model, tasks=tasks, weights=weights, train=False)
     n = batch["valid"].sum()
