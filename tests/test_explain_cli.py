@@ -10,13 +10,15 @@ from pathlib import Path
 import jax
 import numpy as np
 import optax
+import pytest
 
-from mmjax.explain import capture, layout, methods, pointing
+from mmjax.explain import capture, explain, layout, methods, pointing
 from mmjax.models.multimodal import build_model
 from tests import realdata
 from tests.test_inference import _cli, _train
 
 
+@pytest.mark.slow  # trains a tiny folder run in a subprocess first
 def test_explain_cli_every_method(tmp_path: Path) -> None:
     data = tmp_path / "data"
     realdata.digits_colour(data, num_train=64, num_val=16, num_test=24, questions="colour")
@@ -24,11 +26,14 @@ def test_explain_cli_every_method(tmp_path: Path) -> None:
     n = 6
     for method in ("relevance", "rollout", "integrated_gradients", "occlusion"):
         out = tmp_path / method
-        extra = ["--layers"] if method == "relevance" else ["--steps", "4"]
-        r = _cli("mmjax.explain", "--workdir", str(tmp_path / "run"), "--split", "test",
-                 "--limit", str(n), "--method", method, "--output", str(out), "--step", "best",
-                 "--batch_size", "4", *extra)
-        assert r.returncode == 0, r.stderr[-3000:]
+        if method == "relevance":  # the CLI once; the library call (what it runs) for the rest
+            r = _cli("mmjax.explain", "--workdir", str(tmp_path / "run"), "--split", "test",
+                     "--limit", str(n), "--output", str(out), "--step", "best",
+                     "--batch_size", "4", "--layers")
+            assert r.returncode == 0, r.stderr[-3000:]
+        else:
+            explain(tmp_path / "run", out, split="test", limit=n, method=method, step="best",
+                    batch_size=4, steps=4)
         lines = [json.loads(x) for x in (out / "explanations.jsonl").read_text().splitlines()]
         assert [x["index"] for x in lines] == list(range(n))  # two batches, in split order
         gold = [json.loads(x)["label"] for x in (data / "test.jsonl").read_text().splitlines()]
@@ -71,13 +76,18 @@ def _boards(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, n
 
 def test_pointing_game_on_a_trained_model() -> None:
     """The answer (the colour) is only in one cell; relevance must peak there. A wrong token
-    order, a transposed grid or a dropped cross-attention rule fails this."""
+    order, a transposed grid or a dropped cross-attention rule fails this (chance: 1/16).
+
+    The folder recipe's layout (embedding-only towers, two cross-attention layers) trained for
+    200 steps here answers every test board; its relevance points at the coloured cell for 83 %
+    of them (docs/explain.md), so the bar is 75 %.
+    """
     cfg = {
         "image": {"kind": "vit", "variant": "mu/8", "width": 32, "depth": 0, "num_heads": 2,
                   "mlp_dim": 64, "pos_embedding_std": 1.0},
         "text": {"kind": "text", "variant": "mu", "width": 32, "depth": 0, "num_heads": 2,
                  "mlp_dim": 64, "vocab_size": 12, "max_len": 6},
-        "fusion": {"kind": "cross_attention", "width": 32, "depth": 1, "num_heads": 2},
+        "fusion": {"kind": "cross_attention", "width": 32, "depth": 2, "num_heads": 2},
         "heads": {"answer": {"kind": "classification", "num_classes": 4}},
     }
     model = build_model(cfg)
@@ -99,21 +109,25 @@ def test_pointing_game_on_a_trained_model() -> None:
         return optax.apply_updates(params, updates), opt
 
     params = variables["params"]
-    for _ in range(120):
-        x, y, _ = _boards(rng, 64)
-        params, opt = step(params, opt, x, y)
-    x, y, cells = _boards(rng, 64)
+    x, y, cells = _boards(np.random.default_rng(99), 64)  # the test boards
+    for _ in range(200):
+        xs, ys, _ = _boards(rng, 64)
+        params, opt = step(params, opt, xs, ys)
     batch = {"image": x, "text": text}
     em, ev = capture.explained_model(model, {"params": params})
-    out = methods.attention_method(em, "answer", ev, batch,
-                                   capture.zero_perturbations(em, ev, batch), gradient=True)
+    out = jax.jit(lambda v, b, p: methods.attention_method(em, "answer", v, b, p, gradient=True))(
+        ev, batch, capture.zero_perturbations(em, ev, batch))
     predicted = np.asarray(out["target"])
     assert (predicted == y).mean() >= 0.9
     records = [{"index": i, "label": int(y[i]), "predicted": int(predicted[i]),
                 "image": {"heatmap": layout.to_map(em, "image", np.asarray(
                     out["scores"]["image"][i]), x.shape[1:]).tolist()}} for i in range(64)]
     result = pointing.score(records, cells.tolist())
-    assert result["correct"] >= 55 and result["pointing"] >= 0.8, result
+    assert result["correct"] >= 60 and result["pointing"] >= 0.75, result
+    # The same maps read column-major (a transposed grid) must lose the game.
+    for rec in records:
+        rec["image"]["heatmap"] = np.asarray(rec["image"]["heatmap"]).T.tolist()
+    assert pointing.score(records, cells.tolist())["pointing"] < 0.5
 
 
 def test_peak_cell_at_any_resolution() -> None:
