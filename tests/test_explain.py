@@ -318,3 +318,50 @@ def test_layer_view_statistics() -> None:
         ref = (proj[:, c] - proj[:, c].min()) / np.ptp(proj[:, c])
         assert np.allclose(rgb[:, c], ref, atol=1e-9) or np.allclose(rgb[:, c], 1 - ref,
                                                                       atol=1e-9)
+
+
+def test_three_modalities_with_audio() -> None:
+    """An AST audio tower beside image and text (concat fusion): relevance maps onto its patch
+    grid (mels x time), occlusion and integrated gradients onto its features, and the modality
+    contributions are Shapley values (their sum is p(all) - p(none), efficiency)."""
+    from mmjax.explain import layout
+    from mmjax.explain.run import _step
+
+    cfg = {
+        "image": {"kind": "vit", "variant": "mu/8", "width": 16, "depth": 1, "num_heads": 2,
+                  "mlp_dim": 32},
+        "text": {"kind": "text", "variant": "mu", "width": 16, "depth": 0, "num_heads": 2,
+                 "mlp_dim": 32, "vocab_size": 30, "max_len": 8},
+        "audio": {"kind": "ast", "variant": "mu", "width": 16, "depth": 1, "num_heads": 2,
+                  "mlp_dim": 32, "patch_size": 8, "frequency_stride": 8, "time_stride": 4},
+        "fusion": {"kind": "concat", "width": 16, "depth": 1, "num_heads": 2},
+        "heads": {"answer": {"kind": "classification", "num_classes": 3}},
+    }
+    model = build_model(cfg)
+    rng = np.random.default_rng(7)
+    batch = {"image": rng.normal(size=(2, 16, 16, 3)).astype(np.float32),
+             "text": {"ids": rng.integers(5, 30, (2, 8)).astype(np.int32),
+                      "mask": np.ones((2, 8), np.int32)},
+             "audio": rng.normal(size=(2, 20, 24)).astype(np.float32)}  # [B, frames, mels]
+    variables = model.init(jax.random.PRNGKey(0), batch)
+    out_p = variables["params"]["heads"]["answer"]["out"]
+    out_p["kernel"] = jax.random.normal(jax.random.PRNGKey(2), out_p["kernel"].shape)
+    em, ev = capture.explained_model(model, variables)
+    perturb = capture.zero_perturbations(em, ev, batch)
+    names = ["audio", "image", "text"]
+    rel = jax.jit(lambda v, b, p: _step(em, "answer", "relevance", names, {}, v, b, p))(
+        ev, batch, perturb)
+    assert layout.grid(em, "audio", (20, 24), rel["scores"]["audio"].shape[1]) == (3, 4)
+    assert layout.to_map(em, "audio", np.asarray(rel["scores"]["audio"][0]), (20, 24)).shape \
+        == (3, 4)
+    occ = _jit(methods.occlusion, em, "answer", block=(8, 8))(ev, batch, perturb)
+    assert occ["scores"]["audio"].shape == (2, 3, 3)
+    ig = _jit(methods.integrated_gradients, em, "answer", steps=8)(ev, batch, perturb)
+    assert ig["scores"]["audio"].shape == (2, 20, 24)
+    probs = np.asarray(rel["probs"])
+    t = np.asarray(rel["target"])
+    none = modalities.without(batch, names)
+    p_none = np.asarray(jax.nn.softmax(em.apply(ev, none)["answer"]["logits"]))
+    total = sum(np.asarray(rel["modalities"][m]) for m in names)
+    np.testing.assert_allclose(total, probs[np.arange(2), t] - p_none[np.arange(2), t],
+                               atol=1e-5)
