@@ -76,12 +76,18 @@ def overlays(out_dir: Path, rec: Mapping[str, Any], batch: Mapping[str, Any], r:
     return {"record": dict(rec), "pngs": pngs}
 
 
+_SPECIAL = {"[CLS]", "[SEP]", "[PAD]", "<s>", "</s>", "<|endoftext|>", "<|startoftext|>"}
+
+
 def _tokens_html(tokens: Sequence[str], scores: Sequence[float]) -> str:
+    """Tokens shaded by score, scaled to the largest |score| of a non-special token (a pooled
+    [CLS] keeps its own relevance of about 1, which would wash out every word)."""
     s = np.asarray(scores, np.float64)
-    top = np.abs(s).max() if s.size else 0.0
+    words = [abs(v) for t, v in zip(tokens, s, strict=True) if t not in _SPECIAL]
+    top = max(words) if words else (np.abs(s).max() if s.size else 0.0)
     spans = []
     for t, v in zip(tokens, s, strict=True):
-        a = abs(v) / top if top > 0 else 0.0
+        a = min(abs(v) / top, 1.0) if top > 0 else 0.0
         colour = "255,140,0" if v >= 0 else "70,130,255"
         spans.append(f'<span class="tok" style="background:rgba({colour},{a:.2f})" '
                      f'title="{v:.4g}">{html.escape(t)}</span>')

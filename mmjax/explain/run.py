@@ -94,6 +94,8 @@ def explain(workdir: str | Path, output: str | Path, *, split: str = "test", lim
     """
     if split not in SPLITS:
         raise run_lib.RunError(f"--split={split!r}; expected one of {SPLITS}")
+    if limit < 0:
+        raise run_lib.RunError(f"--limit={limit} must be >= 0 (0: the whole split)")
     if method not in methods.METHODS:
         raise run_lib.RunError(f"--method={method!r}; known: {list(methods.METHODS)}")
     run = run_lib.load(workdir, step)
@@ -116,6 +118,8 @@ def explain(workdir: str | Path, output: str | Path, *, split: str = "test", lim
             valid = np.asarray(batch["valid"]) > 0
             labels = np.asarray(batch["label"])
             inputs = run_lib.model_inputs(batch, names)
+            if "present" in batch:  # the missing-modality contract: the model reads it
+                inputs["present"] = batch["present"]
             if perturb is None:
                 perturb = capture.zero_perturbations(model, variables, inputs)
             out = jax.device_get(fn(variables, inputs, perturb))
