@@ -124,11 +124,10 @@ def test_integrated_gradients_bert_embeddings_match_captum(tmp_path, rule: str) 
     ref, model, variables, ids, mask = _bert(tmp_path)
     tids, tmask = torch.from_numpy(ids), torch.from_numpy(mask)
     emb = ref.embeddings.word_embeddings(tids).detach()
-    captum_rule = {"gausslegendre": "gausslegendre", "riemann_trapezoid": "riemann_trapezoid"}
     ig = captum.attr.IntegratedGradients(
         lambda e, m: ref(inputs_embeds=e, attention_mask=m).pooler_output[:, 1])
     want = ig.attribute(emb, baselines=torch.zeros_like(emb), additional_forward_args=(tmask,),
-                        n_steps=24, method=captum_rule[rule]).detach().numpy()
+                        n_steps=24, method=rule).detach().numpy()
 
     _, zero = model.apply(variables, ids, mask, mutable=["perturbations"])
     e = jnp.asarray(emb.numpy())
@@ -336,7 +335,7 @@ def test_three_modalities_with_audio() -> None:
     p(all) - p(none), efficiency). Occlusion and integrated gradients treat the features as
     they treat pixels (the image tests)."""
     from mmjax.explain import layout
-    from mmjax.explain.run import _step
+    from mmjax.explain.run import explain_batch
 
     cfg = {
         "image": {"kind": "vit", "variant": "mu/8", "width": 16, "depth": 1, "num_heads": 2,
@@ -360,7 +359,7 @@ def test_three_modalities_with_audio() -> None:
     em, ev = capture.explained_model(model, variables)
     perturb = capture.zero_perturbations(em, ev, batch)
     names = ["audio", "image", "text"]
-    rel = jax.jit(lambda v, b, p: _step(em, "answer", "relevance", names, {}, v, b, p))(
+    rel = jax.jit(lambda v, b, p: explain_batch(em, "answer", "relevance", names, {}, v, b, p))(
         ev, batch, perturb)
     assert layout.grid(em, "audio", (20, 24), rel["scores"]["audio"].shape[1]) == (3, 4)
     assert layout.to_map(em, "audio", np.asarray(rel["scores"]["audio"][0]), (20, 24)).shape \

@@ -26,8 +26,12 @@ from mmjax.inference import run as run_lib
 log = logging.getLogger(__name__)
 
 
-def _step(model: Any, task: str, method: str, names: list[str], kwargs: Mapping[str, Any],
-          variables: Any, batch: Any, perturb: Any) -> dict[str, Any]:
+def explain_batch(model: Any, task: str, method: str, names: list[str],
+                  kwargs: Mapping[str, Any], variables: Any, batch: Any, perturb: Any
+                  ) -> dict[str, Any]:
+    """One batch: the method's ``{"probs", "target", "scores"}`` plus ``"modalities"`` (each
+    modality's contribution to the target class, :mod:`mmjax.explain.modalities`); jittable
+    with everything before ``variables`` bound."""
     out = methods.run_method(method, model, task, variables, batch, perturb, **kwargs)
     target = out["target"]
     probs_fn = capture.probs_fn(model, task)
@@ -106,7 +110,7 @@ def explain(workdir: str | Path, output: str | Path, *, split: str = "test", lim
     model, variables = capture.explained_model(run.build_model(), run.variables())
     names = run_lib.input_names(model, task, kind)
     kwargs = {"steps": steps} if method == "integrated_gradients" else {}
-    fn = jax.jit(functools.partial(_step, model, task, method, names, kwargs))
+    fn = jax.jit(functools.partial(explain_batch, model, task, method, names, kwargs))
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
     vfn = views.features_fn(model) if layers else None
