@@ -201,15 +201,21 @@ def digits_colour(
     num_val: int = 400,
     num_test: int = 400,
     grid: int = 4,
+    questions: str = "both",
 ) -> dict[str, int]:
     """Two different digits in two cells of a ``grid`` x ``grid`` board, each in its own colour.
 
-    Half the questions ask "what colour is the <digit>?" (a colour name), half "which digit is
-    <colour>?" (a digit word). Digit scans for val and test (300 each) are disjoint from train's;
-    the board is white, a digit's ink is blended from white to its colour.
+    ``questions="both"``: half the questions ask "what colour is the <digit>?" (a colour name),
+    half "which digit is <colour>?" (a digit word); ``"colour"``: only the first kind. Digit
+    scans for val and test (300 each) are disjoint from train's; the board is white, a digit's
+    ink is blended from white to its colour. With ``"colour"`` each split also gets
+    ``<split>_cells.json``: per record the grid cell (row-major) of the named digit, for
+    pointing games (explanations must point at it).
     """
     if image_size % grid:
         raise ValueError(f"image_size {image_size} is not a multiple of grid {grid}")
+    if questions not in ("both", "colour"):
+        raise ValueError(f"questions={questions!r}; expected 'both' or 'colour'")
     root = Path(root)
     cell = image_size // grid
     ink, target = load_digits()
@@ -220,7 +226,7 @@ def digits_colour(
         rng = np.random.default_rng([seed, SPLITS.index(split), 3])
         pool = idx[split]
         by_digit = {d: pool[target[pool] == d] for d in range(10)}
-        records = []
+        records, named_cells = [], []
         for _ in range(n):
             digits = rng.choice(10, 2, replace=False)
             colours = rng.choice(len(names), 2, replace=False)
@@ -235,7 +241,8 @@ def digits_colour(
                 tile = board[y * cell : (y + 1) * cell, x * cell : (x + 1) * cell]
                 tile[:] = (1 - alpha) * tile + alpha * np.asarray(COLOURS[names[c]], np.float32)
             which = int(rng.integers(2))
-            if rng.uniform() < 0.5:
+            named_cells.append(int(cells[which]))
+            if rng.uniform() < 0.5 or questions == "colour":
                 text = f"what colour is the {_number(int(digits[which]), rng)}?"
                 label = names[int(colours[which])]
             else:
@@ -243,6 +250,8 @@ def digits_colour(
                 label = WORDS[int(digits[which])]
             records.append((np.round(board).astype(np.uint8), text, label))
         counts[split] = _write(root, split, records)
+        if questions == "colour":
+            (root / f"{split}_cells.json").write_text(json.dumps(named_cells))
     return counts
 
 
@@ -379,6 +388,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eval_questions", type=int, help="per image (digits_qa)")
     parser.add_argument("--templates", help="comma-separated (digits_qa): " + ",".join(TEMPLATES))
     parser.add_argument("--resample", choices=sorted(_RESAMPLE), help="upscaling (digits_qa)")
+    parser.add_argument("--questions", choices=("both", "colour"),
+                        help="digits_colour: both question kinds, or colour questions only")
     parser.add_argument("--natural", dest="balanced", action="store_const", const=False,
                         help="digits_qa: uniform asked numbers, not answers balanced per digit")
     args = vars(parser.parse_args(argv))

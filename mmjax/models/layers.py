@@ -35,7 +35,10 @@ class Options:
     ``remat``: a ``jax.checkpoint_policies`` name applied to every block. ``scan_layers`` /
     ``scan_unroll``: run each encoder's layers as one ``nn.scan`` (``models.scan``).
     ``gpu_rewrites``: the opt-in rewrites of ``models.gpu_rewrites``. ``bn_axis_name``: the pmap
-    axis over which BatchNorm averages its statistics.
+    axis over which BatchNorm averages its statistics. ``explain``: attention computed with
+    explicit weights, which are sown (``intermediates``/``attention``) and exposed to gradients
+    (``perturbations``/``attention``), and every block's output sown (``intermediates``/
+    ``tokens``), for ``mmjax.explain``; parameters are the same either way.
     """
 
     dtype: Any = jnp.float32
@@ -46,6 +49,7 @@ class Options:
     scan_unroll: int = 0
     gpu_rewrites: bool = False
     bn_axis_name: str | None = None
+    explain: bool = False
 
 
 # width, depth, mlp_dim, num_heads; one table for image and text towers (big_vision's sizes).
@@ -152,6 +156,20 @@ def resolve_attention(
     return "cudnn" if backend in ("gpu", "cuda") and fits else None
 
 
+def attention_weights(q: Array, k: Array, mask: Array | None, causal: bool) -> Array:
+    """Softmax attention weights [B, H, Tq, Tk] (float32) of ``q`` [B, Tq, H, D] over ``k``
+    [B, Tk, H, D]: what ``jax.nn.dot_product_attention``'s XLA path computes, materialised."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
+    big_neg = jnp.finfo(jnp.float32).min
+    if causal:
+        tq, tk = q.shape[1], k.shape[1]
+        logits = jnp.where(jnp.tril(jnp.ones((tq, tk), bool)), logits, big_neg)
+    if mask is not None:
+        logits = jnp.where(mask, logits, big_neg)
+    return jax.nn.softmax(logits, axis=-1)
+
+
 class Attention(nn.Module):
     """Multi-head attention with Hugging Face-compatible projections (query/key/value/out).
 
@@ -187,9 +205,15 @@ class Attention(nn.Module):
         implementation = self.opts.attn_implementation
         if implementation == "auto":
             implementation = resolve_attention(q.dtype, q.shape[1], k.shape[1], head_dim)
-        y = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=self.causal, implementation=implementation
-        )
+        if self.opts.explain:
+            weights = attention_weights(q, k, mask, self.causal)
+            self.sow("intermediates", "attention", weights)
+            weights = self.perturb("attention", weights)
+            y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+        else:
+            y = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=self.causal, implementation=implementation
+            )
         y = nn.DenseGeneral(width, axis=(-2, -1), dtype=dtype, name="out")(y)
         return nn.Dropout(self.opts.dropout)(y, deterministic=not train)
 
@@ -256,6 +280,8 @@ class Block(nn.Module):
                 h, context, padding_mask(context_mask), train=train), "cross_attn")
         mlp = Mlp(self.mlp_dim, self.activation, self.opts, name="mlp")
         x = sublayer(x, lambda h: mlp(h, train=train), "mlp")
+        if self.opts.explain:
+            self.sow("intermediates", "tokens", x)
         return (x, None) if self.scan_train is not None else x
 
 

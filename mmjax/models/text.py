@@ -82,6 +82,8 @@ class TextEncoder(nn.Module):
         x = nn.Embed(self.vocab_size, d, embedding_init=init, name="token_embedding")(ids)
         if token_embeds is not None:  # [B, L, D] instead of the lookup (input-gradient attacks)
             x = token_embeds.astype(x.dtype)
+        if self.opts.explain:  # a gradient point on the token embeddings (mmjax.explain)
+            x = self.perturb("token_embeddings", x)
         pos = self.param("position_embedding", init, (self.max_len, d), jnp.float32)
         if self.type_vocab_size:
             seg = jnp.zeros_like(ids) if segment_ids is None else segment_ids

@@ -1,0 +1,148 @@
+"""Explain a trained classifier on a split: ``explanations.jsonl``, PNG overlays, ``index.html``.
+
+One jitted function per batch shape computes the prediction, the method's scores for every
+modality and the modality contributions; batches come from the evaluation pipeline in split
+order, so line ``index`` is the row of the split file.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from mmjax.data import pipeline
+from mmjax.data.records import SPLITS
+from mmjax.explain import capture, layout, methods, modalities, report, views
+from mmjax.inference import run as run_lib
+
+log = logging.getLogger(__name__)
+
+
+def explain_batch(model: Any, task: str, method: str, names: list[str],
+                  kwargs: Mapping[str, Any], variables: Any, batch: Any, perturb: Any
+                  ) -> dict[str, Any]:
+    """One batch: the method's ``{"probs", "target", "scores"}`` plus ``"modalities"`` (each
+    modality's contribution to the target class, :mod:`mmjax.explain.modalities`); jittable
+    with everything before ``variables`` bound."""
+    out = methods.run_method(method, model, task, variables, batch, perturb, **kwargs)
+    target = out["target"]
+    probs_fn = capture.probs_fn(model, task)
+
+    def prob(b: Any) -> jax.Array:
+        p = probs_fn(variables, b, perturb)
+        return jax.numpy.take_along_axis(p, target[:, None], axis=1)[:, 0]
+
+    out["modalities"] = (modalities.contributions(prob, batch, names) if len(names) > 1 else {})
+    return out
+
+
+def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
+    """One string per token id (word pieces, special tokens kept)."""
+    inner = getattr(tokenizer, "_tok", None)
+    if hasattr(inner, "convert_ids_to_tokens"):
+        return [str(t) for t in inner.convert_ids_to_tokens(ids)]
+    if hasattr(inner, "id_to_token"):
+        return [inner.id_to_token(int(i)) or "[UNK]" for i in ids]
+    vocab = getattr(tokenizer, "vocab", None)
+    if vocab is not None:
+        return [vocab[i] if 0 <= i < len(vocab) else "[UNK]" for i in ids]
+    return [tokenizer.decode([i])[0] for i in ids]
+
+
+def _record(model: Any, run: run_lib.Run, names: list[str], batch: Mapping[str, Any],
+            out: Mapping[str, Any], r: int, index: int, label: int, method: str
+            ) -> dict[str, Any]:
+    target = int(out["target"][r])
+    rec: dict[str, Any] = {
+        "index": index,
+        "label": run.label_names[label] if 0 <= label < len(run.label_names) else label,
+        "predicted": run.label_names[target],
+        "score": float(out["probs"][r, target]),
+        "method": method,
+    }
+    for m in names:
+        s = np.asarray(out["scores"][m][r], np.float64)
+        kind = layout.tower_kind(model, m)
+        if kind == "text":
+            mask = np.asarray(batch[m].get("mask", np.ones_like(batch[m]["ids"])))[r] > 0
+            ids = np.asarray(batch[m]["ids"])[r][mask].tolist()
+            rec[m] = {"tokens": token_strings(run.tokenizer, ids),
+                      "scores": [round(float(v), 6) for v in s[mask]]}
+            continue
+        shape = np.asarray(batch[m]).shape[1:]
+        heat = s if s.ndim == 2 else layout.to_map(model, m, s, shape)
+        if kind == "ast" and s.ndim == 2:  # input-shaped [frames, mels] -> [mels, frames]
+            heat = heat.T
+        rec[m] = {"heatmap": np.round(heat, 6).tolist()}
+    rec["modalities"] = {m: round(float(v[r]), 6) for m, v in out["modalities"].items()}
+    return rec
+
+
+def explain(workdir: str | Path, output: str | Path, *, split: str = "test", limit: int = 0,
+            method: str = "relevance", step: str | int | None = None, layers: bool = False,
+            batch_size: int = 100, task: str = "", steps: int = 32,
+            images: int = 50) -> dict[str, Any]:
+    """Explains the first ``limit`` examples (0: all) of ``split``; returns a summary.
+
+    ``steps``: integrated-gradients quadrature nodes. ``images``: examples that get PNG
+    overlays and a gallery entry (all of them get a JSONL line). ``layers``: also the layer
+    views of the first ``images`` examples.
+    """
+    if split not in SPLITS:
+        raise run_lib.RunError(f"--split={split!r}; expected one of {SPLITS}")
+    if limit < 0:
+        raise run_lib.RunError(f"--limit={limit} must be >= 0 (0: the whole split)")
+    if method not in methods.METHODS:
+        raise run_lib.RunError(f"--method={method!r}; known: {list(methods.METHODS)}")
+    run = run_lib.load(workdir, step)
+    task, kind = run_lib.output_task(run.config, task)
+    if kind != "classification":
+        raise run_lib.RunError(f"head {task!r} is a {kind} head; mmjax.explain explains "
+                               "classification heads")
+    model, variables = capture.explained_model(run.build_model(), run.variables())
+    names = run_lib.input_names(model, task, kind)
+    kwargs = {"steps": steps} if method == "integrated_gradients" else {}
+    fn = jax.jit(functools.partial(explain_batch, model, task, method, names, kwargs))
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vfn = views.features_fn(model) if layers else None
+    start, count, perturb, gallery = time.time(), 0, None, []
+    bs = min(batch_size, limit) if limit else batch_size
+    with open(out_dir / "explanations.jsonl", "w", encoding="utf-8") as f:
+        for batch in pipeline.eval_batches(run.config.data, split, batch_size=bs,
+                                           tokenizer=run.tokenizer):
+            valid = np.asarray(batch["valid"]) > 0
+            labels = np.asarray(batch["label"])
+            inputs = run_lib.model_inputs(batch, names)
+            if "present" in batch:  # the missing-modality contract: the model reads it
+                inputs["present"] = batch["present"]
+            if perturb is None:
+                perturb = capture.zero_perturbations(model, variables, inputs)
+            out = jax.device_get(fn(variables, inputs, perturb))
+            feats = jax.device_get(vfn(variables, inputs)) if vfn is not None else None
+            for r in np.flatnonzero(valid).tolist():
+                rec = _record(model, run, names, inputs, out, r, count, int(labels[r]), method)
+                f.write(json.dumps(rec) + "\n")
+                if count < images:
+                    gallery.append(report.overlays(out_dir, rec, inputs, r, model))
+                    if feats is not None:
+                        views.write(out_dir, model, feats, inputs, r, count)
+                count += 1
+                if limit and count >= limit:
+                    break
+            if limit and count >= limit:
+                break
+    report.index_html(out_dir, gallery, method=method, step=run.step, split=split,
+                      layers=layers)
+    seconds = time.time() - start
+    log.info("explained %d examples of %s (%s) in %.1f s", count, split, method, seconds)
+    return {"count": count, "method": method, "step": run.step, "split": split,
+            "output": str(out_dir), "seconds": round(seconds, 2)}
