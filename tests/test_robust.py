@@ -24,6 +24,7 @@ import scipy.ndimage
 import simplejpeg
 from PIL import Image, ImageEnhance
 
+from mmjax.data.device import normalize_images
 from mmjax.data.tokenize import WordPieceTokenizer
 from mmjax.inference import evaluate
 from mmjax.inference import run as run_lib
@@ -229,7 +230,7 @@ def _model_batch(workdir: Path, rows: int = 96):
 def test_token_embeds_entry_point_matches_ids(trained):
     _run, model, variables, batch = _model_batch(trained[1], 24)
     table = variables["params"]["text"]["token_embedding"]["embedding"]
-    logits = jax.jit(lambda b: model.apply(variables, b)["answer"]["logits"])
+    logits = jax.jit(lambda b: model.apply(variables, normalize_images(b))["answer"]["logits"])
     embeds = jnp.take(table, batch["text"]["ids"], axis=0)
     via_embeds = logits({**batch, "text": {**batch["text"], "token_embeds": embeds}})
     np.testing.assert_allclose(via_embeds, logits(batch), rtol=0, atol=1e-6)
@@ -244,11 +245,11 @@ def test_attacks_reduce_accuracy_within_the_eps_ball(trained):
     attack = jax.jit(lambda b, eps, method, steps: attacks.attack_batch(
         model, variables, b, task="answer", kinds=kinds, method=method, eps=eps, steps=steps),
         static_argnames=("method", "steps"))
-    x0 = {"image": (batch["image"] + 1) / 2,
+    x0 = {"image": batch["image"] / 255.0,  # the pipeline's uint8 pixels on the [0, 1] scale
           "text": np.asarray(variables["params"]["text"]["token_embedding"]["embedding"])[
               batch["text"]["ids"]]}
     labels = batch["label"]
-    logits_of = jax.jit(lambda b: model.apply(variables, b)["answer"]["logits"])
+    logits_of = jax.jit(lambda b: model.apply(variables, normalize_images(b))["answer"]["logits"])
     logits = logits_of(batch)
     clean_acc = float(np.mean(np.argmax(logits, -1) == labels))
 
@@ -303,7 +304,7 @@ def test_drop_hands_the_model_present_masks(trained, monkeypatch):
         assert present["image"].dtype == bool and not present["image"].any()
         assert present["image"].shape == batch["label"].shape
         # the placeholder: the entry in place, its usual dtype and per-row shape
-        assert batch["image"].dtype == np.float32
+        assert batch["image"].dtype == np.uint8  # pixels stay uint8 until the step
         assert batch["image"].shape[:present["image"].ndim] == present["image"].shape
 
 

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from mmjax.data import pipeline
+from mmjax.data.device import normalize_images
 from mmjax.data.records import SPLITS
 from mmjax.explain import capture, layout, methods, modalities, report, views
 from mmjax.inference import run as run_lib
@@ -121,7 +122,8 @@ def explain(workdir: str | Path, output: str | Path, *, split: str = "test", lim
                                            tokenizer=run.tokenizer):
             valid = np.asarray(batch["valid"]) > 0
             labels = np.asarray(batch["label"])
-            inputs = run_lib.model_inputs(batch, names)
+            # uint8 images become the [-1, 1] floats the model reads (gradients need floats)
+            inputs = dict(normalize_images(run_lib.model_inputs(batch, names)))
             if "present" in batch:  # the missing-modality contract: the model reads it
                 inputs["present"] = batch["present"]
             if perturb is None:
