@@ -66,6 +66,13 @@ def dataset_info(
     return info
 
 
+def modalities(data_config: Any) -> tuple[str, ...]:
+    """The input modalities the batches carry (folder and TFDS: those of the train records)."""
+    if _check_name(data_config) == "shapes":
+        return ("image", "text")
+    return records.modalities(data_config)
+
+
 def _source(data_config: Any, split: str) -> shapes.ShapesSource:
     if _check_name(data_config) != "shapes":
         raise ValueError("internal: _source serves the shapes data only")
