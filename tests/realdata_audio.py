@@ -81,21 +81,23 @@ def _question(s: int, rng: np.random.Generator, ks: Sequence[int]) -> tuple[str,
 
 
 def digits_beeps(root: str | Path, *, image_size: int = 32, seed: int = 0, num_val: int = 300,
-                 num_test: int = 300, train_questions: int = 2, max_beeps: int = 9,
-                 ks: Sequence[int] = (8, 9, 10)) -> dict[str, int]:
+                 num_test: int = 300, num_train: int | None = None, train_questions: int = 2,
+                 max_beeps: int = 9, ks: Sequence[int] = (8, 9, 10)) -> dict[str, int]:
     """Writes the dataset (a pure function of its arguments); returns records per split.
 
-    ``train_questions`` records (each with its own clip and question) per train scan, one per
-    val/test scan. ``latent.jsonl`` keeps each record's digit, count, relation and K for
-    :func:`baselines` (the model never reads it).
+    ``train_questions`` records (each with its own clip and question) per train scan (all the
+    scans not in val or test, or the first ``num_train``), one per val/test scan.
+    ``latent.jsonl`` keeps each record's digit, count, relation and K for :func:`baselines`
+    (the model never reads it).
     """
     root = Path(root)
     (root / "img").mkdir(parents=True, exist_ok=True)
     (root / "audio").mkdir(parents=True, exist_ok=True)
     ink, target = load_digits()
     idx = split_indices(len(ink), num_val, num_test, seed)
+    idx["train"] = idx["train"][:num_train]
     counts = {}
-    latent = open(root / "latent.jsonl", "w", encoding="utf-8")
+    latent = []
     for split in SPLITS:
         rng = np.random.default_rng([seed, SPLITS.index(split), 5])
         per = train_questions if split == "train" else 1
@@ -117,11 +119,11 @@ def digits_beeps(root: str | Path, *, image_size: int = 32, seed: int = 0, num_v
                     label = "yes" if answer else "no"
                     f.write(json.dumps({"image": image, "audio": clip, "text": text,
                                         "label": label}) + "\n")
-                    latent.write(json.dumps({"split": split, "digit": d, "beeps": n,
-                                             "label": label, **q}) + "\n")
+                    latent.append(json.dumps({"split": split, "digit": d, "beeps": n,
+                                              "label": label, **q}))
                     n_rec += 1
         counts[split] = n_rec
-    latent.close()
+    (root / "latent.jsonl").write_text("\n".join(latent) + "\n")
     return counts
 
 
@@ -156,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_val", type=int, default=300)
     parser.add_argument("--num_test", type=int, default=300)
+    parser.add_argument("--num_train", type=int, default=None, help="train scans (default all)")
     parser.add_argument("--train_questions", type=int, default=2)
     parser.add_argument("--max_beeps", type=int, default=9)
     args = vars(parser.parse_args(argv))

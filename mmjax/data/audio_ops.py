@@ -14,7 +14,8 @@ The ops (registered in ``mmjax.data.ops``'s registry when this module is importe
 - ``spec_augment(freq_masks, freq_width, time_masks, time_width)``: train-only masking.
 
 Both deterministic ops pass through what is already decoded (an array; raw samples from
-elsewhere come as a ``(samples, rate)`` pair) or already features (2-D), so their output can be computed once per record during validation and cached.
+elsewhere come as a ``(samples, rate)`` pair) or already features (2-D), so their output can
+be computed once per record during validation and cached.
 
 ``data.audio`` configures the front end: ``{"front_end": "ast" | "whisper", "preprocessor":
 HF folder or preprocessor_config.json ("" = none; it then overrides the rest),

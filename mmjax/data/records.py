@@ -286,7 +286,8 @@ def records_tokenizer(data_config: Any, workdir: str) -> Any:
     tok = _TOKENIZER_CACHE.get(key)
     if tok is None:
         data = split_data(data_config, "train", labelled=False)
-        texts = [data.source[i]["text"] for i in range(len(data))]
+        texts = [r["text"] for r in map(data.source.__getitem__, range(len(data))) if "text" in r]
+        texts = texts or [""]  # no text in the records: a tokenizer of the special tokens
         tok = WordPieceTokenizer.train(texts, key[-1])
         _TOKENIZER_CACHE[key] = tok
     if saved is not None:
