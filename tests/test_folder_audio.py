@@ -106,6 +106,23 @@ def test_batch_features_equal_transformers_ast_extractor(dataset):
     assert "present" not in batch  # every val record has all three modalities
 
 
+def test_whisper_front_end_batches_match_transformers(dataset):
+    from transformers import WhisperFeatureExtractor
+
+    audio = {"front_end": "whisper", "preprocessor": "", "sampling_rate": RATE,
+             "num_mel_bins": MELS, "max_frames": 100}
+    cfg = _config(dataset, audio=audio)
+    batch = next(iter(pipeline.eval_batches(cfg, "val", batch_size=4,
+                                            tokenizer=pipeline.build_tokenizer(cfg))))
+    assert batch["audio"].shape == (4, MELS, 100)  # [B, mels, frames]: the whisper layout
+    fe = WhisperFeatureExtractor(feature_size=MELS, sampling_rate=RATE, hop_length=160,
+                                 chunk_length=1, n_fft=400)
+    clips = [audio_ops.decode_audio(r["audio"], RATE, str(dataset))
+             for r in _records(dataset, "val")[:4]]
+    want = fe(clips, sampling_rate=RATE, return_tensors="np")["input_features"]
+    np.testing.assert_allclose(batch["audio"], want, atol=2e-3)
+
+
 def test_spec_augment_masks_train_features_only(dataset):
     pp = "decode|resize|normalize|tokenize|decode_audio|audio_features"
     cfg = _config(dataset, pp_train=pp + "|spec_augment(1, 6, 1, 8)")
@@ -197,8 +214,8 @@ def _folder_config(root: Path, **overrides) -> ml_collections.ConfigDict:
     c = folder_config.get_config("tiny")
     c.data.path = str(root)
     c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 4, 4, 4, 2
-    for k, v in overrides.items():
-        c.model.fusion[k] = v
+    with c.unlocked():
+        c.model.fusion.update(overrides)
     return c
 
 
@@ -223,15 +240,18 @@ def test_setup_removes_towers_of_absent_modalities(dataset, tmp_path):
     assert "audio" not in batch
 
 
-def test_a_fusion_query_of_an_absent_modality_is_named(dataset, tmp_path):
+def test_a_part_that_reads_an_absent_modality_is_named(dataset, tmp_path):
     from mmjax.trainer import loop
 
     root = _copy(dataset, tmp_path / "no_text")
     _drop(root, "text")
     with pytest.raises(ValueError, match=r"model\.fusion\.query='text'.*no 'text'"):
         loop.setup(_folder_config(root), tmp_path / "w")
+    with pytest.raises(ValueError, match=r"evals\.qa\.kind='qa' \(it reads text\).*no 'text'"):
+        loop.setup(_folder_config(root, query="image"), tmp_path / "w2")
 
 
+@pytest.mark.slow
 def test_three_modality_folder_run_trains_three_towers(dataset, tmp_path):
     from mmjax import trainer
 
@@ -285,3 +305,16 @@ def test_tfds_audio_feature_becomes_the_audio_modality(tmp_path):
         want = fe(wave, sampling_rate=RATE, return_tensors="np")["input_values"][0]
         np.testing.assert_allclose(batch["audio"][i], want, atol=2e-3)
         assert int(batch["label"][i]) == int(raw[i]["label"])
+
+
+def test_inspect_benchmark_measures_audio_beside_transformers(dataset, capsys):
+    from mmjax.data import inspect as data_inspect
+
+    config = ml_collections.ConfigDict({"seed": 0, "batch_size": 4,
+                                        "data": _config(dataset).to_dict()})
+    result = data_inspect.benchmark(config, 2)
+    out = capsys.readouterr().out
+    assert "pipeline: " in out and " images/s " in out
+    assert "audio: ast features (64, 32) of 8 clips" in out and "ASTFeatureExtractor" in out
+    assert result["mmjax_clips_per_s"] > 0 and result["hf_clips_per_s"] > 0
+    assert result["max_abs_diff"] <= 2e-3  # the same features as transformers'

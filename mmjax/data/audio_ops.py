@@ -116,6 +116,12 @@ def front_end(data_config: Any) -> FrontEnd | None:
     raise ValueError(f"data.audio.front_end={kind!r}; use 'ast' or 'whisper'")
 
 
+def config_key(data_config: Any) -> str:
+    """``data.audio`` as a hashable key (cached splits hold features of one front end)."""
+    fe = front_end(data_config)
+    return "" if fe is None else repr((fe.kind, fe.sampling_rate, sorted(fe.options.items())))
+
+
 def features_shape(fe: FrontEnd) -> tuple[int, int]:
     """The shape of one clip's features (``[frames, mels]`` AST, ``[mels, frames]`` Whisper)."""
     o = fe.options
@@ -147,20 +153,29 @@ def _decode_op(ctx: ops.Context, key: str = MODALITY) -> ops.OpFn:
     return fn
 
 
-@ops.register("audio_features")
-def _features_op(ctx: ops.Context, key: str = MODALITY) -> ops.OpFn:
+def audio_features_op(fe: FrontEnd) -> Any:
+    """``waveform -> features`` of ``fe`` on one BLAS thread: the filterbank's small matmul
+    is several times slower when OpenBLAS spreads it over cores that the training step and
+    other data work keep busy (docs/data.md)."""
     from threadpoolctl import ThreadpoolController
 
-    fe = _front_end(ctx, "audio_features")
     blas = ThreadpoolController()
+
+    def fn(waveform: np.ndarray) -> np.ndarray:
+        with blas.limit(limits=1, user_api="blas"):
+            return fe.one(waveform)
+
+    return fn
+
+
+@ops.register("audio_features")
+def _features_op(ctx: ops.Context, key: str = MODALITY) -> ops.OpFn:
+    features = audio_features_op(_front_end(ctx, "audio_features"))
 
     def fn(ex: ops.Example, rng: Any) -> ops.Example:
         if key not in ex or np.ndim(ex[key]) == 2:  # absent, or features already
             return ex
-        # One BLAS thread: the filterbank's small matmul is ~10x slower when OpenBLAS spreads
-        # it over cores that the training step and other data work keep busy.
-        with blas.limit(limits=1, user_api="blas"):
-            return {**ex, key: fe.one(ex[key])}
+        return {**ex, key: features(ex[key])}
 
     return fn
 

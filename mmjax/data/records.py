@@ -220,7 +220,7 @@ def split_data(
         raise ValueError(f"unknown data split {split!r}; expected one of {SPLITS}")
     pp = _pp(data_config, split)
     key = (*_data_key(data_config), split, pp, _get(data_config, "image_size", 32),
-           bool(_get(data_config, "cache", True)))
+           bool(_get(data_config, "cache", True)), audio_ops.config_key(data_config))
     data = _SPLIT_CACHE.get(key)
     if data is None:
         data = _SPLIT_CACHE[key] = _SplitData(data_config, split, pp)
@@ -382,12 +382,13 @@ def _padded(data: _SplitData, data_config: Any, split: str, batch_size: int,
 
 
 def file_batches(
-    data_config: Any, file: str | Path, *, batch_size: int, tokenizer: Any, skip_bad: bool
+    data_config: Any, file: str | Path, *, batch_size: int, tokenizer: Any, skip_bad: bool,
+    modalities: tuple[str, ...] | None = None,
 ) -> tuple[folder.FolderSource, Iterator[dict]]:
     """A JSONL file of new inputs (labels optional, ignored), validated up front like a split
     and preprocessed exactly as val/test are (``data.pp_eval``); the source's ``indices``,
     ``lines`` and ``skipped`` say which of its lines the padded batches hold."""
     data = _SplitData(data_config, "", _pp(data_config, "val"), file=Path(file).absolute(),
                       skip_bad=skip_bad)
-    data.set_modalities(data.source.modalities(), "data.pp_eval")
+    data.set_modalities(tuple(modalities or data.source.modalities()), "data.pp_eval")
     return data.source, _padded(data, data_config, "val", batch_size, tokenizer)

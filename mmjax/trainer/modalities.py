@@ -3,8 +3,8 @@
 A config such as ``configs/folder.py`` carries towers for image, audio and text; a dataset
 whose train records have only images and texts trains the image and text towers, and the
 audio tower is removed before the model is built (a tower with no input could not be
-initialised). What the remaining parts need must be there: a fusion query, or a head that reads
-a named modality, makes the run fail at once with the config key named.
+initialised). What the remaining parts need must be there: a fusion query, a head or an
+evaluator that reads a modality the data lacks makes the run fail at once, naming the key.
 """
 
 from __future__ import annotations
@@ -37,22 +37,31 @@ def _default(cls: type, name: str) -> Any:
     return None
 
 
-def _needs(model_cfg: Any) -> dict[str, str]:
-    """``{config key: modality}`` for every part that reads one named modality."""
-    out = {}
-    fusion = model_cfg.get("fusion") or {}
+# What each evaluator kind reads from a batch besides the label.
+EVAL_NEEDS = {"retrieval": ("image", "text"), "zeroshot": ("image", "text"), "qa": ("text",),
+              "caption": ("text",)}
+
+
+def _needs(config: Any) -> list[tuple[str, str]]:
+    """``(what, modality)`` for every part that reads one named modality; ``what`` names the
+    config key and its value."""
+    model = config.model
+    out = []
+    fusion = model.get("fusion") or {}
     if fusion.get("kind", "none") == "cross_attention":
-        out["model.fusion.query"] = fusion.get("query") or _default(Fusion, "query")
-    for task, head in (model_cfg.get("heads") or {}).items():
+        query = fusion.get("query") or _default(Fusion, "query")
+        out.append((f"model.fusion.query={query!r}", query))
+    for task, head in (model.get("heads") or {}).items():
         cls = heads_lib.HEADS.get(head.get("kind"))
-        if cls is None:
-            continue
-        for key in ("modality", "modalities"):
+        for key in ("modality", "modalities") if cls is not None else ():
             value = head.get(key, _default(cls, key))
             if value is None or value is dataclasses.MISSING:
                 continue
-            for i, m in enumerate([value] if isinstance(value, str) else list(value)):
-                out[f"model.heads.{task}.{key}" + ("" if isinstance(value, str) else f"[{i}]")] = m
+            for m in [value] if isinstance(value, str) else list(value):
+                out.append((f"model.heads.{task}.{key}={value!r}", m))
+    for name, ev in (config.get("evals") or {}).items():
+        for m in EVAL_NEEDS.get(ev.get("kind"), ()):
+            out.append((f"evals.{name}.kind={ev.get('kind')!r} (it reads {m})", m))
     return out
 
 
@@ -69,10 +78,10 @@ def fit_to_data(config: ml_collections.ConfigDict, present: Sequence[str]) -> li
     if not left:
         raise ValueError(f"the data has the modalities {tuple(present)} but config.model has "
                          f"towers only for {have}")
-    for key, m in _needs(model).items():
+    for what, m in _needs(config):
         if m in absent:
-            raise ValueError(f"{key}={m!r} but the train records have no {m!r} (they have "
-                             f"{tuple(present)}): set {key} to one of them or add {m} data")
+            raise ValueError(f"{what} but the train records have no {m!r} (they have "
+                             f"{tuple(present)}): change that key or add {m} data")
     fusion = model.get("fusion") or {}
     kind = fusion.get("kind", "none")
     if kind != "none" and len(left) < 2:
