@@ -4,7 +4,8 @@ r"""Bring your own data: a folder of images, audio clips and texts, DIR/{train,v
         --config.data.path=DIR
 
 Each JSONL line is ``{"image": "relative/path.png", "audio": "relative/clip.wav", "text": "...",
-"label": "yes"}`` with any non-empty subset of image, audio and text; the model gets a tower for
+"label": "yes"}`` with any non-empty subset of image, audio, text and ``"series": "x.npy"``
+(floats [time, channels]); the model gets a tower for
 each modality the train records have (the others are removed from ``config.model``), and a
 record without one of them is marked absent in ``batch["present"]``. Images (any format Pillow
 reads) are resized to ``data.image_size``; clips (WAV/FLAC/OGG, any rate, mono or stereo) are
@@ -50,9 +51,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # No flip: mirroring changes digits, letters and left/right answers. The audio ops only
         # act on records with audio; no spec_augment by default: its time masks can erase the
         # very events a question counts (add "|spec_augment(2, 8, 0, 0)" for mel masks only).
+        # series(length, channels): sensor series padded or cut to 64 steps of 3 channels.
         "pp_train": "decode|resize|random_crop(0.7)|normalize|tokenize"
-                    "|decode_audio|audio_features",
-        "pp_eval": "decode|resize|normalize|tokenize|decode_audio|audio_features",
+                    "|decode_audio|audio_features|series(64, 3)",
+        "pp_eval": "decode|resize|normalize|tokenize|decode_audio|audio_features|series(64, 3)",
         # The audio front end: "ast" (Kaldi fbank, [frames, mels]) or "whisper" ([mels,
         # frames]); "preprocessor": an HF folder whose preprocessor_config.json replaces these.
         "audio": {"front_end": "ast", "preprocessor": "", "sampling_rate": 16000,
@@ -75,6 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "patch_size": 16, "frequency_stride": 16, "time_stride": 16, "pool": "gap",
         "init_from": "",  # an HF audio-spectrogram-transformer folder (its features must match)
     }
+    # Time series ("series": "x.npy", [time, channels]): a 1-D patch transformer over the 64
+    # steps of data.pp_*'s series op, patches of 8 (8 tokens). Removed when there are none.
+    model["series"] = {"kind": "series", "variant": "mu", "width": 64, "depth": 1,
+                       "num_heads": 4, "mlp_dim": 256, "patch_size": 8}
     c.model = ml_collections.ConfigDict({
         **model,
         "heads": {"answer": {"kind": "classification", "num_classes": 0}},  # 0: from data

@@ -318,3 +318,68 @@ def test_inspect_benchmark_measures_audio_beside_transformers(dataset, capsys):
     assert "audio: ast features (64, 32) of 8 clips" in out and "ASTFeatureExtractor" in out
     assert result["mmjax_clips_per_s"] > 0 and result["hf_clips_per_s"] > 0
     assert result["max_abs_diff"] <= 2e-3  # the same features as transformers'
+
+
+# --- time series ------------------------------------------------------------------------------
+
+
+def _add_series(root: Path, skip: tuple[int, ...] = ()) -> dict[int, np.ndarray]:
+    """Gives val records a random-walk series [40..90 steps, 3 channels] (not those in
+    ``skip``); returns them by record index."""
+    rng = np.random.default_rng(7)
+    (root / "series").mkdir(exist_ok=True)
+    written = {}
+    for split in ("train", "val", "test"):
+        recs = _records(root, split)
+        for i, r in enumerate(recs):
+            if split == "val" and i in skip:
+                continue
+            x = np.cumsum(rng.normal(size=(int(rng.integers(40, 90)), 3)), axis=0)
+            r["series"] = f"series/{split}_{i}.npy"
+            np.save(root / r["series"], x)
+            if split == "val":
+                written[i] = x
+        _write(root, split, recs)
+    return written
+
+
+def test_series_records_are_fitted_flagged_and_validated(dataset, tmp_path):
+    root = _copy(dataset, tmp_path / "series")
+    written = _add_series(root, skip=(2,))
+    cfg = _config(root, pp_eval=_config(root).pp_eval + "|series(64, 3)",
+                  pp_train=_config(root).pp_train + "|series(64, 3)")
+    tok = pipeline.build_tokenizer(cfg)
+    pipeline.dataset_info(cfg, tok)
+    assert pipeline.modalities(cfg) == ("image", "audio", "series", "text")
+    batch = next(iter(pipeline.eval_batches(cfg, "val", batch_size=4, tokenizer=tok)))
+    assert batch["series"].shape == (4, 64, 3) and batch["series"].dtype == np.float32
+    np.testing.assert_array_equal(batch["present"]["series"], [True, True, False, True])
+    for i in (0, 1, 3):
+        x = written[i][:64]
+        np.testing.assert_allclose(batch["series"][i][: len(x)], x, rtol=1e-6)
+        assert not batch["series"][i][len(x):].any()  # zero padding after the series
+    bad = _records(root, "val")
+    x = written[0].copy()
+    x[5, 1] = np.nan
+    np.save(root / bad[0]["series"], x)
+    with pytest.raises(folder.BadDataError, match=r"val\.jsonl:1: cannot decode series file .*"
+                                                  r"non-finite"):
+        folder.FolderSource(root, "val")
+
+
+def test_series_tower_is_built_for_series_records(dataset, tmp_path):
+    import jax
+
+    from mmjax.trainer import loop
+
+    root = _copy(dataset, tmp_path / "series_run")
+    _add_series(root)
+    c = _folder_config(root)
+    s = loop.setup(c, tmp_path / "w")
+    assert sorted(s.model.encoders) == ["audio", "image", "series", "text"]
+    batch = next(iter(pipeline.eval_batches(c.data, "val", batch_size=2)))
+    batch = {k: v for k, v in batch.items() if k != "valid"}
+    variables = s.model.init(jax.random.PRNGKey(0), batch)
+    assert "series" in variables["params"]
+    towers = s.model.apply(variables, batch, method="encode")
+    assert towers["series"]["tokens"].shape == (2, 8, 64)  # 64 steps in patches of 8

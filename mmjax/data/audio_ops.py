@@ -136,6 +136,8 @@ def placeholder(fe: FrontEnd) -> np.ndarray:
 
 
 def _front_end(ctx: ops.Context, op: str) -> FrontEnd:
+    """The context's front end; asked for only when an example has audio, so a spec with audio
+    ops still parses (and serves image/text data) without ``data.audio``."""
     if ctx.audio is None:
         raise ValueError(f"preprocessing op {op!r} needs data.audio (the audio front end)")
     return ctx.audio
@@ -143,12 +145,11 @@ def _front_end(ctx: ops.Context, op: str) -> FrontEnd:
 
 @ops.register("decode_audio")
 def _decode_op(ctx: ops.Context, key: str = MODALITY) -> ops.OpFn:
-    fe = _front_end(ctx, "decode_audio")
-
     def fn(ex: ops.Example, rng: Any) -> ops.Example:
         if key not in ex or isinstance(ex[key], np.ndarray):  # absent, or decoded already
             return ex
-        return {**ex, key: decode_audio(ex[key], fe.sampling_rate, ctx.root)}
+        rate = _front_end(ctx, "decode_audio").sampling_rate
+        return {**ex, key: decode_audio(ex[key], rate, ctx.root)}
 
     return fn
 
@@ -170,11 +171,13 @@ def audio_features_op(fe: FrontEnd) -> Any:
 
 @ops.register("audio_features")
 def _features_op(ctx: ops.Context, key: str = MODALITY) -> ops.OpFn:
-    features = audio_features_op(_front_end(ctx, "audio_features"))
+    features = None if ctx.audio is None else audio_features_op(ctx.audio)
 
     def fn(ex: ops.Example, rng: Any) -> ops.Example:
         if key not in ex or np.ndim(ex[key]) == 2:  # absent, or features already
             return ex
+        if features is None:
+            _front_end(ctx, "audio_features")
         return {**ex, key: features(ex[key])}
 
     return fn
@@ -184,12 +187,11 @@ def _features_op(ctx: ops.Context, key: str = MODALITY) -> ops.OpFn:
 def _spec_augment_op(ctx: ops.Context, freq_masks: int = 2, freq_width: int = 8,
                      time_masks: int = 2, time_width: int = 10, key: str = MODALITY) -> ops.OpFn:
     """Masks of up to ``freq_width`` mel bins and ``time_width`` frames (train only)."""
-    fe = _front_end(ctx, "spec_augment")
-    time_axis = 0 if fe.kind == "ast" else 1
 
     def fn(ex: ops.Example, rng: np.random.Generator) -> ops.Example:
         if key not in ex or np.ndim(ex[key]) != 2:
             return ex
+        time_axis = 0 if _front_end(ctx, "spec_augment").kind == "ast" else 1
         return {**ex, key: spec_augment(ex[key], rng, time_axis=time_axis,
                                         freq_masks=freq_masks, freq_width=freq_width,
                                         time_masks=time_masks, time_width=time_width)}
@@ -200,10 +202,3 @@ def _spec_augment_op(ctx: ops.Context, freq_masks: int = 2, freq_width: int = 8,
 def cacheable(parsed: list[ops.Op]) -> list[ops.Op]:
     """The audio ops of a parsed spec whose output depends only on the record."""
     return [op for op in parsed if op.name in CACHEABLE]
-
-
-def check_ops(parsed: list[ops.Op], where: str) -> None:
-    """Audio records need the op that turns them into features."""
-    if not any(op.name == "audio_features" for op in parsed):
-        raise ValueError(f"the records have audio but {where} has no 'audio_features' op "
-                         "(e.g. ...|decode_audio|audio_features)")

@@ -2,7 +2,8 @@
 
 Each line is a JSON object with ``"label"`` (string or int) and any non-empty subset of the
 modality fields ``"image"`` (a path relative to DIR, any format Pillow reads), ``"audio"`` (a
-path relative to DIR, WAV/FLAC/OGG or anything libsndfile reads) and ``"text"``. Loading a split
+path relative to DIR, WAV/FLAC/OGG or anything libsndfile reads), ``"series"`` (a path to a
+``.npy`` of floats ``[time, channels]``) and ``"text"``. Loading a split
 runs a validation pass that parses every line and fully decodes every image and clip *before*
 training starts, because a bad record found an hour into a run wastes the hour; each failure
 names the JSONL file and line (and the media file). With ``skip_bad`` the bad records are
@@ -23,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from mmjax.data import audio_ops, ops
+from mmjax.data import audio_ops, ops, series_ops
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-MODALITIES = ("image", "audio", "text")  # the record fields that are model inputs
+MODALITIES = ("image", "audio", "series", "text")  # the record fields that are model inputs
 FIELDS = (*MODALITIES, "label")
 LABELS_FILE = "labels.json"
 
@@ -158,7 +159,7 @@ class FolderSource:
         """Fills ``record``'s media paths, decoding each file if ``validate``; returns why the
         record is bad ("" if it is not). Callbacks run only once the whole record is good."""
         decoded = {}
-        for m in ("image", "audio"):
+        for m in ("image", "audio", "series"):
             if m not in rec:
                 continue
             path = record[m] = os.path.join(self.root, rec[m])
@@ -167,8 +168,12 @@ class FolderSource:
             if not os.path.isfile(path):
                 return f"{m} file {path} not found"
             try:
-                decoded[m] = ops.decode_image(path) if m == "image" else \
-                    audio_ops.decode_audio(path, self._audio_rate or 0)
+                if m == "image":
+                    decoded[m] = ops.decode_image(path)
+                elif m == "audio":
+                    decoded[m] = audio_ops.decode_audio(path, self._audio_rate or 0)
+                else:
+                    series_ops.load_series(path)
             except Exception as e:
                 return f"cannot decode {m} file {path}: {e}"
         i = len(self.records)

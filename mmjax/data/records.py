@@ -22,7 +22,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from mmjax.data import audio_ops, folder, ops, order
+from mmjax.data import audio_ops, folder, ops, order, series_ops
 from mmjax.data.tokenize import WordPieceTokenizer
 
 log = logging.getLogger(__name__)
@@ -150,11 +150,17 @@ class _SplitData:
 
     def set_modalities(self, modalities: tuple[str, ...], where: str) -> None:
         """The modalities batches carry (the train records'); checks the ops can make them."""
+        names = {op.name for op in ops.parse(self.pp, _context(None, None, self.front_end))}
         if "audio" in modalities:
             if self.front_end is None:
                 raise ValueError("the records have audio but the data config has no data.audio "
                                  "(the audio front end)")
-            audio_ops.check_ops(ops.parse(self.pp, _context(None, None, self.front_end)), where)
+            if "audio_features" not in names:
+                raise ValueError(f"the records have audio but {where} has no 'audio_features' "
+                                 "op (e.g. ...|decode_audio|audio_features)")
+        if "series" in modalities and "series" not in names:
+            raise ValueError(f"the records have series but {where} has no 'series' op "
+                             "(e.g. ...|series(64, 3): length and channels)")
         self.modalities = modalities
         if hasattr(self.source, "records"):
             self.partial = any(m not in r for r in self.source.records for m in modalities)
@@ -172,6 +178,8 @@ class _SplitData:
             ex["text"] = ""
         if "audio" not in ex and "audio" in self.modalities:
             ex["audio"] = audio_ops.placeholder(self.front_end)
+        if "series" not in ex and "series" in self.modalities:
+            ex["series"] = series_ops.placeholder()
         return present
 
     def __len__(self) -> int:
@@ -299,7 +307,7 @@ def records_tokenizer(data_config: Any, workdir: str) -> Any:
 def _stack(examples: list[dict[str, Any]],
            modalities: tuple[str, ...] = ("image", "text")) -> dict[str, Any]:
     batch: dict[str, Any] = {}
-    for m in ("image", "audio"):
+    for m in ("image", "audio", "series"):
         if m in modalities:
             batch[m] = np.stack([e[m] for e in examples]).astype(np.float32, copy=False)
     if "text" in modalities:

@@ -28,13 +28,15 @@ from mmjax.models import heads as heads_lib
 from mmjax.models import layers, objectives
 from mmjax.models.audio import AST, WhisperEncoder
 from mmjax.models.resnet import ResNet
+from mmjax.models.series import SeriesEncoder
 from mmjax.models.text import TextEncoder
 from mmjax.models.vit import ViT
 
 Array = jax.Array
 
 ENCODERS: dict[str, type[nn.Module]] = {"vit": ViT, "resnet": ResNet, "text": TextEncoder,
-                                         "ast": AST, "whisper": WhisperEncoder}
+                                         "ast": AST, "whisper": WhisperEncoder,
+                                         "series": SeriesEncoder}
 # config.model keys that are model-wide options, not modalities.
 MODEL_OPTIONS = (
     "fusion", "heads", "dropout", "dtype", "attn_implementation", "remat", "scan_layers",
