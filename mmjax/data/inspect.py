@@ -76,9 +76,12 @@ def show(config: Any, split: str, num: int, out: str, workdir: str = "") -> list
     for i in range(num):
         label = names[int(batch["label"][i])]
         im = batch["image"][i]
+        extra = "".join(f"  {m} {tuple(batch[m][i].shape)} range [{batch[m][i].min():.2f}, "
+                        f"{batch[m][i].max():.2f}]" for m in ("audio", "series") if m in batch)
+        absent = [m for m, v in batch.get("present", {}).items() if not v[i]]
         lines.append(
-            f"[{i}] image {tuple(im.shape)} range [{im.min():.2f}, {im.max():.2f}]  "
-            f"text {texts[i]!r}  label {label!r}"
+            f"[{i}] image {tuple(im.shape)} range [{im.min():.2f}, {im.max():.2f}]{extra}  "
+            f"text {texts[i]!r}  label {label!r}" + (f"  absent {absent}" if absent else "")
         )
         print(lines[-1])
     captions = [f"{t} -> {names[int(y)]}" for t, y in zip(texts, batch["label"], strict=True)]
