@@ -79,8 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     }
     # Time series ("series": "x.npy", [time, channels]): a 1-D patch transformer over the 64
     # steps of data.pp_*'s series op, patches of 8 (8 tokens). Removed when there are none.
-    model["series"] = {"kind": "series", "variant": "mu", "width": 64, "depth": 1,
-                       "num_heads": 4, "mlp_dim": 256, "patch_size": 8}
+    model["series"] = {"kind": "series", "width": 64, "depth": 1, "num_heads": 4,
+                       "mlp_dim": 256, "patch_size": 8, "max_patches": 8}
     c.model = ml_collections.ConfigDict({
         **model,
         "heads": {"answer": {"kind": "classification", "num_classes": 0}},  # 0: from data

@@ -17,9 +17,9 @@ relation and K from the text. K is drawn around the sum's median (``ks``) and th
 random, independently of the digit and the clip: "greater" and "smaller" flip the answer, so
 the digit alone or the count alone says nothing, and K alone little (answers are "yes" a bit
 under half the time: a sum equal to K is "no" for both). The digit or the count with the
-question reaches about 0.7, the digit with the count about 0.5, all three 1.0. ``baselines`` measures how well the
-best rule that sees only the digit, only the count or only the question (their exact latent
-values, not pixels or samples) does on val: near chance.
+question reaches about 0.7, the digit with the count about 0.5, all three 1.0.
+``baselines`` measures how well the best rule that sees only the digit, only the count or only
+the question (their exact latent values, not pixels or samples) does on val: near chance.
 
 As a script::
 

@@ -352,12 +352,15 @@ def test_series_records_are_fitted_flagged_and_validated(dataset, tmp_path):
     pipeline.dataset_info(cfg, tok)
     assert pipeline.modalities(cfg) == ("image", "audio", "series", "text")
     batch = next(iter(pipeline.eval_batches(cfg, "val", batch_size=4, tokenizer=tok)))
-    assert batch["series"].shape == (4, 64, 3) and batch["series"].dtype == np.float32
+    values, mask = batch["series"]["values"], batch["series"]["mask"]
+    assert values.shape == (4, 64, 3) and values.dtype == np.float32 and mask.shape == (4, 64)
     np.testing.assert_array_equal(batch["present"]["series"], [True, True, False, True])
     for i in (0, 1, 3):
         x = written[i][:64]
-        np.testing.assert_allclose(batch["series"][i][: len(x)], x, rtol=1e-6)
-        assert not batch["series"][i][len(x):].any()  # zero padding after the series
+        np.testing.assert_allclose(values[i][: len(x)], x, rtol=1e-6)
+        assert not values[i][len(x):].any()  # zero padding after the series, masked out
+        np.testing.assert_array_equal(mask[i], np.arange(64) < len(x))
+    assert mask[2].all() and not values[2].any()  # the placeholder: finite, never read
     bad = _records(root, "val")
     x = written[0].copy()
     x[5, 1] = np.nan

@@ -307,13 +307,18 @@ def records_tokenizer(data_config: Any, workdir: str) -> Any:
 def _stack(examples: list[dict[str, Any]],
            modalities: tuple[str, ...] = ("image", "text")) -> dict[str, Any]:
     batch: dict[str, Any] = {}
-    for m in ("image", "audio", "series"):
+    for m in ("image", "audio"):
         if m in modalities:
             batch[m] = np.stack([e[m] for e in examples]).astype(np.float32, copy=False)
     if "text" in modalities:
         batch["text"] = {
             "ids": np.stack([e["text"]["ids"] for e in examples]).astype(np.int32),
             "mask": np.stack([e["text"]["mask"] for e in examples]).astype(np.int32),
+        }
+    if "series" in modalities:  # the series tower's keyword arguments
+        batch["series"] = {
+            "values": np.stack([e["series"]["values"] for e in examples]).astype(np.float32),
+            "mask": np.stack([e["series"]["mask"] for e in examples]).astype(np.int32),
         }
     if "present" in examples[0]:
         batch["present"] = {m: np.asarray([e["present"][m] for e in examples], bool)

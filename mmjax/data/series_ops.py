@@ -4,8 +4,10 @@ A series is a ``.npy`` file of floats ``[time, channels]`` (``[time]`` is one ch
 non-numeric or non-finite series are bad records, named like a broken image. The ``series``
 op (registered in ``mmjax.data.ops``'s registry when this module is imported, which
 ``mmjax.data.folder`` does) loads it and pads with zeros or cuts it to ``length`` steps, so every
-example has one shape ``[length, channels]``; a record without a series gets zeros of that
-shape (its ``present`` flag says so).
+example has one shape: ``{"values": [length, channels], "mask": [length]}`` (mask 1 on the
+series' own steps, the keyword arguments of the ``series`` tower, ``mmjax/models/series.py``).
+A record without a series gets zero values and an all-ones mask (finite inputs; its
+``present`` flag says it is absent).
 """
 
 from __future__ import annotations
@@ -46,21 +48,25 @@ def placeholder() -> np.ndarray:
 @ops.register("series")
 def _series_op(ctx: ops.Context, length: int = 64, channels: int = 1,
                key: str = MODALITY) -> ops.OpFn:
-    """Loads a series and fits it to ``[length, channels]`` (zero-padded or cut in time)."""
+    """Loads a series and fits it to ``length`` steps of ``channels`` (zero-padded, masked,
+    or cut in time): ``{"values": float32 [length, channels], "mask": int32 [length]}``."""
 
     def fn(ex: ops.Example, rng: Any) -> ops.Example:
-        if key not in ex:
+        if key not in ex or isinstance(ex[key], dict):  # absent, or fitted already
             return ex
         value = ex[key]
-        if isinstance(value, np.ndarray) and value.size == 0:  # absent: zeros of the shape
-            return {**ex, key: np.zeros((length, channels), np.float32)}
+        if isinstance(value, np.ndarray) and value.size == 0:  # a placeholder
+            return {**ex, key: {"values": np.zeros((length, channels), np.float32),
+                                "mask": np.ones(length, np.int32)}}
         x = load_series(value, ctx.root)
         if x.shape[1] != channels:
             raise ValueError(f"series {value if isinstance(value, str) else ''} has "
                              f"{x.shape[1]} channels, the op series({length}, {channels}) "
                              f"expects {channels}")
         out = np.zeros((length, channels), np.float32)
+        mask = np.zeros(length, np.int32)
         out[: min(length, len(x))] = x[:length]
-        return {**ex, key: out}
+        mask[: min(length, len(x))] = 1
+        return {**ex, key: {"values": out, "mask": mask}}
 
     return fn

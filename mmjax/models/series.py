@@ -1,10 +1,9 @@
-"""A time-series tower (``kind: "series"``): a 1-D patch transformer over ``[B, time, channels]``.
+"""A 1-D patch transformer for time series (sensor data): ``[B, time, channels]`` floats.
 
-Sensor data as one more modality: the series is cut into patches of ``patch_size`` steps
-(overlapping when ``stride`` < ``patch_size``), each patch of all channels embedded linearly
-(a strided 1-D convolution), learnt positions added, then the shared pre-LN transformer layers
-(``layers.Encoder``, the ViT's); pooled = the mean of the patch tokens. Series of one length per
-model: the data path pads or cuts them to ``data.series.length``.
+The series is cut into non-overlapping patches of ``patch_size`` time steps (PatchTST-style,
+channels mixed in one embedding), embedded linearly, given learned positions, and run through
+the shared ``layers.Encoder``. A patch is valid when any of its time steps is (``mask``), so
+series padded to a common length attend only to their own patches.
 """
 
 from __future__ import annotations
@@ -19,33 +18,49 @@ Array = jax.Array
 
 
 class SeriesEncoder(nn.Module):
-    """1-D patch transformer; sizes from ``variant`` ("mu", ...) with overrides."""
+    """``{"tokens": [B, N, D], "pooled": [B, D], "mask": [B, N] | None}`` from ``values``
+    ``[B, T, C]`` and an optional ``mask`` ``[B, T]`` (1 = a real time step, 0 = padding).
 
-    variant: str = "mu"
-    width: int | None = None
-    depth: int | None = None
+    ``max_patches`` sizes the position table (T / patch_size must not exceed it). Pooling: the
+    masked mean of the patch tokens.
+    """
+
+    width: int = 64
+    depth: int = 1
+    num_heads: int = 4
     mlp_dim: int | None = None
-    num_heads: int | None = None
-    patch_size: int = 16
-    stride: int = 0  # 0: patch_size (no overlap)
+    patch_size: int = 8
+    max_patches: int = 64
     pos_embedding_std: float = 0.02
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-6
     opts: layers.Options = layers.Options()
 
     @nn.compact
-    def __call__(self, series: Array, *, train: bool = False) -> dict[str, Array | None]:
-        s = layers.tower_sizes(self.variant, width=self.width, depth=self.depth,
-                               mlp_dim=self.mlp_dim, num_heads=self.num_heads)
+    def __call__(self, values: Array, mask: Array | None = None, *,
+                 train: bool = False) -> dict[str, Array | None]:
+        if values.ndim != 3:
+            raise ValueError(f"a series tower takes [batch, time, channels], got {values.shape}")
+        b, t, c = values.shape
         p, dtype = self.patch_size, self.opts.dtype
-        if series.ndim != 3 or series.shape[1] < p:
-            raise ValueError(f"SeriesEncoder takes [batch, time, channels] with at least "
-                             f"patch_size={p} steps, got {series.shape}")
-        x = nn.Conv(s["width"], (p,), strides=(self.stride or p,), padding="VALID", dtype=dtype,
-                    name="embedding")(series.astype(dtype))
+        if t % p:
+            raise ValueError(f"series length {t} is not a multiple of patch_size {p}")
+        n = t // p
+        if n > self.max_patches:
+            raise ValueError(f"series of {t} steps makes {n} patches, more than max_patches="
+                             f"{self.max_patches}")
+        x = values.astype(dtype).reshape(b, n, p * c)
+        x = nn.Dense(self.width, dtype=dtype, name="embedding")(x)
         pos = self.param("pos_embedding", nn.initializers.normal(self.pos_embedding_std),
-                         (1, x.shape[1], s["width"]), jnp.float32)
-        x = nn.Dropout(self.opts.dropout)(x + pos.astype(x.dtype), deterministic=not train)
+                         (1, self.max_patches, self.width), jnp.float32)
+        x = x + pos[:, :n].astype(dtype)
+        x = nn.Dropout(self.opts.dropout)(x, deterministic=not train)
+        tokens_mask = None if mask is None else mask.reshape(b, n, p).any(-1).astype(jnp.int32)
         x = layers.Encoder(
-            depth=s["depth"], num_heads=s["num_heads"], mlp_dim=s["mlp_dim"], pre_norm=True,
-            final_norm=True, opts=self.opts, scan=self.opts.scan_layers, name="encoder",
-        )(x, train=train)
-        return {"tokens": x, "pooled": x.mean(axis=1), "mask": None}
+            depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.width,
+            pre_norm=True, final_norm=True, activation=self.activation,
+            layer_norm_eps=self.layer_norm_eps, opts=self.opts, scan=self.opts.scan_layers,
+            name="encoder",
+        )(x, tokens_mask, train=train)
+        return {"tokens": x, "pooled": layers.masked_mean(x, tokens_mask, self.opts),
+                "mask": tokens_mask}
