@@ -1,14 +1,22 @@
-r"""Bring your own data: a folder of images and texts, DIR/{train,val,test}.jsonl.
+r"""Bring your own data: a folder of images, audio clips and texts, DIR/{train,val,test}.jsonl.
 
     python -m mmjax.train --config configs/folder.py --workdir /tmp/mmjax_folder \
         --config.data.path=DIR
 
-Each JSONL line is ``{"image": "relative/path.png", "text": "...", "label": "yes"}``. Images
-(any format Pillow reads) are resized to ``data.image_size``; the text goes through a word-piece
+Each JSONL line is ``{"image": "relative/path.png", "audio": "relative/clip.wav", "text": "...",
+"label": "yes"}`` with any non-empty subset of image, audio, text and ``"series": "x.npy"``
+(floats [time, channels]); the model gets a tower for
+each modality the train records have (the others are removed from ``config.model``), and a
+record without one of them is marked absent in ``batch["present"]``. Images (any format Pillow
+reads) are resized to ``data.image_size``; clips (WAV/FLAC/OGG, any rate, mono or stereo) are
+averaged to mono, resampled to ``data.audio.sampling_rate`` and turned into AST log-mel
+features of ``data.audio.max_frames`` frames (10 ms each; longer clips are cut, shorter ones
+padded) by ``num_mel_bins`` mels; the text goes through a word-piece
 tokenizer trained on the train texts and saved in the workdir (or ``data.tokenizer=HF_FOLDER``);
 the label vocabulary is built from train and saved in the workdir. Every record is validated
 (and its image decoded and cached at the model's size) before training, so bad data stops the
 run at once, naming the file and line; ``--config.data.skip_bad=True`` drops and counts them.
+Clips are decoded and their features cached the same way.
 
 The recipe, tuned on real images (UCI handwritten digits with questions; docs/recipes.md has
 the measurements and what else was tried): 32-px images in patches of 8 (a 4x4 grid of tokens),
@@ -43,9 +51,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "vocab_size": 2000,  # word-piece vocabulary target
         # No flip (mirroring changes digits, letters and left/right answers) and no crop (a
         # crop moves content off the patch grid: questions about where things are, or which
-        # of two digits is which colour, stopped learning; docs/recipes.md).
-        "pp_train": "decode|resize|normalize|tokenize",
-        "pp_eval": "decode|resize|normalize|tokenize",
+        # of two digits is which colour, stopped learning; docs/recipes.md). The audio ops only
+        # act on records with audio; no spec_augment by default: its time masks can erase the
+        # very events a question counts (add "|spec_augment(2, 8, 0, 0)" for mel masks only).
+        # series(length, channels): sensor series padded or cut to 64 steps of 3 channels.
+        "pp_train": "decode|resize|normalize|tokenize|decode_audio|audio_features|series(64, 3)",
+        "pp_eval": "decode|resize|normalize|tokenize|decode_audio|audio_features|series(64, 3)",
+        # The audio front end: "ast" (Kaldi fbank, [frames, mels]) or "whisper" ([mels,
+        # frames]); "preprocessor": an HF folder whose preprocessor_config.json replaces these.
+        "audio": {"front_end": "ast", "preprocessor": "", "sampling_rate": 16000,
+                  "num_mel_bins": 64, "max_frames": 128},
         "skip_bad": False,
         "cache": True,  # keep decoded, resized pixels in memory (bounded by cache_mb)
         "cache_mb": 2048,
@@ -56,6 +71,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # digit spans several); positions at the content's scale make every token know its place
     # from the first step (at ViT's 0.02 such questions stalled near chance).
     model["image"].update({"depth": 1, "pos_embedding_std": 1.0})
+    # An AST tower small enough for a 2-core CPU: 16x16 patches without overlap over the
+    # [128 frames, 64 mels] features (4 x 8 = 32 patches), width 64, one layer. Removed when the
+    # train records have no audio.
+    model["audio"] = {
+        "kind": "ast", "variant": "mu", "width": 64, "depth": 1, "num_heads": 4, "mlp_dim": 256,
+        "patch_size": 16, "frequency_stride": 16, "time_stride": 16, "pool": "gap",
+        "init_from": "",  # an HF audio-spectrogram-transformer folder (its features must match)
+    }
+    # Time series ("series": "x.npy", [time, channels]): a 1-D patch transformer over the 64
+    # steps of data.pp_*'s series op, patches of 8 (8 tokens). Removed when there are none.
+    model["series"] = {"kind": "series", "width": 64, "depth": 1, "num_heads": 4,
+                       "mlp_dim": 256, "patch_size": 8, "max_patches": 8}
     c.model = ml_collections.ConfigDict({
         **model,
         "heads": {"answer": {"kind": "classification", "num_classes": 0}},  # 0: from data

@@ -29,7 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "name": "tfds",
             "tfds_name": "",  # required: "name", "name/config" or "name:version"
             "data_dir": "",  # "" = TFDS's default
-            "image_key": "image",
+            "image_key": "image",  # a key the dataset lacks is left out (e.g. audio only)
+            "audio_key": "audio",  # a tfds.features.Audio (resampled to data.audio's rate)
             "text_key": "text",
             "label_key": "label",
             "text": "",  # the constant text when text_key is ""
@@ -42,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "vocab_size": 2000,
             "pp_train": c.data.pp_train,
             "pp_eval": c.data.pp_eval,
+            "audio": c.data.audio.to_dict(),
             "cache": True,
             "cache_mb": 2048,
             "num_workers": 0,

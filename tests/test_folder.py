@@ -204,8 +204,8 @@ def _damage(case: str, root: Path) -> tuple[str, str]:
         return "val", f"val.jsonl:3: cannot decode image file {root / png}"
     if case == "broken_line":
         lines[3] = lines[3][:-5]
-    elif case == "missing_field":
-        del rec["text"]
+    elif case == "missing_field":  # a record may lack a modality, never its label
+        del rec["label"]
         lines[3] = json.dumps(rec)
     elif case == "unknown_label":
         rec["label"] = "maybe"

@@ -41,6 +41,7 @@ class Context:
     max_len: int = 16
     tokenizer: Any = None
     root: str = ""
+    audio: Any = None  # the audio front end (mmjax.data.audio.FrontEnd) of the audio ops
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,6 +66,13 @@ def dataset_info(
     return info
 
 
+def modalities(data_config: Any) -> tuple[str, ...]:
+    """The input modalities the batches carry (folder and TFDS: those of the train records)."""
+    if _check_name(data_config) == "shapes":
+        return ("image", "text")
+    return records.modalities(data_config)
+
+
 def _source(data_config: Any, split: str) -> shapes.ShapesSource:
     if _check_name(data_config) != "shapes":
         raise ValueError("internal: _source serves the shapes data only")
@@ -189,7 +196,7 @@ def label_names(data_config: Any, *, workdir: str | Path = "") -> list[str]:
 
 def file_batches(
     data_config: Any, file: str | Path, *, batch_size: int, tokenizer: Any,
-    skip_bad: bool = False,
+    skip_bad: bool = False, modalities: tuple[str, ...] | None = None,
 ) -> tuple[Any, Iterator[dict]]:
     """New inputs: a JSONL file in the folder format (labels optional, ignored), every line
     validated first (errors name FILE:LINE; ``skip_bad`` drops and counts them), then padded
@@ -197,9 +204,11 @@ def file_batches(
     data its default, which is the shapes scaling when images are ``image_size`` square).
 
     Returns the ``FolderSource`` (its ``indices``, ``lines`` and ``skipped`` place the batches'
-    rows in the file) and the batches, with ``"valid"`` marking real rows.
+    rows in the file) and the batches, with ``"valid"`` marking real rows. ``modalities``
+    (default: the file's) are the inputs the batches carry; a line without one gets a
+    placeholder and ``present`` False.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     return records.file_batches(data_config, file, batch_size=batch_size, tokenizer=tokenizer,
-                                skip_bad=skip_bad)
+                                skip_bad=skip_bad, modalities=modalities)

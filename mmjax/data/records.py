@@ -1,7 +1,10 @@
 """Folder and TFDS records: loaded and validated once per process, then batched by step.
 
 Records go one by one through the preprocessing ops of ``data.pp_train`` / ``data.pp_eval``
-(``mmjax.data.ops``); the ops up to the first random one run once and may be cached. Each row's
+(``mmjax.data.ops``); the ops up to the first random one run once and may be cached, and so are
+the audio ops that need only the record (decoding, features). A record without some modality of
+the dataset (those of the train records) gets a placeholder of the usual shape and its batch
+says so in ``batch["present"][modality]`` (False), on every split that has such a record. Each row's
 augmentation is drawn from ``(seed, step, row)``, so the iterator state is the step (or grain's
 per-worker positions with ``data.num_workers > 0``) and a resumed run sees identical batches.
 """
@@ -19,7 +22,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from mmjax.data import folder, ops, order
+from mmjax.data import audio_ops, folder, ops, order, series_ops
 from mmjax.data.tokenize import WordPieceTokenizer
 
 log = logging.getLogger(__name__)
@@ -58,14 +61,21 @@ class _SplitData:
     def __init__(self, data_config: Any, split: str, pp: str, *, file: str | Path = "",
                  skip_bad: bool = False):
         self.split = split
+        self.pp = pp
+        self._image_size = int(_get(data_config, "image_size", 32))
         key = ("file", str(file), skip_bad) if file else _data_key(data_config)
         parsed = ops.parse(pp, _context(data_config, None))
+        self.front_end = audio_ops.front_end(data_config)
+        audio_prefix = audio_ops.cacheable(parsed)
         self.prefix_ops = parsed[: ops.cacheable_prefix(parsed)]
         self.prefix = len(self.prefix_ops)
         budget = int(_get(data_config, "cache_mb", 2048)) * 2**20
         use_cache = bool(_get(data_config, "cache", True)) and self.prefix > 0
         self.cache: dict[int, np.ndarray] = {}
+        self.audio_cache: dict[int, np.ndarray] = {}
         self._cached_bytes = 0
+        self.modalities: tuple[str, ...] = ()
+        self.partial = False  # some record lacks one of self.modalities
 
         def on_image(i: int, pixels: np.ndarray) -> None:
             if not use_cache or self._cached_bytes > budget:
@@ -74,12 +84,22 @@ class _SplitData:
             self.cache[i] = out
             self._cached_bytes += out.nbytes
 
+        def on_audio(i: int, waveform: np.ndarray) -> None:
+            if not bool(_get(data_config, "cache", True)) or not audio_prefix \
+                    or self._cached_bytes > budget:
+                return
+            out = ops.apply(audio_prefix, {"audio": waveform}, None)["audio"]
+            self.audio_cache[i] = out
+            self._cached_bytes += out.nbytes
+
         t = time.perf_counter()
         if key[0] in ("folder", "file"):
+            media = {"on_image": on_image, "on_audio": on_audio,
+                     "audio_rate": self.front_end.sampling_rate if self.front_end else 0}
             self.source: Any = folder.FolderSource(
-                key[1], split, skip_bad=key[2], on_image=on_image
+                key[1], split, skip_bad=key[2], **media
             ) if key[0] == "folder" else folder.FolderSource.from_file(
-                key[1], skip_bad=key[2], on_image=on_image)
+                key[1], skip_bad=key[2], **media)
             self.skipped = self.source.skipped
             self._lines = self.source.lines
             self._file = self.source.file
@@ -91,9 +111,9 @@ class _SplitData:
             self._lines = None
             self._file = self.source.name
         log.info(
-            "data %s: %d records (%d skipped, %d cached) in %.1f s",
+            "data %s: %d records (%d skipped, %d images and %d clips cached) in %.1f s",
             f"{key[0]}/{split}" if split else key[1], len(self.source), self.skipped,
-            len(self.cache),
+            len(self.cache), len(self.audio_cache),
             time.perf_counter() - t,
         )
         self.labels: np.ndarray | None = None
@@ -124,7 +144,43 @@ class _SplitData:
             self.source.lines = [self.source.lines[i] for i in keep]
             self.source.indices = [self.source.indices[i] for i in keep]
             self.cache = {new: self.cache[old] for new, old in enumerate(keep) if old in self.cache}
+            self.audio_cache = {new: self.audio_cache[old] for new, old in enumerate(keep)
+                                if old in self.audio_cache}
         self.labels = np.asarray(labels, np.int32)
+
+    def set_modalities(self, modalities: tuple[str, ...], where: str) -> None:
+        """The modalities batches carry (the train records'); checks the ops can make them."""
+        names = {op.name for op in ops.parse(self.pp, _context(None, None, self.front_end))}
+        if "audio" in modalities:
+            if self.front_end is None:
+                raise ValueError("the records have audio but the data config has no data.audio "
+                                 "(the audio front end)")
+            if "audio_features" not in names:
+                raise ValueError(f"the records have audio but {where} has no 'audio_features' "
+                                 "op (e.g. ...|decode_audio|audio_features)")
+        if "series" in modalities and "series" not in names:
+            raise ValueError(f"the records have series but {where} has no 'series' op "
+                             "(e.g. ...|series(64, 3): length and channels)")
+        self.modalities = modalities
+        if hasattr(self.source, "records"):
+            self.partial = any(m not in r for r in self.source.records for m in modalities)
+        else:
+            self.partial = bool(set(modalities) - set(self.source.modalities()))
+
+    def _placeholders(self, ex: dict[str, Any]) -> dict[str, bool]:
+        """Fills absent modalities in place (inputs the ops turn into the usual shapes);
+        returns which of the batch's modalities the record has."""
+        present = {m: m in ex for m in self.modalities}
+        if "image" not in ex:
+            size = self._image_size
+            ex["image"] = np.zeros((size, size, 3), np.uint8)
+        if "text" not in ex:
+            ex["text"] = ""
+        if "audio" not in ex and "audio" in self.modalities:
+            ex["audio"] = audio_ops.placeholder(self.front_end)
+        if "series" not in ex and "series" in self.modalities:
+            ex["series"] = series_ops.placeholder()
+        return present
 
     def __len__(self) -> int:
         return len(self.source)
@@ -132,21 +188,30 @@ class _SplitData:
     def example(self, i: int) -> dict[str, Any]:
         """Record ``i`` after the cacheable prefix ops, with its int label."""
         ex = self.source[i]
+        present = self._placeholders(ex)
         pixels = self.cache.get(i)
         if pixels is not None:
             ex["image"] = pixels
         else:
             ex = ops.apply(self.prefix_ops, ex, None)
+        clip = self.audio_cache.get(i)
+        if clip is not None:
+            ex["audio"] = clip
+        if self.partial:
+            ex["present"] = present
         if self._lines is not None and self.labels is not None:
             ex["label"] = self.labels[i]
         return ex
 
 
-def _context(data_config: Any, tokenizer: Any) -> ops.Context:
+def _context(data_config: Any, tokenizer: Any, front_end: Any = None) -> ops.Context:
+    if data_config is None:  # only the audio front end (op checks)
+        return ops.Context(audio=front_end)
     return ops.Context(
         image_size=int(_get(data_config, "image_size", 32)),
         max_len=int(data_config.max_len),
         tokenizer=tokenizer,
+        audio=audio_ops.front_end(data_config),
     )
 
 
@@ -163,13 +228,25 @@ def split_data(
         raise ValueError(f"unknown data split {split!r}; expected one of {SPLITS}")
     pp = _pp(data_config, split)
     key = (*_data_key(data_config), split, pp, _get(data_config, "image_size", 32),
-           bool(_get(data_config, "cache", True)))
+           bool(_get(data_config, "cache", True)), audio_ops.config_key(data_config))
     data = _SPLIT_CACHE.get(key)
     if data is None:
         data = _SPLIT_CACHE[key] = _SplitData(data_config, split, pp)
+        data.set_modalities(data.source.modalities() if split == "train"
+                            else modalities(data_config), f"data.pp_{_pp_name(split)}")
     if labelled and data.labels is None:
         data.set_labels(labels(data_config, workdir), bool(_get(data_config, "skip_bad", False)))
     return data
+
+
+def _pp_name(split: str) -> str:
+    return "train" if split == "train" else "eval"
+
+
+def modalities(data_config: Any) -> tuple[str, ...]:
+    """The dataset's modalities: those that occur in its train records (every split's batches
+    carry exactly these)."""
+    return split_data(data_config, "train", labelled=False).modalities
 
 
 def _train_raw_labels(data_config: Any) -> list:
@@ -217,7 +294,8 @@ def records_tokenizer(data_config: Any, workdir: str) -> Any:
     tok = _TOKENIZER_CACHE.get(key)
     if tok is None:
         data = split_data(data_config, "train", labelled=False)
-        texts = [data.source[i]["text"] for i in range(len(data))]
+        texts = [r["text"] for r in map(data.source.__getitem__, range(len(data))) if "text" in r]
+        texts = texts or [""]  # no text in the records: a tokenizer of the special tokens
         tok = WordPieceTokenizer.train(texts, key[-1])
         _TOKENIZER_CACHE[key] = tok
     if saved is not None:
@@ -226,17 +304,30 @@ def records_tokenizer(data_config: Any, workdir: str) -> Any:
     return tok
 
 
-def _stack(examples: list[dict[str, Any]], uint8_images: bool = False) -> dict[str, Any]:
-    """``uint8_images``: uint8 pixels stay uint8 (the step normalises them); else float32."""
-    images = np.stack([e["image"] for e in examples])
-    batch = {
-        "image": images if uint8_images and images.dtype == np.uint8
-        else images.astype(np.float32, copy=False),
-        "text": {
+def _stack(examples: list[dict[str, Any]], modalities: tuple[str, ...] = ("image", "text"),
+           uint8_images: bool = False) -> dict[str, Any]:
+    """One batch of the ``modalities`` entries; ``uint8_images``: uint8 pixels stay uint8 (the
+    step normalises them), else float32."""
+    batch: dict[str, Any] = {}
+    if "image" in modalities:
+        images = np.stack([e["image"] for e in examples])
+        batch["image"] = (images if uint8_images and images.dtype == np.uint8
+                          else images.astype(np.float32, copy=False))
+    if "audio" in modalities:
+        batch["audio"] = np.stack([e["audio"] for e in examples]).astype(np.float32, copy=False)
+    if "text" in modalities:
+        batch["text"] = {
             "ids": np.stack([e["text"]["ids"] for e in examples]).astype(np.int32),
             "mask": np.stack([e["text"]["mask"] for e in examples]).astype(np.int32),
-        },
-    }
+        }
+    if "series" in modalities:  # the series tower's keyword arguments
+        batch["series"] = {
+            "values": np.stack([e["series"]["values"] for e in examples]).astype(np.float32),
+            "mask": np.stack([e["series"]["mask"] for e in examples]).astype(np.int32),
+        }
+    if "present" in examples[0]:
+        batch["present"] = {m: np.asarray([e["present"][m] for e in examples], bool)
+                            for m in modalities}
     if "label" in examples[0]:
         batch["label"] = np.asarray([e["label"] for e in examples], np.int32)
     return batch
@@ -260,7 +351,7 @@ def _records_batch(
     for row, i in enumerate(indices.tolist(), start=lo):
         rng = np.random.default_rng([seed, step, row])
         out.append(ops.apply(rest, data.example(i), rng))
-    return _stack(out, uint8_images)
+    return _stack(out, data.modalities, uint8_images)
 
 
 def train_iterator(
@@ -308,15 +399,17 @@ def _padded(data: _SplitData, data_config: Any, split: str, batch_size: int,
     uint8_images = ops.device_normalized(all_ops)
     return order.padded_batches(len(data), batch_size, lambda idx: _stack([
         ops.apply(rest, data.example(int(i)), np.random.default_rng([0, int(i)])) for i in idx],
-        uint8_images))
+        data.modalities, uint8_images))
 
 
 def file_batches(
-    data_config: Any, file: str | Path, *, batch_size: int, tokenizer: Any, skip_bad: bool
+    data_config: Any, file: str | Path, *, batch_size: int, tokenizer: Any, skip_bad: bool,
+    modalities: tuple[str, ...] | None = None,
 ) -> tuple[folder.FolderSource, Iterator[dict]]:
     """A JSONL file of new inputs (labels optional, ignored), validated up front like a split
     and preprocessed exactly as val/test are (``data.pp_eval``); the source's ``indices``,
     ``lines`` and ``skipped`` say which of its lines the padded batches hold."""
     data = _SplitData(data_config, "", _pp(data_config, "val"), file=Path(file).absolute(),
                       skip_bad=skip_bad)
+    data.set_modalities(tuple(modalities or data.source.modalities()), "data.pp_eval")
     return data.source, _padded(data, data_config, "val", batch_size, tokenizer)

@@ -71,7 +71,8 @@ def predict(workdir: str | Path, input_file: str | Path, output: str | Path, *,
     names = run_lib.input_names(model, task, kind)
     source, batches = pipeline.file_batches(
         run.config.data, input_file, batch_size=_batch_size(run, batch_size),
-        tokenizer=run.tokenizer, skip_bad=skip_bad)
+        tokenizer=run.tokenizer, skip_bad=skip_bad,
+        modalities=tuple(m for m in ("image", "audio", "text") if m in names))
     par = parallel.MeshParallel(1)  # data-parallel over the devices, params replicated
     variables = par.put_state(run.variables())
     fn = par.compile_eval(run_lib.output_fn(model, task, kind))

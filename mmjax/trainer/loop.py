@@ -31,6 +31,7 @@ from mmjax.data import pipeline
 from mmjax.errors import ExplainedError
 from mmjax.models.multimodal import MultimodalModel, build_model
 from mmjax.trainer import distill as distill_lib
+from mmjax.trainer import modalities as modalities_lib
 from mmjax.trainer import step as step_lib
 from mmjax.trainer import workdir as workdir_lib
 from mmjax.trainer.state import (
@@ -71,7 +72,8 @@ class Setup:
 def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Setup:
     """Validates the config against the devices and data, and builds the run's parts.
 
-    Sizes left at 0 in ``config.model`` (vocabulary, classes) are filled in from the data, and
+    Towers of modalities the train records lack are removed (``modalities.fit_to_data``), sizes
+    left at 0 in ``config.model`` (vocabulary, classes) are filled in from the data, and
     towers with ``init_from`` take their architecture from it: ``config.json`` records the result.
     """
     par = parallel.make_parallel(config.parallel)
@@ -88,6 +90,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Setup:
     distill_lib.adopt_tokenizer(config, workdir)
     tokenizer = pipeline.build_tokenizer(config.data, workdir=workdir)
     data_info = pipeline.dataset_info(config.data, tokenizer, workdir=workdir)
+    modalities_lib.fit_to_data(config, pipeline.modalities(config.data))
     _fill_from_data(config, data_info)
     _fill_special_ids(config, tokenizer)
     return assemble(config, workdir, par=par, tokenizer=tokenizer, data_info=data_info,
