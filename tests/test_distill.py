@@ -21,6 +21,7 @@ from configs.folder import get_config
 from mmjax import trainer
 from mmjax.checkpoint import read_state
 from mmjax.data import pipeline
+from mmjax.data.device import normalize_images
 from mmjax.inference import run as run_lib
 from mmjax.trainer import distill, loop
 from mmjax.trainer import step as step_lib
@@ -65,6 +66,7 @@ def _config(data: Path, **distill_cfg) -> object:
     c = get_config("tiny")
     c.data.path = str(data)
     c.checkpoint_every = 6
+    c.model.dropout = 0.0  # pmap and mesh draw dropout masks from different rng folds
     for k, v in distill_cfg.items():
         c.distill[k] = v
     return c
@@ -100,7 +102,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 def _logits(run: run_lib.Run, batch: dict) -> np.ndarray:
     task, _ = run_lib.output_task(run.config)
     inputs = {k: v for k, v in batch.items() if k != "valid"}
-    out = jax.jit(run.build_model().apply)(run.variables(), inputs)
+    out = jax.jit(run.build_model().apply)(run.variables(), normalize_images(inputs))
     return np.asarray(out[task]["logits"], np.float64)
 
 

@@ -298,8 +298,14 @@ def test_modality_contributions_and_shapley() -> None:
     t = probs(batch).argmax(-1)
     prob = lambda b: jnp.asarray(np.take_along_axis(probs(b), t[:, None], 1)[:, 0])
     got = modalities.contributions(prob, batch, ["image", "text"])
-    no_image = {**batch, "image": np.zeros_like(batch["image"])}
+    # Absent = present False: the model puts its learned stand-in in place of the image, so
+    # the placeholder's values do not matter.
+    absent = {"image": np.zeros(len(t), bool)}
+    no_image = {**batch, "present": absent}
     np.testing.assert_allclose(got["image"], prob(batch) - prob(no_image), atol=1e-6)
+    other = {**no_image, "image": np.random.default_rng(5).normal(size=batch["image"].shape)}
+    np.testing.assert_allclose(prob(other), prob(no_image), atol=1e-6)
+    assert np.abs(got["image"]).max() > 1e-4  # the image matters to this random model
     # Shapley on a known game: v(S) = sum of weights plus a pairwise interaction split evenly.
     w = {"a": 0.1, "b": 0.3, "c": -0.2}
     fake = {m: np.ones((2,), np.float32) for m in w}
