@@ -124,8 +124,6 @@ def explain(workdir: str | Path, output: str | Path, *, split: str = "test", lim
             labels = np.asarray(batch["label"])
             # uint8 images become the [-1, 1] floats the model reads (gradients need floats)
             inputs = dict(normalize_images(run_lib.model_inputs(batch, names)))
-            if "present" in batch:  # the missing-modality contract: the model reads it
-                inputs["present"] = batch["present"]
             if perturb is None:
                 perturb = capture.zero_perturbations(model, variables, inputs)
             out = jax.device_get(fn(variables, inputs, perturb))

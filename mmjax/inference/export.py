@@ -112,7 +112,7 @@ def export(workdir: str | Path, output_dir: str | Path, *, step: str | int | Non
     variables = run.variables(quantize)
     answer = run_lib.output_fn(model, task, kind)
     examples = run_lib.model_inputs(run_lib.first_rows(run, "test", num_examples),
-                                    run_lib.input_names(model, task, kind))
+                                    run_lib.input_names(model, task, kind), present=False)
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(examples)
     names = [path_str(p).replace("/", ".") for p, _ in with_paths]
     leaves = [np.asarray(x) for _, x in with_paths]

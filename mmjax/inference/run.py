@@ -222,12 +222,19 @@ def output_fn(model: MultimodalModel, task: str, kind: str
     return fn
 
 
-def model_inputs(batch: Mapping[str, Any], names: list[str]) -> dict[str, Any]:
-    """The entries of a pipeline batch that the model reads (labels and ``valid`` dropped)."""
+def model_inputs(batch: Mapping[str, Any], names: list[str], *,
+                 present: bool = True) -> dict[str, Any]:
+    """The entries of a pipeline batch that the model reads (labels and ``valid`` dropped),
+    with ``batch["present"]`` for those of them that some examples lack (``present=False``
+    leaves it out: an exported function takes the arrays alone)."""
     missing = [n for n in names if n not in batch]
     if missing:
         raise RunError(f"the inputs have no {missing[0]!r} (they hold {sorted(batch)})")
-    return {n: batch[n] for n in names}
+    out = {n: batch[n] for n in names}
+    given = {m: v for m, v in (batch.get("present") or {}).items() if m in names}
+    if present and given:
+        out["present"] = given
+    return out
 
 
 def first_rows(run: Run, split: str, n: int) -> dict[str, Any]:
