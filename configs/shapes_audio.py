@@ -31,8 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = common.parse_args(arg, (*_VARIANTS, "tiny"), "configs/shapes_audio.py")
     variant = next((a for a in args if a in _VARIANTS), "")
 
-    c = common.run(total_steps=1_500, batch_size=128, eval_batch_size=500, eval_every=500,
-                   checkpoint_every=500)
+    c = common.run(total_steps=600, batch_size=128, eval_batch_size=500, eval_every=200,
+                   checkpoint_every=200)
     c.data = common.shapes_data(variant=variant)
     c.data.name = "shapes_audio"
     model = common.shapes_model()
@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # tokens. One layer lets the patches share what the tone is.
         "audio": {
             "kind": "ast", "variant": "mu", "width": 64, "depth": 1, "num_heads": 4,
-            "mlp_dim": 256, "patch_size": 8, "frequency_stride": 8, "time_stride": 8,
+            "mlp_dim": 256, "patch_size": 16, "frequency_stride": 16, "time_stride": 16,
             "pool": "cls_dist", "init_from": "",
         },
         "heads": {"answer": {"kind": "classification", "num_classes": 0}},  # 0: from data

@@ -11,7 +11,7 @@ import transformers
 from configs import shapes_audio as shapes_audio_config
 from mmjax import trainer
 from mmjax.data import pipeline, shapes_audio
-from mmjax.data.shapes import COLOURS, SHAPES
+from mmjax.data.shapes import COLOURS
 
 # What the test reads off the data, independently of the generator: an object's area in pixels
 # at 8-px cells gives its shape, which channels are bright give its colour.
@@ -101,7 +101,8 @@ def test_ablation_variants_blank_one_modality_and_keep_the_answers():
     no_audio = shapes_audio.make_batch("val", idx, variant="no_audio")
     no_text = shapes_audio.make_batch("val", idx, variant="no_text")
     assert not no_image["image"].any() and full["image"].any()
-    assert (no_audio["audio"] == no_audio["audio"][0]).all() and np.isfinite(no_audio["audio"]).all()
+    assert (no_audio["audio"] == no_audio["audio"][0]).all()
+    assert np.isfinite(no_audio["audio"]).all()
     assert len(set(no_text["question"])) == 1 and len(set(full["question"])) > 1
     for v in (no_image, no_audio, no_text):
         np.testing.assert_array_equal(v["label"], full["label"])

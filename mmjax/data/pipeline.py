@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 _TEXT_FIELDS = ("question", "caption")
 _NAMES = ("shapes", "shapes_audio", "folder", "tfds")
-_EMBEDDED = {"shapes": shapes, "shapes_audio": shapes_audio}  # generated, batch-at-a-time
+EMBEDDED = {"shapes": shapes, "shapes_audio": shapes_audio}  # generated, batch-at-a-time
 
 
 def _check_name(data_config: Any) -> str:
@@ -44,7 +44,7 @@ def build_tokenizer(data_config: Any, *, workdir: str | Path = "") -> Any:
     is empty, a word-piece tokenizer trained on the train texts. With ``workdir`` the trained
     tokenizer is saved there, and one already there is reused, so a resumed run keeps its ids.
     """
-    if _check_name(data_config) in _EMBEDDED:
+    if _check_name(data_config) in EMBEDDED:
         return shapes_audio.tokenizer() if data_config.name == "shapes_audio" \
             else shapes_tokenizer()
     return records.records_tokenizer(data_config, str(workdir or ""))
@@ -58,8 +58,8 @@ def dataset_info(
     For folder and TFDS data this also loads and validates every split, so bad records stop
     the run before training; ``skipped_<split>`` counts records dropped with ``skip_bad``.
     """
-    if _check_name(data_config) in _EMBEDDED:
-        answers = _EMBEDDED[data_config.name].ANSWERS
+    if _check_name(data_config) in EMBEDDED:
+        answers = EMBEDDED[data_config.name].ANSWERS
         return {"vocab_size": tokenizer.vocab_size, "num_classes": len(answers)}
     workdir = str(workdir or "")
     vocab = records.labels(data_config, workdir)
@@ -70,7 +70,7 @@ def dataset_info(
 
 
 def _source(data_config: Any, split: str) -> shapes.ShapesSource:
-    if _check_name(data_config) not in _EMBEDDED:
+    if _check_name(data_config) not in EMBEDDED:
         raise ValueError("internal: _source serves the embedded data only")
     if split not in SPLITS:
         raise ValueError(f"unknown data split {split!r}; expected one of {SPLITS}")
@@ -141,7 +141,7 @@ def train_iterator(
             f"batch_size {batch_size} must be a positive multiple of process_count {process_count}"
         )
     per_process = batch_size // process_count
-    if _check_name(data_config) not in _EMBEDDED:
+    if _check_name(data_config) not in EMBEDDED:
         return records.train_iterator(
             data_config, batch_size=batch_size, seed=seed, lo=process_index * per_process,
             hi=(process_index + 1) * per_process, tokenizer=tokenizer,
@@ -173,7 +173,7 @@ def eval_batches(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if _check_name(data_config) not in _EMBEDDED:
+    if _check_name(data_config) not in EMBEDDED:
         return records.eval_batches(data_config, split, batch_size, tokenizer)
     source = _source(data_config, split)
     kwargs = {
@@ -188,8 +188,8 @@ def eval_batches(
 
 def label_names(data_config: Any, *, workdir: str | Path = "") -> list[str]:
     """Names of the answer classes, in label-id order (evaluators print and compare them)."""
-    if _check_name(data_config) in _EMBEDDED:
-        return list(_EMBEDDED[data_config.name].ANSWERS)
+    if _check_name(data_config) in EMBEDDED:
+        return list(EMBEDDED[data_config.name].ANSWERS)
     return [str(v) for v in records.labels(data_config, str(workdir or ""))]
 
 

@@ -42,7 +42,7 @@ import numpy as np
 from mmjax.data import audio, shapes
 from mmjax.data.tokenize import WordTokenizer
 
-ANSWERS: tuple[str, ...] = ("yes",) + tuple(f"no, it is {c}" for c in shapes.COLOURS)
+ANSWERS: tuple[str, ...] = ("yes", *(f"no, it is {c}" for c in shapes.COLOURS))
 VARIANTS: tuple[str, ...] = ("", "no_image", "no_audio", "no_text")
 CONSTANT_TEXT = shapes.CONSTANT_TEXT  # the one question of the "no_text" variant
 
@@ -140,8 +140,11 @@ def questions(shape_ids: np.ndarray, variant: str = "") -> list[str]:
 def make_batch(split: str, indices: Sequence[int] | np.ndarray, *, image_size: int = 32,
                variant: str = "", seed: int = 0) -> dict:
     """Examples ``indices`` of ``split``: ``{"image": uint8 [B,H,W,3], "audio": float32
-    [B, NUM_FRAMES, NUM_MELS], "question": list[str], "label": int32 [B] (index into ANSWERS:
-    0 yes, 1 + the asked object's colour for no), "clip": int [B] (row of ``clip_bank(split, seed)``, -1 for ``no_audio``)}``."""
+    [B, NUM_FRAMES, NUM_MELS], "question": list[str], "label": int32 [B], "clip": int [B]}``.
+
+    ``label`` indexes ANSWERS (0 yes, 1 + the asked object's colour for no); ``clip`` is the
+    row of ``clip_bank(split, seed)`` the audio came from (-1 for ``no_audio``).
+    """
     _check(split, variant)
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     layout = shapes.sample_layout(split, idx, seed=seed)
@@ -171,7 +174,7 @@ def make_batch(split: str, indices: Sequence[int] | np.ndarray, *, image_size: i
 
 def tokenizer() -> WordTokenizer:
     """The fixed vocabulary of the questions (ids stable across runs)."""
-    words = "is the colour you hear ?".split() + CONSTANT_TEXT.split() + list(shapes.SHAPES)
+    words = ["is", "the", "colour", "you", "hear", "?", *CONSTANT_TEXT.split(), *shapes.SHAPES]
     return WordTokenizer(words)
 
 
