@@ -12,6 +12,9 @@ from configs import shapes_audio as shapes_audio_config
 from mmjax import trainer
 from mmjax.data import pipeline, shapes_audio
 from mmjax.data.shapes import COLOURS
+from mmjax.inference import evaluate
+
+TINY_STEPS, TINY_BATCH, TINY_WARMUP = 400, 128, 100
 
 # What the test reads off the data, independently of the generator: an object's area in pixels
 # at 8-px cells gives its shape, which channels are bright give its colour.
@@ -133,8 +136,16 @@ def test_pipeline_serves_three_modalities():
 
 @pytest.mark.slow
 def test_tiny_run_learns_far_above_chance(tmp_path):
-    """Chance is 0.5: the majority answer, and the best any two modalities allow. lr 0 stays
-    there (the zero-initialised head answers "yes")."""
-    summary = trainer.train_and_evaluate(shapes_audio_config.get_config("tiny"), tmp_path)
+    """Chance is 0.5: the majority answer, and the best any two modalities allow; with lr 0 the
+    zero-initialised head answers "yes" and stays there. ``mmjax.evaluate`` then gives the
+    run's own numbers (embedded data: no tokenizer file in the workdir)."""
+    config = shapes_audio_config.get_config("tiny")
+    config.total_steps = config.eval_every = config.checkpoint_every = TINY_STEPS
+    config.batch_size, config.optimizer.warmup_steps = TINY_BATCH, TINY_WARMUP
+    config.data.num_train, config.data.num_val, config.data.num_test = 4096, 256, 256
+    summary = trainer.train_and_evaluate(config, tmp_path)
     assert summary["val"]["accuracy"] >= 0.8, summary["val"]
     assert summary["test"]["accuracy"] >= 0.8, summary["test"]
+    again = evaluate.evaluate(tmp_path, split="val")
+    assert again["step"] == TINY_STEPS
+    assert again["accuracy"] == pytest.approx(summary["val"]["accuracy"], abs=1e-6)
