@@ -132,6 +132,10 @@ def test_pipeline_serves_three_modalities():
     evals = list(pipeline.eval_batches(config.data, "val", batch_size=40))
     assert sum(int(b["valid"].sum()) for b in evals) == config.data.num_val
     assert all(b["audio"].shape[0] == 40 for b in evals)
+    config.unlock()
+    config.data.text = "caption"
+    with pytest.raises(ValueError, match=r"data\.text='caption'"):
+        next(pipeline.eval_batches(config.data, "val", batch_size=8))
 
 
 @pytest.mark.slow

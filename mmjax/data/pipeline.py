@@ -77,6 +77,8 @@ def _source(data_config: Any, split: str) -> shapes.ShapesSource:
     text = order.config_get(data_config, "text", "question")
     if text not in _TEXT_FIELDS:
         raise ValueError(f"unknown data.text {text!r}; expected one of {_TEXT_FIELDS}")
+    if data_config.name == "shapes_audio" and text != "question":
+        raise ValueError(f"data.text={text!r}: shapes_audio has questions only")
     cls = shapes_audio.ShapesAudioSource if data_config.name == "shapes_audio" \
         else shapes.ShapesSource
     return cls(
