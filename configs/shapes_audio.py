@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = common.parse_args(arg, (*_VARIANTS, "tiny"), "configs/shapes_audio.py")
     variant = next((a for a in args if a in _VARIANTS), "")
 
-    c = common.run(total_steps=600, batch_size=128, eval_batch_size=500, eval_every=200,
+    c = common.run(total_steps=1_000, batch_size=128, eval_batch_size=500, eval_every=200,
                    checkpoint_every=200)
     c.data = common.shapes_data(variant=variant)
     c.data.name = "shapes_audio"
