@@ -4,11 +4,11 @@ r"""Embedded three-modality demo: "is the <shape> the colour you hear ?" over im
 
 The ``shapes_audio`` data (mmjax/data/shapes_audio.py) is generated offline: a shapes image
 (two objects), a 0.34 s clip whose pitch names a colour, and a question naming a shape; the
-answer (yes/no) needs all three, and any two leave it at 50/50. The clip enters as a 16-mel,
-32-frame Kaldi fbank (``ASTFeatureExtractor``'s features at a small size). Towers: the shapes
-ViT patch embedding and text embeddings (``common.shapes_model``) and a small AST (patches of
-8x8, 8 patches); the text attends to the image and audio tokens together in the
-cross-attention fusion; one classification head.
+answer ("yes" or "no, it is <colour>") needs all three, and no two do better than 50%. The clip
+enters as a 16-mel, 32-frame Kaldi fbank (``ASTFeatureExtractor``'s features at a small size).
+Towers: the shapes ViT patch embedding and text embeddings (``common.shapes_model``) and a small
+AST (16x16 patches over the whole spectrum: 2 patches); the text attends to the image and audio
+tokens together in the cross-attention fusion; one classification head.
 
 Arguments (comma-separated after the path, e.g. ``configs/shapes_audio.py:no_audio,tiny``):
   no_image  every image is blank
@@ -38,8 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model = common.shapes_model()
     c.model = ml_collections.ConfigDict({
         **model,
-        # 16 mels x 32 frames in 8x8 patches: 2 x 4 patches, plus the [CLS] and distillation
-        # tokens. One layer lets the patches share what the tone is.
+        # 16 mels x 32 frames in 16x16 patches: 2 patches, each seeing the whole spectrum (8x8
+        # patches learned the tone much later: docs/training.md), plus [CLS] and distillation.
         "audio": {
             "kind": "ast", "variant": "mu", "width": 64, "depth": 1, "num_heads": 4,
             "mlp_dim": 256, "patch_size": 16, "frequency_stride": 16, "time_stride": 16,
