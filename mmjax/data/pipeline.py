@@ -19,14 +19,15 @@ from typing import Any
 import grain
 import numpy as np
 
-from mmjax.data import order, records, shapes
+from mmjax.data import order, records, shapes, shapes_audio
 from mmjax.data.records import SPLITS
 from mmjax.data.tokenize import WordTokenizer, shapes_tokenizer
 
 log = logging.getLogger(__name__)
 
 _TEXT_FIELDS = ("question", "caption")
-_NAMES = ("shapes", "folder", "tfds")
+_NAMES = ("shapes", "shapes_audio", "folder", "tfds")
+EMBEDDED = {"shapes": shapes, "shapes_audio": shapes_audio}  # generated, batch-at-a-time
 
 
 def _check_name(data_config: Any) -> str:
@@ -43,8 +44,9 @@ def build_tokenizer(data_config: Any, *, workdir: str | Path = "") -> Any:
     is empty, a word-piece tokenizer trained on the train texts. With ``workdir`` the trained
     tokenizer is saved there, and one already there is reused, so a resumed run keeps its ids.
     """
-    if _check_name(data_config) == "shapes":
-        return shapes_tokenizer()
+    if _check_name(data_config) in EMBEDDED:
+        return shapes_audio.tokenizer() if data_config.name == "shapes_audio" \
+            else shapes_tokenizer()
     return records.records_tokenizer(data_config, str(workdir or ""))
 
 
@@ -56,8 +58,9 @@ def dataset_info(
     For folder and TFDS data this also loads and validates every split, so bad records stop
     the run before training; ``skipped_<split>`` counts records dropped with ``skip_bad``.
     """
-    if _check_name(data_config) == "shapes":
-        return {"vocab_size": tokenizer.vocab_size, "num_classes": len(shapes.ANSWERS)}
+    if _check_name(data_config) in EMBEDDED:
+        answers = EMBEDDED[data_config.name].ANSWERS
+        return {"vocab_size": tokenizer.vocab_size, "num_classes": len(answers)}
     workdir = str(workdir or "")
     vocab = records.labels(data_config, workdir)
     info = {"vocab_size": tokenizer.vocab_size, "num_classes": len(vocab)}
@@ -74,14 +77,18 @@ def modalities(data_config: Any) -> tuple[str, ...]:
 
 
 def _source(data_config: Any, split: str) -> shapes.ShapesSource:
-    if _check_name(data_config) != "shapes":
-        raise ValueError("internal: _source serves the shapes data only")
+    if _check_name(data_config) not in EMBEDDED:
+        raise ValueError("internal: _source serves the embedded data only")
     if split not in SPLITS:
         raise ValueError(f"unknown data split {split!r}; expected one of {SPLITS}")
     text = order.config_get(data_config, "text", "question")
     if text not in _TEXT_FIELDS:
         raise ValueError(f"unknown data.text {text!r}; expected one of {_TEXT_FIELDS}")
-    return shapes.ShapesSource(
+    if data_config.name == "shapes_audio" and text != "question":
+        raise ValueError(f"data.text={text!r}: shapes_audio has questions only")
+    cls = shapes_audio.ShapesAudioSource if data_config.name == "shapes_audio" \
+        else shapes.ShapesSource
+    return cls(
         split,
         int(getattr(data_config, f"num_{split}")),
         image_size=int(order.config_get(data_config, "image_size", 32)),
@@ -109,6 +116,7 @@ def _to_batch(
     return {
         "image": image,
         "text": {"ids": ids, "mask": mask},
+        **({"audio": raw["audio"]} if "audio" in raw else {}),  # shapes_audio: [B, frames, mels]
         "label": raw["label"].astype(np.int32),
     }
 
@@ -142,7 +150,7 @@ def train_iterator(
             f"batch_size {batch_size} must be a positive multiple of process_count {process_count}"
         )
     per_process = batch_size // process_count
-    if _check_name(data_config) != "shapes":
+    if _check_name(data_config) not in EMBEDDED:
         return records.train_iterator(
             data_config, batch_size=batch_size, seed=seed, lo=process_index * per_process,
             hi=(process_index + 1) * per_process, tokenizer=tokenizer,
@@ -174,7 +182,7 @@ def eval_batches(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if _check_name(data_config) != "shapes":
+    if _check_name(data_config) not in EMBEDDED:
         return records.eval_batches(data_config, split, batch_size, tokenizer)
     source = _source(data_config, split)
     kwargs = {
@@ -189,8 +197,8 @@ def eval_batches(
 
 def label_names(data_config: Any, *, workdir: str | Path = "") -> list[str]:
     """Names of the answer classes, in label-id order (evaluators print and compare them)."""
-    if _check_name(data_config) == "shapes":
-        return list(shapes.ANSWERS)
+    if _check_name(data_config) in EMBEDDED:
+        return list(EMBEDDED[data_config.name].ANSWERS)
     return [str(v) for v in records.labels(data_config, str(workdir or ""))]
 
 

@@ -124,7 +124,7 @@ def resolve_step(workdir: str | Path, step: str | int | None,
 
 def _tokenizer(config: ml_collections.ConfigDict, workdir: Path) -> Any:
     data = config.data
-    if data.name != "shapes" and not data.get("tokenizer") \
+    if data.name not in pipeline.EMBEDDED and not data.get("tokenizer") \
             and not (workdir / TOKENIZER_FILE).is_file():
         raise RunError(f"{workdir.absolute()}: no {TOKENIZER_FILE} (the run's word-piece "
                        "tokenizer); it is written when training starts")
