@@ -71,8 +71,9 @@ def dataset_info(
 
 def modalities(data_config: Any) -> tuple[str, ...]:
     """The input modalities the batches carry (folder and TFDS: those of the train records)."""
-    if _check_name(data_config) == "shapes":
-        return ("image", "text")
+    name = _check_name(data_config)
+    if name in EMBEDDED:
+        return ("audio", "image", "text") if name == "shapes_audio" else ("image", "text")
     return records.modalities(data_config)
 
 
