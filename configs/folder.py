@@ -5,15 +5,15 @@ r"""Bring your own data: a folder of images, audio clips and texts, DIR/{train,v
 
 Each JSONL line is ``{"image": "relative/path.png", "audio": "relative/clip.wav", "text": "...",
 "label": "yes"}`` with any non-empty subset of image, audio, text and ``"series": "x.npy"``
-(floats [time, channels]); the model gets a tower for
-each modality the train records have (the others are removed from ``config.model``), and a
-record without one of them is marked absent in ``batch["present"]``. Images (any format Pillow
-reads) are resized to ``data.image_size``; clips (WAV/FLAC/OGG, any rate, mono or stereo) are
-averaged to mono, resampled to ``data.audio.sampling_rate`` and turned into AST log-mel
-features of ``data.audio.max_frames`` frames (10 ms each; longer clips are cut, shorter ones
-padded) by ``num_mel_bins`` mels; the text goes through a word-piece
-tokenizer trained on the train texts and saved in the workdir (or ``data.tokenizer=HF_FOLDER``);
-the label vocabulary is built from train and saved in the workdir. Every record is validated
+(floats [time, channels]); the model gets a tower for each modality the train records have (the
+others are removed from ``config.model``), and a record without one of them is marked absent in
+``batch["present"]``. Images (any format Pillow reads) are resized to ``data.image_size``; clips
+(WAV/FLAC/OGG, any rate, mono or stereo) are averaged to mono, resampled to
+``data.audio.sampling_rate`` and turned into AST log-mel features of ``data.audio.max_frames``
+frames (10 ms each; longer clips are cut, shorter ones padded) by ``num_mel_bins`` mels; the text
+goes through a word-piece tokenizer trained on the train texts and saved in the workdir (or
+``data.tokenizer=HF_FOLDER``); the label vocabulary is built from train and saved in the
+workdir. Every record is validated
 (and its image decoded and cached at the model's size) before training, so bad data stops the
 run at once, naming the file and line; ``--config.data.skip_bad=True`` drops and counts them.
 Clips are decoded and their features cached the same way.
@@ -24,8 +24,8 @@ an image tower of one transformer layer whose position embeddings start at the s
 patch content, an embedding-only text tower, two cross-attention fusion layers (the question
 attends to the image patches), AdamW at lr 5e-4 for 3,000 steps of 64, dropout 0.1, and
 neither crops nor flips (a crop moves content off the patch grid, a flip changes a digit, a
-letter or "left of"). The ``qa`` evaluator adds the accuracy
-per question type (the question's first two words).
+letter or "left of"). The ``qa`` evaluator adds the accuracy per question type (the
+question's first two words).
 
 Arguments: ``tiny`` (few steps, for tests).
 """
