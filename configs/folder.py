@@ -9,8 +9,9 @@ Each JSONL line is ``{"image": "relative/path.png", "audio": "relative/clip.wav"
 others are removed from ``config.model``), and a record without one of them is marked absent in
 ``batch["present"]``. Images (any format Pillow reads) are resized to ``data.image_size``; clips
 (WAV/FLAC/OGG, any rate, mono or stereo) are averaged to mono, resampled to
-``data.audio.sampling_rate`` and turned into AST log-mel features of ``data.audio.max_frames``
-frames (10 ms each; longer clips are cut, shorter ones padded) by ``num_mel_bins`` mels; the text
+``data.audio.sampling_rate`` and turned into Whisper-style log-mel features of ``num_mel_bins``
+mels by ``data.audio.max_frames`` frames (10 ms each; longer clips are cut, shorter ones
+padded); the text
 goes through a word-piece tokenizer trained on the train texts and saved in the workdir (or
 ``data.tokenizer=HF_FOLDER``); the label vocabulary is built from train and saved in the
 workdir. Every record is validated
@@ -21,8 +22,9 @@ Clips are decoded and their features cached the same way.
 The recipe, tuned on real images (UCI handwritten digits with questions; docs/recipes.md has
 the measurements and what else was tried): 32-px images in patches of 8 (a 4x4 grid of tokens),
 an image tower of one transformer layer whose position embeddings start at the scale of the
-patch content, an embedding-only text tower, two cross-attention fusion layers (the question
-attends to the image patches), AdamW at lr 5e-4 for 3,000 steps of 64, dropout 0.1, and
+patch content, an embedding-only text tower, a one-layer Whisper-style audio tower (tokens of
+20 ms), two cross-attention fusion layers (the question attends to the other modalities'
+tokens), AdamW at lr 5e-4 for 3,000 steps of 64, dropout 0.1, and
 neither crops nor flips (a crop moves content off the patch grid, a flip changes a digit, a
 letter or "left of"). The ``qa`` evaluator adds the accuracy per question type (the
 question's first two words).
@@ -57,9 +59,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # series(length, channels): sensor series padded or cut to 64 steps of 3 channels.
         "pp_train": "decode|resize|normalize|tokenize|decode_audio|audio_features|series(64, 3)",
         "pp_eval": "decode|resize|normalize|tokenize|decode_audio|audio_features|series(64, 3)",
-        # The audio front end: "ast" (Kaldi fbank, [frames, mels]) or "whisper" ([mels,
-        # frames]); "preprocessor": an HF folder whose preprocessor_config.json replaces these.
-        "audio": {"front_end": "ast", "preprocessor": "", "sampling_rate": 16000,
+        # The audio front end: "whisper" (log10 mel, [mels, frames]) or "ast" (Kaldi fbank,
+        # [frames, mels]); "preprocessor": an HF folder whose preprocessor_config.json replaces
+        # these.
+        "audio": {"front_end": "whisper", "preprocessor": "", "sampling_rate": 16000,
                   "num_mel_bins": 64, "max_frames": 128},
         "skip_bad": False,
         "cache": True,  # keep decoded, resized pixels in memory (bounded by cache_mb)
@@ -71,13 +74,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # digit spans several); positions at the content's scale make every token know its place
     # from the first step (at ViT's 0.02 such questions stalled near chance).
     model["image"].update({"depth": 1, "pos_embedding_std": 1.0})
-    # An AST tower small enough for a 2-core CPU: 16x16 patches without overlap over the
-    # [128 frames, 64 mels] features (4 x 8 = 32 patches), width 64, one layer. Removed when the
+    # A Whisper-style tower: a conv1d stem (kernel 3, stride 2) turns the [64 mels, 128 frames]
+    # log-mel into 64 tokens of 20 ms, then one transformer layer, width 64. Tokens this short
+    # see an event's onset inside their kernel, so counting and timing questions learn; a ViT
+    # over 16x16 spectrogram patches (AST) counted worse (docs/recipes.md). Removed when the
     # train records have no audio.
     model["audio"] = {
-        "kind": "ast", "variant": "mu", "width": 64, "depth": 1, "num_heads": 4, "mlp_dim": 256,
-        "patch_size": 16, "frequency_stride": 16, "time_stride": 16, "pool": "gap",
-        "init_from": "",  # an HF audio-spectrogram-transformer folder (its features must match)
+        "kind": "whisper", "variant": "mu", "width": 64, "depth": 1, "num_heads": 4,
+        "mlp_dim": 256, "max_len": 1500, "pool": "mean",
+        "init_from": "",  # an HF whisper folder (its front end must match data.audio)
     }
     # Time series ("series": "x.npy", [time, channels]): a 1-D patch transformer over the 64
     # steps of data.pp_*'s series op, patches of 8 (8 tokens). Removed when there are none.

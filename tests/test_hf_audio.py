@@ -278,3 +278,17 @@ def test_audio_towers_take_the_model_options(kind: str) -> None:
     assert out["pooled"].shape == (2, 16)
     assert a != step(params, jax.random.key(2))[0][0]  # dropout is on in training
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("std", [0.02, 1.0])
+def test_ast_position_embeddings_start_at_the_given_scale(std: float) -> None:
+    """``pos_embedding_std`` sets the init's spread (AST's 0.02 by default); 77 tokens x 16
+    channels give a sample standard deviation within 10 % of it."""
+    from mmjax.models.audio import AST
+
+    tower = AST(width=16, depth=0, num_heads=2, mlp_dim=32, patch_size=4, frequency_stride=4,
+                time_stride=4, pos_embedding_std=std)
+    x = np.random.default_rng(3).standard_normal((1, 60, 20), np.float32)
+    pos = tower.init(jax.random.key(5), x)["params"]["pos_embedding"]
+    assert pos.shape == (1, 2 + 15 * 5, 16)
+    assert float(np.std(pos)) == pytest.approx(std, rel=0.1)

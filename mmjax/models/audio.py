@@ -56,6 +56,7 @@ class AST(nn.Module):
     activation: str = "gelu"
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-6
+    pos_embedding_std: float = 0.02  # AST's; larger makes positions count from the first step
     opts: layers.Options = layers.Options()
 
     @nn.compact
@@ -76,7 +77,7 @@ class AST(nn.Module):
         dist = self.param("dist", nn.initializers.zeros, (1, 1, d), jnp.float32)
         tokens = [jnp.broadcast_to(t.astype(x.dtype), (b, 1, d)) for t in (cls, dist)]
         x = jnp.concatenate([*tokens, x], axis=1)
-        pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
+        pos = self.param("pos_embedding", nn.initializers.normal(stddev=self.pos_embedding_std),
                          (1, x.shape[1], d), jnp.float32)
         if pos.shape[1] != x.shape[1]:
             raise ValueError(f"AST position embeddings cover {pos.shape[1] - 2} patches, the "
