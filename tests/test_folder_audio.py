@@ -123,6 +123,30 @@ def test_whisper_front_end_batches_match_transformers(dataset):
     np.testing.assert_allclose(batch["audio"], want, atol=2e-3)
 
 
+@pytest.mark.parametrize("front_end", ["ast", "whisper"])
+def test_clips_longer_than_the_features_are_reported(dataset, tmp_path, caplog, front_end):
+    """The val clips last 1.1-1.25 s (soundfile's own count): 64 frames (~0.65 s) cut every one
+    of them and the log says so with the longest duration; 200 frames (2 s) cut none."""
+    import logging
+
+    seconds = [soundfile.info(dataset / r["audio"]).duration for r in _records(dataset, "val")]
+    assert min(seconds) > 0.7 and max(seconds) < 1.9
+    root = _copy(dataset, tmp_path / "copy")  # a new path: nothing cached from other tests
+    for frames, cut in ((64, len(seconds)), (200, 0)):
+        audio = {"front_end": front_end, "preprocessor": "", "sampling_rate": RATE,
+                 "num_mel_bins": MELS, "max_frames": frames}
+        cfg = _config(root, audio=audio)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mmjax.data.records"):
+            pipeline.dataset_info(cfg, pipeline.build_tokenizer(cfg))
+        said = [r.getMessage() for r in caplog.records if "data val:" in r.getMessage()]
+        if cut:
+            assert len(said) == 1 and f"{cut} clips are longer" in said[0], said
+            assert f"longest {max(seconds):.2f} s" in said[0] and "max_frames" in said[0]
+        else:
+            assert said == []
+
+
 def test_spec_augment_masks_train_features_only(dataset):
     pp = "decode|resize|normalize|tokenize|decode_audio|audio_features"
     cfg = _config(dataset, pp_train=pp + "|spec_augment(1, 6, 1, 8)")

@@ -51,6 +51,16 @@ def _data_key(data_config: Any) -> tuple:
     return (name, *tfds_source.key(data_config))
 
 
+def _samples_held(fe: audio_ops.FrontEnd | None) -> int:
+    """Waveform samples the front end's fixed frames cover (beyond them a clip is cut)."""
+    if fe is None:
+        return sys.maxsize
+    if fe.kind == "whisper":
+        return int(fe.options["n_samples"])
+    frames = audio_ops.features_shape(fe)[0]  # Kaldi frames: 25 ms windows every 10 ms
+    return (frames - 1) * fe.sampling_rate // 100 + fe.sampling_rate // 40
+
+
 class _SplitData:
     """Records of one split with int labels and, optionally, pixels cached after decoding.
 
@@ -84,7 +94,11 @@ class _SplitData:
             self.cache[i] = out
             self._cached_bytes += out.nbytes
 
+        longest = [0, 0]  # samples of the longest clip, clips longer than the features hold
+
         def on_audio(i: int, waveform: np.ndarray) -> None:
+            longest[0] = max(longest[0], len(waveform))
+            longest[1] += len(waveform) > held
             if not bool(_get(data_config, "cache", True)) or not audio_prefix \
                     or self._cached_bytes > budget:
                 return
@@ -92,6 +106,7 @@ class _SplitData:
             self.audio_cache[i] = out
             self._cached_bytes += out.nbytes
 
+        held = _samples_held(self.front_end)
         t = time.perf_counter()
         if key[0] in ("folder", "file"):
             media = {"on_image": on_image, "on_audio": on_audio,
@@ -116,6 +131,12 @@ class _SplitData:
             len(self.cache), len(self.audio_cache),
             time.perf_counter() - t,
         )
+        if longest[1]:
+            rate = self.front_end.sampling_rate
+            log.warning(
+                "data %s: %d clips are longer than the %.2f s the audio features hold (longest "
+                "%.2f s); their ends are cut: raise --config.data.audio.max_frames (100 per s)",
+                split or key[1], longest[1], held / rate, longest[0] / rate)
         self.labels: np.ndarray | None = None
 
     def set_labels(self, vocab: list, skip_bad: bool) -> None:
