@@ -94,6 +94,7 @@ class _SplitData:
             self.cache[i] = out
             self._cached_bytes += out.nbytes
 
+        held = _samples_held(self.front_end)
         longest = [0, 0]  # samples of the longest clip, clips longer than the features hold
 
         def on_audio(i: int, waveform: np.ndarray) -> None:
@@ -106,7 +107,6 @@ class _SplitData:
             self.audio_cache[i] = out
             self._cached_bytes += out.nbytes
 
-        held = _samples_held(self.front_end)
         t = time.perf_counter()
         if key[0] in ("folder", "file"):
             media = {"on_image": on_image, "on_audio": on_audio,
