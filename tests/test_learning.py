@@ -81,8 +81,8 @@ def test_folder_config_learns_real_digit_questions(tmp_path):
     root = tmp_path / "digits"
     realdata.digits_qa(root, image_size=16, num_val=200, num_test=200, balanced=False)
     config = folder_config.get_config()
-    _override(config, {"data.path": str(root), "total_steps": 600, "eval_every": 600,
-                       "checkpoint_every": 600})
+    _override(config, {"data.path": str(root), "total_steps": 400, "eval_every": 400,
+                       "checkpoint_every": 400})
     summary = trainer.train_and_evaluate(config, tmp_path / "work")
     base = baselines(_folder_pairs(root, "train"), _folder_pairs(root, "val"))
     floor = max(base.values())
