@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,16 @@ def features_shape(fe: FrontEnd) -> tuple[int, int]:
     if fe.kind == "ast":
         return int(o["max_length"]), int(o["num_mel_bins"])
     return int(o["num_mel_bins"]), int(o["n_samples"]) // int(o["hop_length"])
+
+
+def samples_held(fe: FrontEnd | None) -> int:
+    """Waveform samples the front end's fixed frames cover; a longer clip is cut."""
+    if fe is None:
+        return sys.maxsize
+    if fe.kind == "whisper":
+        return int(fe.options["n_samples"])
+    frames = features_shape(fe)[0]  # Kaldi frames: 25 ms windows every 10 ms
+    return (frames - 1) * fe.sampling_rate // 100 + fe.sampling_rate // 40
 
 
 def placeholder(fe: FrontEnd) -> np.ndarray:

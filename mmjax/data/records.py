@@ -51,16 +51,6 @@ def _data_key(data_config: Any) -> tuple:
     return (name, *tfds_source.key(data_config))
 
 
-def _samples_held(fe: audio_ops.FrontEnd | None) -> int:
-    """Waveform samples the front end's fixed frames cover (beyond them a clip is cut)."""
-    if fe is None:
-        return sys.maxsize
-    if fe.kind == "whisper":
-        return int(fe.options["n_samples"])
-    frames = audio_ops.features_shape(fe)[0]  # Kaldi frames: 25 ms windows every 10 ms
-    return (frames - 1) * fe.sampling_rate // 100 + fe.sampling_rate // 40
-
-
 class _SplitData:
     """Records of one split with int labels and, optionally, pixels cached after decoding.
 
@@ -94,7 +84,7 @@ class _SplitData:
             self.cache[i] = out
             self._cached_bytes += out.nbytes
 
-        held = _samples_held(self.front_end)
+        held = audio_ops.samples_held(self.front_end)
         longest = [0, 0]  # samples of the longest clip, clips longer than the features hold
 
         def on_audio(i: int, waveform: np.ndarray) -> None:
