@@ -201,5 +201,5 @@ def test_caption_evaluator_with_an_hf_tokenizer(env: tuple[evaluators.Env, dict]
 
     perfect = Perfect(model=env_.model, model_cfg=env_.model_cfg, data_config=env_.data_config,
                       tokenizer=env_.tokenizer, label_names=env_.label_names, batch_size=4)
-    cap = evaluators.build({"greedy": {"kind": "caption", "task": "caption"}}, perfect)[0]
+    cap = evaluators.build({"greedy": {"kind": "caption", "task": "caption"}}, perfect)["greedy"]
     assert cap(variables, "val") == {"exact_match": 1.0, "bleu": 1.0}

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mmjax import evaluators, weighting
+from mmjax.evaluators import metrics
 
 
 def _cfg(losses: dict, weighting_cfg: dict | None = None) -> ml_collections.ConfigDict:
@@ -115,11 +116,11 @@ def test_corpus_bleu_matches_nltk() -> None:
         hyp = hyp[: rng.integers(4, len(hyp) + 1)]
         hyps.append(hyp)
         refs.append(ref)
-    ours = evaluators.corpus_bleu(hyps, refs)
+    ours = metrics.corpus_bleu(hyps, refs)
     theirs = corpus_bleu([[r] for r in refs], hyps)
     assert 0.05 < ours < 0.95
     np.testing.assert_allclose(ours, theirs, rtol=1e-9)
-    assert evaluators.corpus_bleu([["a", "b", "c", "d"]], [["a", "b", "c", "d"]]) == 1.0
+    assert metrics.corpus_bleu([["a", "b", "c", "d"]], [["a", "b", "c", "d"]]) == 1.0
 
 
 def test_recall_at_k_counts_duplicate_texts_as_hits() -> None:
@@ -127,10 +128,26 @@ def test_recall_at_k_counts_duplicate_texts_as_hits() -> None:
     n = 50
     groups = rng.integers(0, 20, n)  # duplicated texts
     sim = rng.normal(size=(n, n))
-    got = evaluators.recall_at_k(sim, groups, groups, (1, 5, 10))
+    got = metrics.recall_at_k(sim, groups, groups, (1, 5, 10))
     for k in (1, 5, 10):  # brute force
         hits = [any(groups[j] == groups[i] for j in np.argsort(-sim[i])[:k]) for i in range(n)]
         assert got[k] == pytest.approx(np.mean(hits))
     ids = np.array([[2, 5, 3, 0], [2, 6, 3, 0], [2, 5, 3, 0]])
-    g = evaluators.row_groups(ids)
+    g = metrics.row_groups(ids)
     assert g[0] == g[2] != g[1]
+
+
+class Evaluator(evaluators.Evaluator):
+    """An evaluator defined outside mmjax, loaded by its module path."""
+
+    def __call__(self, variables, split):
+        return {"split_length": float(len(split))}
+
+
+def test_evaluators_load_by_module_name_and_bad_kinds_are_named() -> None:
+    assert evaluators.get("qa").__module__ == "mmjax.evaluators.qa"
+    assert evaluators.get(__name__) is Evaluator
+    with pytest.raises(ValueError, match=r"evals\.x\.kind='nope': no module mmjax.evaluators"):
+        evaluators.get("nope", "evals.x")
+    with pytest.raises(ValueError, match="defines no Evaluator class"):
+        evaluators.get("mmjax.evaluators.metrics")

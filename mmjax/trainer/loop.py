@@ -63,7 +63,7 @@ class Setup:
     weights: weighting.Weighting
     tokenizer: Any
     data_info: Mapping[str, int]
-    evaluators: Mapping[str, Any]
+    evaluators: Mapping[str, evaluators_lib.Evaluator]
     accum_steps: int
     schedule: optax.Schedule
     teacher: distill_lib.Teacher | None = None  # config.distill's, loaded once

@@ -16,6 +16,7 @@ from typing import Any
 
 import ml_collections
 
+from mmjax import evaluators
 from mmjax.models import heads as heads_lib
 from mmjax.models.fusion import Fusion
 from mmjax.models.multimodal import ENCODERS, MODEL_OPTIONS
@@ -37,11 +38,6 @@ def _default(cls: type, name: str) -> Any:
     return None
 
 
-# What each evaluator kind reads from a batch besides the label.
-EVAL_NEEDS = {"retrieval": ("image", "text"), "zeroshot": ("image", "text"), "qa": ("text",),
-              "caption": ("text",)}
-
-
 def _needs(config: Any) -> list[tuple[str, str]]:
     """``(what, modality)`` for every part that reads one named modality; ``what`` names the
     config key and its value."""
@@ -60,7 +56,7 @@ def _needs(config: Any) -> list[tuple[str, str]]:
             for m in [value] if isinstance(value, str) else list(value):
                 out.append((f"model.heads.{task}.{key}={value!r}", m))
     for name, ev in (config.get("evals") or {}).items():
-        for m in EVAL_NEEDS.get(ev.get("kind"), ()):
+        for m in evaluators.get(ev.get("kind"), f"evals.{name}").reads:
             out.append((f"evals.{name}.kind={ev.get('kind')!r} (it reads {m})", m))
     return out
 
