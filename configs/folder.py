@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from mmjax import config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = common.parse_args(arg, ("tiny",), "configs/folder.py")
+    args = config.parse_args(arg, ("tiny",), "configs/folder.py")
 
-    c = common.run(total_steps=3_000, batch_size=64, eval_batch_size=256, eval_every=1_000,
+    c = config.run(total_steps=3_000, batch_size=64, eval_batch_size=256, eval_every=1_000,
                    checkpoint_every=1_000)
     c.data = ml_collections.ConfigDict({
         "name": "folder",
@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "cache_mb": 2048,
         "num_workers": 0,  # >0: decode/augment in grain worker processes
     })
-    model = common.shapes_model()
+    model = config.shapes_model()
     # One self-attention layer lets image tokens combine what neighbouring patches show (a
     # digit spans several); positions at the content's scale make every token know its place
     # from the first step (at ViT's 0.02 such questions stalled near chance).
@@ -91,13 +91,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict({
         **model,
         "heads": {"answer": {"kind": "classification", "num_classes": 0}},  # 0: from data
-        **common.model_options(dropout=0.1),  # the regulariser that replaced the crops
+        **config.model_options(dropout=0.1),  # the regulariser that replaced the crops
     })
     c.losses = ml_collections.ConfigDict({"answer": 1.0})
     c.evals = ml_collections.ConfigDict({"qa": {"kind": "qa", "task": "answer"}})
-    c.optimizer = common.optimizer(lr=5e-4)  # 2e-3 (the shapes calibration) stalls on digits
+    c.optimizer = config.optimizer(lr=5e-4)  # 2e-3 (the shapes calibration) stalls on digits
 
     if "tiny" in args:
-        common.tiny(c, total_steps=12, batch_size=8, eval_batch_size=16, every=6)
+        config.tiny(c, total_steps=12, batch_size=8, eval_batch_size=16, every=6)
     c.lock()
     return c

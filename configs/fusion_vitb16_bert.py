@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from mmjax import config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = common.parse_args(arg, ("tiny",), "configs/fusion_vitb16_bert.py")
+    args = config.parse_args(arg, ("tiny",), "configs/fusion_vitb16_bert.py")
 
-    c = common.run(total_steps=10_000, batch_size=256, eval_batch_size=256, log_every=100,
+    c = config.run(total_steps=10_000, batch_size=256, eval_batch_size=256, log_every=100,
                    eval_every=1_000, checkpoint_every=1_000)
-    c.data = common.shapes_data()  # the benchmark uses only the shapes below
+    c.data = config.shapes_data()  # the benchmark uses only the shapes below
     c.data.image_size = 224
     c.data.max_len = 64
     c.model = ml_collections.ConfigDict({
@@ -54,14 +54,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "answer": {"kind": "classification", "num_classes": 3129},
             "itc": {"kind": "contrastive", "embed_dim": 256},
         },
-        **common.model_options(dtype="bfloat16", attn_implementation="auto", scan_layers=True,
+        **config.model_options(dtype="bfloat16", attn_implementation="auto", scan_layers=True,
                                gpu_rewrites=True),
     })
     c.losses = ml_collections.ConfigDict({"answer": 1.0, "itc": 0.5})
-    c.optimizer = common.optimizer(lr=1e-4, warmup_steps=1_000, weight_decay=0.01)
+    c.optimizer = config.optimizer(lr=1e-4, warmup_steps=1_000, weight_decay=0.01)
 
     if "tiny" in args:
-        common.tiny(c, batch_size=8, eval_batch_size=8)
+        config.tiny(c, batch_size=8, eval_batch_size=8)
         c.model.dtype = "float32"  # bf16 is emulated on a CPU and compiles slower there
         c.data.image_size = 32
         c.data.max_len = 16

@@ -6,7 +6,7 @@ The ``shapes_audio`` data (mmjax/data/shapes_audio.py) is generated offline: a s
 (two objects), a 0.34 s clip whose pitch names a colour, and a question naming a shape; the
 answer ("yes" or "no, it is <colour>") needs all three, and no two do better than 50%. The clip
 enters as a 16-mel, 32-frame Kaldi fbank (``ASTFeatureExtractor``'s features at a small size).
-Towers: the shapes ViT patch embedding and text embeddings (``common.shapes_model``) and a small
+Towers: the shapes ViT patch embedding and text embeddings (``config.shapes_model``) and a small
 AST (16x16 patches over the whole spectrum: 2 patches); the text attends to the image and audio
 tokens together in the cross-attention fusion; one classification head.
 
@@ -22,20 +22,20 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from mmjax import config
 
 _VARIANTS = ("no_image", "no_audio", "no_text")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = common.parse_args(arg, (*_VARIANTS, "tiny"), "configs/shapes_audio.py")
+    args = config.parse_args(arg, (*_VARIANTS, "tiny"), "configs/shapes_audio.py")
     variant = next((a for a in args if a in _VARIANTS), "")
 
-    c = common.run(total_steps=1_000, batch_size=128, eval_batch_size=500, eval_every=200,
+    c = config.run(total_steps=1_000, batch_size=128, eval_batch_size=500, eval_every=200,
                    checkpoint_every=200)
-    c.data = common.shapes_data(variant=variant)
+    c.data = config.shapes_data(variant=variant)
     c.data.name = "shapes_audio"
-    model = common.shapes_model()
+    model = config.shapes_model()
     c.model = ml_collections.ConfigDict({
         **model,
         # 16 mels x 32 frames in 16x16 patches: 2 patches, each seeing the whole spectrum (8x8
@@ -46,13 +46,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "pool": "cls_dist", "init_from": "",
         },
         "heads": {"answer": {"kind": "classification", "num_classes": 0}},  # 0: from data
-        **common.model_options(),
+        **config.model_options(),
     })
     c.losses = ml_collections.ConfigDict({"answer": 1.0})
-    c.optimizer = common.optimizer(lr=1e-3)
+    c.optimizer = config.optimizer(lr=1e-3)
 
     if "tiny" in args:
-        common.tiny(c)
+        config.tiny(c)
         c.data.num_train, c.data.num_val, c.data.num_test = 512, 96, 96
     c.lock()
     return c

@@ -22,18 +22,18 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from mmjax import config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = common.parse_args(arg, ("tiny",), "configs/shapes_caption.py")
+    args = config.parse_args(arg, ("tiny",), "configs/shapes_caption.py")
 
-    c = common.run(total_steps=500, batch_size=128, eval_batch_size=500, eval_every=250,
+    c = config.run(total_steps=500, batch_size=128, eval_batch_size=500, eval_every=250,
                    checkpoint_every=250)
     c.init_subtrees = "image"  # init_from: e.g. a shapes_pretrain workdir's image tower
-    c.data = common.shapes_data(text="caption")
+    c.data = config.shapes_data(text="caption")
     width = 64
-    model = common.shapes_model(width)
+    model = config.shapes_model(width)
     model["text"]["depth"] = 1
     c.model = ml_collections.ConfigDict({
         "image": model["image"],
@@ -44,16 +44,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         "mlp_dim": 4 * width, "vocab_size": 0, "max_len": 16},
             "itc": {"kind": "contrastive", "embed_dim": 64},
         },
-        **common.model_options(),
+        **config.model_options(),
     })
     c.losses = ml_collections.ConfigDict({"caption": 1.0, "itc": 0.5})
     c.evals = ml_collections.ConfigDict({
         "greedy": {"kind": "caption", "task": "caption", "max_len": 12},
         "retrieval": {"kind": "retrieval", "task": "itc"},
     })
-    c.optimizer = common.optimizer(lr=2e-3, freeze="^image/")  # LiT: the image tower is locked
+    c.optimizer = config.optimizer(lr=2e-3, freeze="^image/")  # LiT: the image tower is locked
 
     if "tiny" in args:
-        common.tiny(c, total_steps=10, num_train=256, num_eval=64)
+        config.tiny(c, total_steps=10, num_train=256, num_eval=64)
     c.lock()
     return c

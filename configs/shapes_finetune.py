@@ -29,24 +29,24 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from mmjax import config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = common.parse_args(arg, ("lora", "lit", "tiny"), "configs/shapes_finetune.py")
+    args = config.parse_args(arg, ("lora", "lit", "tiny"), "configs/shapes_finetune.py")
 
-    c = common.run(total_steps=200, batch_size=128, eval_batch_size=500, eval_every=100,
+    c = config.run(total_steps=200, batch_size=128, eval_batch_size=500, eval_every=100,
                    checkpoint_every=100)
     c.init_subtrees = "image,text,fusion"  # init_from: the pretraining workdir
-    c.data = common.shapes_data()
+    c.data = config.shapes_data()
     c.model = ml_collections.ConfigDict({
-        **common.shapes_model(),
+        **config.shapes_model(),
         "heads": {"answer": {"kind": "classification", "num_classes": 0}},
-        **common.model_options(),
+        **config.model_options(),
     })
     c.losses = ml_collections.ConfigDict({"answer": 1.0})
     c.evals = ml_collections.ConfigDict({"qa": {"kind": "qa", "task": "answer"}})
-    c.optimizer = common.optimizer(lr=2e-3, warmup_steps=20)
+    c.optimizer = config.optimizer(lr=2e-3, warmup_steps=20)
     c.lora = ml_collections.ConfigDict({
         "rank": 0,  # 0 = off
         "alpha": 16.0,
@@ -59,6 +59,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if "lit" in args:
         c.optimizer.freeze = "^image/"
     if "tiny" in args:
-        common.tiny(c, total_steps=10, num_train=256, num_eval=64)
+        config.tiny(c, total_steps=10, num_train=256, num_eval=64)
     c.lock()
     return c

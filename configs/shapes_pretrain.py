@@ -31,16 +31,16 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from mmjax import config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = common.parse_args(arg, ("tiny",), "configs/shapes_pretrain.py")
+    args = config.parse_args(arg, ("tiny",), "configs/shapes_pretrain.py")
 
-    c = common.run(total_steps=1_000, batch_size=128, eval_batch_size=500, eval_every=500,
+    c = config.run(total_steps=1_000, batch_size=128, eval_batch_size=500, eval_every=500,
                    checkpoint_every=500)
-    c.data = common.shapes_data(text="caption")
-    model = common.shapes_model(text_pool="mean")  # depth 0: [CLS] is the same for every text
+    c.data = config.shapes_data(text="caption")
+    model = config.shapes_model(text_pool="mean")  # depth 0: [CLS] is the same for every text
     c.model = ml_collections.ConfigDict({
         **model,
         "heads": {
@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "mim": {"kind": "mim", "mask_ratio": 0.5, "decoder_width": 64, "decoder_depth": 1,
                     "decoder_heads": 4},
         },
-        **common.model_options(),
+        **config.model_options(),
     })
     c.losses = ml_collections.ConfigDict({"itc": 1.0, "itm": 1.0, "mlm": 1.0, "mim": 1.0})
     c.loss_weighting = ml_collections.ConfigDict({
@@ -66,10 +66,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "zeroshot": {"kind": "zeroshot", "task": "itc", "classes": "shapes_objects",
                      "prompt": "a {}"},
     })
-    c.optimizer = common.optimizer(lr=2e-3)
+    c.optimizer = config.optimizer(lr=2e-3)
 
     if "tiny" in args:
-        common.tiny(c, total_steps=10, num_train=256, num_eval=64)
+        config.tiny(c, total_steps=10, num_train=256, num_eval=64)
         c.loss_weighting.schedules.mim.end_step = 10
     c.lock()
     return c

@@ -17,9 +17,13 @@ Arguments: ``tiny`` (few steps, for tests).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ml_collections
 
-from configs import folder
+from mmjax import config
+
+folder = config.load_file(Path(__file__).with_name("folder.py"))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

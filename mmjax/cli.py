@@ -11,7 +11,6 @@ import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from absl import flags
@@ -46,20 +45,7 @@ def _explain_override_error(argv: Sequence[str], error: BaseException) -> str:
     return f"bad command line: {type(error).__name__}: {text}"
 
 
-def _config_root_on_path(argv: Sequence[str]) -> None:
-    """Puts the folder above ``configs/`` on ``sys.path``, so a config's ``from configs import
-    common`` works whatever the current directory."""
-    for i, arg in enumerate(argv):
-        value = arg.split("=", 1)[1] if arg.startswith("--config=") else (
-            argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
-        if value:
-            root = str(Path(value.split(":", 1)[0]).resolve().parent.parent)
-            if root not in sys.path:
-                sys.path.insert(0, root)
-
-
 def parse_flags(argv: Sequence[str]) -> None:
-    _config_root_on_path(argv)
     try:
         FLAGS(list(argv))
     except Exception as e:

@@ -144,8 +144,10 @@ def _run_torch(root: Path, workers: int, batches: int) -> float:
 
 
 def _run_mmjax(root: Path, workers: int, batches: int) -> float:
-    from configs import folder as folder_config
+    from mmjax import config as config_lib
     from mmjax.data import inspect as data_inspect
+
+    folder_config = config_lib.load_file(Path(__file__).resolve().parents[1] / "configs/folder.py")
 
     config = folder_config.get_config()
     config.unlock()

@@ -39,7 +39,6 @@ from typing import Any
 # The FLOP count comes from mmjax (pure arithmetic); keep JAX off the GPU torch is timing.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -214,10 +213,11 @@ def synthetic_batch(workload: str, tiny: bool, batch_size: int, device: torch.de
 
 def analytic_flops(workload: str, tiny: bool, batch_size: int) -> float:
     """mmjax.perf.flops' training count for the peer's shapes (class token, 77 tokens), TFLOP."""
-    from configs import clip_vitb16, fusion_vitb16_bert
+    from mmjax import config as config_lib
     from mmjax.perf import flops
 
-    module = clip_vitb16 if workload == "clip" else fusion_vitb16_bert
+    name = "clip_vitb16.py" if workload == "clip" else "fusion_vitb16_bert.py"
+    module = config_lib.load_file(ROOT / "configs" / name)
     config = module.get_config("tiny" if tiny else None)
     with config.unlocked():
         config.model.image.class_token = True

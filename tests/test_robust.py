@@ -208,7 +208,6 @@ def test_audio_noise_is_at_the_tables_snr(severity):
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """(data, workdir) of configs/folder.py:tiny trained for 200 steps (≈70 % test accuracy on
     "is there a disc/square?")."""
-    sys.path.insert(0, str(ROOT))
     from configs import folder
 
     base = tmp_path_factory.mktemp("robust")

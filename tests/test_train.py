@@ -201,3 +201,28 @@ def test_initial_state_loads_hf_bert_and_vit_towers(tmp_path):
     # The towers' architecture comes from the folders; the fusion and the head start fresh.
     assert config.model.text.width == 32 and config.model.image.depth == 1
     assert not np.any(np.asarray(initial.params["heads"]["answer"]["out"]["kernel"]))
+
+
+@pytest.mark.slow
+def test_a_config_in_another_folder_trains_and_its_neighbours_are_not_imported(tmp_path):
+    """A config file anywhere imports only ``mmjax``; modules that lie beside it or above it
+    (an ``optax.py``, a ``configs/common.py``) are never imported in its place."""
+    exp = tmp_path / "exp"
+    (tmp_path / "configs").mkdir(parents=True)
+    exp.mkdir()
+    (exp / "my_config.py").write_text((ROOT / "configs" / "default.py").read_text())
+    marker = tmp_path / "imported.txt"
+    stray = f"open({str(marker)!r}, 'a').write(__file__ + '\\n')\nraise ImportError('stray')\n"
+    for path in (exp / "optax.py", exp / "jax.py", tmp_path / "optax.py",
+                 tmp_path / "configs" / "__init__.py", tmp_path / "configs" / "common.py"):
+        path.write_text(stray)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run(
+        [sys.executable, "-m", "mmjax.train", "--config", f"{exp / 'my_config.py'}:tiny",
+         "--workdir", str(tmp_path / "run"), "--config.total_steps=2", "--config.eval_every=2",
+         "--config.checkpoint_every=2", "--config.optimizer.warmup_steps=1"],
+        cwd=ROOT / "tests", env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+        text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "done: step 2" in run.stdout
+    assert not marker.exists(), marker.read_text()

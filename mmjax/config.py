@@ -1,12 +1,16 @@
-"""Pieces every config shares: argument parsing, the run keys, model options, the optimizer,
-the embedded shapes data and the small fused model that learns it.
+"""Pieces every config file shares: argument parsing, the run keys, model options, the
+optimizer, the embedded shapes data and the small fused model that learns it.
 
-A config imports this module (``from configs import common``) and overrides what differs, so a
-recipe reads as its differences from these defaults.
+A config file (``configs/*.py``, or one of your own anywhere) imports this module
+(``from mmjax import config``) and overrides what differs, so a recipe reads as its differences
+from these defaults. A config file is Python: it runs with the rights of whoever trains with it.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import ml_collections
@@ -19,6 +23,19 @@ def parse_args(arg: str | None, known: tuple[str, ...], config: str) -> list[str
         if a not in known:
             raise ValueError(f"unknown argument {a!r} of {config}; known: {known}")
     return args
+
+
+def load_file(path: str | Path, name: str = "") -> ModuleType:
+    """A config file as a module, read from ``path`` (a sibling config: ``Path(__file__)
+    .with_name("folder.py")``). The import path is left as it is, so a file that happens to lie
+    beside the config (an ``optax.py``) is never imported in its place."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(name or f"mmjax_config_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load config file {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run(*, total_steps: int, batch_size: int, eval_batch_size: int, log_every: int = 50,
