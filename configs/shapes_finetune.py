@@ -20,7 +20,7 @@ overall and per question type.
 Arguments (comma-separated after the path):
   lora   train LoRA adapters (rank 8) on the attention and MLP kernels plus the answer head
          instead of every parameter; the merged params are exported by
-         ``mmjax.checkpoint.merged_params_from_workdir``
+         ``mmjax.optim.lora.merged_params_from_workdir``
   lit    freeze the image tower (LiT): only text, fusion and the head train
   tiny   a few steps on small splits, for tests
 """

@@ -5,13 +5,13 @@
 The line holds config, devices, batch_size, step_ms_median, samples_per_s, tflops_per_step, mfu,
 peak memory and more (docs/performance.md lists them). The step is the trainer's own, compiled
 by the same ``parallel`` strategy, on one synthetic batch that stays on the devices. XLA flags
-from :mod:`mmjax.xla_flags` are added before JAX starts, unless the user set them.
+from :mod:`mmjax.runtime.xla_flags` are added before JAX starts, unless the user set them.
 """
 
 # ruff: noqa: E402 - XLA_FLAGS must be set before JAX is imported, hence the late imports.
 from __future__ import annotations
 
-from mmjax import xla_flags
+from mmjax.runtime import xla_flags
 
 # Only the CLI touches the environment; importing this module as a library changes nothing.
 ADDED_XLA_FLAGS: list[str] = xla_flags.apply_default_flags() if __name__ == "__main__" else []
@@ -21,7 +21,7 @@ import json
 from absl import flags
 from ml_collections import config_flags
 
-from mmjax import cli
+from mmjax.runtime import cli
 
 flags.DEFINE_integer("steps", 20, "timed train steps")
 flags.DEFINE_integer("warmup", 3, "untimed steps first (the first one compiles)")

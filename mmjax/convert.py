@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from mmjax import cli
+from mmjax.runtime import cli
 
 flags.DEFINE_string("input", None, "a Hugging Face folder or an mmjax checkpoint/workdir")
 flags.DEFINE_string("output", "", "where to write the other format (empty: write nothing)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from mmjax import cli
+from mmjax.runtime import cli
 
 flags.DEFINE_string("workdir", None, "a training run's workdir")
 flags.DEFINE_string("split", "test", "val, test (or train)")
@@ -41,14 +41,14 @@ def _floats(values: list[str]) -> list[float]:
 def main() -> None:
     if not FLAGS.workdir:
         raise ValueError("--workdir is required")
-    from mmjax import writers
-    from mmjax.inference import evaluate
+    from mmjax.inference.checkpoint_metrics import checkpoint_metrics
+    from mmjax.io import writers
 
-    result = evaluate.evaluate(FLAGS.workdir, split=FLAGS.split, step=FLAGS.step,
-                               quantize=FLAGS.quantize, drop_modalities=FLAGS.drop,
-                               corrupt=FLAGS.corrupt, attack=FLAGS.attack,
-                               eps=_floats(FLAGS.eps), steps=FLAGS.steps,
-                               step_size=FLAGS.step_size)
+    result = checkpoint_metrics(FLAGS.workdir, split=FLAGS.split, step=FLAGS.step,
+                                quantize=FLAGS.quantize, drop_modalities=FLAGS.drop,
+                                corrupt=FLAGS.corrupt, attack=FLAGS.attack,
+                                eps=_floats(FLAGS.eps), steps=FLAGS.steps,
+                                step_size=FLAGS.step_size)
     if FLAGS.report:
         from mmjax.robust import report
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from mmjax import cli
+from mmjax.runtime import cli
 
 flags.DEFINE_string("workdir", None, "a training run's workdir")
 flags.DEFINE_string("input", None, "JSONL file of inputs in the folder format")

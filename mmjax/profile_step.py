@@ -14,7 +14,7 @@ TensorBoard/Perfetto.
 # ruff: noqa: E402 - XLA_FLAGS must be set before JAX is imported, hence the late imports.
 from __future__ import annotations
 
-from mmjax import xla_flags
+from mmjax.runtime import xla_flags
 
 ADDED_XLA_FLAGS: list[str] = xla_flags.apply_default_flags() if __name__ == "__main__" else []
 
@@ -23,7 +23,7 @@ import json
 import jax
 from absl import flags
 
-from mmjax import cli
+from mmjax.runtime import cli
 
 flags.DEFINE_integer("steps", 5, "traced train steps")
 flags.DEFINE_integer("warmup", 3, "untraced steps first (the first one compiles)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from mmjax import cli
+from mmjax.runtime import cli
 
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics.jsonl and events")
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process runs "
@@ -23,10 +23,11 @@ def main() -> None:
         raise ValueError("--workdir is required")
     if FLAGS.config is None:
         raise ValueError("--config is required (e.g. configs/default.py)")
-    from mmjax import xla_flags
+    from mmjax.runtime import xla_flags
 
     xla_flags.apply_default_flags()  # before JAX starts its backend; user XLA_FLAGS win
-    from mmjax import parallel, trainer  # after flag parsing: keeps --help fast
+    from mmjax import trainer  # after flag parsing: keeps --help fast
+    from mmjax.runtime import parallel
 
     parallel.maybe_initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id

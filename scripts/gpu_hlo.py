@@ -31,7 +31,7 @@ shapes allow: ``layers.resolve_attention`` with ``backend="gpu"``), not as on th
 # XLA_FLAGS must be set before JAX is imported, hence the imports after the flag line.
 from __future__ import annotations
 
-from mmjax import xla_flags
+from mmjax.runtime import xla_flags
 
 if __name__ == "__main__":  # the flags the benchmark runs with; importing changes nothing
     xla_flags.apply_default_flags()
@@ -50,10 +50,10 @@ from absl import flags
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mmjax import cli
 from mmjax.models import layers
 from mmjax.models.multimodal import build_model
 from mmjax.perf.step import synthetic_batch
+from mmjax.runtime import cli
 from mmjax.trainer import create_state, tasks_from_config, train_step
 
 # --batch_size and --config are mmjax.benchmark's flags (0 = the config's batch size); this

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from mmjax import parallel
+from mmjax.runtime import parallel
 
 
 def main() -> None:

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 
 from configs import clip_vitb16, fusion_vitb16_bert
-from mmjax import xla_flags
 from mmjax.models import layers
 from mmjax.models.multimodal import build_model
 from mmjax.perf import flops
 from mmjax.perf.step import synthetic_batch
+from mmjax.runtime import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ _COMMANDS = {
 def _run_all(*names: str) -> list[dict]:
     """Starts the named CLI runs together, waits for them; each one's single JSON report."""
     # XLA_FLAGS keeps conftest's compile-speed flags (the numbers are not under test) and names
-    # none of mmjax.xla_flags' defaults, which the CLI then adds.
+    # none of mmjax.runtime.xla_flags' defaults, which the CLI then adds.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     started = [subprocess.Popen([sys.executable, *_COMMANDS[n]], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 
 from configs.folder import get_config
 from mmjax import trainer
-from mmjax.checkpoint import read_state
 from mmjax.data import pipeline
 from mmjax.data.device import normalize_images
-from mmjax.inference import run as run_lib
+from mmjax.io.checkpoint import read_state
 from mmjax.trainer import distill, loop
+from mmjax.trainer import runs as runs_lib
 from mmjax.trainer import step as step_lib
 from tests.test_folder import make_dataset
 
@@ -99,8 +99,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return {"data": data, "teacher": base / "teacher", "student": base / "student"}
 
 
-def _logits(run: run_lib.Run, batch: dict) -> np.ndarray:
-    task, _ = run_lib.output_task(run.config)
+def _logits(run: runs_lib.Run, batch: dict) -> np.ndarray:
+    task, _ = runs_lib.output_task(run.config)
     inputs = {k: v for k, v in batch.items() if k != "valid"}
     out = jax.jit(run.build_model().apply)(run.variables(), normalize_images(inputs))
     return np.asarray(out[task]["logits"], np.float64)
@@ -120,7 +120,7 @@ def test_student_logs_the_term_and_agreement_matches_an_independent_count(runs):
     assert test["distill_teacher_accuracy"] == pytest.approx(teacher_test["accuracy"], abs=1e-9)
 
     # Agreement and KL recomputed from both checkpoints, read back from their workdirs.
-    student, teacher = run_lib.load(runs["student"]), run_lib.load(runs["teacher"])
+    student, teacher = runs_lib.load(runs["student"]), runs_lib.load(runs["teacher"])
     same, kls = [], []
     for batch in pipeline.eval_batches(student.config.data, "test", batch_size=16,
                                        tokenizer=student.tokenizer):
@@ -136,7 +136,7 @@ def test_student_logs_the_term_and_agreement_matches_an_independent_count(runs):
 @pytest.mark.slow
 def test_gradients_reach_the_student_only(runs):
     s = loop.setup(_student_config(runs["data"], runs["teacher"]), runs["student"])
-    student = run_lib.load(runs["student"])
+    student = runs_lib.load(runs["student"])
     batch = next(iter(pipeline.eval_batches(s.config.data, "val", batch_size=8,
                                             tokenizer=s.tokenizer)))
     teacher_vars = jax.tree.map(jnp.asarray, s.teacher.variables)

@@ -22,7 +22,7 @@ import torch
 import transformers
 
 from mmjax import hf
-from mmjax.explain import capture, gradients, methods, modalities, relevance, views
+from mmjax.interpret import capture, gradients, methods, modalities, relevance, views
 from mmjax.models import layers
 from mmjax.models.multimodal import build_model
 
@@ -340,8 +340,8 @@ def test_three_modalities_with_audio() -> None:
     grid (mels x time), and the modality contributions are Shapley values (their sum is
     p(all) - p(none), efficiency). Occlusion and integrated gradients treat the features as
     they treat pixels (the image tests)."""
-    from mmjax.explain import layout
-    from mmjax.explain.run import explain_batch
+    from mmjax.interpret import layout
+    from mmjax.interpret.explain import explain_batch
 
     cfg = {
         "image": {"kind": "vit", "variant": "mu/8", "width": 16, "depth": 1, "num_heads": 2,

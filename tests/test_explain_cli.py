@@ -12,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from mmjax.explain import capture, explain, layout, methods, pointing
+from mmjax.interpret import capture, layout, methods, pointing
+from mmjax.interpret.explain import explain
 from mmjax.models.multimodal import build_model
 from tests import realdata
 from tests.test_inference import _cli, _train

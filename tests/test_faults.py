@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.checkpoint import Checkpointer, CheckpointError
+from mmjax.io.checkpoint import Checkpointer, CheckpointError
 from mmjax.trainer import workdir as workdir_lib
 
 ROOT = Path(__file__).resolve().parent.parent

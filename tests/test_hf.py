@@ -23,9 +23,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub reads it
 import torch
 import transformers
 
-from mmjax import checkpoint, hf, transfer
+from mmjax import hf
+from mmjax.io import checkpoint
 from mmjax.models import scan
 from mmjax.models.multimodal import build_model
+from mmjax.trainer import transfer
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4

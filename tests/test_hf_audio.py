@@ -24,10 +24,11 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from mmjax import hf, transfer
+from mmjax import hf
 from mmjax.models import scan
 from mmjax.models.audio import whisper_sinusoids
 from mmjax.models.multimodal import build_model
+from mmjax.trainer import transfer
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmjax.checkpoint import Checkpointer, saved_steps
 from mmjax.data.folder import BadDataError
-from mmjax.inference import evaluate, export, predict
-from mmjax.inference import run as run_lib
+from mmjax.inference import export, predict
+from mmjax.inference.checkpoint_metrics import checkpoint_metrics
+from mmjax.io.checkpoint import Checkpointer, saved_steps
+from mmjax.trainer import runs
 from tests.test_folder import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,13 +91,13 @@ def test_predict_evaluate_and_training_agree(folder_run, tmp_path):
     gold = _gold(data)
     accuracy = float(np.mean([p == g for p, g in zip(_top1(out), gold, strict=True)]))
 
-    test = evaluate.evaluate(workdir, split="test")
+    test = checkpoint_metrics(workdir, split="test")
     logged = _logged(lines, "test")
     assert test["step"] == 12 and test["split"] == "test"
     assert accuracy == test["accuracy"] == logged["accuracy"]
     assert set(test) == set(logged)
     _close(test, logged, [k for k in logged if k not in ("step", "split")])
-    val = evaluate.evaluate(workdir, split="val")
+    val = checkpoint_metrics(workdir, split="val")
     _close(val, _logged(lines, "val", 12), ["accuracy", "loss", "answer_loss"])
     # Only read: the workdir holds exactly what training left.
     assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
@@ -109,11 +110,11 @@ def test_evaluate_picks_the_step_asked_for(folder_run):
     assert sorted(saved) == sorted(val) == [6, 12]
     for step in saved:
         _close(saved[step], val[step], ["accuracy", "loss"])
-    got = evaluate.evaluate(workdir, split="val", step=6)
+    got = checkpoint_metrics(workdir, split="val", step=6)
     assert got["step"] == 6
     _close(got, val[6], ["accuracy", "loss"])
     best = max(val, key=lambda s: (val[s]["accuracy"], s))  # ties: the newer step
-    got = evaluate.evaluate(workdir, split="val", step="best")
+    got = checkpoint_metrics(workdir, split="val", step="best")
     assert got["step"] == best
     _close(got, val[best], ["accuracy", "loss"])
 
@@ -138,11 +139,11 @@ def test_best_step_from_saved_metrics_or_the_log(tmp_path):
         json.dumps({"step": s, "split": "val", "accuracy": a}) + "\n"
         for s, a in accuracies.items() if a is not None) + '{"step": 4, "spl')
     for workdir in (new, old):
-        assert run_lib.resolve_step(workdir, "best", config) == 5  # 2 and 5 tie: the newer
-        assert run_lib.resolve_step(workdir, None, config) == 5
-        assert run_lib.resolve_step(workdir, "3", config) == 3
-        with pytest.raises(run_lib.RunError, match=r"no checkpoint step 7; saved steps"):
-            run_lib.resolve_step(workdir, 7, config)
+        assert runs.resolve_step(workdir, "best", config) == 5  # 2 and 5 tie: the newer
+        assert runs.resolve_step(workdir, None, config) == 5
+        assert runs.resolve_step(workdir, "3", config) == 3
+        with pytest.raises(runs.RunError, match=r"no checkpoint step 7; saved steps"):
+            runs.resolve_step(workdir, 7, config)
 
 
 _RUN_EXPORTED = r"""
@@ -211,7 +212,7 @@ def test_export_runs_without_mmjax_and_int8_is_smaller(folder_run, tmp_path):
     assert sizes[""] / sizes["int8"] >= 2.5, sizes
     assert np.abs(probs["int8"] - probs[""]).max() < 0.02
     float_test = _logged(lines, "test")["accuracy"]
-    int8_test = evaluate.evaluate(workdir, split="test", quantize="int8")
+    int8_test = checkpoint_metrics(workdir, split="test", quantize="int8")
     assert int8_test["quantize"] == "int8"
     assert abs(int8_test["accuracy"] - float_test) <= 0.01
 
@@ -350,14 +351,14 @@ def test_the_answering_head_is_chosen_by_kind():
 
     c = config({"itc": "contrastive", "cap": "caption", "score": "regression",
                 "answer": "classification"}, ["itc", "cap", "score", "answer"])
-    assert run_lib.output_task(c) == ("answer", "classification")
-    assert run_lib.output_task(c, "cap") == ("cap", "caption")
-    assert run_lib.output_task(c, embed=True) == ("itc", "contrastive")
+    assert runs.output_task(c) == ("answer", "classification")
+    assert runs.output_task(c, "cap") == ("cap", "caption")
+    assert runs.output_task(c, embed=True) == ("itc", "contrastive")
     c = config({"cap": "caption", "score": "regression"}, ["cap"])  # score: a head, no loss
-    assert run_lib.output_task(c) == ("score", "regression")
-    with pytest.raises(run_lib.RunError, match="--embed"):
-        run_lib.output_task(config({"itc": "siglip"}, ["itc"]), "itc")
-    with pytest.raises(run_lib.RunError, match="no head named 'nope'"):
-        run_lib.output_task(c, "nope")
-    with pytest.raises(run_lib.RunError, match=r"no head of kind \['contrastive', 'siglip'\]"):
-        run_lib.output_task(c, embed=True)
+    assert runs.output_task(c) == ("score", "regression")
+    with pytest.raises(runs.RunError, match="--embed"):
+        runs.output_task(config({"itc": "siglip"}, ["itc"]), "itc")
+    with pytest.raises(runs.RunError, match="no head named 'nope'"):
+        runs.output_task(c, "nope")
+    with pytest.raises(runs.RunError, match=r"no head of kind \['contrastive', 'siglip'\]"):
+        runs.output_task(c, embed=True)

@@ -233,12 +233,12 @@ def test_eval_step_scales_uint8_images_like_the_host(tmp_path):
         assert batch["image"].dtype == np.uint8
         return {**batch, "image": batch["image"].astype(np.float32) * (1.0 / 127.5) - 1.0}
 
-    on_device = loop.evaluate(s, eval_fn, state, "val")
-    on_host = loop.evaluate(s, eval_fn, state, "val", batch_fn=host_scaled)
+    on_device = loop.split_metrics(s, eval_fn, state, "val")
+    on_host = loop.split_metrics(s, eval_fn, state, "val", batch_fn=host_scaled)
     assert set(on_device) == set(on_host)
     for k, v in on_host.items():
         np.testing.assert_allclose(on_device[k], v, atol=1e-5, rtol=1e-5, err_msg=k)
-    unscaled = loop.evaluate(s, eval_fn, state, "val", batch_fn=lambda b: {
+    unscaled = loop.split_metrics(s, eval_fn, state, "val", batch_fn=lambda b: {
         **b, "image": b["image"].astype(np.float32)})  # what a step that forgot would see
     assert abs(unscaled["loss"] - on_host["loss"]) > 1e-4
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import losses
+from mmjax.models import losses
 
 RTOL, ATOL = 2e-6, 1e-6
 

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import losses
 from mmjax.models import fusion as fusion_lib
+from mmjax.models import losses
 from mmjax.models.multimodal import MultimodalModel, build_model
 
 B = 6

@@ -16,11 +16,11 @@ import pytest
 from flax import linen as nn
 from flax import traverse_util
 
-from mmjax import losses, weighting
 from mmjax.models import heads as heads_lib
-from mmjax.models import layers, objectives
+from mmjax.models import layers, losses, objectives
 from mmjax.models.multimodal import MultimodalModel, build_model, loss_spec, make_head
 from mmjax.models.vit import ViT
+from mmjax.optim import weighting
 from mmjax.trainer import state as state_lib
 from mmjax.trainer import step as step_lib
 

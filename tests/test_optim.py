@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from mmjax import optim
-from mmjax.tree import path_str
+from mmjax.models.paths import path_str
+from mmjax.optim import optimizers
 
 
 def _cfg(**kw) -> ml_collections.ConfigDict:
@@ -67,7 +67,7 @@ def _step(tx: optax.GradientTransformation):
 def test_schedules_warmup_peak_and_end():
     lr, warmup, total, end = 0.4, 10, 110, 0.1
     for decay in ("cosine", "linear", "constant"):
-        sched = optim.make_schedule(
+        sched = optimizers.make_schedule(
             _cfg(lr=lr, warmup_steps=warmup, decay=decay, end_lr_fraction=end), total
         )
         values = {s: float(sched(s)) for s in (0, 5, 10, 60, 110, 200)}
@@ -83,12 +83,12 @@ def test_schedules_warmup_peak_and_end():
         np.testing.assert_allclose(values[110], expected_end, rtol=1e-6)
         np.testing.assert_allclose(values[200], expected_end, rtol=1e-6)  # Stays at the end.
     # Quarter of the way, where cosine and linear differ.
-    cos = optim.make_schedule(_cfg(lr=lr, warmup_steps=warmup, decay="cosine"), total)
-    lin = optim.make_schedule(_cfg(lr=lr, warmup_steps=warmup, decay="linear"), total)
+    cos = optimizers.make_schedule(_cfg(lr=lr, warmup_steps=warmup, decay="cosine"), total)
+    lin = optimizers.make_schedule(_cfg(lr=lr, warmup_steps=warmup, decay="linear"), total)
     np.testing.assert_allclose(cos(35), lr * 0.5 * (1 + math.cos(math.pi / 4)), rtol=1e-6)
     np.testing.assert_allclose(lin(35), lr * 0.75, rtol=1e-6)
     # Without warmup the first step already uses the peak rate; the schedule also works in jit.
-    no_warm = optim.make_schedule(_cfg(lr=lr, decay="cosine"), total)
+    no_warm = optimizers.make_schedule(_cfg(lr=lr, decay="cosine"), total)
     np.testing.assert_allclose(jax.jit(no_warm)(jnp.int32(0)), lr, rtol=1e-6)
 
 
@@ -101,7 +101,7 @@ def test_adamw_matches_numpy_with_decay_only_on_matrices():
     params = _params(rng)
     lr, b1, b2, eps, wd = 3e-2, 0.8, 0.95, 1e-6, 0.1
     cfg = _cfg(name="adamw", lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=wd)
-    tx = optim.make_optimizer(cfg, params, total_steps=100)
+    tx = optimizers.make_optimizer(cfg, params, total_steps=100)
     state = tx.init(params)
     step = _step(tx)
 
@@ -131,7 +131,7 @@ def test_sgd_momentum_matches_numpy(nesterov):
     params = _params(rng)
     lr, mu, wd = 0.1, 0.9, 0.01
     cfg = _cfg(name="sgd", lr=lr, momentum=mu, nesterov=nesterov, weight_decay=wd)
-    tx = optim.make_optimizer(cfg, params, total_steps=100)
+    tx = optimizers.make_optimizer(cfg, params, total_steps=100)
     state = tx.init(params)
     step = _step(tx)
     ref = jax.tree.map(lambda p: np.asarray(p, np.float64), params)
@@ -152,7 +152,7 @@ def test_sgd_momentum_matches_numpy(nesterov):
 def test_clipping_bounds_the_global_norm_of_the_update():
     rng = np.random.default_rng(2)
     params = _params(rng)
-    tx = optim.make_optimizer(_cfg(name="sgd", lr=1.0, clip_norm=0.5), params, total_steps=10)
+    tx = optimizers.make_optimizer(_cfg(name="sgd", lr=1.0, clip_norm=0.5), params, total_steps=10)
     step = _step(tx)
     big = jax.tree.map(lambda g: 10 * np.asarray(g), _grads(rng, params))
     big_norm = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in jax.tree.leaves(big)))
@@ -182,7 +182,7 @@ def test_frozen_tower_stays_bit_identical_while_others_train():
     rng = np.random.default_rng(3)
     params = _params(rng)
     cfg = _cfg(name="adamw", lr=1e-2, weight_decay=0.1, clip_norm=1.0, freeze="^image/")
-    tx = optim.make_optimizer(cfg, params, total_steps=20)
+    tx = optimizers.make_optimizer(cfg, params, total_steps=20)
     state = tx.init(params)
     # Frozen leaves carry no optimizer state: only the trainable leaves have Adam moments.
     n_state = sum(x.size for x in jax.tree.leaves(state) if np.ndim(x))
@@ -207,18 +207,18 @@ def test_path_str_and_masks():
         path_str(jax.tree_util.tree_leaves_with_path({"a": [0, {"b": 1}]})[1][0]) == "a/1/b"
     )
 
-    mask = optim.trainable_mask(params, "attn/query|^heads/")
+    mask = optimizers.trainable_mask(params, "attn/query|^heads/")
     assert mask["image"]["encoder"]["layer_0"]["attn"]["query"] == {"kernel": False, "bias": False}
     assert mask["heads"]["cls"] == {"kernel": False, "bias": False}
     assert mask["image"]["norm"]["scale"] and mask["text"]["dense"]["kernel"]
-    assert all(jax.tree.leaves(optim.trainable_mask(params, "")))
+    assert all(jax.tree.leaves(optimizers.trainable_mask(params, "")))
 
-    dmask = optim.decay_mask(params)
+    dmask = optimizers.decay_mask(params)
     assert dmask["text"]["embed"]["embedding"] and dmask["heads"]["cls"]["kernel"]
     assert not dmask["heads"]["cls"]["bias"] and not dmask["image"]["norm"]["scale"]
     # An attention projection's bias is [heads, head_dim]: still a bias.
     qkv = {"attn": {"query": {"kernel": np.ones((8, 2, 4)), "bias": np.ones((2, 4))}}}
-    assert optim.decay_mask(qkv) == {"attn": {"query": {"kernel": True, "bias": False}}}
+    assert optimizers.decay_mask(qkv) == {"attn": {"query": {"kernel": True, "bias": False}}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,16 +241,16 @@ def test_path_str_and_masks():
 def test_config_errors_name_the_key(overrides, match):
     params = _params(np.random.default_rng(5))
     with pytest.raises(ValueError, match=match):
-        optim.make_optimizer(_cfg(**overrides), params, total_steps=10)
+        optimizers.make_optimizer(_cfg(**overrides), params, total_steps=10)
 
 
 def test_bf16_first_moment_when_asked():
     params = {"w": jnp.asarray(np.random.default_rng(5).normal(size=(4, 3)), jnp.float32)}
     cfg = ml_collections.ConfigDict({"name": "adamw", "lr": 1e-3, "mu_dtype": "bfloat16"})
-    state = optim.make_optimizer(cfg, params, total_steps=10).init(params)
+    state = optimizers.make_optimizer(cfg, params, total_steps=10).init(params)
     is_adam = lambda s: hasattr(s, "mu")
     adam = next(s for s in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(s))
     assert adam.mu["w"].dtype == jnp.bfloat16 and adam.nu["w"].dtype == jnp.float32
     cfg.mu_dtype = "float8"
     with pytest.raises(ValueError, match=r"optimizer\.mu_dtype"):
-        optim.make_optimizer(cfg, params, total_steps=10)
+        optimizers.make_optimizer(cfg, params, total_steps=10)

@@ -215,7 +215,7 @@ def test_fsdp_never_shards_the_layer_axis_of_stacked_leaves():
     feature axis, even where the layer axis is the largest divisible one."""
     from jax.sharding import PartitionSpec as P
 
-    from mmjax import parallel
+    from mmjax.runtime import parallel
 
     assert parallel.fsdp_spec((48, 32), 4) == P("fsdp", None)
     assert parallel.fsdp_spec((48, 32), 4, stacked=True) == P(None, "fsdp")

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from configs import shapes_caption, shapes_finetune, shapes_pretrain
-from mmjax import trainer, weighting
-from mmjax.checkpoint import read_checkpoint_params
-from mmjax.inference import evaluate
+from mmjax import trainer
+from mmjax.inference.checkpoint_metrics import checkpoint_metrics
+from mmjax.io.checkpoint import read_checkpoint_params
+from mmjax.optim import weighting
 from mmjax.trainer import loop
 
 N_EVAL = 64  # examples in each tiny eval split (one eval batch of 64: no padding)
@@ -70,9 +71,9 @@ def test_pretrain_then_finetune_from_its_workdir(tmp_path, caplog) -> None:
     assert set(pretrained[weighting.PARAMS_KEY]) == set(tasks)
     # Evaluating the run again with a modality dropped (two evaluators, which --drop leaves out)
     # gives the per-batch metrics, and the same line as training without --drop.
-    again = evaluate.evaluate(pre_dir, split="val")
+    again = checkpoint_metrics(pre_dir, split="val")
     assert again["itc_loss"] == pytest.approx(val["itc_loss"], rel=1e-6)
-    dropped = evaluate.evaluate(pre_dir, split="val", drop_modalities=["text"])
+    dropped = checkpoint_metrics(pre_dir, split="val", drop_modalities=["text"])
     assert dropped["drop"] == ["text"] and "retrieval_mean_recall" not in dropped
     assert np.isfinite(dropped["itm_loss"]) and dropped["itm_loss"] != again["itm_loss"]
 

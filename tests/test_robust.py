@@ -26,10 +26,10 @@ from PIL import Image, ImageEnhance
 
 from mmjax.data.device import normalize_images
 from mmjax.data.tokenize import WordPieceTokenizer
-from mmjax.inference import evaluate
-from mmjax.inference import run as run_lib
+from mmjax.inference import answer
+from mmjax.inference.checkpoint_metrics import checkpoint_metrics
 from mmjax.robust import attacks, corruptions, drop, report
-from mmjax.trainer import loop
+from mmjax.trainer import loop, runs
 from tests.test_folder import _texture, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,9 +221,9 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _model_batch(workdir: Path, rows: int = 96):
-    run = run_lib.load(workdir)
+    run = runs.load(workdir)
     model = run.build_model()
-    return run, model, run.variables(), run_lib.first_rows(run, "test", rows)
+    return run, model, run.variables(), answer.first_rows(run, "test", rows)
 
 
 def test_token_embeds_entry_point_matches_ids(trained):
@@ -294,7 +294,7 @@ def test_drop_hands_the_model_present_masks(trained, monkeypatch):
         return wrapped
 
     monkeypatch.setattr(loop, "compile_eval", recording)
-    out = evaluate.evaluate(trained[1], drop_modalities="image")
+    out = checkpoint_metrics(trained[1], drop_modalities="image")
     assert out["drop"] == ["image"] and "accuracy" in out and "qa_accuracy" not in out
     assert sum(int(b["valid"].sum()) for b in seen) == 96  # every test row went through
     for batch in seen:
@@ -311,15 +311,15 @@ def test_drop_hands_the_model_present_masks(trained, monkeypatch):
 def test_dropping_the_image_changes_accuracy(trained):
     """"is there a disc/square?" cannot be answered without the image: marking it absent must
     move the accuracy (the model replaces it by its stand-in token)."""
-    clean = evaluate.evaluate(trained[1])
-    no_image = evaluate.evaluate(trained[1], drop_modalities="image")
+    clean = checkpoint_metrics(trained[1])
+    no_image = checkpoint_metrics(trained[1], drop_modalities="image")
     assert no_image["drop"] == ["image"]
     assert abs(no_image["accuracy"] - clean["accuracy"]) >= 0.05, (no_image, clean)
 
 
 def test_drop_of_an_unknown_modality_is_a_clear_error(trained):
     with pytest.raises(drop.DropError, match=r"'audio'.*modalities: \['image', 'text'\]"):
-        evaluate.evaluate(trained[1], drop_modalities="image,audio")
+        checkpoint_metrics(trained[1], drop_modalities="image,audio")
     fn = drop.batch_drop(["text"])
     batch = {"label": np.zeros(3, np.int32), "present": {"image": np.array([1, 0, 1], bool)}}
     with pytest.raises(drop.DropError, match="no 'text' entry"):

@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import lora, optim, transfer
-from mmjax.checkpoint import write_checkpoint
+from mmjax.io.checkpoint import write_checkpoint
 from mmjax.models import scan as scan_lib
 from mmjax.models.multimodal import build_model
-from mmjax.tree import path_str
+from mmjax.models.paths import path_str
+from mmjax.optim import lora, optimizers
+from mmjax.trainer import transfer
 
 MODEL = {
     "image": {"kind": "vit", "variant": "mu/4", "width": 16, "depth": 3, "num_heads": 2,
@@ -157,7 +158,7 @@ def test_scanned_co_attention_matches_unrolled():
     got = _leaves(g)
     for name, want in _leaves(scan_lib.match_layers(g_ref, target)).items():
         np.testing.assert_allclose(got[name], want, rtol=2e-4, atol=2e-5, err_msg=name)
-    mask = _leaves(optim.decay_mask(scanned))
+    mask = _leaves(optimizers.decay_mask(scanned))
     assert mask["fusion/co_layers/image/mlp/fc1/kernel"]
     assert not mask["fusion/co_layers/image/mlp/fc1/bias"]
 
@@ -183,11 +184,11 @@ def test_scanned_optimizer_update_matches_unrolled():
     scanned = scan_lib.match_layers(unrolled, _shapes(True))
     g_scanned = scan_lib.match_layers(grads, _shapes(True))
 
-    mask = _leaves(optim.decay_mask(scanned))
+    mask = _leaves(optimizers.decay_mask(scanned))
     assert mask["image/encoder/layers/mlp/fc1/kernel"]
     assert not mask["image/encoder/layers/mlp/fc1/bias"]
     assert not mask["text/encoder/layers/attn_norm/scale"]
-    scales = _leaves(optim.layer_scales(scanned, 0.6))
+    scales = _leaves(optimizers.layer_scales(scanned, 0.6))
     np.testing.assert_allclose(scales["image/encoder/layers/attn/query/bias"].ravel(),
                                0.6 ** np.array([3, 2, 1]))
 
@@ -196,7 +197,7 @@ def test_scanned_optimizer_update_matches_unrolled():
 
 def _updates(cfg: dict, params, grads, lora_cfg=None):
     """The optimizer's first two updates (the second from the state the first left)."""
-    tx = optim.make_optimizer(cfg, params, total_steps=10, lora_cfg=lora_cfg)
+    tx = optimizers.make_optimizer(cfg, params, total_steps=10, lora_cfg=lora_cfg)
 
     def two(g, p):
         u1, state = tx.update(g, tx.init(p), p)
@@ -242,7 +243,7 @@ def test_checkpoints_load_across_layouts(tmp_path):
 def test_resuming_under_the_other_layout_names_the_cause_and_keeps_the_checkpoint(tmp_path):
     """A run's own checkpoint is not converted on resume (init_from is how to switch layouts);
     the error says so, and the checkpoint still restores with the layout it was written with."""
-    from mmjax.checkpoint import Checkpointer, CheckpointError
+    from mmjax.io.checkpoint import Checkpointer, CheckpointError
 
     unrolled = {"params": jax.tree.map(jnp.asarray, _random_params(11))}
     ckpt = Checkpointer(tmp_path, best_metric=None, asynchronous=False)
@@ -282,12 +283,12 @@ def test_freezing_some_layers_of_a_scanned_model_matches_unrolled():
     unrolled, grads = _random_params(14), _random_params(15)
     scanned = scan_lib.match_layers(unrolled, _shapes(True))
     g_scanned = scan_lib.match_layers(grads, _shapes(True))
-    mask = _leaves(optim.trainable_mask(scanned, cfg["freeze"]))
+    mask = _leaves(optimizers.trainable_mask(scanned, cfg["freeze"]))
     np.testing.assert_array_equal(mask["image/encoder/layers/mlp/fc1/kernel"], [0, 1, 0])
     np.testing.assert_array_equal(mask["text/encoder/layers/mlp/fc2/bias"], [1, 0])
     assert mask["text/encoder/layers/attn/query/kernel"].item() is True
     assert mask["fusion/encoder/layers/attn/out/kernel"].item() is False
-    assert optim.trainable_count(cfg, scanned) == optim.trainable_count(cfg, unrolled)
+    assert optimizers.trainable_count(cfg, scanned) == optimizers.trainable_count(cfg, unrolled)
 
     u1, u2 = _assert_same_updates(cfg, unrolled, grads, scanned, g_scanned)
     for u in (u1, u2):

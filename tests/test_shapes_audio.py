@@ -12,7 +12,7 @@ from configs import shapes_audio as shapes_audio_config
 from mmjax import trainer
 from mmjax.data import pipeline, shapes_audio
 from mmjax.data.shapes import COLOURS
-from mmjax.inference import evaluate
+from mmjax.inference.checkpoint_metrics import checkpoint_metrics
 
 TINY_STEPS, TINY_BATCH, TINY_WARMUP = 400, 128, 100
 
@@ -150,6 +150,6 @@ def test_tiny_run_learns_far_above_chance(tmp_path):
     summary = trainer.train_and_evaluate(config, tmp_path)
     assert summary["val"]["accuracy"] >= 0.8, summary["val"]
     assert summary["test"]["accuracy"] >= 0.8, summary["test"]
-    again = evaluate.evaluate(tmp_path, split="val")
+    again = checkpoint_metrics(tmp_path, split="val")
     assert again["step"] == TINY_STEPS
     assert again["accuracy"] == pytest.approx(summary["val"]["accuracy"], abs=1e-6)

@@ -14,9 +14,9 @@ import pytest
 
 from configs.default import get_config
 from mmjax import trainer
-from mmjax.checkpoint import Checkpointer
+from mmjax.io.checkpoint import Checkpointer
+from mmjax.io.writers import MetricWriter
 from mmjax.trainer import loop
-from mmjax.writers import MetricWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 

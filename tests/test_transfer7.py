@@ -20,13 +20,14 @@ import pytest
 from flax import traverse_util
 
 from configs.default import get_config
-from mmjax import lora, optim, trainer, transfer
-from mmjax.checkpoint import Checkpointer, merged_params_from_workdir, write_checkpoint
+from mmjax import trainer
+from mmjax.io.checkpoint import Checkpointer, write_checkpoint
 from mmjax.models.multimodal import build_model
+from mmjax.models.paths import path_str
+from mmjax.optim import lora, optimizers
 from mmjax.perf.step import synthetic_batch
-from mmjax.trainer import loop
+from mmjax.trainer import loop, transfer
 from mmjax.trainer import step as step_lib
-from mmjax.tree import path_str
 
 # LLVM's optimisation passes dominate XLA:CPU compile time and buy nothing for tiny test graphs.
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -183,14 +184,14 @@ def test_layer_decay_scales_follow_the_real_param_paths():
         (r"^text/pooler/", 1.0),
         (r"^(fusion|heads)/", 1.0),
     ]
-    scales = _leaves(optim.layer_scales(params, d))
+    scales = _leaves(optimizers.layer_scales(params, d))
     for path, scale in scales.items():
         hits = [s for pattern, s in expected if re.search(pattern, path)]
         assert len(hits) == 1, (path, hits)  # every real param is covered by the table
         assert scale == hits[0], path
     # Adapters follow their kernel; the LoRA scale is not a weight.
     with_lora = lora.add_adapters(params, {"rank": 2}, rng=0)
-    lora_scales = _leaves(optim.layer_scales(with_lora, d))
+    lora_scales = _leaves(optimizers.layer_scales(with_lora, d))
     assert lora_scales["lora/image/encoder/layer_0/attn/query/kernel/a"] == d**2
     assert lora_scales["lora/text/encoder/layer_0/mlp/fc2/kernel/b"] == d
     assert lora_scales["lora/scale"] == 1.0
@@ -198,7 +199,7 @@ def test_layer_decay_scales_follow_the_real_param_paths():
     grads = _random_like(params, seed=4)
     cfg = ml_collections.ConfigDict({"name": "sgd", "lr": 0.1, "decay": "constant",
                                      "layer_decay": d})
-    updates = _first_update(optim.make_optimizer(cfg, params, total_steps=10), grads, params)
+    updates = _first_update(optimizers.make_optimizer(cfg, params, total_steps=10), grads, params)
     grads_flat = _leaves(grads)
     assert updates.keys() == grads_flat.keys()
     for path, u in updates.items():
@@ -209,12 +210,12 @@ def test_layer_decay_scales_follow_the_real_param_paths():
     # scaled; on a part of the tree, to keep the compiles small.
     part = {"image": {k: params["image"][k] for k in ("embedding", "encoder")},
             "heads": params["heads"]}
-    part_scales = _leaves(optim.layer_scales(part, d))
+    part_scales = _leaves(optimizers.layer_scales(part, d))
     part_grads = _random_like(part, seed=5)
     adamw = {"name": "adamw", "lr": 0.1, "decay": "constant", "weight_decay": 0.3,
              "clip_norm": 1.0, "freeze": "layer_1/mlp_norm/"}
-    plain = optim.make_optimizer(ml_collections.ConfigDict(adamw), part, 10)
-    decayed = optim.make_optimizer(ml_collections.ConfigDict({**adamw, "layer_decay": d}),
+    plain = optimizers.make_optimizer(ml_collections.ConfigDict(adamw), part, 10)
+    decayed = optimizers.make_optimizer(ml_collections.ConfigDict({**adamw, "layer_decay": d}),
                                    part, 10)
     plain_flat = _first_update(plain, part_grads, part)
     for path, u in _first_update(decayed, part_grads, part).items():
@@ -224,7 +225,7 @@ def test_layer_decay_scales_follow_the_real_param_paths():
 
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match=r"optimizer\.layer_decay"):
-            optim.make_optimizer(ml_collections.ConfigDict({**adamw, "layer_decay": bad}),
+            optimizers.make_optimizer(ml_collections.ConfigDict({**adamw, "layer_decay": bad}),
                                  params, 10)
 
 
@@ -274,11 +275,11 @@ def test_lora_adapters_shapes_math_and_masks():
         np.testing.assert_allclose(y.reshape(5, -1), lora_y, rtol=1e-4, atol=1e-4)
 
     # The optimizer trains the adapters and lora.train (default: heads) only.
-    mask = _leaves(optim.trainable_leaves({}, with_lora, cfg))
+    mask = _leaves(optimizers.trainable_leaves({}, with_lora, cfg))
     assert {p for p, m in mask.items() if m} == (
         {p for p in mask if p.startswith("lora/") and p != "lora/scale"}
         | {p for p in mask if p.startswith("heads/")})
-    n_train, n_total = optim.trainable_count({}, with_lora, cfg)
+    n_train, n_total = optimizers.trainable_count({}, with_lora, cfg)
     assert n_train == sum(np.size(a) + np.size(b) for a, b in pairs.values()) + sum(
         np.size(v) for k, v in flat.items() if k.startswith("heads/"))
     assert n_total == sum(np.size(v) for v in _leaves(with_lora).values())
@@ -290,9 +291,9 @@ def test_lora_adapters_shapes_math_and_masks():
         (lambda: lora.add_adapters(params, {"rank": 2, "targets": "("}, 0), r"lora\.targets"),
         (lambda: lora.add_adapters(params, {"rank": -1}, 0), r"lora\.rank"),
         (lambda: lora.add_adapters(with_lora, cfg, 0), r"already"),
-        (lambda: optim.make_optimizer({"name": "sgd", "lr": 0.1}, params, 10, lora_cfg=cfg),
+        (lambda: optimizers.make_optimizer({"name": "sgd", "lr": 0.1}, params, 10, lora_cfg=cfg),
          r"no 'lora' subtree"),
-        (lambda: optim.make_optimizer({"name": "sgd", "lr": 0.1}, with_lora, 10,
+        (lambda: optimizers.make_optimizer({"name": "sgd", "lr": 0.1}, with_lora, 10,
                                       lora_cfg={**cfg, "train": "^haeds/"}), r"lora\.train"),
     ]
     for fn, match in errors:
@@ -388,7 +389,7 @@ def test_trainer_init_from_lora_freeze_train_restore_and_export(tmp_path, caplog
         np.testing.assert_array_equal(a, b, err_msg=path)
 
     # Export: merged plain params give the LoRA model's outputs.
-    merged = merged_params_from_workdir(workdir)
+    merged = lora.merged_params_from_workdir(workdir)
     assert "lora" not in merged and sorted(_leaves(merged)) == sorted(base)
     batch = synthetic_batch(config, 8, seed=20)
 

@@ -13,8 +13,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mmjax import evaluators, weighting
+from mmjax import evaluators
 from mmjax.evaluators import metrics
+from mmjax.optim import weighting
 
 
 def _cfg(losses: dict, weighting_cfg: dict | None = None) -> ml_collections.ConfigDict:

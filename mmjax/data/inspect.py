@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from mmjax import cli
+from mmjax.runtime import cli
 
 flags.DEFINE_string("split", "train", "train (with augmentation), val or test")
 flags.DEFINE_integer("num", 16, "how many examples to show")

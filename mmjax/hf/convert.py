@@ -8,19 +8,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mmjax.checkpoint import (
-    HF_CONFIG,
-    checkpoint_state_dir,
-    read_checkpoint_params,
-    workdir_of,
-    write_checkpoint,
-)
 from mmjax.hf import registry
 from mmjax.hf.common import HFError
 from mmjax.hf.compare import compare, format_table
 from mmjax.hf.io import is_hf_folder, load, read_config, save, state_dict, variables_from_hf
 from mmjax.hf.vit import vit_image_options
+from mmjax.io.checkpoint import (
+    HF_CONFIG,
+    checkpoint_state_dir,
+    workdir_of,
+    write_checkpoint,
+)
 from mmjax.models import scan
+from mmjax.optim import lora
 
 
 def _export_model(params: Mapping[str, Any], cfg: Mapping[str, Any], modality: str,
@@ -76,7 +76,7 @@ def convert(src: str, dst: str = "", *, verify: bool = False, like: str = "",
         else:
             raise HFError(f"{src}: no {HF_CONFIG} next to the checkpoint; give --like "
                                 "HF_DIR naming the architecture")
-        params = read_checkpoint_params(src)
+        params = lora.read_model_params(src)
         model, variables = _export_model(params, cfg, modality, src)
         # Validates names and shapes against the config before anything is written.
         variables_from_hf(model, state_dict(model, variables), f"{src}: ")

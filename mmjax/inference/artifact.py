@@ -10,7 +10,7 @@ from typing import Any
 
 from mmjax.data import ops
 from mmjax.data.records import DEFAULT_PP_EVAL
-from mmjax.inference import run as run_lib
+from mmjax.trainer import runs
 
 _OUTPUTS = {
     "probs": "class probabilities (softmax of the logits, float32); column j is class "
@@ -40,7 +40,7 @@ def _image_steps(data: Any, spec: str, size: int) -> list[str]:
     return steps
 
 
-def _text_steps(run: run_lib.Run, tokenizer_file: str) -> list[str]:
+def _text_steps(run: runs.Run, tokenizer_file: str) -> list[str]:
     data = run.config.data
     tok = run.tokenizer
     if tokenizer_file == "vocab.txt":
@@ -104,7 +104,7 @@ def _call_onnx(signature: dict[str, Any]) -> list[str]:
     ]
 
 
-def readme(run: run_lib.Run, signature: dict[str, Any], *, size: int, note: str,
+def readme(run: runs.Run, signature: dict[str, Any], *, size: int, note: str,
            tokenizer_file: str, num_classes: int) -> str:
     """The artifact's README.md."""
     data = run.config.data

@@ -23,9 +23,10 @@ import numpy as np
 
 from mmjax.data.records import TOKENIZER_FILE
 from mmjax.data.tokenize import WordTokenizer
-from mmjax.inference import artifact
-from mmjax.inference import run as run_lib
-from mmjax.tree import path_str
+from mmjax.inference import answer, artifact
+from mmjax.inference import quantize as quantize_lib
+from mmjax.models.paths import path_str
+from mmjax.trainer import runs
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def _onnx(fn: Callable, examples: Sequence[np.ndarray], names: Sequence[str],
         import onnxruntime
         from jax2onnx import to_onnx
     except ImportError as e:
-        raise run_lib.RunError(f"--format=onnx needs jax2onnx and onnxruntime ({e}): "
+        raise runs.RunError(f"--format=onnx needs jax2onnx and onnxruntime ({e}): "
                                "pip install jax2onnx onnxruntime") from None
     (batch,) = jax.export.symbolic_shape("B")
     specs = [jax.ShapeDtypeStruct((batch, *x.shape[1:]), x.dtype) for x in examples]
@@ -82,7 +83,7 @@ def _onnx(fn: Callable, examples: Sequence[np.ndarray], names: Sequence[str],
     return blob
 
 
-def _write_tokenizer(run: run_lib.Run, out: Path) -> str:
+def _write_tokenizer(run: runs.Run, out: Path) -> str:
     """Copies (or writes) the run's tokenizer next to the artifact; returns its file name."""
     saved = run.workdir / TOKENIZER_FILE
     if saved.is_file() and not run.config.data.get("tokenizer"):
@@ -104,24 +105,24 @@ def export(workdir: str | Path, output_dir: str | Path, *, step: str | int | Non
     instead of ``model.jaxexport``; everything else is the same.
     """
     if fmt not in FORMATS:
-        raise run_lib.RunError(f"--format={fmt!r}; expected one of {FORMATS}")
-    run = run_lib.load(workdir, step)
-    task, kind = run_lib.output_task(run.config, task)
+        raise runs.RunError(f"--format={fmt!r}; expected one of {FORMATS}")
+    run = runs.load(workdir, step)
+    task, kind = runs.output_task(run.config, task)
     model = run.build_model()
-    output_name = run_lib.OUTPUTS[kind]
-    variables = run.variables(quantize)
-    answer = run_lib.output_fn(model, task, kind)
-    examples = run_lib.model_inputs(run_lib.first_rows(run, "test", num_examples),
-                                    run_lib.input_names(model, task, kind), present=False)
+    output_name = runs.OUTPUTS[kind]
+    variables = quantize_lib.quantized_variables(run.variables(), quantize)
+    answer_fn = answer.output_fn(model, task, kind)
+    examples = answer.model_inputs(answer.first_rows(run, "test", num_examples),
+                                   answer.input_names(model, task, kind), present=False)
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(examples)
     names = [path_str(p).replace("/", ".") for p, _ in with_paths]
     leaves = [np.asarray(x) for _, x in with_paths]
 
     def serve(*args: jax.Array) -> jax.Array:
-        return answer(variables, jax.tree_util.tree_unflatten(treedef, args))[output_name]
+        return answer_fn(variables, jax.tree_util.tree_unflatten(treedef, args))[output_name]
 
     # The in-process model: the same answer, jitted with the weights as arguments.
-    expected = np.asarray(jax.jit(answer)(variables, examples)[output_name])
+    expected = np.asarray(jax.jit(answer_fn)(variables, examples)[output_name])
     if fmt == "onnx":
         blob, note, lowered = _onnx(serve, leaves, names, output_name, expected), "", ["onnx"]
     else:

@@ -22,16 +22,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from mmjax import parallel
 from mmjax.data import pipeline
-from mmjax.inference import run as run_lib
+from mmjax.inference import answer
+from mmjax.runtime import parallel
+from mmjax.trainer import runs
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 5
 
 
-def _rows(kind: str, out: Mapping[str, np.ndarray], run: run_lib.Run,
+def _rows(kind: str, out: Mapping[str, np.ndarray], run: runs.Run,
           top_k: int) -> Iterator[dict[str, Any]]:
     """The answer of each row of one batch, without its index."""
     if kind == "classification":
@@ -49,7 +50,7 @@ def _rows(kind: str, out: Mapping[str, np.ndarray], run: run_lib.Run,
             yield {"text": text}
 
 
-def _batch_size(run: run_lib.Run, batch_size: int) -> int:
+def _batch_size(run: runs.Run, batch_size: int) -> int:
     """``batch_size`` (default: the run's eval batch) rounded up to the local device count."""
     n = jax.local_device_count()
     bs = batch_size or int(run.config.get("eval_batch_size") or run.config.batch_size)
@@ -64,18 +65,18 @@ def predict(workdir: str | Path, input_file: str | Path, output: str | Path, *,
     "task"}``. With ``embed`` the output is ``<output without suffix>.npz`` holding ``index``
     and ``<modality>_embeds`` [N, E] for the modalities the contrastive head embeds."""
     if top_k < 1:
-        raise run_lib.RunError(f"--top_k={top_k} must be at least 1")
-    run = run_lib.load(workdir, step)
-    task, kind = run_lib.output_task(run.config, task, embed=embed)
+        raise runs.RunError(f"--top_k={top_k} must be at least 1")
+    run = runs.load(workdir, step)
+    task, kind = runs.output_task(run.config, task, embed=embed)
     model = run.build_model()
-    names = run_lib.input_names(model, task, kind)
+    names = answer.input_names(model, task, kind)
     source, batches = pipeline.file_batches(
         run.config.data, input_file, batch_size=_batch_size(run, batch_size),
         tokenizer=run.tokenizer, skip_bad=skip_bad,
         modalities=tuple(m for m in ("image", "audio", "text") if m in names))
     par = parallel.MeshParallel(1)  # data-parallel over the devices, params replicated
     variables = par.put_state(run.variables())
-    fn = par.compile_eval(run_lib.output_fn(model, task, kind))
+    fn = par.compile_eval(answer.output_fn(model, task, kind))
     out_path = Path(output).with_suffix(".npz") if embed else Path(output)
     tmp = out_path.with_name(out_path.name + ".tmp")
     indices = iter(source.indices)
@@ -85,14 +86,14 @@ def predict(workdir: str | Path, input_file: str | Path, output: str | Path, *,
         with open(tmp, "w", encoding="utf-8") as f:
             for batch in batches:
                 keep = np.asarray(batch["valid"]) > 0
-                inputs = par.put_batch(run_lib.model_inputs(batch, names))
+                inputs = par.put_batch(answer.model_inputs(batch, names))
                 out = {k: np.asarray(v)[keep] for k, v in par.fetch(fn(variables, inputs)).items()}
                 if embed:
                     for k, v in out.items():
                         embeds.setdefault(k, []).append(v)
                 else:
-                    for answer in _rows(kind, out, run, top_k):
-                        f.write(json.dumps({"index": next(indices), **answer}) + "\n")
+                    for row in _rows(kind, out, run, top_k):
+                        f.write(json.dumps({"index": next(indices), **row}) + "\n")
                 if bar is not None:
                     bar.update(int(keep.sum()))
         if embed:

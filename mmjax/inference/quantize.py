@@ -10,7 +10,7 @@ Which leaves, and the axes each scale is shared over (its "input" axes):
 
 * ``…/kernel`` of a Dense layer [n_in, n_out], an attention projection ([D, H, hd] for
   query/key/value, [H, hd, D] for ``out``) or a convolution [kh, kw, c_in, c_out]: one scale per
-  output channel, over the axes the layer contracts (``mmjax.lora.n_in_axes``, the same rule
+  output channel, over the axes the layer contracts (``mmjax.optim.lora.n_in_axes``, the same rule
   LoRA uses);
 * an embedding table (``…/embedding`` of ``nn.Embed``, ``…/*_embedding`` such as position
   embeddings) [rows, D]: one scale per row (token, position);
@@ -27,6 +27,7 @@ covers every case with one rule and needs no change to the model code.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import flax.struct
@@ -34,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax import lora
 from mmjax.models import scan
-from mmjax.tree import path_str
+from mmjax.models.paths import path_str
+from mmjax.optim import lora
 
 MODES = ("int8",)
 QMAX = 127
@@ -95,6 +96,13 @@ def quantize(params: Any, mode: str = "int8") -> Any:
 
 def _is_q(x: Any) -> bool:
     return isinstance(x, QTensor)
+
+
+def quantized_variables(variables: Mapping[str, Any], mode: str) -> dict[str, Any]:
+    """``variables`` with their ``params`` quantized by ``mode`` (``""``: unchanged)."""
+    if not mode:
+        return dict(variables)
+    return {**variables, "params": quantize(variables["params"], mode)}
 
 
 def dequantize(tree: Any) -> Any:

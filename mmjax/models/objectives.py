@@ -27,8 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mmjax.losses import MAX_LOGIT_SCALE
 from mmjax.models import heads as heads_lib
+from mmjax.models.losses import MAX_LOGIT_SCALE
 
 Array = jax.Array
 Inputs = tuple[dict[str, Any], dict[str, Any]]  # (head features, extra outputs for the loss)

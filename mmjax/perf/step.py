@@ -11,10 +11,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmjax import parallel, weighting
 from mmjax.models import layers
 from mmjax.models.multimodal import MODEL_OPTIONS, build_model
+from mmjax.optim import weighting
 from mmjax.perf import flops as flops_lib
+from mmjax.runtime import parallel
 from mmjax.trainer.state import create_state, tasks_from_config
 from mmjax.trainer.step import train_step
 

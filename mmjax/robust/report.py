@@ -1,6 +1,6 @@
 """A robustness report: one table (CSV and Markdown) and accuracy plots (PNG) in a folder.
 
-Rows come from an evaluation result (``mmjax.inference.evaluate.evaluate``): the clean
+Rows come from an evaluation result (``mmjax.inference.checkpoint_metrics.checkpoint_metrics``): the clean
 accuracy, each ``corrupt`` entry ``"name:severity"`` and each ``attack`` entry
 ``"method:modalities:eps"``. The plots draw accuracy against severity (severity 0 = clean), one
 line per corruption, and accuracy against eps, one line per attacked modality set.

@@ -38,8 +38,8 @@ import optax
 from mmjax.data.device import normalize_images
 from mmjax.data.records import TOKENIZER_FILE
 from mmjax.errors import ExplainedError
-from mmjax.inference import run as run_lib
 from mmjax.models.multimodal import MultimodalModel
+from mmjax.trainer import runs
 from mmjax.trainer.state import Task
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def _vocab(tokenizer: Any) -> list[str]:
     return tokenizer.decode(np.arange(tokenizer.vocab_size)[:, None])
 
 
-def check_compatible(teacher: run_lib.Run, teacher_model: MultimodalModel, *,
+def check_compatible(teacher: runs.Run, teacher_model: MultimodalModel, *,
                      data: ml_collections.ConfigDict, tokenizer: Any,
                      label_names: list[str], num_classes: int, teacher_task: str) -> None:
     """Raises :class:`DistillError` naming the first way ``teacher`` reads other inputs or
@@ -196,9 +196,9 @@ def load(config: ml_collections.ConfigDict, workdir: str | Path, *, tasks: tuple
                            "yet: use 1")
     task = _student_task(cfg, tasks)
     try:
-        run = run_lib.load(path, cfg.get("step") or None)
-        teacher_task, kind = run_lib.output_task(run.config)
-    except run_lib.RunError as e:
+        run = runs.load(path, cfg.get("step") or None)
+        teacher_task, kind = runs.output_task(run.config)
+    except runs.RunError as e:
         raise DistillError(f"distill.teacher={cfg.teacher}: {e}") from e
     if kind != "classification":
         raise DistillError(f"distill.teacher={cfg.teacher} has no classification head "

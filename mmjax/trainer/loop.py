@@ -25,14 +25,17 @@ import numpy as np
 import optax
 
 from mmjax import evaluators as evaluators_lib
-from mmjax import optim, parallel, transfer, weighting
-from mmjax.checkpoint import Checkpointer
 from mmjax.data import pipeline
 from mmjax.errors import ExplainedError
+from mmjax.io.checkpoint import Checkpointer
+from mmjax.io.writers import MetricWriter, Progress
 from mmjax.models.multimodal import MultimodalModel, build_model
+from mmjax.optim import optimizers, weighting
+from mmjax.runtime import parallel
 from mmjax.trainer import distill as distill_lib
 from mmjax.trainer import modalities as modalities_lib
 from mmjax.trainer import step as step_lib
+from mmjax.trainer import transfer
 from mmjax.trainer import workdir as workdir_lib
 from mmjax.trainer.state import (
     Task,
@@ -42,7 +45,6 @@ from mmjax.trainer.state import (
     primary_metric,
     tasks_from_config,
 )
-from mmjax.writers import MetricWriter, Progress
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +127,7 @@ def assemble(config: ml_collections.ConfigDict, workdir: str | Path, *, par: Any
         config=config, workdir=Path(workdir), par=par, model=model, tasks=tasks,
         weights=weighting.from_config(config, [t.name for t in tasks]), tokenizer=tokenizer,
         data_info=data_info, evaluators=evaluators, accum_steps=accum_steps,
-        schedule=optim.make_schedule(config.optimizer, config.total_steps),
+        schedule=optimizers.make_schedule(config.optimizer, config.total_steps),
         teacher=teacher,
     )
 
@@ -178,7 +180,7 @@ def compile_eval(s: Setup) -> Any:
         axis_name=s.par.axis_name))
 
 
-def evaluate(s: Setup, eval_fn: Any, state: Any, split: str, *,
+def split_metrics(s: Setup, eval_fn: Any, state: Any, split: str, *,
              batch_fn: Callable[[dict], dict] | None = None) -> dict[str, float]:
     """Metrics of ``split``: means over its examples, plus every evaluator's metrics.
 
@@ -356,7 +358,7 @@ def _loop(s: Setup, state: TrainState, tx: optax.GradientTransformation,
             return {"step": step, "preempted": True, "last_checkpoint": step}
         eval_now = step % cfg.eval_every == 0 or step == total_steps
         if eval_now:
-            val = evaluate(s, eval_fn, dstate, "val")
+            val = split_metrics(s, eval_fn, dstate, "val")
             writer.write(step, "val", val)
             bar.note(f"step {step} val " + " ".join(
                 f"{k}={v:.4f}" for k, v in val.items() if k.endswith(("accuracy", "loss"))))
@@ -368,8 +370,8 @@ def _loop(s: Setup, state: TrainState, tx: optax.GradientTransformation,
             last_saved = step
     final_step = max(total_steps, first_step - 1)
     if not val:  # nothing trained in this call (already at total_steps): still report
-        val = evaluate(s, eval_fn, dstate, "val")
+        val = split_metrics(s, eval_fn, dstate, "val")
         writer.write(final_step, "val", val)
-    test = evaluate(s, eval_fn, dstate, "test")
+    test = split_metrics(s, eval_fn, dstate, "test")
     writer.write(final_step, "test", test)
     return {"step": final_step, "val": val, "test": test, "last_checkpoint": last_saved}

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mmjax import lora, optim, weighting
-from mmjax import losses as losses_lib
 from mmjax.data.device import normalize_images
+from mmjax.models import losses as losses_lib
 from mmjax.models.multimodal import loss_spec
+from mmjax.optim import lora, optimizers, weighting
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,8 @@ def create_state(
     lora_cfg = config.get("lora", None)
     if lora.enabled(lora_cfg):
         params = lora.add_adapters(params, lora_cfg, jax.random.fold_in(init_rng, 1))
-    tx = optim.make_optimizer(config.optimizer, params, config.total_steps, lora_cfg=lora_cfg)
-    n_train, n_total = optim.trainable_count(config.optimizer, params, lora_cfg)
+    tx = optimizers.make_optimizer(config.optimizer, params, config.total_steps, lora_cfg=lora_cfg)
+    n_train, n_total = optimizers.trainable_count(config.optimizer, params, lora_cfg)
     log.info("trainable parameters: %s of %s", f"{n_train:,}", f"{n_total:,}")
     state = TrainState(
         step=jnp.zeros((), jnp.int32),

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from mmjax import losses as losses_lib
-from mmjax import weighting
 from mmjax.data.device import normalize_images
+from mmjax.models import losses as losses_lib
+from mmjax.optim import weighting
 from mmjax.trainer.state import Task, TrainState, model_params
 
 Metrics = dict[str, jax.Array]

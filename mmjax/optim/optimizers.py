@@ -27,7 +27,7 @@ towers are frozen) is a config value, so sweeps and fine-tuning recipes need no 
   ``layer_decay**(N + 1)``, and ``encoder/final_norm``, ``pooler``, ``pool_norm``, the fusion module
   and the heads by 1; see :func:`layer_scales`.
 
-``make_optimizer(..., lora_cfg=config.lora)`` with LoRA on (``mmjax.lora``) trains only the
+``make_optimizer(..., lora_cfg=config.lora)`` with LoRA on (``mmjax.optim.lora``) trains only the
 adapters under ``lora/`` and the base params matched by ``lora.train``; everything else gets a zero
 update, exactly as ``freeze`` does (and ``freeze`` still applies on top).
 
@@ -46,9 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmjax import lora
 from mmjax.models import scan
-from mmjax.tree import match_per_layer, path_str, searcher
+from mmjax.models.paths import match_per_layer, path_str, searcher
+from mmjax.optim import lora
 
 NAMES = ("adamw", "adam", "sgd")
 DECAYS = ("cosine", "linear", "constant")

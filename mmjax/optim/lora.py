@@ -6,7 +6,7 @@
 * ``alpha`` (float, default ``rank``): the adapter output is scaled by ``alpha / rank``, so
   changing r does not change the size of the initial updates (Hu et al., 2021);
 * ``targets`` (regex, default :data:`DEFAULT_TARGETS`): searched in each leaf's path
-  (``mmjax.tree.path_str``); matching kernels get an adapter. The default is the attention
+  (``mmjax.models.paths.path_str``); matching kernels get an adapter. The default is the attention
   query/key/value/out and MLP fc1/fc2 kernels of every tower and of the fusion module;
 * ``train`` (regex, default ``"^heads/"``): base params that stay trainable next to the adapters
   (a new task head must learn); ``""`` trains the adapters alone.
@@ -16,7 +16,7 @@ the model's params, mirroring the targeted kernels' paths: ``lora/<kernel path>/
 (random, std 1/sqrt(n_in)) and ``lora/<kernel path>/b`` [r, n_out] (zeros, so the model starts
 exactly as the base), and ``lora/scale`` = alpha/rank. The trainer's ``forward`` calls
 :func:`effective_params`, which returns the plain tree the model expects with every targeted
-kernel replaced by ``W + scale · (a @ b)`` reshaped to W's shape; ``mmjax.optim.make_optimizer``
+kernel replaced by ``W + scale · (a @ b)`` reshaped to W's shape; ``mmjax.optim.optimizers.make_optimizer``
 gives every base param not matched by ``train`` a zero update (``optax.set_to_zero``), so only
 the adapters (and the heads) move and only they carry optimizer state.
 
@@ -37,11 +37,13 @@ kernel, so ``targets`` must match all of them or none.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -49,9 +51,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mmjax import tree
+from mmjax.io import checkpoint
 from mmjax.models import scan
-from mmjax.tree import match_per_layer, searcher
+from mmjax.models.paths import leaves as path_leaves
+from mmjax.models.paths import match_per_layer, searcher
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +144,7 @@ def target_paths(params: Any, targets: str) -> list[str]:
     """
     matches = searcher(re.compile(targets))
     found = []
-    for path, x in tree.leaves({k: v for k, v in params.items() if k != KEY}).items():
+    for path, x in path_leaves({k: v for k, v in params.items() if k != KEY}).items():
         matched = np.atleast_1d(match_per_layer(path, x, matches))
         if not matched.any():
             continue
@@ -188,7 +191,7 @@ def add_adapters(params: Mapping[str, Any], lora_cfg: Mapping[str, Any] | None,
         return dict(params)
     if KEY in params:
         raise ValueError(f"params already hold a '{KEY}' subtree; adapters are added once")
-    leaves = tree.leaves(params)
+    leaves = path_leaves(params)
     paths = target_paths(params, cfg.targets)
     gen = _numpy_rng(rng)
     adapters: dict[str, Any] = {SCALE: jnp.asarray(np.float32(cfg.scale))}
@@ -269,3 +272,42 @@ def merge(params: Mapping[str, Any]) -> dict[str, Any]:
     if KEY not in params:
         return {k: jax.tree.map(np.asarray, v) for k, v in params.items()}
     return _fold(params, host=True)
+
+
+def read_model_params(path: str | Path) -> dict[str, Any]:
+    """The plain model params of an mmjax checkpoint (``io.checkpoint`` paths), as numpy, with
+    a LoRA run's adapters folded into their kernels: what every consumer of a checkpoint's
+    weights (tower ``init_from``, ``config.init_from``, ``convert``) wants."""
+    params = checkpoint.read_checkpoint_params(path)
+    if isinstance(params, Mapping) and KEY in params:
+        log.info("%s: LoRA adapters merged into their kernels", path)
+        params = merge(params)
+    return params
+
+
+def merged_params_from_workdir(workdir: str | Path) -> dict[str, Any]:
+    """Plain (merged) params of the newest checkpoint of a LoRA training workdir, as numpy.
+
+    ``workdir``'s ``config.json`` (written by the trainer) is checked against the adapters found:
+    its ``lora.rank`` and ``alpha/rank`` must match the checkpoint, so a workdir whose config was
+    edited after training fails instead of exporting a different model. A checkpoint without
+    adapters (LoRA off) is returned as it is.
+    """
+    params = checkpoint.read_checkpoint_params(workdir)
+    cfg_file = Path(workdir) / "config.json"
+    cfg = parse_config(json.loads(cfg_file.read_text()).get("lora")) if cfg_file.is_file() \
+        else None
+    if KEY in params:
+        pairs = adapter_pairs(params[KEY])
+        ranks = {np.shape(a)[-1] for a, _ in pairs.values()}
+        stored = float(np.asarray(params[KEY][SCALE]))
+        if cfg is not None and (ranks != {cfg.rank} or not math.isclose(stored, cfg.scale)):
+            raise ValueError(f"{workdir}: config.json has lora rank={cfg.rank}, "
+                             f"alpha/rank={cfg.scale}, but the checkpoint's adapters have "
+                             f"rank {sorted(ranks)} and scale {stored}")
+        log.info("%s: merging %d LoRA adapters (rank %s, scale %g)", workdir, len(pairs),
+                 sorted(ranks), stored)
+    elif cfg is not None:
+        raise ValueError(f"{workdir}: config.json has lora.rank={cfg.rank} but the checkpoint "
+                         "holds no adapters")
+    return merge(params)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mmjax.explain import layout
+from mmjax.interpret import layout
 
 # A perceptually ordered colour ramp (dark blue → red → yellow), sampled at 5 stops.
 _STOPS = np.array([[12, 7, 134], [126, 3, 168], [204, 71, 120], [248, 149, 64], [240, 249, 33]],

@@ -21,8 +21,9 @@ import numpy as np
 from mmjax.data import pipeline
 from mmjax.data.device import normalize_images
 from mmjax.data.records import SPLITS
-from mmjax.explain import capture, layout, methods, modalities, report, views
-from mmjax.inference import run as run_lib
+from mmjax.inference import answer
+from mmjax.interpret import capture, layout, methods, modalities, report, views
+from mmjax.trainer import runs
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def explain_batch(model: Any, task: str, method: str, names: list[str],
                   kwargs: Mapping[str, Any], variables: Any, batch: Any, perturb: Any
                   ) -> dict[str, Any]:
     """One batch: the method's ``{"probs", "target", "scores"}`` plus ``"modalities"`` (each
-    modality's contribution to the target class, :mod:`mmjax.explain.modalities`); jittable
+    modality's contribution to the target class, :mod:`mmjax.interpret.modalities`); jittable
     with everything before ``variables`` bound."""
     out = methods.run_method(method, model, task, variables, batch, perturb, **kwargs)
     target = out["target"]
@@ -58,7 +59,7 @@ def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
     return [tokenizer.decode([i])[0] for i in ids]
 
 
-def _record(model: Any, run: run_lib.Run, names: list[str], batch: Mapping[str, Any],
+def _record(model: Any, run: runs.Run, names: list[str], batch: Mapping[str, Any],
             out: Mapping[str, Any], r: int, index: int, label: int, method: str
             ) -> dict[str, Any]:
     target = int(out["target"][r])
@@ -98,18 +99,18 @@ def explain(workdir: str | Path, output: str | Path, *, split: str = "test", lim
     views of the first ``images`` examples.
     """
     if split not in SPLITS:
-        raise run_lib.RunError(f"--split={split!r}; expected one of {SPLITS}")
+        raise runs.RunError(f"--split={split!r}; expected one of {SPLITS}")
     if limit < 0:
-        raise run_lib.RunError(f"--limit={limit} must be >= 0 (0: the whole split)")
+        raise runs.RunError(f"--limit={limit} must be >= 0 (0: the whole split)")
     if method not in methods.METHODS:
-        raise run_lib.RunError(f"--method={method!r}; known: {list(methods.METHODS)}")
-    run = run_lib.load(workdir, step)
-    task, kind = run_lib.output_task(run.config, task)
+        raise runs.RunError(f"--method={method!r}; known: {list(methods.METHODS)}")
+    run = runs.load(workdir, step)
+    task, kind = runs.output_task(run.config, task)
     if kind != "classification":
-        raise run_lib.RunError(f"head {task!r} is a {kind} head; mmjax.explain explains "
+        raise runs.RunError(f"head {task!r} is a {kind} head; mmjax.explain explains "
                                "classification heads")
     model, variables = capture.explained_model(run.build_model(), run.variables())
-    names = run_lib.input_names(model, task, kind)
+    names = answer.input_names(model, task, kind)
     kwargs = {"steps": steps} if method == "integrated_gradients" else {}
     fn = jax.jit(functools.partial(explain_batch, model, task, method, names, kwargs))
     out_dir = Path(output)
@@ -123,7 +124,7 @@ def explain(workdir: str | Path, output: str | Path, *, split: str = "test", lim
             valid = np.asarray(batch["valid"]) > 0
             labels = np.asarray(batch["label"])
             # uint8 images become the [-1, 1] floats the model reads (gradients need floats)
-            inputs = dict(normalize_images(run_lib.model_inputs(batch, names)))
+            inputs = dict(normalize_images(answer.model_inputs(batch, names)))
             if perturb is None:
                 perturb = capture.zero_perturbations(model, variables, inputs)
             out = jax.device_get(fn(variables, inputs, perturb))

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint of a run again, with the trainer's own evaluation code.
 
 The run's config, tokenizer and labels come from its workdir; ``trainer.loop.assemble`` builds
-the same ``Setup`` training built, and ``trainer.loop.evaluate`` produces the metrics, so for a
+the same ``Setup`` training built, and ``trainer.loop.split_metrics`` produces the metrics, so for a
 checkpoint that training evaluated the numbers are those of its ``metrics.jsonl`` line. Options
 that change what is evaluated are edits of the state (or, through ``batch_fn``, of each batch)
 applied in :func:`evaluate` before that one call. Robustness options (``mmjax.robust``) are
@@ -19,23 +19,22 @@ from typing import Any
 
 import numpy as np
 
-from mmjax import weighting
 from mmjax.data import pipeline
 from mmjax.data.records import SPLITS
 from mmjax.inference import quantize as quantize_lib
-from mmjax.inference import run as run_lib
+from mmjax.optim import weighting
 from mmjax.robust import attacks as attacks_lib
 from mmjax.robust import corruptions, drop
-from mmjax.trainer import loop
+from mmjax.trainer import loop, runs
 from mmjax.trainer.state import TrainState
 
 log = logging.getLogger(__name__)
 
 
-def _quantized_params(run: run_lib.Run, mode: str) -> dict[str, Any]:
+def _quantized_params(run: runs.Run, mode: str) -> dict[str, Any]:
     """The run's params with the model's weights through int8 and back (what an int8 export
     computes with); learned loss weights kept, so the weighted ``loss`` is the run's own."""
-    quantized = run.model_params(mode)
+    quantized = quantize_lib.quantize(run.model_params(), mode)
     summary = quantize_lib.summary(quantized)
     params = quantize_lib.dequantize(quantized)
     if weighting.PARAMS_KEY in run.params:
@@ -58,13 +57,13 @@ def _chain(*fns: Callable[[dict], dict] | None) -> Callable[[dict], dict] | None
     return fn
 
 
-def _attacks(run: run_lib.Run, split: str, batch_size: int, *, method: str,
+def _attacks(run: runs.Run, split: str, batch_size: int, *, method: str,
              eps: Sequence[float], steps: int, step_size: float | None, quantize: str,
              dropped: Sequence[str], batch_fn: Callable[[dict], dict] | None
              ) -> dict[str, dict[str, float]]:
     """``{"method:modalities:eps": robust accuracy entry}``: each attackable modality alone,
     then all of them together when there are several."""
-    task, kind = run_lib.output_task(run.config)
+    task, kind = runs.output_task(run.config)
     if kind != "classification":
         raise attacks_lib.AttackError(f"--attack needs a classification head; {task!r} is a "
                                       f"{kind} head")
@@ -75,7 +74,7 @@ def _attacks(run: run_lib.Run, split: str, batch_size: int, *, method: str,
         raise attacks_lib.AttackError("--attack: no modality to attack (image towers "
                                       f"{attacks_lib.IMAGE_KINDS}, text towers "
                                       f"{attacks_lib.TEXT_KINDS}; dropped: {list(dropped)})")
-    variables = quantize_lib.dequantize(run.variables(quantize))
+    variables = quantize_lib.dequantize(quantize_lib.quantized_variables(run.variables(), quantize))
     out = {}
     for mods in sets:
         for e in eps:
@@ -89,7 +88,7 @@ def _attacks(run: run_lib.Run, split: str, batch_size: int, *, method: str,
     return out
 
 
-def evaluate(workdir: str | Path, *, split: str = "test", step: str | int | None = None,
+def checkpoint_metrics(workdir: str | Path, *, split: str = "test", step: str | int | None = None,
              quantize: str = "", drop_modalities: Sequence[str] | str = (), corrupt: str = "",
              attack: str = "", eps: Sequence[float] = (), steps: int = 10,
              step_size: float | None = None) -> dict[str, Any]:
@@ -102,7 +101,7 @@ def evaluate(workdir: str | Path, *, split: str = "test", step: str | int | None
     {"accuracy", ...}}``. docs/inference.md describes the entries.
     """
     if split not in SPLITS:
-        raise run_lib.RunError(f"--split={split!r}; expected one of {SPLITS}")
+        raise runs.RunError(f"--split={split!r}; expected one of {SPLITS}")
     specs = corruptions.parse_specs(corrupt) if corrupt else []
     if attack and attack not in attacks_lib.METHODS:
         raise attacks_lib.AttackError(f"--attack={attack!r}; expected one of "
@@ -114,8 +113,8 @@ def evaluate(workdir: str | Path, *, split: str = "test", step: str | int | None
     if step_size is not None and attack != "pgd":
         raise attacks_lib.AttackError(f"--step_size={step_size} is a PGD option; --attack is "
                                       f"{attack or 'not set'}")
-    run = run_lib.load(workdir, step)
-    par = run_lib.parallel_for(run.config)
+    run = runs.load(workdir, step)
+    par = runs.parallel_for(run.config)
     info = {"vocab_size": run.tokenizer.vocab_size, "num_classes": len(run.label_names)}
     s = loop.assemble(run.config, run.workdir, par=par, tokenizer=run.tokenizer,
                       data_info=info, label_names=run.label_names)
@@ -133,7 +132,7 @@ def evaluate(workdir: str | Path, *, split: str = "test", step: str | int | None
                        model_state=run.model_state, rng=None)
     state = par.put_state(state)
     eval_fn = loop.compile_eval(s)
-    metrics = loop.evaluate(s, eval_fn, state, split, batch_fn=drop_fn)
+    metrics = loop.split_metrics(s, eval_fn, state, split, batch_fn=drop_fn)
     out = {"step": run.step, "split": split, **metrics}
     if quantize:
         out["quantize"] = quantize
@@ -143,7 +142,7 @@ def evaluate(workdir: str | Path, *, split: str = "test", step: str | int | None
         plain = dataclasses.replace(s, evaluators={})  # evaluators would see clean inputs
         seed = int(run.config.get("seed", 0))
         out["corrupt"] = {
-            f"{name}:{sev}": loop.evaluate(plain, eval_fn, state, split, batch_fn=_chain(
+            f"{name}:{sev}": loop.split_metrics(plain, eval_fn, state, split, batch_fn=_chain(
                 drop_fn, corruptions.batch_corruption(name, sev, tokenizer=run.tokenizer,
                                                       seed=seed)))
             for name, sev in specs}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +23,6 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from mmjax import lora
 from mmjax.errors import ExplainedError
 
 log = logging.getLogger(__name__)
@@ -282,21 +280,12 @@ def read_state(state_dir: str | Path,
     return {k: jax.tree.map(np.asarray, v) for k, v in tree.items()}
 
 
-def read_checkpoint_params(path: str | Path, *, merge_lora: bool = True) -> dict[str, Any]:
-    """The ``params`` tree of an mmjax checkpoint, as numpy arrays, without a target structure.
-
-    Only what is there is read (:func:`read_state`), so a training checkpoint (with optimizer
-    state) and a converted one (params only) load alike, under any device count. A LoRA run's
-    adapters (``params/lora``) are folded into their kernels unless ``merge_lora`` is False, so
-    every consumer (tower ``init_from``, ``config.init_from``, ``convert``) sees the plain model
-    it describes.
-    """
-    state_dir = checkpoint_state_dir(path)
-    params = read_state(state_dir)["params"]
-    if merge_lora and isinstance(params, Mapping) and lora.KEY in params:
-        log.info("%s: LoRA adapters merged into their kernels", state_dir)
-        params = lora.merge(params)
-    return jax.tree.map(np.asarray, params)
+def read_checkpoint_params(path: str | Path) -> dict[str, Any]:
+    """The ``params`` tree of an mmjax checkpoint as saved, as numpy arrays, without a target
+    structure (:func:`read_state`): a training checkpoint (with optimizer state) and a
+    converted one (params only) load alike, under any device count. A LoRA run's adapters stay
+    as they are (``mmjax.optim.lora.read_model_params`` merges them)."""
+    return jax.tree.map(np.asarray, read_state(checkpoint_state_dir(path))["params"])
 
 
 def _saved_metrics(step_dir: Path) -> dict[str, float] | None:
@@ -335,31 +324,3 @@ def write_checkpoint(workdir: str | Path, params: Mapping[str, Any],
     if hf_config is not None:
         (Path(workdir) / HF_CONFIG).write_text(json.dumps(dict(hf_config), indent=2) + "\n")
     return Path(workdir)
-
-
-def merged_params_from_workdir(workdir: str | Path) -> dict[str, Any]:
-    """Plain (merged) params of the newest checkpoint of a LoRA training workdir, as numpy.
-
-    ``workdir``'s ``config.json`` (written by the trainer) is checked against the adapters found:
-    its ``lora.rank`` and ``alpha/rank`` must match the checkpoint, so a workdir whose config was
-    edited after training fails instead of exporting a different model. A checkpoint without
-    adapters (LoRA off) is returned as it is.
-    """
-    params = read_checkpoint_params(workdir, merge_lora=False)
-    cfg_file = Path(workdir) / "config.json"
-    cfg = lora.parse_config(json.loads(cfg_file.read_text()).get("lora")) if cfg_file.is_file() \
-        else None
-    if lora.KEY in params:
-        pairs = lora.adapter_pairs(params[lora.KEY])
-        ranks = {np.shape(a)[-1] for a, _ in pairs.values()}
-        stored = float(np.asarray(params[lora.KEY][lora.SCALE]))
-        if cfg is not None and (ranks != {cfg.rank} or not math.isclose(stored, cfg.scale)):
-            raise ValueError(f"{workdir}: config.json has lora rank={cfg.rank}, "
-                             f"alpha/rank={cfg.scale}, but the checkpoint's adapters have "
-                             f"rank {sorted(ranks)} and scale {stored}")
-        log.info("%s: merging %d LoRA adapters (rank %s, scale %g)", workdir, len(pairs),
-                 sorted(ranks), stored)
-    elif cfg is not None:
-        raise ValueError(f"{workdir}: config.json has lora.rank={cfg.rank} but the checkpoint "
-                         "holds no adapters")
-    return lora.merge(params)

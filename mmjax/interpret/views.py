@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmjax.explain import capture, layout
+from mmjax.interpret import capture, layout
 
 
 def features_fn(model: Any) -> Any:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmjax import losses
+from mmjax.models import losses
 
 KINDS = ("fixed", "uncertainty")
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "step")

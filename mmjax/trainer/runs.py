@@ -1,10 +1,10 @@
-"""A trained run read back from its workdir: config, checkpoint step, params, tokenizer, labels.
+"""A trained run read back from its workdir: config, checkpoint step, params, tokenizer, labels,
+and the head that answers new inputs.
 
 Everything here only reads the workdir (no lock, no new file), so it is safe while a run is
 training in it. Params are read as host numpy from the checkpoint's own metadata, never with the
 saved shardings, so a run written under any device count or parallel mode loads on this host.
-The heads that answer new inputs, and the function that computes each one's answer, are here
-too, so ``predict`` and ``export`` compute the same thing.
+``mmjax.inference`` answers with what it reads here; distillation loads its teacher with it.
 """
 
 from __future__ import annotations
@@ -12,24 +12,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from mmjax import checkpoint, lora, parallel, weighting
 from mmjax.data import pipeline
-from mmjax.data.device import normalize_images
 from mmjax.data.folder import LABELS_FILE
 from mmjax.data.records import TOKENIZER_FILE
 from mmjax.errors import ExplainedError
-from mmjax.inference import quantize as quantize_lib
+from mmjax.io import checkpoint
 from mmjax.models.heads import CONTRASTIVE_KINDS
 from mmjax.models.multimodal import MultimodalModel, build_model
+from mmjax.optim import lora, weighting
+from mmjax.runtime import parallel
 from mmjax.trainer.state import primary_metric, tasks_from_config
 
 log = logging.getLogger(__name__)
@@ -57,16 +54,14 @@ class Run:
     def build_model(self, bn_axis_name: str | None = None) -> MultimodalModel:
         return build_model(self.config.model, bn_axis_name=bn_axis_name)
 
-    def model_params(self, quantize: str = "") -> dict[str, Any]:
-        """Plain model params (LoRA merged, loss weights dropped); ``quantize="int8"`` gives
-        the int8 tree of ``mmjax.inference.quantize`` instead."""
+    def model_params(self) -> dict[str, Any]:
+        """Plain model params (LoRA merged, loss weights dropped)."""
         params = lora.merge(self.params) if lora.KEY in self.params else self.params
-        params = {k: v for k, v in params.items() if k != weighting.PARAMS_KEY}
-        return quantize_lib.quantize(params, quantize) if quantize else params
+        return {k: v for k, v in params.items() if k != weighting.PARAMS_KEY}
 
-    def variables(self, quantize: str = "") -> dict[str, Any]:
-        """``{"params", **model_state}`` for ``model.apply`` (int8 leaves when quantized)."""
-        return {"params": self.model_params(quantize), **self.model_state}
+    def variables(self) -> dict[str, Any]:
+        """``{"params", **model_state}`` for ``model.apply``."""
+        return {"params": self.model_params(), **self.model_state}
 
 
 def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
@@ -188,59 +183,3 @@ def output_task(config: ml_collections.ConfigDict, task: str = "", *,
     heads = {t: config.model.heads[t].kind for t in config.model.heads}
     raise RunError(f"no head of kind {list(kinds)} to answer with; heads: {heads}"
                    + ("" if embed else "; a contrastive model answers mmjax.predict --embed"))
-
-
-def input_names(model: MultimodalModel, task: str, kind: str) -> list[str]:
-    """The batch entries (modalities) the answer of ``task`` reads: a caption head reads its
-    image alone, every other head all the towers."""
-    if kind == "caption":
-        return [model.head(task).modality]
-    if kind in CONTRASTIVE_KINDS:
-        return [m for m in model.head(task).modalities if m in model.encoders]
-    return list(model.encoders)
-
-
-def output_fn(model: MultimodalModel, task: str, kind: str
-              ) -> Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, jax.Array]]:
-    """``fn(variables, inputs) -> {name: array}``, traceable: class probabilities
-    ``{"probs"}`` [B, C] (float32 softmax), regression ``{"values"}``, generated caption ids
-    ``{"tokens"}`` [B, L], or the contrastive embeddings ``{"<modality>_embeds"}``. uint8
-    images are scaled to [-1, 1] inside, as the train and eval steps do."""
-
-    def fn(variables: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict[str, jax.Array]:
-        variables = quantize_lib.dequantize(variables)
-        inputs = normalize_images(inputs)
-        if kind in CONTRASTIVE_KINDS:
-            return model.apply(variables, inputs, task=task, method="embed")
-        if kind == "caption":
-            return {"tokens": model.apply(variables, inputs, task=task, method="generate")}
-        out = model.apply(variables, inputs)[task]
-        if kind == "classification":
-            return {"probs": jax.nn.softmax(out["logits"].astype(jnp.float32), axis=-1)}
-        return {"values": out["predictions"].astype(jnp.float32)}
-
-    return fn
-
-
-def model_inputs(batch: Mapping[str, Any], names: list[str], *,
-                 present: bool = True) -> dict[str, Any]:
-    """The entries of a pipeline batch that the model reads (labels and ``valid`` dropped),
-    with ``batch["present"]`` for those of them that some examples lack (``present=False``
-    leaves it out: an exported function takes the arrays alone)."""
-    missing = [n for n in names if n not in batch]
-    if missing:
-        raise RunError(f"the inputs have no {missing[0]!r} (they hold {sorted(batch)})")
-    out = {n: batch[n] for n in names}
-    given = {m: v for m, v in (batch.get("present") or {}).items() if m in names}
-    if present and given:
-        out["present"] = given
-    return out
-
-
-def first_rows(run: Run, split: str, n: int) -> dict[str, Any]:
-    """The first ``n`` examples of ``split`` (fewer if it is smaller), preprocessed as
-    evaluation does, without padding rows."""
-    batch = next(iter(pipeline.eval_batches(run.config.data, split, batch_size=n,
-                                            tokenizer=run.tokenizer)))
-    keep = np.asarray(batch.pop("valid")) > 0
-    return jax.tree.map(lambda x: np.asarray(x)[keep], batch)

@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmjax.models import scan
-from mmjax.tree import path_str
+from mmjax.models.paths import path_str
 
 log = logging.getLogger(__name__)
 

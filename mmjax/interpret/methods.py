@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mmjax.explain import capture, gradients, layout, relevance
+from mmjax.interpret import capture, gradients, layout, relevance
 from mmjax.models.multimodal import MultimodalModel
 
 Array = jax.Array

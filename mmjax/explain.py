@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from mmjax import cli
+from mmjax.runtime import cli
 
 flags.DEFINE_string("workdir", None, "a training run's workdir")
 flags.DEFINE_string("split", "test", "val, test (or train)")
@@ -33,12 +33,12 @@ def main() -> None:
     for name in ("workdir", "output"):
         if not getattr(FLAGS, name):
             raise ValueError(f"--{name} is required")
-    from mmjax.explain import run
+    from mmjax.interpret.explain import explain
 
-    result = run.explain(FLAGS.workdir, FLAGS.output, split=FLAGS.split, limit=FLAGS.limit,
-                         method=FLAGS.method, step=FLAGS.step, layers=FLAGS.layers,
-                         batch_size=FLAGS.batch_size, task=FLAGS.task, steps=FLAGS.steps,
-                         images=FLAGS.images)
+    result = explain(FLAGS.workdir, FLAGS.output, split=FLAGS.split, limit=FLAGS.limit,
+                     method=FLAGS.method, step=FLAGS.step, layers=FLAGS.layers,
+                     batch_size=FLAGS.batch_size, task=FLAGS.task, steps=FLAGS.steps,
+                     images=FLAGS.images)
     print(f"done: {result['count']} examples of {result['split']} ({result['method']}), step "
           f"{result['step']}, {result['seconds']} s, output {result['output']}", flush=True)
 

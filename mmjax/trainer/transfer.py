@@ -27,15 +27,15 @@ import numpy as np
 from flax import traverse_util
 
 from mmjax import hf
-from mmjax.checkpoint import (
+from mmjax.io.checkpoint import (
     HF_CONFIG,
     CheckpointReadError,
     checkpoint_state_dir,
-    read_checkpoint_params,
     workdir_of,
 )
 from mmjax.models import scan
 from mmjax.models.multimodal import MODEL_OPTIONS
+from mmjax.optim import lora
 
 
 class TransferError(ValueError):
@@ -133,7 +133,7 @@ def load_tower(init_from: str, modality: str, kind: str | None = None) -> dict[s
         part = _hf_tower(cfg, kind, where)[0]
         _, variables = hf.load(init_from)
         return jax.tree.map(np.asarray, variables["params"][part])
-    params = read_checkpoint_params(init_from)
+    params = lora.read_model_params(init_from)
     if modality in params:
         return params[modality]
     part = ("image" if kind in hf.IMAGE_KINDS else "audio" if kind in hf.AUDIO_KINDS
@@ -307,7 +307,7 @@ def load_subtrees(source: str | Path, params: Mapping[str, Any],
         checkpoint_state_dir(source)
     except CheckpointReadError as e:
         raise TransferError(f"{where}: {e}") from None
-    ckpt = scan.match_layers(read_checkpoint_params(source), params)  # scanned or unrolled
+    ckpt = scan.match_layers(lora.read_model_params(source), params)  # scanned or unrolled
     names = parse_subtrees(subtrees, params)
     fresh = _flat(params)
     loaded: dict[str, int] = {}
