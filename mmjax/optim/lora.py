@@ -16,9 +16,10 @@ the model's params, mirroring the targeted kernels' paths: ``lora/<kernel path>/
 (random, std 1/sqrt(n_in)) and ``lora/<kernel path>/b`` [r, n_out] (zeros, so the model starts
 exactly as the base), and ``lora/scale`` = alpha/rank. The trainer's ``forward`` calls
 :func:`effective_params`, which returns the plain tree the model expects with every targeted
-kernel replaced by ``W + scale · (a @ b)`` reshaped to W's shape; ``mmjax.optim.optimizers.make_optimizer``
-gives every base param not matched by ``train`` a zero update (``optax.set_to_zero``), so only
-the adapters (and the heads) move and only they carry optimizer state.
+kernel replaced by ``W + scale · (a @ b)`` reshaped to W's shape;
+``mmjax.optim.optimizers.make_optimizer`` gives every base param not matched by ``train`` a zero
+update (``optax.set_to_zero``), so only the adapters (and the heads) move and only they carry
+optimizer state.
 
 The scale lives in the params tree (a frozen scalar leaf) rather than only in the config
 because ``forward`` sees nothing but params: a checkpoint therefore merges on its own, with no

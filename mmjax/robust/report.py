@@ -1,7 +1,7 @@
 """A robustness report: one table (CSV and Markdown) and accuracy plots (PNG) in a folder.
 
-Rows come from an evaluation result (``mmjax.inference.checkpoint_metrics.checkpoint_metrics``): the clean
-accuracy, each ``corrupt`` entry ``"name:severity"`` and each ``attack`` entry
+Rows come from an evaluation result (``inference.checkpoint_metrics.checkpoint_metrics``): the
+clean accuracy, each ``corrupt`` entry ``"name:severity"`` and each ``attack`` entry
 ``"method:modalities:eps"``. The plots draw accuracy against severity (severity 0 = clean), one
 line per corruption, and accuracy against eps, one line per attacked modality set.
 """
