@@ -495,7 +495,7 @@ def test_fusion_module_shapes(kind):
             "mask": _mask(),
         },
     }
-    mod = fusion_lib.Fusion(kind=kind, width=16, num_heads=2, mlp_dim=32)
+    mod = fusion_lib.build({"kind": kind, "width": 16, "num_heads": 2, "mlp_dim": 32})
     # Shapes only (traced, not compiled): the fused-model tests below run every kind for real.
     out = jax.eval_shape(lambda: mod.apply(_fill(mod, feats), feats))
     tokens, pooled = {
@@ -520,7 +520,8 @@ def test_fusion_pool(pool):
     }
     feats["image"]["pooled"] = feats["image"]["tokens"].mean(1)
     feats["text"]["pooled"] = feats["text"]["tokens"][:, 0]
-    mod = fusion_lib.Fusion(kind="cross_attention", width=16, num_heads=2, mlp_dim=32, pool=pool)
+    mod = fusion_lib.build({"kind": "cross_attention", "width": 16, "num_heads": 2, "mlp_dim": 32,
+                            "pool": pool})
     out = _jitted(mod)(_fill(mod, feats), feats)
     tok = np.asarray(out["tokens"], np.float64)
     mask = _mask()[..., None]
@@ -555,7 +556,8 @@ def test_fusion_unmasked_modality_same_as_all_ones_mask(kind):
     allones = {**ones, "text": {**feats["text"], "mask": np.ones((B, L), np.int32)}}
     # Only cross-attention reads ``query``; the other kinds would recompile the same function.
     for query in ("image", "text") if kind == "cross_attention" else ("text",):
-        mod = fusion_lib.Fusion(kind=kind, width=16, num_heads=2, mlp_dim=32, query=query)
+        cfg = {"kind": kind, "width": 16, "num_heads": 2, "mlp_dim": 32}
+        mod = fusion_lib.build({**cfg, "query": query} if kind == "cross_attention" else cfg)
         variables = _fill(mod, feats, seed=3)
         for without, with_ones in ((feats, ones), (nomask, allones)):
             _assert_same_fusion(_jitted(mod)(variables, without),

@@ -13,7 +13,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.models.multimodal import ENCODERS, MultimodalModel, module_kwargs
+from mmjax.models import fusion as fusion_lib
+from mmjax.models.multimodal import ENCODERS, MultimodalModel
+from mmjax.models.registry import module_kwargs
 
 
 def tower_kind(model: MultimodalModel, modality: str) -> str:
@@ -94,31 +96,10 @@ def tower_rows(model: MultimodalModel, modality: str, batch: Mapping[str, Any],
     return mean(0)
 
 
-def fusion_rows(model: MultimodalModel, masks: Mapping[str, Any], sizes: Mapping[str, int],
-                b: int) -> jnp.ndarray | None:
-    """[B, T'] pooling weights of the fusion over its output tokens (None: no token fusion)."""
-    f = model.fusion
-    kind = f.get("kind", "none")
-    order = sorted(sizes)
-
-    def mask_of(m: str) -> jnp.ndarray:
-        v = masks.get(m)
-        return jnp.ones((b, sizes[m]), jnp.float32) if v is None else jnp.asarray(v, jnp.float32)
-
-    def rows(mask: jnp.ndarray) -> jnp.ndarray:
-        if f.get("pool", "first") == "first":
-            return jnp.zeros_like(mask).at[:, 0].set(1.0)
-        return mask / jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
-
-    if kind == "concat":
-        mask = jnp.concatenate([jnp.ones((b, 1))] + [mask_of(m) for m in order], 1)
-        return rows(mask)
-    if kind == "cross_attention":
-        return rows(mask_of(f.get("query", "text")))
-    if kind == "co_attention":  # masked mean of each stream, whatever ``pool`` says
-        ms = [mask_of(m) for m in order]
-        return jnp.concatenate([m / jnp.maximum(m.sum(-1, keepdims=True), 1.0) for m in ms], 1)
-    return None
+def fuser(model: MultimodalModel) -> Any:
+    """An unbound instance of the model's fusion (None: a two-tower model), to ask how it pools
+    and how relevance flows through it."""
+    return fusion_lib.build(model.fusion, model.opts, parent=None)
 
 
 def to_map(model: MultimodalModel, modality: str, scores: np.ndarray,

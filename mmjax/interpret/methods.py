@@ -36,8 +36,10 @@ def attention_method(model: MultimodalModel, task: str, variables: Any, batch: A
     sizes = {m: f["tokens"].shape[1] for m, f in towers.items()}
     rs = {m: relevance.tower(rules, m, sizes[m], b) for m in towers}
     rows = {m: layout.tower_rows(model, m, batch, sizes[m]) for m in towers}
-    frows = layout.fusion_rows(model, {m: f["mask"] for m, f in towers.items()}, sizes, b)
-    scores = relevance.propagate(rules, model.fusion, rs, rows, frows)
+    fuser = layout.fuser(model)
+    frows = None if fuser is None else fuser.pool_rows(
+        {m: f["mask"] for m, f in towers.items()}, sizes, b)
+    scores = relevance.propagate(rules, fuser, rs, rows, frows)
     return {"probs": cap["probs"], "target": cap["target"], "scores": scores}
 
 

@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mmjax.models.fusion import base as fusion_base
+
 Array = jax.Array
 
 
@@ -52,6 +54,13 @@ class Rules:
     def has(self, path: str) -> bool:
         return path in self.attention
 
+    def layer_paths(self, prefix: str, sub: str = "attn") -> list[str]:
+        """``<prefix>layer_<i>/<sub>`` for i = 0, 1, ... as long as attention was captured."""
+        paths: list[str] = []
+        while self.has(f"{prefix}layer_{len(paths)}/{sub}"):
+            paths.append(f"{prefix}layer_{len(paths)}/{sub}")
+        return paths
+
     def bar(self, path: str) -> Array:
         return head_mean(self.attention[path], self.grads.get(path), self.gradient)
 
@@ -75,105 +84,26 @@ class Rules:
         return r_ss + a @ r_qs, r_sq
 
 
-def _eye(b: int, t: int) -> Array:
-    return jnp.broadcast_to(jnp.eye(t, dtype=jnp.float32), (b, t, t))
-
-
-def _layer_paths(rules: Rules, prefix: str, sub: str = "attn") -> list[str]:
-    paths, i = [], 0
-    while rules.has(f"{prefix}layer_{i}/{sub}"):
-        paths.append(f"{prefix}layer_{i}/{sub}")
-        i += 1
-    return paths
-
-
 def tower(rules: Rules, modality: str, num_tokens: int, batch_size: int) -> Array:
     """R [B, T, T] of a tower's output tokens over its input tokens (identity if the tower has
     no attention, e.g. a ResNet or a depth-0 tower)."""
-    r = _eye(batch_size, num_tokens)
-    for path in _layer_paths(rules, f"{modality}/encoder/"):
+    r = fusion_base.eye(batch_size, num_tokens)
+    for path in rules.layer_paths(f"{modality}/encoder/"):
         (r,) = rules.self_attention(path, r)
     return r
 
 
-def _blockdiag(blocks: list[Array]) -> Array:
-    b = blocks[0].shape[0]
-    n = sum(x.shape[-1] for x in blocks)
-    out = jnp.zeros((b, n, n), jnp.float32)
-    i = 0
-    for x in blocks:
-        t = x.shape[-1]
-        out = out.at[:, i:i + t, i:i + t].set(x)
-        i += t
-    return out
-
-
-def _pool_rows(r: Array, rows: Array) -> Array:
-    """Weighted rows: ``rows`` [B, T] (summing to one) · R [B, T, K] → [B, K]."""
-    return jnp.einsum("bt,btk->bk", rows, r)
-
-
-def propagate(rules: Rules, fusion: Mapping[str, Any], towers: Mapping[str, Array],
+def propagate(rules: Rules, fuser: Any, towers: Mapping[str, Array],
               pool_rows: Mapping[str, Array], fusion_rows: Array | None
               ) -> dict[str, Array]:
     """Relevance [B, T_m] of every modality's input tokens for the prediction.
 
-    ``towers``: R of each tower; ``pool_rows``: each tower's pooling weights over its tokens
-    (used when the head reads the towers' pooled features: fusion ``late`` or ``none``);
+    ``fuser``: the model's fusion module (None: a two-tower model), which carries the rules of
+    its own kind (``relevance``); ``towers``: R of each tower; ``pool_rows``: each tower's
+    pooling weights over its tokens (used when the head reads the towers' pooled features);
     ``fusion_rows``: the fusion's pooling weights over its output tokens.
     """
-    kind = fusion.get("kind", "none")
-    order = sorted(towers)
-    sizes = [towers[m].shape[-1] for m in order]
-    if kind in ("none", "late"):
-        return {m: _pool_rows(towers[m], pool_rows[m]) for m in order}
-    if kind == "concat":
-        b = towers[order[0]].shape[0]
-        r = _blockdiag([_eye(b, 1)] + [towers[m] for m in order])
-        for path in _layer_paths(rules, "fusion/encoder/"):
-            (r,) = rules.self_attention(path, r)
-        row = _pool_rows(r, fusion_rows)
-        out, i = {}, 1
-        for m, t in zip(order, sizes, strict=True):
-            out[m] = row[:, i:i + t]
-            i += t
-        return out
-    if kind == "cross_attention":
-        query = fusion.get("query", "text")
-        others = [m for m in order if m != query]
-        r_ss = towers[query]
-        r_qq = _blockdiag([towers[m] for m in others])
-        r_sq = jnp.zeros((r_ss.shape[0], r_ss.shape[-1], r_qq.shape[-1]), jnp.float32)
-        r_qs = jnp.swapaxes(r_sq, 1, 2)  # the context never attends to the query: stays zero
-        i = 0
-        while rules.has(f"fusion/encoder/layer_{i}/attn"):
-            r_ss, r_sq = rules.self_attention(f"fusion/encoder/layer_{i}/attn", r_ss, r_sq)
-            r_ss, r_sq = rules.cross_attention(f"fusion/encoder/layer_{i}/cross_attn",
-                                               r_ss, r_sq, r_qq, r_qs)
-            i += 1
-        out = {query: _pool_rows(r_ss, fusion_rows)}
-        row, j = _pool_rows(r_sq, fusion_rows), 0
-        for m in others:
-            t = towers[m].shape[-1]
-            out[m] = row[:, j:j + t]
-            j += t
-        return out
-    if kind == "co_attention":
-        a, b = order
-        r = {(a, a): towers[a], (b, b): towers[b]}
-        r[(a, b)] = jnp.zeros((r[(a, a)].shape[0], sizes[0], sizes[1]), jnp.float32)
-        r[(b, a)] = jnp.swapaxes(r[(a, b)], 1, 2)
-        i = 0
-        while rules.has(f"fusion/{a}_layer_{i}/attn"):
-            new = {}
-            for s, q in ((a, b), (b, a)):  # both streams read the other's previous state
-                r_ss, r_sq = rules.self_attention(f"fusion/{s}_layer_{i}/attn",
-                                                  r[(s, s)], r[(s, q)])
-                new[(s, s)], new[(s, q)] = rules.cross_attention(
-                    f"fusion/{s}_layer_{i}/cross_attn", r_ss, r_sq, r[(q, q)], r[(q, s)])
-            r = new
-            i += 1
-        rows_a, rows_b = fusion_rows[:, :sizes[0]], fusion_rows[:, sizes[0]:]
-        return {m: _pool_rows(r[(a, m)], rows_a) + _pool_rows(r[(b, m)], rows_b)
-                for m in order}
-    raise ValueError(f"relevance: unknown fusion kind {kind!r}")
+    out = None if fuser is None else fuser.relevance(rules, towers, fusion_rows)
+    if out is None:
+        return {m: fusion_base.pooled_row(towers[m], pool_rows[m]) for m in sorted(towers)}
+    return out

@@ -15,7 +15,6 @@ the same towers and fusion; ``objectives.py`` builds them, so this module only c
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +26,7 @@ from mmjax.models import fusion as fusion_lib
 from mmjax.models import heads as heads_lib
 from mmjax.models import layers, objectives
 from mmjax.models.audio import AST, WhisperEncoder
+from mmjax.models.registry import module_kwargs
 from mmjax.models.resnet import ResNet
 from mmjax.models.series import SeriesEncoder
 from mmjax.models.text import TextEncoder
@@ -42,24 +42,6 @@ MODEL_OPTIONS = (
     "fusion", "heads", "dropout", "dtype", "attn_implementation", "remat", "scan_layers",
     "scan_unroll", "gpu_rewrites", "modality_dropout",
 )
-# Config keys that describe a part but are not arguments of its module.
-_NON_MODULE_KEYS = {"kind", "init_from", "loss", "target", "label_smoothing", "tokenizer"}
-
-
-def module_kwargs(cls: type[nn.Module], cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The entries of ``cfg`` that are fields of ``cls``; an unknown key is a config error."""
-    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "opts"}
-    out = {}
-    for key, value in cfg.items():
-        if key in _NON_MODULE_KEYS:
-            continue
-        if key not in fields:
-            raise ValueError(f"{where}.{key} is not an option of {cls.__name__}; "
-                             f"known: {sorted(fields)}")
-        out[key] = tuple(value) if isinstance(value, list) else value
-    return out
-
-
 def make_head(task: str, cfg: Mapping[str, Any], opts: layers.Options, **kw: Any) -> nn.Module:
     """The head module of ``cfg["kind"]`` (``kw``: e.g. ``name`` or ``parent=None``)."""
     kind = cfg.get("kind")
@@ -106,10 +88,7 @@ class MultimodalModel(nn.Module):
 
     def setup(self) -> None:
         self.towers = {m: _tower(m, cfg, self.opts) for m, cfg in self.encoders.items()}
-        kind = self.fusion.get("kind", "none")
-        kwargs = module_kwargs(fusion_lib.Fusion, self.fusion, "model.fusion")
-        self.fuser = None if kind == "none" else fusion_lib.Fusion(
-            **{**kwargs, "kind": kind}, opts=self.opts, name="fusion")
+        self.fuser = fusion_lib.build(self.fusion, self.opts, name="fusion")
         self.task_heads = Heads(self.heads, self.opts, name="heads")
 
     def encode_one(self, modality: str, batch: Mapping[str, Any], *, train: bool = False,

@@ -6,18 +6,10 @@ the forward twice) — so the count is read off the config, not off a compiled p
 convention of PaLM's MFU and of torch's FLOP counter (about 124 GFLOP/sample for CLIP B/16,
 docs/performance.md).
 
-The formula (per example; one multiply-add = 2 FLOPs; T tokens, width D, MLP width M):
+The per-part rules (dense layers, transformer blocks, patch embeddings) are those of
+``mmjax.models.flops``; each tower and fusion kind counts itself with them. Here:
 
-* a dense layer with n_in inputs and n_out outputs applied to T tokens: 2·T·n_in·n_out;
-* a transformer layer, forward:
-  ``8·T·D²`` (query, key, value, output projections) ``+ 4·T·D·M`` (the two MLP matrices)
-  ``+ 4·T²·D`` (QKᵀ and the attention-weighted sum of V: 2·2·T²·D);
-  a causal mask is counted as the full T² (what the dense model defines; torch's counter does
-  the same), and a cross-attention sublayer with Tq queries over Tk keys adds
-  ``4·Tq·D² + 4·Tk·D² + 4·Tq·Tk·D``;
-* the ViT patch embedding: 2·N·(p²·3)·D for N patches of p x p pixels; token embeddings are
-  look-ups (0 FLOPs);
-* fusion input projections, poolers and heads: their dense layers by the first rule; the
+* poolers and heads: their dense layers; the
   contrastive logits (a B x B similarity matrix over the batch B one device sees: the local
   batch under pmap, the global one under the mesh path) cost 2·B·E per example;
 * training = 3 x forward: the backward pass computes a gradient with respect to each matmul's
@@ -33,31 +25,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from mmjax.models import fusion as fusion_lib
 from mmjax.models import layers
+from mmjax.models.flops import dense_flops, layer_flops
 from mmjax.models.heads import CONTRASTIVE_KINDS
 from mmjax.models.multimodal import MODEL_OPTIONS
-
-
-def dense_flops(tokens: int, n_in: int, n_out: int) -> int:
-    """Forward FLOPs of a dense layer ``n_in -> n_out`` applied to ``tokens`` positions."""
-    return 2 * tokens * n_in * n_out
-
-
-def attention_flops(q_len: int, kv_len: int, width: int) -> int:
-    """Forward FLOPs of one attention sublayer: four projections plus QKᵀ and A·V."""
-    projections = 2 * dense_flops(q_len, width, width) + 2 * dense_flops(kv_len, width, width)
-    return projections + 2 * 2 * q_len * kv_len * width
-
-
-def layer_flops(tokens: int, width: int, mlp_dim: int, *, context_len: int = 0) -> int:
-    """Forward FLOPs of one transformer block (self-attention, optional cross-attention, MLP).
-
-    With ``context_len == 0`` this is ``8·T·D² + 4·T·D·M + 4·T²·D``.
-    """
-    total = attention_flops(tokens, tokens, width)
-    if context_len:
-        total += attention_flops(tokens, context_len, width)
-    return total + dense_flops(tokens, width, mlp_dim) + dense_flops(tokens, mlp_dim, width)
 
 
 def tower_sizes(cfg: Mapping[str, Any]) -> dict[str, int]:
@@ -94,32 +66,8 @@ def fusion_flops(
     fusion: Mapping[str, Any], towers: Mapping[str, tuple[int, int]]
 ) -> tuple[int, int]:
     """(forward FLOPs per example, width of the fused pooled feature); ``towers``: (T, D)."""
-    kind = fusion.get("kind", "none")
-    if kind == "none":
-        return 0, 0
-    w = fusion.get("width", 64)
-    depth = fusion.get("depth", 1)
-    mlp = fusion.get("mlp_dim") or 4 * w
-    order = sorted(towers)
-    total = sum(dense_flops(t, d, w) for t, d in towers.values())  # input projections
-    lengths = {m: towers[m][0] for m in order}
-    if kind == "concat":
-        t = 1 + sum(lengths.values())
-        return total + depth * layer_flops(t, w, mlp), w
-    if kind == "cross_attention":
-        query = fusion.get("query", "text")
-        ctx = sum(n for m, n in lengths.items() if m != query)
-        return total + depth * layer_flops(lengths[query], w, mlp, context_len=ctx), w
-    if kind == "co_attention":
-        a, b = order
-        per_layer = layer_flops(lengths[a], w, mlp, context_len=lengths[b]) + layer_flops(
-            lengths[b], w, mlp, context_len=lengths[a]
-        )
-        return total + depth * per_layer, 2 * w
-    if kind == "late":
-        d_in = sum(d for _, d in towers.values())
-        return dense_flops(1, d_in, mlp) + dense_flops(1, mlp, w), w
-    raise ValueError(f"unknown fusion kind {kind!r} (model.fusion.kind)")
+    fuser = fusion_lib.build(fusion, parent=None)
+    return (0, 0) if fuser is None else fuser.flops(towers)
 
 
 def head_flops(

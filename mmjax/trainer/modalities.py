@@ -17,8 +17,8 @@ from typing import Any
 import ml_collections
 
 from mmjax import evaluators
+from mmjax.models import fusion as fusion_lib
 from mmjax.models import heads as heads_lib
-from mmjax.models.fusion import Fusion
 from mmjax.models.multimodal import ENCODERS, MODEL_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,9 @@ def _needs(config: Any) -> list[tuple[str, str]]:
     config key and its value."""
     model = config.model
     out = []
-    fusion = model.get("fusion") or {}
-    if fusion.get("kind", "none") == "cross_attention":
-        query = fusion.get("query") or _default(Fusion, "query")
-        out.append((f"model.fusion.query={query!r}", query))
+    fusion = fusion_lib.build(dict(model.get("fusion") or {}), parent=None)
+    for key, m in (fusion.reads() if fusion is not None else {}).items():
+        out.append((f"model.fusion.{key}={m!r}", m))
     for task, head in (model.get("heads") or {}).items():
         cls = heads_lib.HEADS.get(head.get("kind"))
         for key in ("modality", "modalities") if cls is not None else ():
