@@ -47,16 +47,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.image_size = 224
     c.data.max_len = 80  # CLIP's 77-token context padded to a multiple of 8 (see above)
     c.model = ml_collections.ConfigDict({
-        "image": {
-            "kind": "vit", "variant": "B/16", "class_token": False, "pool": "gap",
-            "embed_norm": True, "final_norm": True, "activation": "gelu",
-            "layer_norm_eps": 1e-5, "init_from": "",
-        },
-        "text": {
-            "kind": "text", "variant": "M",  # width 512, 12 layers, MLP 2048, 8 heads
-            "vocab_size": 49_408, "max_len": 80, "type_vocab_size": 0,
-            "pre_norm": True, "embed_norm": False, "final_norm": True, "causal": True,
-            "pool": "last", "activation": "gelu", "layer_norm_eps": 1e-5, "init_from": "",
+        "encoders": {
+            "image": {
+                "kind": "vit", "variant": "B/16", "class_token": False, "pool": "gap",
+                "embed_norm": True, "final_norm": True, "activation": "gelu",
+                "layer_norm_eps": 1e-5, "init_from": "",
+            },
+            "text": {
+                "kind": "text", "variant": "M",  # width 512, 12 layers, MLP 2048, 8 heads
+                "vocab_size": 49_408, "max_len": 80, "type_vocab_size": 0,
+                "pre_norm": True, "embed_norm": False, "final_norm": True, "causal": True,
+                "pool": "last", "activation": "gelu", "layer_norm_eps": 1e-5, "init_from": "",
+            },
         },
         "fusion": {"kind": "none"},
         "heads": {"clip": {"kind": "contrastive", "embed_dim": 512}},
@@ -71,10 +73,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.dtype = "float32"  # bf16 is emulated on a CPU and compiles slower there
         c.data.image_size = 32
         c.data.max_len = 16
-        c.model.image.update({"variant": "mu/8", "width": 32, "depth": 2, "num_heads": 2,
-                              "mlp_dim": 64})
-        c.model.text.update({"width": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64,
-                             "vocab_size": 256, "max_len": 16})
+        c.model.encoders.image.update({"variant": "mu/8", "width": 32, "depth": 2,
+                                       "num_heads": 2, "mlp_dim": 64})
+        c.model.encoders.text.update({"width": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64,
+                                      "vocab_size": 256, "max_len": 16})
         c.model.heads.clip.embed_dim = 16
     c.lock()
     return c

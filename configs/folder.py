@@ -73,21 +73,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # One self-attention layer lets image tokens combine what neighbouring patches show (a
     # digit spans several); positions at the content's scale make every token know its place
     # from the first step (at ViT's 0.02 such questions stalled near chance).
-    model["image"].update({"depth": 1, "pos_embedding_std": 1.0})
+    towers = model["encoders"]
+    towers["image"].update({"depth": 1, "pos_embedding_std": 1.0})
     # A Whisper-style tower: a conv1d stem (kernel 3, stride 2) turns the [64 mels, 128 frames]
     # log-mel into 64 tokens of 20 ms, then one transformer layer, width 64. Tokens this short
     # see an event's onset inside their kernel, so counting and timing questions learn; a ViT
     # over 16x16 spectrogram patches (AST) counted worse (docs/recipes.md). Removed when the
     # train records have no audio.
-    model["audio"] = {
+    towers["audio"] = {
         "kind": "whisper", "variant": "mu", "width": 64, "depth": 1, "num_heads": 4,
         "mlp_dim": 256, "max_len": 1500, "pool": "mean",
         "init_from": "",  # an HF whisper folder (its front end must match data.audio)
     }
     # Time series ("series": "x.npy", [time, channels]): a 1-D patch transformer over the 64
     # steps of data.pp_*'s series op, patches of 8 (8 tokens). Removed when there are none.
-    model["series"] = {"kind": "series", "width": 64, "depth": 1, "num_heads": 4,
-                       "mlp_dim": 256, "patch_size": 8, "max_patches": 8}
+    towers["series"] = {"kind": "series", "width": 64, "depth": 1, "num_heads": 4,
+                        "mlp_dim": 256, "patch_size": 8, "max_patches": 8}
     c.model = ml_collections.ConfigDict({
         **model,
         "heads": {"answer": {"kind": "classification", "num_classes": 0}},  # 0: from data

@@ -38,15 +38,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.image_size = 224
     c.data.max_len = 64
     c.model = ml_collections.ConfigDict({
-        "image": {
-            "kind": "vit", "variant": "B/16", "class_token": False, "pool": "gap",
-            "activation": "gelu", "layer_norm_eps": 1e-6, "init_from": "",
-        },
-        "text": {
-            "kind": "text", "variant": "B", "vocab_size": 30_522, "max_len": 512,
-            "type_vocab_size": 2, "pre_norm": False, "embed_norm": True, "final_norm": False,
-            "causal": False, "pool": "cls", "pooler": True, "activation": "gelu",
-            "layer_norm_eps": 1e-12, "init_from": "",
+        "encoders": {
+            "image": {
+                "kind": "vit", "variant": "B/16", "class_token": False, "pool": "gap",
+                "activation": "gelu", "layer_norm_eps": 1e-6, "init_from": "",
+            },
+            "text": {
+                "kind": "text", "variant": "B", "vocab_size": 30_522, "max_len": 512,
+                "type_vocab_size": 2, "pre_norm": False, "embed_norm": True, "final_norm": False,
+                "causal": False, "pool": "cls", "pooler": True, "activation": "gelu",
+                "layer_norm_eps": 1e-12, "init_from": "",
+            },
         },
         "fusion": {"kind": "co_attention", "width": 768, "depth": 2, "num_heads": 12,
                    "mlp_dim": 3072},
@@ -65,10 +67,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.dtype = "float32"  # bf16 is emulated on a CPU and compiles slower there
         c.data.image_size = 32
         c.data.max_len = 16
-        c.model.image.update({"variant": "mu/8", "width": 32, "depth": 2, "num_heads": 2,
-                              "mlp_dim": 64})
-        c.model.text.update({"width": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64,
-                             "vocab_size": 256, "max_len": 16})
+        c.model.encoders.image.update({"variant": "mu/8", "width": 32, "depth": 2,
+                                       "num_heads": 2, "mlp_dim": 64})
+        c.model.encoders.text.update({"width": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64,
+                                      "vocab_size": 256, "max_len": 16})
         c.model.fusion.update({"width": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64})
         c.model.heads.answer.num_classes = 10
         c.model.heads.itc.embed_dim = 16

@@ -36,15 +36,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = config.shapes_data(variant=variant)
     c.data.name = "shapes_audio"
     model = config.shapes_model()
+    # 16 mels x 32 frames in 16x16 patches: 2 patches, each seeing the whole spectrum (8x8
+    # patches learned the tone much later: docs/training.md), plus [CLS] and distillation.
+    model["encoders"]["audio"] = {
+        "kind": "ast", "variant": "mu", "width": 64, "depth": 1, "num_heads": 4,
+        "mlp_dim": 256, "patch_size": 16, "frequency_stride": 16, "time_stride": 16,
+        "pool": "cls_dist", "init_from": "",
+    }
     c.model = ml_collections.ConfigDict({
         **model,
-        # 16 mels x 32 frames in 16x16 patches: 2 patches, each seeing the whole spectrum (8x8
-        # patches learned the tone much later: docs/training.md), plus [CLS] and distillation.
-        "audio": {
-            "kind": "ast", "variant": "mu", "width": 64, "depth": 1, "num_heads": 4,
-            "mlp_dim": 256, "patch_size": 16, "frequency_stride": 16, "time_stride": 16,
-            "pool": "cls_dist", "init_from": "",
-        },
         "heads": {"answer": {"kind": "classification", "num_classes": 0}},  # 0: from data
         **config.model_options(),
     })

@@ -34,10 +34,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = config.shapes_data(text="caption")
     width = 64
     model = config.shapes_model(width)
-    model["text"]["depth"] = 1
+    model["encoders"]["text"]["depth"] = 1
     c.model = ml_collections.ConfigDict({
-        "image": model["image"],
-        "text": model["text"],
+        "encoders": model["encoders"],
         "fusion": {"kind": "none"},
         "heads": {
             "caption": {"kind": "caption", "width": width, "depth": 2, "num_heads": 4,

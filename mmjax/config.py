@@ -38,6 +38,22 @@ def load_file(path: str | Path, name: str = "") -> ModuleType:
     return module
 
 
+def import_modules(config: Any) -> list[str]:
+    """Imports the modules ``config.imports`` names (a list, or names separated by commas):
+    modules of your own that register parts (a modality, a tower, an op). Training and every
+    command that reads a run back call it, so the parts are known wherever the run is used.
+    Returns the names; a module that cannot be imported fails naming the key."""
+    value = config.get("imports", "") if hasattr(config, "get") else ""
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value or ())]
+    for name in (n for n in names if n):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ImportError(f"config.imports names {name!r}, which cannot be imported: "
+                              f"{e}") from e
+    return [n for n in names if n]
+
+
 def run(*, total_steps: int, batch_size: int, eval_batch_size: int, log_every: int = 50,
         eval_every: int = 200, checkpoint_every: int = 200) -> ml_collections.ConfigDict:
     """The keys every run has: seed, schedule of logs/evals/checkpoints, parallelism."""
@@ -51,6 +67,7 @@ def run(*, total_steps: int, batch_size: int, eval_batch_size: int, log_every: i
     c.checkpoint_every = checkpoint_every
     c.init_from = ""  # a training workdir or checkpoint to start from; "" = fresh
     c.init_subtrees = ""  # params subtrees taken from init_from; "" = all but heads
+    c.imports = ""  # modules to import first, e.g. your own modality: "my_pkg.points"
     c.grad_accum_steps = 1
     # Knowledge distillation from a trained run (mmjax/trainer/distill.py): teacher = its
     # workdir ("" = off); the student's loss gets weight·T²·KL(teacher ‖ student) on the
@@ -120,15 +137,17 @@ def shapes_model(width: int = 64, *, text_pool: str = "cls") -> dict[str, Any]:
     (question type learned, colour not bound to shape); docs/training.md has the numbers.
     """
     return {
-        "image": {
-            "kind": "vit", "variant": "mu/8", "width": width, "depth": 0, "num_heads": 4,
-            "mlp_dim": 4 * width, "pool": "gap",
-            "init_from": "",  # a Hugging Face folder or an mmjax checkpoint/workdir
-        },
-        "text": {
-            "kind": "text", "variant": "mu", "width": width, "depth": 0, "num_heads": 4,
-            "mlp_dim": 4 * width, "vocab_size": 0, "max_len": 16, "pool": text_pool,
-            "init_from": "",  # vocab_size 0: from the data's tokenizer
+        "encoders": {
+            "image": {
+                "kind": "vit", "variant": "mu/8", "width": width, "depth": 0, "num_heads": 4,
+                "mlp_dim": 4 * width, "pool": "gap",
+                "init_from": "",  # a Hugging Face folder or an mmjax checkpoint/workdir
+            },
+            "text": {
+                "kind": "text", "variant": "mu", "width": width, "depth": 0, "num_heads": 4,
+                "mlp_dim": 4 * width, "vocab_size": 0, "max_len": 16, "pool": text_pool,
+                "init_from": "",  # vocab_size 0: from the data's tokenizer
+            },
         },
         "fusion": {"kind": "cross_attention", "width": width, "depth": 2, "num_heads": 4},
     }

@@ -170,7 +170,7 @@ def micro(root: Path, n: int = 60, sizes: tuple[int, ...] = (224, 96, 64)) -> No
     import simplejpeg
     from PIL import Image
 
-    from mmjax.data import image as image_lib
+    from mmjax.pp import image_io as image_lib
 
     files = sorted((root / "img").glob("*.jpg"))[:n]
     data = [f.read_bytes() for f in files]

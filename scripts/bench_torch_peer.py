@@ -220,7 +220,7 @@ def analytic_flops(workload: str, tiny: bool, batch_size: int) -> float:
     module = config_lib.load_file(ROOT / "configs" / name)
     config = module.get_config("tiny" if tiny else None)
     with config.unlocked():
-        config.model.image.class_token = True
+        config.model.encoders.image.class_token = True
         if workload == "clip" and not tiny:
             config.data.max_len = 77
     return flops.model_flops(config, device_batch=batch_size)["train"] * batch_size / 1e12

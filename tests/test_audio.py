@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import transformers
 
 from mmjax import hf
-from mmjax.data import audio
+from mmjax.pp import audio_features as audio
 
 TOL = 2e-3  # the bar for front ends
 

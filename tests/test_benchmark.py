@@ -138,7 +138,7 @@ def test_flops_agree_with_xla_cost_analysis():
     with c.unlocked():
         c.model.dtype = "float32"
         for tower in ("image", "text"):
-            c.model[tower].update({"width": 128, "mlp_dim": 512})
+            c.model.encoders[tower].update({"width": 128, "mlp_dim": 512})
     model = build_model(c.model)
     batch = synthetic_batch(c, c.batch_size)
     params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), batch)
@@ -171,10 +171,12 @@ def test_full_configs_get_cudnn_attention_on_a_gpu(module):
     c = module.get_config()
     assert c.model.attn_implementation == "auto"
     for name in ("image", "text"):
-        size = flops.tower_sizes(c.model[name].to_dict())
-        if c.model[name].kind == "vit":
+        enc = c.model.encoders[name]
+        size = layers.tower_sizes(enc.variant, **{k: enc.get(k) for k in (
+            "width", "depth", "mlp_dim", "num_heads", "patch_size")})
+        if enc.kind == "vit":
             tokens = (c.data.image_size // size["patch_size"]) ** 2
-            tokens += int(c.model[name].get("class_token", False))
+            tokens += int(enc.get("class_token", False))
         else:
             tokens = c.data.max_len
         head_dim = size["width"] // size["num_heads"]

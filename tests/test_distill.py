@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from configs.folder import get_config
 from mmjax import trainer
 from mmjax.data import pipeline
-from mmjax.data.device import normalize_images
 from mmjax.io.checkpoint import read_state
 from mmjax.trainer import distill, loop
 from mmjax.trainer import runs as runs_lib
@@ -75,9 +74,9 @@ def _config(data: Path, **distill_cfg) -> object:
 def _student_config(data: Path, teacher: Path, *, mode: str = "pmap") -> object:
     c = _config(data, teacher=str(teacher), weight=WEIGHT, temperature=TEMPERATURE)
     for tower in ("image", "text"):  # another architecture: half the width, no image layer
-        c.model[tower].width = 32
-        c.model[tower].mlp_dim = 128
-    c.model.image.depth = 0
+        c.model.encoders[tower].width = 32
+        c.model.encoders[tower].mlp_dim = 128
+    c.model.encoders.image.depth = 0
     c.model.fusion.width = 32
     c.model.fusion.depth = 1
     c.parallel.mode = mode
@@ -102,7 +101,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 def _logits(run: runs_lib.Run, batch: dict) -> np.ndarray:
     task, _ = runs_lib.output_task(run.config)
     inputs = {k: v for k, v in batch.items() if k != "valid"}
-    out = jax.jit(run.build_model().apply)(run.variables(), normalize_images(inputs))
+    out = jax.jit(run.build_model().apply)(run.variables(), inputs)
     return np.asarray(out[task]["logits"], np.float64)
 
 

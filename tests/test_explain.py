@@ -22,8 +22,8 @@ import torch
 import transformers
 
 from mmjax import hf
-from mmjax.interpret import capture, gradients, methods, modalities, relevance, views
-from mmjax.models import layers
+from mmjax.interpret import capture, contributions, gradients, layout, methods, relevance, views
+from mmjax.models import encoders, layers
 from mmjax.models.multimodal import build_model
 
 IG_TOL = 1e-4
@@ -39,10 +39,12 @@ def _model(kind: str, text_depth: int = 1, image_depth: int = 1):
     """(model, variables, batch) of a tiny image+text model fused by ``kind`` (built once per
     kind; tests must not modify what it returns)."""
     cfg = {
-        "image": {"kind": "vit", "variant": "mu/8", "width": 16, "depth": image_depth,
-                  "num_heads": 2, "mlp_dim": 32, "pos_embedding_std": 1.0},
-        "text": {"kind": "text", "variant": "mu", "width": 16, "depth": text_depth,
-                 "num_heads": 2, "mlp_dim": 32, "vocab_size": 30, "max_len": 8},
+        "encoders": {
+            "image": {"kind": "vit", "variant": "mu/8", "width": 16, "depth": image_depth,
+                      "num_heads": 2, "mlp_dim": 32, "pos_embedding_std": 1.0},
+            "text": {"kind": "text", "variant": "mu", "width": 16, "depth": text_depth,
+                     "num_heads": 2, "mlp_dim": 32, "vocab_size": 30, "max_len": 8},
+        },
         "fusion": {"kind": kind, "width": 16, "depth": 2, "num_heads": 2},
         "heads": {"answer": {"kind": "classification", "num_classes": 5}},
     }
@@ -297,7 +299,7 @@ def test_modality_contributions_and_shapley() -> None:
     probs = lambda b: np.asarray(jax.nn.softmax(model.apply(variables, b)["answer"]["logits"]))
     t = probs(batch).argmax(-1)
     prob = lambda b: jnp.asarray(np.take_along_axis(probs(b), t[:, None], 1)[:, 0])
-    got = modalities.contributions(prob, batch, ["image", "text"])
+    got = contributions.contributions(prob, batch, ["image", "text"])
     # Absent = present False: the model puts its learned stand-in in place of the image, so
     # the placeholder's values do not matter.
     absent = {"image": np.zeros(len(t), bool)}
@@ -315,7 +317,7 @@ def test_modality_contributions_and_shapley() -> None:
         on = {m: np.asarray(present.get(m, np.ones(2, bool))) for m in w}
         return jnp.asarray(sum(w[m] * on[m] for m in w) + 0.4 * (on["a"] & on["b"]))
 
-    shap = modalities.contributions(value, fake, list(w))
+    shap = contributions.contributions(value, fake, list(w))
     np.testing.assert_allclose([shap["a"][0], shap["b"][0], shap["c"][0]], [0.3, 0.5, -0.2],
                                atol=1e-6)
 
@@ -340,16 +342,17 @@ def test_three_modalities_with_audio() -> None:
     grid (mels x time), and the modality contributions are Shapley values (their sum is
     p(all) - p(none), efficiency). Occlusion and integrated gradients treat the features as
     they treat pixels (the image tests)."""
-    from mmjax.interpret import layout
     from mmjax.interpret.explain import explain_batch
 
     cfg = {
-        "image": {"kind": "vit", "variant": "mu/8", "width": 16, "depth": 1, "num_heads": 2,
-                  "mlp_dim": 32},
-        "text": {"kind": "text", "variant": "mu", "width": 16, "depth": 0, "num_heads": 2,
-                 "mlp_dim": 32, "vocab_size": 30, "max_len": 8},
-        "audio": {"kind": "ast", "variant": "mu", "width": 16, "depth": 1, "num_heads": 2,
-                  "mlp_dim": 32, "patch_size": 8, "frequency_stride": 8, "time_stride": 4},
+        "encoders": {
+            "image": {"kind": "vit", "variant": "mu/8", "width": 16, "depth": 1, "num_heads": 2,
+                      "mlp_dim": 32},
+            "text": {"kind": "text", "variant": "mu", "width": 16, "depth": 0, "num_heads": 2,
+                     "mlp_dim": 32, "vocab_size": 30, "max_len": 8},
+            "audio": {"kind": "ast", "variant": "mu", "width": 16, "depth": 1, "num_heads": 2,
+                      "mlp_dim": 32, "patch_size": 8, "frequency_stride": 8, "time_stride": 4},
+        },
         "fusion": {"kind": "concat", "width": 16, "depth": 1, "num_heads": 2},
         "heads": {"answer": {"kind": "classification", "num_classes": 3}},
     }
@@ -367,12 +370,13 @@ def test_three_modalities_with_audio() -> None:
     names = ["audio", "image", "text"]
     rel = jax.jit(lambda v, b, p: explain_batch(em, "answer", "relevance", names, {}, v, b, p))(
         ev, batch, perturb)
-    assert layout.grid(em, "audio", (20, 24), rel["scores"]["audio"].shape[1]) == (3, 4)
+    assert encoders.token_grid(layout.tower(em, "audio"), (20, 24),
+                               rel["scores"]["audio"].shape[1]) == (3, 4)
     assert layout.to_map(em, "audio", np.asarray(rel["scores"]["audio"][0]), (20, 24)).shape \
         == (3, 4)
     probs = np.asarray(rel["probs"])
     t = np.asarray(rel["target"])
-    none = modalities.without(batch, names)
+    none = contributions.without(batch, names)
     p_none = np.asarray(jax.nn.softmax(jax.jit(em.apply)(ev, none)["answer"]["logits"]))
     total = sum(np.asarray(rel["modalities"][m]) for m in names)
     np.testing.assert_allclose(total, probs[np.arange(2), t] - p_none[np.arange(2), t],

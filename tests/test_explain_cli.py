@@ -84,10 +84,12 @@ def test_pointing_game_on_a_trained_model() -> None:
     of them (docs/explain.md), so the bar is 75 %.
     """
     cfg = {
-        "image": {"kind": "vit", "variant": "mu/8", "width": 32, "depth": 0, "num_heads": 2,
-                  "mlp_dim": 64, "pos_embedding_std": 1.0},
-        "text": {"kind": "text", "variant": "mu", "width": 32, "depth": 0, "num_heads": 2,
-                 "mlp_dim": 64, "vocab_size": 12, "max_len": 6},
+        "encoders": {
+            "image": {"kind": "vit", "variant": "mu/8", "width": 32, "depth": 0, "num_heads": 2,
+                      "mlp_dim": 64, "pos_embedding_std": 1.0},
+            "text": {"kind": "text", "variant": "mu", "width": 32, "depth": 0, "num_heads": 2,
+                     "mlp_dim": 64, "vocab_size": 12, "max_len": 6},
+        },
         "fusion": {"kind": "cross_attention", "width": 32, "depth": 2, "num_heads": 2},
         "heads": {"answer": {"kind": "classification", "num_classes": 4}},
     }

@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmjax.data import folder, ops, pipeline, records
-from mmjax.data.device import normalize_images
+from mmjax.data import folder, pipeline, records
 from mmjax.data.tokenize import WordPieceTokenizer
+from mmjax.modalities import image as image_modality
+from mmjax.pp import image as image_pp
+from mmjax.pp import ops
 
 REPO = Path(__file__).resolve().parents[1]
 OBJECTS = ("disc", "square")
@@ -104,7 +106,7 @@ def test_ops_parse_and_run():
     chain = ops.parse("decode|resize(16)|random_crop(0.5)|flip(1.0)|normalize('host')",
                       ops.Context())
     assert [o.name for o in chain] == ["decode", "resize", "random_crop", "flip", "normalize"]
-    assert ops.cacheable_prefix(chain) == 2
+    assert ops.cacheable_prefix(chain, "image") == [0, 1]
     image = np.zeros((20, 30, 3), np.uint8)
     image[:, :15] = 255
     out = ops.apply(chain[:2] + chain[3:], {"image": image}, np.random.default_rng(0))
@@ -157,9 +159,9 @@ def test_labels_saved_and_batches_match_files(dataset, tmp_path):
     lines = [json.loads(x) for x in (dataset / "val.jsonl").read_text().splitlines()]
     expected = [["no", "yes"].index(r["label"]) for r in lines[:8]]
     assert b["label"].tolist() == expected
-    pixels = ops.decode_image(str(dataset / lines[0]["image"]))
+    pixels = image_pp.decode_image(str(dataset / lines[0]["image"]))
     want = np.asarray(Image.fromarray(pixels).resize((32, 32), Image.BILINEAR), np.float32)
-    scaled = np.asarray(normalize_images(b)["image"][0])
+    scaled = np.asarray(image_modality.to_model(b["image"])[0])
     np.testing.assert_allclose(scaled, want / 127.5 - 1.0, atol=1e-6)
 
 

@@ -20,8 +20,8 @@ import pytest
 import soundfile
 from scipy import signal
 
-from mmjax.data import audio_ops, folder, pipeline
-from mmjax.models.multimodal import ENCODERS
+from mmjax.data import folder, pipeline
+from mmjax.pp import audio as audio_pp
 from tests.realdata_audio import digits_beeps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_decode_averages_channels_and_resamples_like_scipy(tmp_path, rate, chann
     x = np.stack([mono * g for g in rng.uniform(0.6, 1.0, channels)], axis=1)
     path = tmp_path / f"clip.{fmt.lower()}"
     soundfile.write(path, x, rate, format=fmt, **({} if fmt == "OGG" else {"subtype": "PCM_16"}))
-    got = audio_ops.decode_audio(path.name, RATE, str(tmp_path))
+    got = audio_pp.decode_audio(path.name, RATE, str(tmp_path))
     raw, r = soundfile.read(path, dtype="float64", always_2d=True)
     g = math.gcd(RATE, r)
     want = signal.resample_poly(raw.mean(axis=1), RATE // g, r // g)  # the reference resampler
@@ -85,10 +85,10 @@ def test_decode_averages_channels_and_resamples_like_scipy(tmp_path, rate, chann
     # agree within 1e-3 (measured <= 1.0e-3), so 2e-3 away from the first and last 200 samples.
     np.testing.assert_allclose(got[200:n - 200], want[200:n - 200], atol=2e-3)
     # Bytes and (int16 samples, rate) pairs decode to the same waveform as the file.
-    np.testing.assert_array_equal(audio_ops.decode_audio(path.read_bytes(), RATE), got)
+    np.testing.assert_array_equal(audio_pp.decode_audio(path.read_bytes(), RATE), got)
     if fmt != "OGG":
         pcm, _ = soundfile.read(path, dtype="int16", always_2d=True)
-        np.testing.assert_allclose(audio_ops.decode_audio((pcm, rate), RATE), got, atol=1e-6)
+        np.testing.assert_allclose(audio_pp.decode_audio((pcm, rate), RATE), got, atol=1e-6)
 
 
 def test_batch_features_equal_transformers_ast_extractor(dataset):
@@ -99,7 +99,7 @@ def test_batch_features_equal_transformers_ast_extractor(dataset):
                                             tokenizer=pipeline.build_tokenizer(cfg))))
     assert batch["audio"].shape == (4, FRAMES, MELS) and batch["audio"].dtype == np.float32
     fe = ASTFeatureExtractor(sampling_rate=RATE, num_mel_bins=MELS, max_length=FRAMES)
-    clips = [audio_ops.decode_audio(r["audio"], RATE, str(dataset))
+    clips = [audio_pp.decode_audio(r["audio"], RATE, str(dataset))
              for r in _records(dataset, "val")[:4]]
     want = fe(clips, sampling_rate=RATE, return_tensors="np")["input_values"]
     np.testing.assert_allclose(batch["audio"], want, atol=2e-3)
@@ -117,7 +117,7 @@ def test_whisper_front_end_batches_match_transformers(dataset):
     assert batch["audio"].shape == (4, MELS, 100)  # [B, mels, frames]: the whisper layout
     fe = WhisperFeatureExtractor(feature_size=MELS, sampling_rate=RATE, hop_length=160,
                                  chunk_length=1, n_fft=400)
-    clips = [audio_ops.decode_audio(r["audio"], RATE, str(dataset))
+    clips = [audio_pp.decode_audio(r["audio"], RATE, str(dataset))
              for r in _records(dataset, "val")[:4]]
     want = fe(clips, sampling_rate=RATE, return_tensors="np")["input_features"]
     np.testing.assert_allclose(batch["audio"], want, atol=2e-3)
@@ -259,7 +259,7 @@ def test_setup_removes_towers_of_absent_modalities(dataset, tmp_path):
     c = _folder_config(root)
     s = loop.setup(c, tmp_path / "w")
     assert sorted(s.model.encoders) == ["image", "text"]
-    assert "audio" not in c.model
+    assert "audio" not in c.model.encoders
     batch = next(iter(pipeline.eval_batches(c.data, "val", batch_size=2)))
     assert "audio" not in batch
 
@@ -283,9 +283,7 @@ def test_three_modality_folder_run_trains_three_towers(dataset, tmp_path):
     summary = trainer.train_and_evaluate(c, tmp_path / "w")
     assert summary["step"] == 4 and 0.0 <= summary["val"]["accuracy"] <= 1.0
     saved = json.loads((tmp_path / "w" / "config.json").read_text())
-    towers = sorted(k for k, v in saved["model"].items()
-                    if isinstance(v, dict) and v.get("kind") in ENCODERS)
-    assert towers == ["audio", "image", "text"]
+    assert sorted(saved["model"]["encoders"]) == ["audio", "image", "text"]
     lines = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert {r["split"] for r in lines} == {"train", "val", "test"}
     assert all(np.isfinite(r["loss"]) for r in lines if r["split"] == "train")

@@ -254,10 +254,12 @@ def test_heads_dense_is_dense_general_with_a_flat_bias():
 # fusion and decoder; tanh in the ViT), add_positions in the text tower and the caption decoder,
 # masked_mean in the text tower's "mean" pool and the co-attention fusion's pooling.
 MODEL = {
-    "image": {"kind": "vit", "variant": "mu/4", "width": 16, "depth": 1, "num_heads": 2,
-              "mlp_dim": 24, "activation": "gelu_tanh"},
-    "text": {"kind": "text", "vocab_size": 23, "width": 16, "depth": 1, "num_heads": 2,
-             "mlp_dim": 24, "max_len": 8, "pool": "mean"},
+    "encoders": {
+        "image": {"kind": "vit", "variant": "mu/4", "width": 16, "depth": 1, "num_heads": 2,
+                  "mlp_dim": 24, "activation": "gelu_tanh"},
+        "text": {"kind": "text", "vocab_size": 23, "width": 16, "depth": 1, "num_heads": 2,
+                 "mlp_dim": 24, "max_len": 8, "pool": "mean"},
+    },
     "fusion": {"kind": "co_attention", "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 24},
     "heads": {"cls": {"kind": "classification", "num_classes": 3},
               "clip": {"kind": "contrastive", "embed_dim": 8},

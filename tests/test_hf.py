@@ -205,9 +205,11 @@ def test_convert_cli_round_trip_and_verify(tmp_path: Path) -> None:
 
 def _config(text_from: str, image_from: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict({"model": {
-        "text": {"kind": "text", "init_from": text_from, "vocab_size": 0},
-        "image": {"kind": "vit", "variant": "mu/8", "width": 32, "depth": 0, "num_heads": 2,
-                  "init_from": image_from},
+        "encoders": {
+            "text": {"kind": "text", "init_from": text_from, "vocab_size": 0},
+            "image": {"kind": "vit", "variant": "mu/8", "width": 32, "depth": 0, "num_heads": 2,
+                      "init_from": image_from},
+        },
         "fusion": {"kind": "cross_attention", "width": 32, "depth": 1, "num_heads": 2},
         "heads": {"answer": {"kind": "classification", "num_classes": 5}},
         "dropout": 0.0, "dtype": "float32",
@@ -232,9 +234,10 @@ def test_apply_init_from_loads_only_its_tower(tmp_path: Path, caplog: pytest.Log
     src = _bert(tmp_path / "bert", num_hidden_layers=1)
     config = _config(str(src))
     transfer.apply_encoder_overrides(config)
-    assert config.model.text.width == 48 and config.model.text.num_heads == 3
-    assert config.model.text.layer_norm_eps == pytest.approx(1e-7)
-    assert config.model.text.pre_norm is False and config.model.text.pooler is True
+    text = config.model.encoders.text
+    assert text.width == 48 and text.num_heads == 3
+    assert text.layer_norm_eps == pytest.approx(1e-7)
+    assert text.pre_norm is False and text.pooler is True
     fresh = _init(config)
     with caplog.at_level(logging.INFO):
         params = transfer.apply_init_from(config, fresh, logging.getLogger("test"))
@@ -254,7 +257,8 @@ def test_vit_init_from_resizes_positions(tmp_path: Path) -> None:
     src = _vit(tmp_path / "vit", image_size=16)  # a 2x2 patch grid; the run uses 32 px (4x4)
     config = _config("", str(src))
     transfer.apply_encoder_overrides(config)
-    assert config.model.image.patch_size == 8 and config.model.image.qkv_bias is False
+    image = config.model.encoders.image
+    assert image.patch_size == 8 and image.qkv_bias is False
     _, ref = hf.load(src)
     image = jax.tree.map(np.asarray, ref["params"]["image"])
     fresh = {"image": {**image, "pos_embedding": np.zeros((1, 17, 32), np.float32)},

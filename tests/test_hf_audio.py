@@ -201,8 +201,10 @@ def test_convert_verify_cli_and_checkpoint_round_trip(tmp_path: Path) -> None:
 
 def _config(audio: dict) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict({"model": {
-        "audio": audio,
-        "text": {"kind": "text", "vocab_size": 11, "width": 16, "depth": 1, "num_heads": 2},
+        "encoders": {
+            "audio": audio,
+            "text": {"kind": "text", "vocab_size": 11, "width": 16, "depth": 1, "num_heads": 2},
+        },
         "fusion": {"kind": "cross_attention", "width": 16, "depth": 1, "num_heads": 2},
         "heads": {"answer": {"kind": "classification", "num_classes": 3}},
     }})
@@ -220,7 +222,7 @@ def test_init_from_loads_an_audio_tower(tmp_path: Path, kind: str) -> None:
     src = _ast(tmp_path / "hf") if kind == "ast" else _whisper(tmp_path / "hf", "WhisperModel")
     config = _config({"kind": kind, "init_from": str(src)})
     transfer.apply_encoder_overrides(config)
-    assert config.model.audio.width == 36 and config.model.audio.num_heads == 3
+    assert config.model.encoders.audio.width == 36 and config.model.encoders.audio.num_heads == 3
     _, ref = hf.load(src)
     x = hf.random_inputs(hf.read_config(src), batch=2, seed=8)
     x = next(iter(x.values()))

@@ -21,9 +21,10 @@ from scipy import stats
 from sklearn.datasets import load_sample_images
 
 from configs import folder as folder_config
-from mmjax.data import image as image_lib
-from mmjax.data import ops, pipeline, records
-from mmjax.data.device import normalize_images
+from mmjax.data import pipeline, records
+from mmjax.modalities import image as image_modality
+from mmjax.pp import image_io as image_lib
+from mmjax.pp import ops
 from mmjax.trainer import loop
 from tests.test_folder import _config, make_dataset
 
@@ -189,15 +190,16 @@ def test_op_arguments_and_errors(tmp_path):
 
 
 def test_normalize_on_device_equals_host(tmp_path):
-    """uint8 batches scaled inside jit equal the host-normalised float32 batches to 1e-6."""
+    """uint8 batches scaled inside jit (the image modality's ``to_model``) equal the
+    host-normalised float32 batches to 1e-6."""
     root = make_dataset(tmp_path / "data", {"train": 16, "val": 10, "test": 4}, image_size=40)
-    jitted = jax.jit(normalize_images)
+    jitted = jax.jit(image_modality.to_model)
     device_cfg = _config(root, pp_eval="decode|resize|normalize|tokenize", cache=False)
     host_cfg = _config(root, pp_eval="decode|resize|normalize('host')|tokenize", cache=False)
     device = next(iter(pipeline.eval_batches(device_cfg, "val", batch_size=8)))
     host = next(iter(pipeline.eval_batches(host_cfg, "val", batch_size=8)))
     assert device["image"].dtype == np.uint8 and host["image"].dtype == np.float32
-    np.testing.assert_allclose(np.asarray(jitted(device)["image"]), host["image"], atol=1e-6,
+    np.testing.assert_allclose(np.asarray(jitted(device["image"])), host["image"], atol=1e-6,
                                rtol=0)
     train = {}
     for name, spec in [("device", "decode|random_crop|flip|normalize|tokenize"),
@@ -207,10 +209,10 @@ def test_normalize_on_device_equals_host(tmp_path):
         tok = pipeline.build_tokenizer(cfg)
         train[name] = next(pipeline.train_iterator(cfg, batch_size=8, seed=3, tokenizer=tok))
     assert train["device"]["image"].dtype == np.uint8
-    np.testing.assert_allclose(np.asarray(jitted(train["device"])["image"]),
+    np.testing.assert_allclose(np.asarray(jitted(train["device"]["image"])),
                                train["host"]["image"], atol=1e-6, rtol=0)
-    # Without normalize the pixels stay in [0, 255], float32, as before.
-    assert train["none"]["image"].dtype == np.float32
+    # Without normalize the pixels stay uint8 too: the model scales whatever uint8 it gets.
+    assert train["none"]["image"].dtype == np.uint8
     np.testing.assert_array_equal(train["none"]["image"], train["device"]["image"])
     assert records.DEFAULT_PP_TRAIN.startswith("decode|random_crop|")
 

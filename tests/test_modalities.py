@@ -21,12 +21,14 @@ KINDS_N = ("concat", "cross_attention", "late", "bottleneck")
 
 def _cfg(kind: str, **extra) -> dict:
     return {
-        "image": {"kind": "vit", "variant": "mu/8", "width": 32, "depth": 1, "num_heads": 2,
-                  "mlp_dim": 64, "pool": "gap"},
-        "text": {"kind": "text", "variant": "mu", "width": 32, "depth": 1, "num_heads": 2,
-                 "mlp_dim": 64, "vocab_size": 60, "max_len": 8},
-        "audio": {"kind": "ast", "width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64,
-                  "patch_size": 4, "frequency_stride": 4, "time_stride": 4},
+        "encoders": {
+            "image": {"kind": "vit", "variant": "mu/8", "width": 32, "depth": 1, "num_heads": 2,
+                      "mlp_dim": 64, "pool": "gap"},
+            "text": {"kind": "text", "variant": "mu", "width": 32, "depth": 1, "num_heads": 2,
+                     "mlp_dim": 64, "vocab_size": 60, "max_len": 8},
+            "audio": {"kind": "ast", "width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64,
+                      "patch_size": 4, "frequency_stride": 4, "time_stride": 4},
+        },
         "fusion": {"kind": kind, "width": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64},
         "heads": {"answer": {"kind": "classification", "num_classes": 5}},
         **extra,
@@ -89,7 +91,7 @@ def test_bottleneck_exchanges_only_through_its_tokens():
 
     def image_stream(depth: int, b: dict) -> np.ndarray:
         cfg = _cfg("bottleneck")
-        cfg.pop("audio")
+        cfg["encoders"].pop("audio")
         cfg["fusion"]["depth"] = depth
         model = build_model(cfg)
         params = _random_params(model, batch)
@@ -106,7 +108,7 @@ def test_bottleneck_exchanges_only_through_its_tokens():
 def test_absent_modality_is_replaced_by_its_learned_token(kind):
     cfg = _cfg(kind)
     if kind == "co_attention":
-        cfg.pop("audio")
+        cfg["encoders"].pop("audio")
     model = build_model(cfg)
     batch = _batch(0)
     params = _random_params(model, batch)

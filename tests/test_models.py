@@ -129,8 +129,10 @@ HEADS = {
 
 def _model_cfg(fusion_kind: str = "cross_attention", heads: dict | None = None, **extra) -> dict:
     cfg = {
-        "image": {"kind": "vit", "variant": "mu/8"},
-        "text": {"kind": "text", "variant": "mu", "vocab_size": VOCAB, "max_len": 16},
+        "encoders": {
+            "image": {"kind": "vit", "variant": "mu/8"},
+            "text": {"kind": "text", "variant": "mu", "vocab_size": VOCAB, "max_len": 16},
+        },
         "fusion": {"kind": fusion_kind, "width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64},
         "heads": copy.deepcopy(heads or HEADS),
     }
@@ -677,9 +679,12 @@ def test_two_tower_model_has_no_fusion():
         (lambda c: c["fusion"].update(pool="bogus"), r"model\.fusion\.pool"),
         (lambda c: c["heads"]["cls"].update(kind="bogus"), r"model\.heads\.cls\.kind"),
         (lambda c: c["heads"]["cls"].update(bogus=1), r"model\.heads\.cls\.bogus"),
-        (lambda c: c["image"].update(bogus=1), r"model\.image\.bogus"),
-        (lambda c: c["text"].update(bogus=1), r"model\.text\.bogus"),
-        (lambda c: c["image"].update(kind="bogus"), r"model\.image"),
+        (lambda c: c["encoders"]["image"].update(bogus=1), r"model\.encoders\.image\.bogus"),
+        (lambda c: c["encoders"]["text"].update(bogus=1), r"model\.encoders\.text\.bogus"),
+        (lambda c: c["encoders"]["image"].update(kind="bogus"), r"model\.encoders\.image"),
+        (lambda c: c["encoders"].update(smell={"kind": "vit"}), r"no modality 'smell'"),
+        (lambda c: c.update(image=c["encoders"].pop("image")),
+         r"model\.image: towers are configured under config\.model\.encoders\.image"),
         (lambda c: c.update(remat="bogus"), r"model\.remat"),
         (lambda c: c.update(dtype="float8"), r"model\.dtype"),
         (lambda c: c.update(heads={}), r"model\.heads"),
@@ -756,7 +761,7 @@ def test_resnet_unknown_variant():
 
 def test_resnet_tower_keeps_batch_stats_under_its_modality():
     cfg = _model_cfg("late", heads={"reg": {"kind": "regression"}})
-    cfg["image"] = {"kind": "resnet", "variant": "mu"}
+    cfg["encoders"]["image"] = {"kind": "resnet", "variant": "mu"}
     model = build_model(cfg)
     batch = {**_batch(31), "image": _images(31, size=32)}
     variables = _fill(model, batch)

@@ -388,8 +388,10 @@ def _config() -> ml_collections.ConfigDict:
     }
     return ml_collections.ConfigDict({
         "model": {
-            "image": {"kind": "vit", "variant": "mu/8", "patch_size": P, **tower},
-            "text": {"kind": "text", "variant": "mu", "vocab_size": V, "max_len": 16, **tower},
+            "encoders": {
+                "image": {"kind": "vit", "variant": "mu/8", "patch_size": P, **tower},
+                "text": {"kind": "text", "variant": "mu", "vocab_size": V, "max_len": 16, **tower},
+            },
             "fusion": {"kind": "cross_attention", **tower},
             "heads": heads,
         },
@@ -587,7 +589,7 @@ def test_objective_config_errors(setup):
         lambda v: build_model(config.model).apply(v, batch), trace(config))["mlm"]
     assert shapes["logits"].shape == (B, L, V)
     config = _config()
-    config.model.image = {"kind": "resnet", "variant": "mu"}
+    config.model.encoders.image = {"kind": "resnet", "variant": "mu"}
     config.model.heads = {"mim": {"kind": "mim"}}
     with pytest.raises(ValueError, match="vit"):
         trace(config)

@@ -18,7 +18,7 @@ import pytest
 from configs import shapes_caption, shapes_finetune, shapes_pretrain
 from mmjax import trainer
 from mmjax.inference.checkpoint_metrics import checkpoint_metrics
-from mmjax.io.checkpoint import read_checkpoint_params
+from mmjax.io.checkpoint import checkpoint_state_dir, read_checkpoint_params, read_state
 from mmjax.optim import weighting
 from mmjax.trainer import loop
 
@@ -67,8 +67,9 @@ def test_pretrain_then_finetune_from_its_workdir(tmp_path, caplog) -> None:
     _count_of(val["zeroshot_accuracy"], N_EVAL)
     _count_of(val["itm_accuracy"], 3 * N_EVAL)  # one positive and two negatives per example
     assert np.isfinite(val["mlm_accuracy"]) and np.isfinite(val["mim_loss"])
-    pretrained = read_checkpoint_params(pre_dir)
-    assert set(pretrained[weighting.PARAMS_KEY]) == set(tasks)
+    saved = read_state(checkpoint_state_dir(pre_dir), ("params", "loss_weights"))
+    # The learned weights are a field of the state beside the model's params, not inside them.
+    assert set(saved["loss_weights"]) == set(tasks) and "loss_weights" not in saved["params"]
     # Evaluating the run again with a modality dropped (two evaluators, which --drop leaves out)
     # gives the per-batch metrics, and the same line as training without --drop.
     again = checkpoint_metrics(pre_dir, split="val")

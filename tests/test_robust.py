@@ -24,10 +24,11 @@ import scipy.ndimage
 import simplejpeg
 from PIL import Image, ImageEnhance
 
-from mmjax.data.device import normalize_images
 from mmjax.data.tokenize import WordPieceTokenizer
 from mmjax.inference import answer
 from mmjax.inference.checkpoint_metrics import checkpoint_metrics
+from mmjax.modalities import image as image_modality
+from mmjax.modalities import text as text_modality
 from mmjax.robust import attacks, corruptions, drop, report
 from mmjax.trainer import loop, runs
 from tests.test_folder import _texture, make_dataset
@@ -49,7 +50,7 @@ def test_blur_matches_scipy_gaussian_filter(severity):
     ref = scipy.ndimage.gaussian_filter(img / 255.0, sigma=(sigma, sigma, 0), mode="nearest",
                                         truncate=4.0)
     want = np.round(np.clip(ref, 0, 1) * 255).astype(int)
-    got = corruptions.corrupt_image(img, "gaussian_blur", severity, np.random.default_rng(0))
+    got = image_modality.corrupt_image(img, "gaussian_blur", severity, np.random.default_rng(0))
     assert got.dtype == np.uint8 and got.shape == img.shape
     assert np.abs(got.astype(int) - want).max() <= 1  # float rounding at .5 only
 
@@ -60,7 +61,7 @@ def test_jpeg_matches_another_encoder(severity):
     quality = int(corruptions.parameter("jpeg", severity))
     ref = simplejpeg.decode_jpeg(simplejpeg.encode_jpeg(
         img, quality=quality, colorspace="RGB", colorsubsampling="420"), colorspace="RGB")
-    got = corruptions.corrupt_image(img, "jpeg", severity, np.random.default_rng(0))
+    got = image_modality.corrupt_image(img, "jpeg", severity, np.random.default_rng(0))
     diff = np.abs(got.astype(int) - ref)
     # Two libjpeg encoders write slightly different streams: the same image up to rare pixels,
     # an order of magnitude below the corruption itself.
@@ -73,23 +74,23 @@ def test_contrast_matches_pillow_on_grey_images(severity):
     grey = _image(20 + severity)[..., :1].repeat(3, axis=-1)  # R = G = B: Pillow's mean is ours
     c = corruptions.parameter("contrast", severity)
     ref = np.asarray(ImageEnhance.Contrast(Image.fromarray(grey)).enhance(c)).astype(int)
-    got = corruptions.corrupt_image(grey, "contrast", severity, np.random.default_rng(0))
+    got = image_modality.corrupt_image(grey, "contrast", severity, np.random.default_rng(0))
     assert np.abs(got.astype(int) - ref).max() <= 1  # Pillow rounds the mean to an integer
 
 
 @pytest.mark.parametrize("severity", (1, 2, 3))
 def test_gaussian_noise_has_the_tables_std(severity):
     grey = np.full((96, 96, 3), 128, np.uint8)  # mid-grey: no clipping up to 2.8 sigma
-    got = corruptions.corrupt_image(grey, "gaussian_noise", severity, np.random.default_rng(3))
+    got = image_modality.corrupt_image(grey, "gaussian_noise", severity, np.random.default_rng(3))
     delta = (got.astype(float) - 128) / 255
     c = corruptions.parameter("gaussian_noise", severity)
     assert abs(delta.std() / c - 1) < 0.04 and abs(delta.mean()) < 0.01
 
 
-@pytest.mark.parametrize("name", sorted(corruptions.IMAGE_TABLES))
+@pytest.mark.parametrize("name", sorted(image_modality.TABLES))
 def test_image_severities_are_monotone(name):
     img = _image(7, 64)
-    errors = [np.abs(corruptions.corrupt_image(img, name, s, np.random.default_rng(0))
+    errors = [np.abs(image_modality.corrupt_image(img, name, s, np.random.default_rng(0))
                      .astype(float) - img).mean() for s in corruptions.SEVERITIES]
     assert all(a < b for a, b in itertools.pairwise(errors)), errors
     assert errors[0] > 0.5
@@ -98,14 +99,14 @@ def test_image_severities_are_monotone(name):
 def test_float_batches_are_corrupted_as_their_pixels():
     img = np.stack([_image(1, 16), _image(2, 16)])
     normalized = img.astype(np.float32) * (1.0 / 127.5) - 1.0  # the normalize op
-    pixels, back = corruptions.image_pixels(normalized)
+    pixels, back = image_modality.image_pixels(normalized)
     assert np.array_equal(pixels, img) and np.array_equal(back(pixels), normalized)
     out = corruptions.corrupt_batch({"image": normalized}, "contrast", 2,
                                     np.random.default_rng(0))
-    want = corruptions.corrupt_image(img[1], "contrast", 2, np.random.default_rng(0))
+    want = image_modality.corrupt_image(img[1], "contrast", 2, np.random.default_rng(0))
     assert np.array_equal(out["image"][1], want.astype(np.float32) * (1.0 / 127.5) - 1.0)
     with pytest.raises(corruptions.CorruptionError, match="normalize"):
-        corruptions.image_pixels((img / 255.0).astype(np.float32))  # another scaling
+        image_modality.image_pixels((img / 255.0).astype(np.float32))  # another scaling
 
 
 def test_specs_parse_and_name_bad_items():
@@ -127,7 +128,7 @@ _WORDS = [f"w{i}x{'abcdefgh'[i % 8] * (i % 5 + 1)}" for i in range(40)]
 
 def _corrupted(name: str, severity: int) -> list[str]:
     rng = np.random.default_rng(severity)
-    return [corruptions.corrupt_text(" ".join(_WORDS), name, severity, rng) for _ in range(50)]
+    return [text_modality.corrupt_text(" ".join(_WORDS), name, severity, rng) for _ in range(50)]
 
 
 @pytest.mark.parametrize("severity", corruptions.SEVERITIES)
@@ -157,7 +158,7 @@ def test_word_drops_keep_order_at_the_tables_rate(severity):
         kept += len(words)
     rate = 1 - kept / (len(outs) * len(_WORDS))
     assert abs(rate - corruptions.parameter("word_drop", severity)) < 0.05
-    assert corruptions.corrupt_text("one", "word_drop", 5, np.random.default_rng(0)) == "one"
+    assert text_modality.corrupt_text("one", "word_drop", 5, np.random.default_rng(0)) == "one"
 
 
 def test_word_shuffles_permute_more_with_severity():
@@ -175,7 +176,7 @@ def test_text_batches_keep_unknown_words_through_the_tokenizer():
                                    vocab_size=60)
     ids, mask = tok.encode(["is there a zebra disc ?", "a xylo square", "is there"], 12)
     assert (ids == tok.UNK).sum() >= 2  # "zebra" and "xylo" are not in the vocabulary
-    texts = corruptions.decode_keeping_unknown(tok, ids)
+    texts = text_modality.decode_keeping_unknown(tok, ids)
     assert np.array_equal(tok.encode(texts, 12)[0], ids)  # a plain decode would drop them
     out = corruptions.corrupt_batch({"text": {"ids": ids, "mask": mask}}, "word_shuffle", 5,
                                     np.random.default_rng(1), tokenizer=tok)["text"]
@@ -191,7 +192,8 @@ def test_audio_noise_is_at_the_tables_snr(severity):
     rng = np.random.default_rng(severity)
     wave = (np.stack([np.sin(2 * np.pi * 440 * t), 0.1 * rng.standard_normal(16000)])
             .astype(np.float32))
-    noisy = corruptions.audio_noise(wave, severity, np.random.default_rng(0))
+    noisy = corruptions.corrupt_batch({"audio": wave}, "audio_noise", severity,
+                                      np.random.default_rng(0))["audio"]
     noise = noisy.astype(np.float64) - wave
     snr = 10 * np.log10((wave.astype(np.float64) ** 2).sum(-1) / (noise**2).sum(-1))
     np.testing.assert_allclose(snr, corruptions.parameter("audio_noise", severity), atol=1e-3)
@@ -229,7 +231,7 @@ def _model_batch(workdir: Path, rows: int = 96):
 def test_token_embeds_entry_point_matches_ids(trained):
     _run, model, variables, batch = _model_batch(trained[1], 24)
     table = variables["params"]["text"]["token_embedding"]["embedding"]
-    logits = jax.jit(lambda b: model.apply(variables, normalize_images(b))["answer"]["logits"])
+    logits = jax.jit(lambda b: model.apply(variables, b)["answer"]["logits"])
     embeds = jnp.take(table, batch["text"]["ids"], axis=0)
     via_embeds = logits({**batch, "text": {**batch["text"], "token_embeds": embeds}})
     np.testing.assert_allclose(via_embeds, logits(batch), rtol=0, atol=1e-6)
@@ -239,16 +241,16 @@ def test_attacks_reduce_accuracy_within_the_eps_ball(trained):
     # 24 rows and 5 PGD steps: the tests' XLA flags (no LLVM optimisation) make these
     # gradient loops slow to run.
     _run, model, variables, batch = _model_batch(trained[1], 24)
-    kinds = attacks.targets(model.encoders)
-    assert kinds == {"image": "pixels", "text": "embeddings"}
+    names = attacks.targets(model.encoders)
+    assert names == ["image", "text"]
     attack = jax.jit(lambda b, eps, method, steps: attacks.attack_batch(
-        model, variables, b, task="answer", kinds=kinds, method=method, eps=eps, steps=steps),
+        model, variables, b, task="answer", names=names, method=method, eps=eps, steps=steps),
         static_argnames=("method", "steps"))
     x0 = {"image": batch["image"] / 255.0,  # the pipeline's uint8 pixels on the [0, 1] scale
           "text": np.asarray(variables["params"]["text"]["token_embedding"]["embedding"])[
               batch["text"]["ids"]]}
     labels = batch["label"]
-    logits_of = jax.jit(lambda b: model.apply(variables, normalize_images(b))["answer"]["logits"])
+    logits_of = jax.jit(lambda b: model.apply(variables, b)["answer"]["logits"])
     logits = logits_of(batch)
     clean_acc = float(np.mean(np.argmax(logits, -1) == labels))
 

@@ -24,10 +24,12 @@ from mmjax.optim import lora, optimizers
 from mmjax.trainer import transfer
 
 MODEL = {
-    "image": {"kind": "vit", "variant": "mu/4", "width": 16, "depth": 3, "num_heads": 2,
-              "mlp_dim": 24, "class_token": True, "pool": "cls", "embed_norm": True},
-    "text": {"kind": "text", "vocab_size": 23, "width": 16, "depth": 2, "num_heads": 4,
-             "mlp_dim": 32, "max_len": 7, "causal": True, "pre_norm": True, "pool": "last"},
+    "encoders": {
+        "image": {"kind": "vit", "variant": "mu/4", "width": 16, "depth": 3, "num_heads": 2,
+                  "mlp_dim": 24, "class_token": True, "pool": "cls", "embed_norm": True},
+        "text": {"kind": "text", "vocab_size": 23, "width": 16, "depth": 2, "num_heads": 4,
+                 "mlp_dim": 32, "max_len": 7, "causal": True, "pre_norm": True, "pool": "last"},
+    },
     "fusion": {"kind": "cross_attention", "width": 16, "depth": 2, "num_heads": 2},
     "heads": {"answer": {"kind": "classification", "num_classes": 5},
               "clip": {"kind": "contrastive", "embed_dim": 8}},
@@ -260,7 +262,8 @@ def test_resuming_under_the_other_layout_names_the_cause_and_keeps_the_checkpoin
 def test_depth_zero_scans_nothing():
     """depth 0 scanned has no layer params at all (as unrolled): no zero-size stacked arrays,
     which Orbax refuses to save."""
-    zero = {**MODEL, "image": {**MODEL["image"], "depth": 0},
+    towers = MODEL["encoders"]
+    zero = {**MODEL, "encoders": {**towers, "image": {**towers["image"], "depth": 0}},
             "fusion": {**CO_FUSION, "depth": 0}}
     for scan in (False, True):
         shapes = jax.eval_shape(lambda s=scan: build_model({**zero, "scan_layers": s}).init(

@@ -150,9 +150,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> tuple[evaluators.Env, dict]
     tok = pipeline.build_tokenizer(data)
     v = tok.vocab_size
     model_cfg = {
-        "image": {"kind": "vit", "variant": "mu/8", "width": 32, "depth": 0, "num_heads": 2},
-        "text": {"kind": "text", "width": 32, "depth": 0, "num_heads": 2, "vocab_size": v,
-                 "max_len": 8},
+        "encoders": {
+            "image": {"kind": "vit", "variant": "mu/8", "width": 32, "depth": 0, "num_heads": 2},
+            "text": {"kind": "text", "width": 32, "depth": 0, "num_heads": 2, "vocab_size": v,
+                     "max_len": 8},
+        },
         "fusion": {"kind": "cross_attention", "width": 32, "depth": 1, "num_heads": 2},
         "heads": {
             "answer": {"kind": "classification", "num_classes": 2},

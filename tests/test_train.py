@@ -183,7 +183,8 @@ def test_initial_state_loads_hf_bert_and_vit_towers(tmp_path):
         intermediate_size=40,
     )).save_pretrained(vit_dir)
 
-    config = _tiny(**{"model.text.init_from": str(bert_dir), "model.image.init_from": str(vit_dir),
+    config = _tiny(**{"model.encoders.text.init_from": str(bert_dir),
+                      "model.encoders.image.init_from": str(vit_dir),
                       "total_steps": 6, "eval_every": 6, "log_every": 2})
     initial, _ = loop.initial_state(trainer.setup(config, tmp_path / "run"))
     bert = transformers.BertModel.from_pretrained(bert_dir)
@@ -199,7 +200,7 @@ def test_initial_state_loads_hf_bert_and_vit_towers(tmp_path):
         np.asarray(initial.params["image"]["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"]),
         fc1.detach().numpy().T)
     # The towers' architecture comes from the folders; the fusion and the head start fresh.
-    assert config.model.text.width == 32 and config.model.image.depth == 1
+    assert config.model.encoders.text.width == 32 and config.model.encoders.image.depth == 1
     assert not np.any(np.asarray(initial.params["heads"]["answer"]["out"]["kernel"]))
 
 
@@ -226,3 +227,21 @@ def test_a_config_in_another_folder_trains_and_its_neighbours_are_not_imported(t
     assert run.returncode == 0, run.stderr[-3000:]
     assert "done: step 2" in run.stdout
     assert not marker.exists(), marker.read_text()
+
+
+def test_config_imports_are_imported_and_a_missing_one_is_named(tmp_path, monkeypatch):
+    """``config.imports`` names modules that register parts of one's own; training and every
+    command that reads a run back import them first."""
+    from mmjax import config as config_lib
+
+    (tmp_path / "my_parts.py").write_text("LOADED = []\nLOADED.append(1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    c = get_config("tiny")
+    with c.unlocked():
+        c.imports = "my_parts"
+    assert config_lib.import_modules(c) == ["my_parts"]
+    assert sys.modules["my_parts"].LOADED == [1]
+    with c.unlocked():
+        c.imports = "my_parts, no_such_module_here"
+    with pytest.raises(ImportError, match=r"config\.imports names 'no_such_module_here'"):
+        config_lib.import_modules(c)

@@ -49,10 +49,12 @@ def _random_like(shapes, seed: int) -> dict:
 
 
 MODEL = {
-    "image": {"kind": "vit", "variant": "mu/8", "width": 8, "depth": 2, "num_heads": 2,
-              "mlp_dim": 16, "class_token": True, "pool": "cls", "pooler": True},
-    "text": {"kind": "text", "vocab_size": 11, "width": 8, "depth": 1, "num_heads": 2,
-             "mlp_dim": 16, "max_len": 6, "pooler": True},
+    "encoders": {
+        "image": {"kind": "vit", "variant": "mu/8", "width": 8, "depth": 2, "num_heads": 2,
+                  "mlp_dim": 16, "class_token": True, "pool": "cls", "pooler": True},
+        "text": {"kind": "text", "vocab_size": 11, "width": 8, "depth": 1, "num_heads": 2,
+                 "mlp_dim": 16, "max_len": 6, "pooler": True},
+    },
     "fusion": {"kind": "cross_attention", "width": 8, "depth": 1, "num_heads": 2},
     "heads": {"answer": {"kind": "classification", "num_classes": 3}},
 }
@@ -311,7 +313,8 @@ def _trainer_config(src: str) -> ml_collections.ConfigDict:
     config = get_config("tiny")
     with config.unlocked():
         for m in ("image", "text"):
-            config.model[m].update({"width": 16, "depth": 0, "mlp_dim": 32, "num_heads": 2})
+            config.model.encoders[m].update({"width": 16, "depth": 0, "mlp_dim": 32,
+                                             "num_heads": 2})
         config.model.fusion.update({"width": 16, "depth": 1, "num_heads": 2})
         config.total_steps = 3
         config.optimizer.update({"warmup_steps": 0, "lr": 1e-2, "weight_decay": 0.1,
@@ -339,7 +342,8 @@ def test_trainer_init_from_lora_freeze_train_restore_and_export(tmp_path, caplog
     write_checkpoint(src, traverse_util.unflatten_dict(source, sep="/"))
 
     state, tx = loop.initial_state(run)
-    base = _leaves({k: v for k, v in state.params.items() if k != "lora"})
+    assert "lora" not in state.params  # the adapters are a field of their own
+    base = _leaves(state.params)
     for path, value in base.items():
         if path.startswith("heads/"):  # not loaded by default: the fresh (zero) classifier
             assert not np.any(np.asarray(value)), path
@@ -350,14 +354,14 @@ def test_trainer_init_from_lora_freeze_train_restore_and_export(tmp_path, caplog
     assert "1 missing (kept fresh): fusion/encoder/final_norm/scale" in caplog.text
     assert "1 unexpected (ignored): fusion/extra/kernel" in caplog.text
     # Adapters on the fusion layer's 4+4 attention and 2 MLP kernels, b = 0: output unchanged.
-    pairs = lora.adapter_pairs(state.params["lora"])
+    pairs = lora.adapter_pairs(state.adapters)
     assert len(pairs) == 10 and all(p.startswith("fusion/encoder/layer_0/") for p in pairs)
     n_adapters = sum(np.size(a) + np.size(b) for a, b in pairs.values())
     n_frozen_a = np.size(pairs["fusion/encoder/layer_0/mlp/fc2/kernel"][0])
     n_train = n_adapters - n_frozen_a + sum(
         np.size(v) for k, v in base.items()
         if k.startswith(("heads/", "fusion/encoder/final_norm/")))
-    n_total = sum(np.size(v) for v in _leaves(state.params).values())
+    n_total = sum(np.size(v) for v in _leaves(state.trainable()).values())
     assert f"trainable parameters: {n_train:,} of {n_total:,}" in caplog.text
 
     model, tasks = run.model, run.tasks
@@ -367,7 +371,7 @@ def test_trainer_init_from_lora_freeze_train_restore_and_export(tmp_path, caplog
     for i in range(3):
         trained, metrics = step(trained, synthetic_batch(config, 8, seed=10 + i))
     assert np.isfinite(float(metrics["loss"]))
-    before, after = _leaves(state.params), _leaves(trained.params)
+    before, after = _leaves(state.trainable()), _leaves(trained.trainable())
     moved = {p for p in before if not np.array_equal(before[p], after[p])}
     frozen_a = "lora/fusion/encoder/layer_0/mlp/fc2/kernel/a"  # a random matrix: weight decay
     should_move = {p for p in before if p.startswith(("heads/", "lora/", "fusion/encoder/final_"))
@@ -401,7 +405,7 @@ def test_trainer_init_from_lora_freeze_train_restore_and_export(tmp_path, caplog
 
     # The merged kernels differ from the base ones (b moved), so equal outputs also show that
     # forward applies the adapters.
-    plain_out, lora_out = outputs(merged, trained.params)
+    plain_out, lora_out = outputs(merged, trained.trainable())
     for a, b in zip(jax.tree.leaves(plain_out), jax.tree.leaves(lora_out), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     kernel = "fusion/encoder/layer_0/mlp/fc1/kernel"

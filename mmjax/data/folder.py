@@ -1,13 +1,11 @@
 """A dataset in a folder: ``DIR/{train,val,test}.jsonl`` plus the image files they name.
 
-Each line is a JSON object with ``"label"`` (string or int) and any non-empty subset of the
-modality fields ``"image"`` (a path relative to DIR, any format Pillow reads), ``"audio"`` (a
-path relative to DIR, WAV/FLAC/OGG or anything libsndfile reads), ``"series"`` (a path to a
-``.npy`` of floats ``[time, channels]``) and ``"text"``. Loading a split
-runs a validation pass that parses every line and fully decodes every image and clip *before*
-training starts, because a bad record found an hour into a run wastes the hour; each failure
-names the JSONL file and line (and the media file). With ``skip_bad`` the bad records are
-dropped and counted instead.
+Each line is a JSON object with ``"label"`` (string or int) and any non-empty subset of the modality
+fields (``mmjax.modalities``: ``"image"``, ``"audio"``, ``"series"`` name files relative to DIR,
+``"text"`` holds the text itself). Loading a split runs a validation pass that parses every line and
+fully decodes every file *before* training starts, because a bad record found an hour into a run
+wastes the hour; each failure names the JSONL file and line (and the media file). With ``skip_bad``
+the bad records are dropped and counted instead.
 
 ``FolderSource.from_file`` reads any JSONL file in the same format, with the label optional
 (inputs to ``mmjax.predict``).
@@ -22,15 +20,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from mmjax.data import audio_ops, ops, series_ops
+from mmjax import modalities
+from mmjax.pp import ops
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-MODALITIES = ("image", "audio", "series", "text")  # the record fields that are model inputs
-FIELDS = (*MODALITIES, "label")
 LABELS_FILE = "labels.json"
 
 
@@ -39,12 +34,13 @@ class BadDataError(ValueError):
 
 
 class FolderSource:
-    """Random-access records of one split: ``{"image": path, "audio": path, "text": str,
-    "label": raw}``, each record with the modality fields its line has.
+    """Random-access records of one split: ``{"image": path, "text": str, "label": raw, ...}``,
+    each record with the modality fields its line has (file fields as absolute paths).
 
-    ``on_image(i, array)`` / ``on_audio(i, waveform)`` are called with each decoded image / clip
-    (mono, at ``audio_rate`` Hz; the file's own rate if 0) during validation, so a caller can
-    cache preprocessed inputs instead of decoding the file again.
+    ``ctx`` (``mmjax.pp.ops.Context``) is what the modalities' decoders need (the audio front
+    end's rate); ``on_loaded(modality, i, value)`` is called with each decoded file of a good
+    record ``i``, so a caller can cache preprocessed inputs instead of decoding it again, and
+    ``modalities.get(m).measure`` of each decoded file is kept in ``measures[m]``.
     """
 
     def __init__(
@@ -53,16 +49,13 @@ class FolderSource:
         split: str,
         *,
         skip_bad: bool = False,
-        validate_images: bool = True,
-        on_image: Callable[[int, np.ndarray], None] | None = None,
-        on_audio: Callable[[int, np.ndarray], None] | None = None,
-        audio_rate: int = 0,
+        ctx: ops.Context | None = None,
+        on_loaded: Callable[[str, int, Any], None] | None = None,
     ):
         if split not in SPLITS:
             raise ValueError(f"unknown folder split {split!r}; expected one of {SPLITS}")
         self.split = split
-        self._on_audio, self._audio_rate = on_audio, audio_rate
-        self._open(Path(root) / f"{split}.jsonl", True, skip_bad, validate_images, on_image)
+        self._open(Path(root) / f"{split}.jsonl", True, skip_bad, ctx, on_loaded)
 
     @classmethod
     def from_file(
@@ -70,29 +63,29 @@ class FolderSource:
         file: str | Path,
         *,
         skip_bad: bool = False,
-        validate_images: bool = True,
-        on_image: Callable[[int, np.ndarray], None] | None = None,
-        on_audio: Callable[[int, np.ndarray], None] | None = None,
-        audio_rate: int = 0,
+        ctx: ops.Context | None = None,
+        on_loaded: Callable[[str, int, Any], None] | None = None,
     ) -> FolderSource:
         """Records of any JSONL file in the folder format, media paths relative to the file's
         folder; ``label`` is optional and dropped (new inputs to a trained model)."""
         self = cls.__new__(cls)
         self.split = ""
-        self._on_audio, self._audio_rate = on_audio, audio_rate
-        self._open(Path(file), False, skip_bad, validate_images, on_image)
+        self._open(Path(file), False, skip_bad, ctx, on_loaded)
         return self
 
-    def _open(self, file: Path, labelled: bool, skip: bool, validate_images: bool,
-              on_image: Callable[[int, np.ndarray], None] | None) -> None:
+    def _open(self, file: Path, labelled: bool, skip: bool, ctx: ops.Context | None,
+              on_loaded: Callable[[str, int, Any], None] | None) -> None:
         self.root = str(file.parent.absolute())
         self.file = os.path.join(self.root, file.name)
         self.records: list[dict[str, Any]] = []
         self.lines: list[int] = []  # the JSONL line number of each record, for error messages
         self.indices: list[int] = []  # each record's position among the file's non-blank lines
         self.skipped = 0
+        self.measures: dict[str, list[float]] = {}
         self._labelled = labelled
-        self._load(skip, validate_images, on_image)
+        self._ctx = ctx or ops.Context()
+        self._on_loaded = on_loaded
+        self._load(skip)
 
     def _bad(self, skip: bool, line: int, why: str) -> None:
         message = f"{self.file}:{line}: {why}"
@@ -101,15 +94,11 @@ class FolderSource:
         self.skipped += 1
         log.warning("skipping bad record %s", message)
 
-    def _load(
-        self,
-        skip: bool,
-        validate_images: bool,
-        on_image: Callable[[int, np.ndarray], None] | None,
-    ) -> None:
+    def _load(self, skip: bool) -> None:
         if not os.path.isfile(self.file):
             raise FileNotFoundError(f"{self.file}: split file not found")
         labelled = self._labelled
+        fields = modalities.names()
         position = -1
         with open(self.file, encoding="utf-8") as f:
             for line_no, line in enumerate(f, start=1):
@@ -131,16 +120,16 @@ class FolderSource:
                 if labelled and (isinstance(label, bool) or not isinstance(label, str | int)):
                     self._bad(skip, line_no, f"label must be a string or an int, got {label!r}")
                     continue
-                have = [m for m in MODALITIES if m in rec]
+                have = [m for m in fields if m in rec]
                 if not have:
-                    self._bad(skip, line_no, f"record has none of the fields {MODALITIES}")
+                    self._bad(skip, line_no, f"record has none of the fields {fields}")
                     continue
                 wrong = [m for m in have if not isinstance(rec[m], str)]
                 if wrong:
                     self._bad(skip, line_no, f"field {wrong[0]!r} must be a string")
                     continue
-                record = {"text": rec["text"]} if "text" in rec else {}
-                why = self._check_media(rec, record, validate_images, on_image)
+                record: dict[str, Any] = {}
+                why = self._check_media(rec, have, record)
                 if why:
                     self._bad(skip, line_no, why)
                     continue
@@ -154,39 +143,35 @@ class FolderSource:
         if self.skipped:
             log.warning("%s: skipped %d bad records", self.file, self.skipped)
 
-    def _check_media(self, rec: dict, record: dict, validate: bool,
-                     on_image: Callable[[int, np.ndarray], None] | None) -> str:
-        """Fills ``record``'s media paths, decoding each file if ``validate``; returns why the
-        record is bad ("" if it is not). Callbacks run only once the whole record is good."""
+    def _check_media(self, rec: dict, have: list[str], record: dict) -> str:
+        """Fills ``record``'s modality fields, decoding each file; returns why the record is bad
+        ("" if it is not). Callbacks run only once the whole record is good."""
         decoded = {}
-        for m in ("image", "audio", "series"):
-            if m not in rec:
+        for m in have:
+            modality = modalities.get(m)
+            if not modality.from_file:
+                record[m] = rec[m]
                 continue
             path = record[m] = os.path.join(self.root, rec[m])
-            if not validate:
-                continue
             if not os.path.isfile(path):
                 return f"{m} file {path} not found"
             try:
-                if m == "image":
-                    decoded[m] = ops.decode_image(path)
-                elif m == "audio":
-                    decoded[m] = audio_ops.decode_audio(path, self._audio_rate or 0)
-                else:
-                    series_ops.load_series(path)
+                decoded[m] = modality.load(path, self._ctx)
             except Exception as e:
                 return f"cannot decode {m} file {path}: {e}"
         i = len(self.records)
-        if on_image is not None and "image" in decoded:
-            on_image(i, decoded["image"])
-        if self._on_audio is not None and "audio" in decoded:
-            self._on_audio(i, decoded["audio"])
+        for m, value in decoded.items():
+            measure = modalities.get(m).measure
+            if measure is not None:
+                self.measures.setdefault(m, []).append(measure(value))
+            if self._on_loaded is not None:
+                self._on_loaded(m, i, value)
         return ""
 
     def modalities(self) -> tuple[str, ...]:
-        """The modality fields that occur in at least one record, in ``MODALITIES`` order."""
+        """The modality fields that occur in at least one record, in registry order."""
         seen = set().union(*(r.keys() for r in self.records))
-        return tuple(m for m in MODALITIES if m in seen)
+        return tuple(m for m in modalities.names() if m in seen)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -5,8 +5,9 @@ r"""See the data a config trains on, and measure how fast the pipeline delivers 
     python -m mmjax.data.inspect --config configs/folder.py --config.data.path=DIR \
         --config.data.image_size=224 --benchmark 20
 
-The first prints a few decoded examples (text decoded back from the token ids, the label by
-name) and writes a PNG grid of the images with their texts and labels, exactly as the model
+The first prints a few examples (every modality: text decoded back from the token ids, other
+inputs by shape and range; the label by name) and writes a PNG grid of the images with their
+texts and labels, exactly as the model
 receives them after preprocessing: a bug in the data shows up here before it costs a run.
 ``--benchmark N`` instead times N train batches and reports images/s, split into start-up
 (loading, validating and caching the split) and steady state. When the data has audio it also
@@ -21,9 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from absl import flags
 
+from mmjax import modalities
 from mmjax.runtime import cli
 
 flags.DEFINE_string("split", "train", "train (with augmentation), val or test")
@@ -67,29 +70,36 @@ def grid(images: np.ndarray, captions: list[str], *, cell: int = 160) -> Any:
     return canvas
 
 
+def _describe(name: str, x: Any, tokenizer: Any) -> str:
+    """One example's entry: decoded text for token ids, else shape, dtype and range."""
+    if isinstance(x, dict) and "ids" in x:
+        return f"{name} {tokenizer.decode(np.asarray(x['ids'])[None])[0]!r}"
+    leaves = x.items() if isinstance(x, dict) else [("", x)]
+    return "  ".join(f"{name}{'.' + k if k else ''} {tuple(v.shape)} {v.dtype} range "
+                     f"[{v.min():.2f}, {v.max():.2f}]" for k, v in leaves)
+
+
 def show(config: Any, split: str, num: int, out: str, workdir: str = "") -> list[str]:
-    """Prints ``num`` examples of ``split`` and writes their grid to ``out``; returns the lines."""
+    """Prints ``num`` examples of ``split`` (every modality, the label, what is absent) and
+    writes a grid of their images, if they have any, to ``out``; returns the lines."""
     batch, tok = _batch(config, split, num, workdir)
     from mmjax.data import pipeline
 
     names = pipeline.label_names(config.data, workdir=workdir)
-    texts = tok.decode(batch["text"]["ids"])
+    inputs = [m for m in modalities.names() if m in batch]
     lines = []
     for i in range(num):
-        label = names[int(batch["label"][i])]
-        im = batch["image"][i]
-        extra = "".join(f"  {m} {tuple(batch[m][i].shape)} range [{batch[m][i].min():.2f}, "
-                        f"{batch[m][i].max():.2f}]" for m in ("audio", "series") if m in batch)
+        row = [_describe(m, jax.tree.map(lambda v, i=i: np.asarray(v)[i], batch[m]), tok)
+               for m in inputs]
         absent = [m for m, v in batch.get("present", {}).items() if not v[i]]
-        lines.append(
-            f"[{i}] image {tuple(im.shape)} {im.dtype} range [{im.min():.2f}, {im.max():.2f}]"
-            f"{extra}  text {texts[i]!r}  label {label!r}"
-            + (f"  absent {absent}" if absent else "")
-        )
+        lines.append(f"[{i}] " + "  ".join(row) + f"  label {names[int(batch['label'][i])]!r}"
+                     + (f"  absent {absent}" if absent else ""))
         print(lines[-1])
-    captions = [f"{t} -> {names[int(y)]}" for t, y in zip(texts, batch["label"], strict=True)]
-    grid(batch["image"][:num], captions[:num]).save(out)
-    print(f"wrote {Path(out).absolute()}")
+    if "image" in batch:
+        texts = tok.decode(batch["text"]["ids"]) if "text" in batch else [""] * num
+        captions = [f"{t} -> {names[int(y)]}" for t, y in zip(texts, batch["label"], strict=True)]
+        grid(batch["image"][:num], captions[:num]).save(out)
+        print(f"wrote {Path(out).absolute()}")
     return lines
 
 
@@ -146,14 +156,15 @@ def audio_benchmark(data_config: Any, num: int) -> dict[str, float]:
     """clips/s of decoding (file → mono at the front end's rate) and of features, mmjax's
     front end and transformers' extractor on the same ``num`` train clips, one clip per call
     as the pipeline makes them; prints one ``audio:`` line."""
-    from mmjax.data import audio_ops, records
+    from mmjax.data import records
+    from mmjax.pp import audio as audio_pp
 
     data = records.split_data(data_config, "train", labelled=False)
-    fe = data.front_end
+    fe = data.ctx.audio
     paths = [r["audio"] for r in data.source.records if "audio" in r][:num]
-    features = audio_ops.audio_features_op(fe)
+    features = audio_pp.audio_features_op(fe)
     t0 = time.perf_counter()
-    clips = [audio_ops.decode_audio(p, fe.sampling_rate) for p in paths]
+    clips = [audio_pp.decode_audio(p, fe.sampling_rate) for p in paths]
     t1 = time.perf_counter()
     ours = [features(c) for c in clips]
     t2 = time.perf_counter()
@@ -171,7 +182,7 @@ def audio_benchmark(data_config: Any, num: int) -> dict[str, float]:
           f"{out['hf_clips_per_s']:.0f} clips/s (max |diff| {diff:.1e}); decode+resample "
           f"{out['decode_clips_per_s']:.0f} clips/s; "
           + ("the pipeline computes each clip's features once, at start-up (data.cache)"
-             if data.audio_cache else "the pipeline decodes and computes features every batch"))
+             if data.cache["audio"] else "the pipeline decodes and computes features every batch"))
     return out
 
 

@@ -74,7 +74,7 @@ def modalities(data_config: Any) -> tuple[str, ...]:
     name = _check_name(data_config)
     if name in EMBEDDED:
         return ("audio", "image", "text") if name == "shapes_audio" else ("image", "text")
-    return records.modalities(data_config)
+    return records.data_modalities(data_config)
 
 
 def _source(data_config: Any, split: str) -> shapes.ShapesSource:
@@ -108,14 +108,12 @@ def _to_batch(
     text_field: str,
     max_len: int,
 ) -> dict[str, Any]:
-    """Indices → model batch: images scaled to [-1, 1], the chosen text tokenized, int32 labels."""
+    """Indices → model batch: uint8 images (the model scales them), the chosen text tokenized,
+    int32 labels."""
     raw = source.get_batch(indices)
     ids, mask = tokenizer.encode(raw[text_field], max_len)
-    image = raw["image"].astype(np.float32)
-    image *= 1.0 / 127.5
-    image -= 1.0
     return {
-        "image": image,
+        "image": raw["image"],
         "text": {"ids": ids, "mask": mask},
         **({"audio": raw["audio"]} if "audio" in raw else {}),  # shapes_audio: [B, frames, mels]
         "label": raw["label"].astype(np.int32),

@@ -1,10 +1,11 @@
 """Folder and TFDS records: loaded and validated once per process, then batched by step.
 
 Records go one by one through the preprocessing ops of ``data.pp_train`` / ``data.pp_eval``
-(``mmjax.data.ops``); the ops up to the first random one run once and may be cached, and so are
-the audio ops that need only the record (decoding, features). A record without some modality of
-the dataset (those of the train records) gets a placeholder of the usual shape and its batch
-says so in ``batch["present"][modality]`` (False), on every split that has such a record. Each row's
+(``mmjax.pp``); each modality's leading ops that need only the record (decoding, resizing,
+audio features) run once, during validation, and their output may be cached. A record without
+some modality of the dataset (those of the train records) gets that modality's placeholder
+(``mmjax.modalities``), which the ops turn into an input of the usual shape, and its batch says
+so in ``batch["present"][modality]`` (False), on every split that has such a record. Each row's
 augmentation is drawn from ``(seed, step, row)``, so the iterator state is the step (or grain's
 per-worker positions with ``data.num_workers > 0``) and a resumed run sees identical batches.
 """
@@ -20,10 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
-from mmjax.data import audio_ops, folder, ops, order, series_ops
+from mmjax import modalities
+from mmjax.data import folder, order
 from mmjax.data.tokenize import WordPieceTokenizer
+from mmjax.pp import audio as audio_pp
+from mmjax.pp import ops
 
 log = logging.getLogger(__name__)
 _get = order.config_get
@@ -52,7 +57,8 @@ def _data_key(data_config: Any) -> tuple:
 
 
 class _SplitData:
-    """Records of one split with int labels and, optionally, pixels cached after decoding.
+    """Records of one split with int labels and, optionally, each modality's cacheable
+    preprocessing (``ops.cacheable_prefix``) run once per record and kept.
 
     ``file`` reads that JSONL file instead (``FolderSource.from_file``: no labels), with the
     same preprocessing and cache as a split.
@@ -62,45 +68,28 @@ class _SplitData:
                  skip_bad: bool = False):
         self.split = split
         self.pp = pp
-        self._image_size = int(_get(data_config, "image_size", 32))
         key = ("file", str(file), skip_bad) if file else _data_key(data_config)
-        parsed = ops.parse(pp, _context(data_config, None))
-        self.front_end = audio_ops.front_end(data_config)
-        audio_prefix = audio_ops.cacheable(parsed)
-        self.prefix_ops = parsed[: ops.cacheable_prefix(parsed)]
-        self.prefix = len(self.prefix_ops)
+        self.ctx = context(data_config, None)  # no tokenizer: the cached ops never need it
+        parsed = ops.parse(pp, self.ctx)
+        self.prefix = {m: ops.cacheable_prefix(parsed, m) for m in modalities.names()}
+        self.prefix_ops = {m: [parsed[i] for i in idx] for m, idx in self.prefix.items()}
         budget = int(_get(data_config, "cache_mb", 2048)) * 2**20
-        use_cache = bool(_get(data_config, "cache", True)) and self.prefix > 0
-        self.cache: dict[int, np.ndarray] = {}
-        self.audio_cache: dict[int, np.ndarray] = {}
+        use_cache = bool(_get(data_config, "cache", True))
+        self.cache: dict[str, dict[int, Any]] = {m: {} for m in modalities.names()}
         self._cached_bytes = 0
         self.modalities: tuple[str, ...] = ()
         self.partial = False  # some record lacks one of self.modalities
 
-        def on_image(i: int, pixels: np.ndarray) -> None:
-            if not use_cache or self._cached_bytes > budget:
+        def on_loaded(m: str, i: int, value: Any) -> None:
+            if not use_cache or not self.prefix_ops[m] or self._cached_bytes > budget:
                 return
-            out = ops.apply(self.prefix_ops[1:], {"image": pixels}, None)["image"]
-            self.cache[i] = out
-            self._cached_bytes += out.nbytes
-
-        held = audio_ops.samples_held(self.front_end)
-        longest = [0, 0]  # samples of the longest clip, clips longer than the features hold
-
-        def on_audio(i: int, waveform: np.ndarray) -> None:
-            longest[0] = max(longest[0], len(waveform))
-            longest[1] += len(waveform) > held
-            if not bool(_get(data_config, "cache", True)) or not audio_prefix \
-                    or self._cached_bytes > budget:
-                return
-            out = ops.apply(audio_prefix, {"audio": waveform}, None)["audio"]
-            self.audio_cache[i] = out
-            self._cached_bytes += out.nbytes
+            out = ops.apply(self.prefix_ops[m], {m: value}, None)[m]
+            self.cache[m][i] = out
+            self._cached_bytes += sum(np.asarray(x).nbytes for x in jax.tree.leaves(out))
 
         t = time.perf_counter()
         if key[0] in ("folder", "file"):
-            media = {"on_image": on_image, "on_audio": on_audio,
-                     "audio_rate": self.front_end.sampling_rate if self.front_end else 0}
+            media = {"ctx": self.ctx, "on_loaded": on_loaded}
             self.source: Any = folder.FolderSource(
                 key[1], split, skip_bad=key[2], **media
             ) if key[0] == "folder" else folder.FolderSource.from_file(
@@ -108,6 +97,8 @@ class _SplitData:
             self.skipped = self.source.skipped
             self._lines = self.source.lines
             self._file = self.source.file
+            for m, measures in self.source.measures.items():
+                modalities.get(m).report(measures, self.ctx, split or key[1])
         else:
             from mmjax.data import tfds_source
 
@@ -115,18 +106,10 @@ class _SplitData:
             self.skipped = 0
             self._lines = None
             self._file = self.source.name
-        log.info(
-            "data %s: %d records (%d skipped, %d images and %d clips cached) in %.1f s",
-            f"{key[0]}/{split}" if split else key[1], len(self.source), self.skipped,
-            len(self.cache), len(self.audio_cache),
-            time.perf_counter() - t,
-        )
-        if longest[1]:
-            rate = self.front_end.sampling_rate
-            log.warning(
-                "data %s: %d clips are longer than the %.2f s the audio features hold (longest "
-                "%.2f s); their ends are cut: raise --config.data.audio.max_frames (100 per s)",
-                split or key[1], longest[1], held / rate, longest[0] / rate)
+        cached = {m: len(c) for m, c in self.cache.items() if c}
+        log.info("data %s: %d records (%d skipped; cached: %s) in %.1f s",
+                 f"{key[0]}/{split}" if split else key[1], len(self.source), self.skipped,
+                 cached or "none", time.perf_counter() - t)
         self.labels: np.ndarray | None = None
 
     def set_labels(self, vocab: list, skip_bad: bool) -> None:
@@ -154,75 +137,64 @@ class _SplitData:
             self.source.records = [self.source.records[i] for i in keep]
             self.source.lines = [self.source.lines[i] for i in keep]
             self.source.indices = [self.source.indices[i] for i in keep]
-            self.cache = {new: self.cache[old] for new, old in enumerate(keep) if old in self.cache}
-            self.audio_cache = {new: self.audio_cache[old] for new, old in enumerate(keep)
-                                if old in self.audio_cache}
+            self.cache = {m: {new: c[old] for new, old in enumerate(keep) if old in c}
+                          for m, c in self.cache.items()}
         self.labels = np.asarray(labels, np.int32)
 
-    def set_modalities(self, modalities: tuple[str, ...], where: str) -> None:
+    def set_modalities(self, names: tuple[str, ...], where: str) -> None:
         """The modalities batches carry (the train records'); checks the ops can make them."""
-        names = {op.name for op in ops.parse(self.pp, _context(None, None, self.front_end))}
-        if "audio" in modalities:
-            if self.front_end is None:
-                raise ValueError("the records have audio but the data config has no data.audio "
-                                 "(the audio front end)")
-            if "audio_features" not in names:
-                raise ValueError(f"the records have audio but {where} has no 'audio_features' "
-                                 "op (e.g. ...|decode_audio|audio_features)")
-        if "series" in modalities and "series" not in names:
-            raise ValueError(f"the records have series but {where} has no 'series' op "
-                             "(e.g. ...|series(64, 3): length and channels)")
-        self.modalities = modalities
+        parsed = {op.name for op in ops.parse(self.pp, self.ctx)}
+        for m in names:
+            modality = modalities.get(m)
+            needed = modality.required_ops
+            if needed and not parsed & set(needed):
+                raise ValueError(f"the records have {m} but {where} has no "
+                                 f"{' or '.join(repr(n) for n in needed)} op (e.g. "
+                                 f"...|{modality.default_pp})")
+            modality.placeholder(self.ctx)  # what the modality needs from the config is there
+        self.modalities = names
         if hasattr(self.source, "records"):
-            self.partial = any(m not in r for r in self.source.records for m in modalities)
+            self.partial = any(m not in r for r in self.source.records for m in names)
         else:
-            self.partial = bool(set(modalities) - set(self.source.modalities()))
-
-    def _placeholders(self, ex: dict[str, Any]) -> dict[str, bool]:
-        """Fills absent modalities in place (inputs the ops turn into the usual shapes);
-        returns which of the batch's modalities the record has."""
-        present = {m: m in ex for m in self.modalities}
-        if "image" not in ex:
-            size = self._image_size
-            ex["image"] = np.zeros((size, size, 3), np.uint8)
-        if "text" not in ex:
-            ex["text"] = ""
-        if "audio" not in ex and "audio" in self.modalities:
-            ex["audio"] = audio_ops.placeholder(self.front_end)
-        if "series" not in ex and "series" in self.modalities:
-            ex["series"] = series_ops.placeholder()
-        return present
+            self.partial = bool(set(names) - set(self.source.modalities()))
 
     def __len__(self) -> int:
         return len(self.source)
 
     def example(self, i: int) -> dict[str, Any]:
-        """Record ``i`` after the cacheable prefix ops, with its int label."""
+        """Record ``i`` after each modality's cacheable ops, with its int label; a modality the
+        record lacks gets its placeholder (and ``present`` False when some record lacks one)."""
         ex = self.source[i]
-        present = self._placeholders(ex)
-        pixels = self.cache.get(i)
-        if pixels is not None:
-            ex["image"] = pixels
-        else:
-            ex = ops.apply(self.prefix_ops, ex, None)
-        clip = self.audio_cache.get(i)
-        if clip is not None:
-            ex["audio"] = clip
+        present = {m: m in ex for m in self.modalities}
+        for m in self.modalities:
+            if m not in ex:
+                ex[m] = modalities.get(m).placeholder(self.ctx)
+            cached = self.cache[m].get(i)
+            if cached is not None:
+                ex[m] = cached
+            else:
+                ex = ops.apply(self.prefix_ops[m], ex, None)
         if self.partial:
             ex["present"] = present
         if self._lines is not None and self.labels is not None:
             ex["label"] = self.labels[i]
         return ex
 
+    def rest(self, all_ops: list[ops.Op]) -> list[ops.Op]:
+        """The ops of ``all_ops`` (this split's chain, parsed with a tokenizer) that
+        :meth:`example` has not run."""
+        done = {i for idx in self.prefix.values() for i in idx}
+        return [op for i, op in enumerate(all_ops) if i not in done]
 
-def _context(data_config: Any, tokenizer: Any, front_end: Any = None) -> ops.Context:
-    if data_config is None:  # only the audio front end (op checks)
-        return ops.Context(audio=front_end)
+
+def context(data_config: Any, tokenizer: Any) -> ops.Context:
+    """What the ops take from the data config (and the tokenizer)."""
     return ops.Context(
         image_size=int(_get(data_config, "image_size", 32)),
-        max_len=int(data_config.max_len),
+        max_len=int(_get(data_config, "max_len", 16)),
         tokenizer=tokenizer,
-        audio=audio_ops.front_end(data_config),
+        audio=audio_pp.front_end(data_config),
+        data=data_config,
     )
 
 
@@ -239,12 +211,12 @@ def split_data(
         raise ValueError(f"unknown data split {split!r}; expected one of {SPLITS}")
     pp = _pp(data_config, split)
     key = (*_data_key(data_config), split, pp, _get(data_config, "image_size", 32),
-           bool(_get(data_config, "cache", True)), audio_ops.config_key(data_config))
+           bool(_get(data_config, "cache", True)), audio_pp.config_key(data_config))
     data = _SPLIT_CACHE.get(key)
     if data is None:
         data = _SPLIT_CACHE[key] = _SplitData(data_config, split, pp)
         data.set_modalities(data.source.modalities() if split == "train"
-                            else modalities(data_config), f"data.pp_{_pp_name(split)}")
+                            else data_modalities(data_config), f"data.pp_{_pp_name(split)}")
     if labelled and data.labels is None:
         data.set_labels(labels(data_config, workdir), bool(_get(data_config, "skip_bad", False)))
     return data
@@ -254,7 +226,7 @@ def _pp_name(split: str) -> str:
     return "train" if split == "train" else "eval"
 
 
-def modalities(data_config: Any) -> tuple[str, ...]:
+def data_modalities(data_config: Any) -> tuple[str, ...]:
     """The dataset's modalities: those that occur in its train records (every split's batches
     carry exactly these)."""
     return split_data(data_config, "train", labelled=False).modalities
@@ -315,30 +287,26 @@ def records_tokenizer(data_config: Any, workdir: str) -> Any:
     return tok
 
 
-def _stack(examples: list[dict[str, Any]], modalities: tuple[str, ...] = ("image", "text"),
-           uint8_images: bool = False) -> dict[str, Any]:
-    """One batch of the ``modalities`` entries; ``uint8_images``: uint8 pixels stay uint8 (the
-    step normalises them), else float32."""
-    batch: dict[str, Any] = {}
-    if "image" in modalities:
-        images = np.stack([e["image"] for e in examples])
-        batch["image"] = (images if uint8_images and images.dtype == np.uint8
-                          else images.astype(np.float32, copy=False))
-    if "audio" in modalities:
-        batch["audio"] = np.stack([e["audio"] for e in examples]).astype(np.float32, copy=False)
-    if "text" in modalities:
-        batch["text"] = {
-            "ids": np.stack([e["text"]["ids"] for e in examples]).astype(np.int32),
-            "mask": np.stack([e["text"]["mask"] for e in examples]).astype(np.int32),
-        }
-    if "series" in modalities:  # the series tower's keyword arguments
-        batch["series"] = {
-            "values": np.stack([e["series"]["values"] for e in examples]).astype(np.float32),
-            "mask": np.stack([e["series"]["mask"] for e in examples]).astype(np.int32),
-        }
+def _stack_leaf(values: list[np.ndarray]) -> np.ndarray:
+    """Rows stacked into one batch array: uint8 and bool as they are (uint8 pixels travel as
+    such and the model scales them), other integers as int32, floats as float32."""
+    x = np.stack(values)
+    if x.dtype in (np.uint8, np.bool_):
+        return x
+    if np.issubdtype(x.dtype, np.integer):
+        return x.astype(np.int32, copy=False)
+    return x.astype(np.float32, copy=False)
+
+
+def collate(examples: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, Any]:
+    """One batch of the ``names`` entries (each an array or a dict of arrays per example), with
+    ``present`` and ``label`` when the examples carry them."""
+    batch: dict[str, Any] = {
+        m: jax.tree.map(lambda *rows: _stack_leaf(list(rows)), *[e[m] for e in examples])
+        for m in names}
     if "present" in examples[0]:
         batch["present"] = {m: np.asarray([e["present"][m] for e in examples], bool)
-                            for m in modalities}
+                            for m in names}
     if "label" in examples[0]:
         batch["label"] = np.asarray([e["label"] for e in examples], np.int32)
     return batch
@@ -353,7 +321,6 @@ def _records_batch(
     data: _SplitData,
     rest: list[ops.Op],
     seed: int,
-    uint8_images: bool = False,
 ) -> dict[str, Any]:
     """Step's rows ``[lo, hi)``; each row's augmentation rng is a function of (seed, step, row)."""
     step = int(step)
@@ -362,7 +329,7 @@ def _records_batch(
     for row, i in enumerate(indices.tolist(), start=lo):
         rng = np.random.default_rng([seed, step, row])
         out.append(ops.apply(rest, data.example(i), rng))
-    return _stack(out, data.modalities, uint8_images)
+    return collate(out, data.modalities)
 
 
 def train_iterator(
@@ -370,16 +337,15 @@ def train_iterator(
 ) -> grain.DatasetIterator:
     data = split_data(data_config, "train")
     tok = tokenizer if tokenizer is not None else records_tokenizer(data_config, "")
-    all_ops = ops.parse(_pp(data_config, "train"), _context(data_config, tok))
+    all_ops = ops.parse(_pp(data_config, "train"), context(data_config, tok))
     make = functools.partial(
         _records_batch,
         order=order.GlobalOrder(len(data), batch_size, int(seed)),
         lo=lo,
         hi=hi,
         data=data,
-        rest=all_ops[data.prefix :],
+        rest=data.rest(all_ops),
         seed=int(seed) % 2**63,
-        uint8_images=ops.device_normalized(all_ops),
     )
     ds = grain.MapDataset.range(sys.maxsize).map(make)
     workers = int(_get(data_config, "num_workers", 0))
@@ -405,12 +371,10 @@ def eval_batches(
 
 def _padded(data: _SplitData, data_config: Any, split: str, batch_size: int,
             tokenizer: Any) -> Iterator[dict]:
-    all_ops = ops.parse(_pp(data_config, split), _context(data_config, tokenizer))
-    rest = all_ops[data.prefix :]
-    uint8_images = ops.device_normalized(all_ops)
-    return order.padded_batches(len(data), batch_size, lambda idx: _stack([
+    rest = data.rest(ops.parse(_pp(data_config, split), context(data_config, tokenizer)))
+    return order.padded_batches(len(data), batch_size, lambda idx: collate([
         ops.apply(rest, data.example(int(i)), np.random.default_rng([0, int(i)])) for i in idx],
-        data.modalities, uint8_images))
+        data.modalities))
 
 
 def file_batches(

@@ -39,8 +39,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mmjax.data import audio, shapes
+from mmjax.data import shapes
 from mmjax.data.tokenize import WordTokenizer
+from mmjax.pp import audio_features as audio
 
 ANSWERS: tuple[str, ...] = ("yes", *(f"no, it is {c}" for c in shapes.COLOURS))
 VARIANTS: tuple[str, ...] = ("", "no_image", "no_audio", "no_text")

@@ -1,13 +1,16 @@
 """Any TFDS dataset by name, read with ``tfds.data_source`` (array_record; no TensorFlow).
 
 Config keys (under ``data``): ``tfds_name`` (``"name"``, ``"name/config"`` or with a version),
-``data_dir``, the fields mapped to the batch (``image_key``, ``audio_key``, ``text_key``,
-``label_key``; an empty ``text_key`` gives every example the constant ``text``; an image or
-audio key the dataset lacks is left out, so an audio dataset needs no image), and the split names
+``data_dir``, the features mapped to the modalities (``<modality>_key``, by default the
+modality's name: ``image_key``, ``audio_key``, ``text_key``...; an empty ``text_key`` gives every
+example the constant ``text``; a key left at the modality's name is left out when the dataset
+lacks it, so an audio dataset needs no image, while a key set to another name must exist) and
+``label_key``, and the split names
 (``train_split``, ``val_split``, ``test_split``, which may be slices such as ``"train[:90%]"``).
-Records are decoded by TFDS's numpy decoders; the label feature should be a ``ClassLabel``.
-An ``Audio`` feature becomes the ``audio`` modality as ``(samples, sample_rate)``, which the
-``decode_audio`` op resamples to the front end's rate (integer samples are 16-bit PCM).
+Records are decoded by TFDS's numpy decoders, then by each modality's ``from_tfds`` (an
+``Audio`` feature becomes ``(samples, sample_rate)``, which the ``decode_audio`` op resamples to
+the front end's rate; integer samples are 16-bit PCM); the label feature should be a
+``ClassLabel``.
 The module is not named ``tfds.py`` so that ``import tensorflow_datasets as tfds`` stays
 unambiguous inside the package.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
+from mmjax import modalities
 
 _DEFAULTS = {
     "tfds_name": "",
@@ -54,62 +57,64 @@ def _data_source(data_config: Any, split: str) -> Any:
     return tfds.data_source(_opt(data_config, "tfds_name"), split=split, data_dir=data_dir)
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, bytes | np.bytes_):
-        return bytes(value).decode("utf-8", errors="replace")
-    return str(value)
-
-
-def _sample_rate(data_config: Any, key: str) -> int | None:
-    """The ``sample_rate`` an ``Audio`` feature declares (None if it declares none)."""
+def _features(data_config: Any) -> Any:
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder(_opt(data_config, "tfds_name"),
-                           data_dir=_opt(data_config, "data_dir") or None)
-    rate = getattr(builder.info.features[key], "sample_rate", None)
-    return int(rate) if rate else None
+    return tfds.builder(_opt(data_config, "tfds_name"),
+                        data_dir=_opt(data_config, "data_dir") or None).info.features
+
+
+def _key(data_config: Any, modality: str) -> str:
+    """The feature read as ``modality``: ``data.<modality>_key``, else the modality's name."""
+    try:
+        return str(getattr(data_config, f"{modality}_key"))
+    except (AttributeError, KeyError):
+        return _DEFAULTS.get(f"{modality}_key", modality)
 
 
 class TfdsSource:
-    """One split as records ``{"image": uint8 array, "audio": (samples, rate), "text": str,
-    "label": int}`` (image and audio where the dataset has them)."""
+    """One split as records ``{modality: value, "label": int}``: each registered modality whose
+    feature (``data.<modality>_key``) the dataset has, through the modality's ``from_tfds``;
+    a modality whose key is empty takes the constant ``data.<modality>`` (``data.text``)."""
 
     def __init__(self, data_config: Any, split: str):
         split_name = _opt(data_config, f"{split}_split")
         self.name = f"tfds:{_opt(data_config, 'tfds_name')}[{split_name}]"
         self._source = _data_source(data_config, split_name)
-        self._media = {m: _opt(data_config, f"{m}_key") for m in ("image", "audio")}
-        self._text_key = _opt(data_config, "text_key")
-        self._const_text = _opt(data_config, "text")
         self._label = _opt(data_config, "label_key")
         if len(self._source) == 0:
             raise ValueError(f"{self.name}: no records")
         first = self._source[0]
-        self._media = {m: k for m, k in self._media.items() if k and k in first}
-        if not self._media:
-            raise KeyError(f"{self.name}: no feature {_opt(data_config, 'image_key')!r} "
-                           f"(data.image_key) or {_opt(data_config, 'audio_key')!r} "
-                           f"(data.audio_key); features: {sorted(first)}")
-        for k in (self._label,) + ((self._text_key,) if self._text_key else ()):
-            if k not in first:
-                raise KeyError(f"{self.name}: no feature {k!r}; features: {sorted(first)}")
-        self._rate = _sample_rate(data_config, self._media["audio"]) \
-            if "audio" in self._media else None
+        keys = {m: _key(data_config, m) for m in modalities.names()}
+        self._fields = {m: k for m, k in keys.items() if k and k in first}
+        for m, k in keys.items():  # a key set to other than the modality's name must exist
+            if k and k != m and k not in first:
+                raise KeyError(f"{self.name}: no feature {k!r} (data.{m}_key); features: "
+                               f"{sorted(first)}")
+        self._constants = {m: _opt(data_config, m) for m, k in keys.items()
+                           if not k and m in _DEFAULTS}
+        if not self._fields:
+            tried = {f"data.{m}_key": k for m, k in keys.items() if k}
+            raise KeyError(f"{self.name}: none of the features {tried} is in the dataset; "
+                           f"features: {sorted(first)}")
+        if self._label not in first:
+            raise KeyError(f"{self.name}: no feature {self._label!r}; features: {sorted(first)}")
+        features = _features(data_config)
+        self._feature = {m: features[k] for m, k in self._fields.items()}
 
     def __len__(self) -> int:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = self._source[int(index)]
-        text = _text(rec[self._text_key]) if self._text_key else self._const_text
-        out = {m: rec[k] for m, k in self._media.items()}
-        if "audio" in out and self._rate:
-            out["audio"] = (np.asarray(out["audio"]), self._rate)
-        return {**out, "text": text, "label": int(rec[self._label])}
+        out: dict[str, Any] = {
+            m: modalities.get(m).from_tfds(rec[k], self._feature[m])
+            for m, k in self._fields.items()}
+        return {**out, **self._constants, "label": int(rec[self._label])}
 
     def modalities(self) -> tuple[str, ...]:
-        """The modalities every record of this split has (image/audio as found, and text)."""
-        return (*self._media, "text")
+        """The modalities every record of this split has."""
+        return tuple(m for m in modalities.names() if m in self._fields or m in self._constants)
 
     def raw_labels(self) -> list[int]:
         """Every label of the split: reads each record, so it is meant for small splits only."""

@@ -10,7 +10,6 @@ import jax
 import numpy as np
 
 from mmjax.data import pipeline
-from mmjax.data.device import normalize_images
 from mmjax.data.tokenize import Tokenizer
 
 
@@ -34,9 +33,8 @@ class Env:
         """A jitted ``model.apply(variables, batch, method=method, **kwargs)``."""
         key = (method, tuple(sorted(kwargs.items())))
         if key not in self._jitted:
-            apply = functools.partial(self.model.apply, method=method, **kwargs)
-            # uint8 images from the pipeline are scaled on device, as in the eval step.
-            self._jitted[key] = jax.jit(lambda v, batch: apply(v, normalize_images(batch)))
+            self._jitted[key] = jax.jit(
+                functools.partial(self.model.apply, method=method, **kwargs))
         return self._jitted[key]
 
     def batches(self, split: str) -> Iterator[dict[str, Any]]:

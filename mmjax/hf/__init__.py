@@ -22,7 +22,7 @@ from mmjax.hf import registry
 from mmjax.hf.ast import HFAST, ast_audio_options, ast_table
 from mmjax.hf.bert import HFBert, bert_table, bert_text_options
 from mmjax.hf.clip import HFCLIP, clip_table, clip_text_options, clip_vision_options
-from mmjax.hf.common import AUDIO_KINDS, IMAGE_KINDS, Architecture, HFError
+from mmjax.hf.common import Architecture, HFError
 from mmjax.hf.compare import compare, format_table, random_inputs
 from mmjax.hf.convert import convert
 from mmjax.hf.io import (
@@ -43,10 +43,8 @@ from mmjax.hf.whisper import HFWhisperEncoder, whisper_audio_options, whisper_ta
 
 __all__ = [
     "ARCHITECTURES",
-    "AUDIO_KINDS",
     "HFAST",
     "HFCLIP",
-    "IMAGE_KINDS",
     "MODEL_TYPES",
     "Architecture",
     "Entry",

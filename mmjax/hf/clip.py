@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax import modalities
 from mmjax.hf import table as tb
 from mmjax.hf.common import (
-    IMAGE_KINDS,
     Architecture,
     HFError,
     activation,
@@ -144,7 +144,7 @@ class CLIPArchitecture(Architecture):
     def tower_options(self, cfg: Mapping[str, Any], kind: str | None) -> tuple[str, dict]:
         if kind == "resnet":
             raise HFError("Hugging Face clip towers load into kind='vit', not resnet")
-        if kind in IMAGE_KINDS:
+        if modalities.of_tower(kind) == "image":
             return "image", clip_vision_options(cfg.get("vision_config", {}))
         return "text", clip_text_options(cfg.get("text_config", {}))
 

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import numpy as np
 
+from mmjax import modalities
 from mmjax.hf.table import Entry
 
 Rows = list[tuple[str, float]]
@@ -73,10 +74,6 @@ def max_abs_diff(a: Any, b: Any) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).max())
 
 
-IMAGE_KINDS = ("vit", "resnet")  # mmjax encoder kinds that read images
-AUDIO_KINDS = ("ast", "whisper")  # mmjax encoder kinds that read audio features
-
-
 class Architecture:
     """One Hugging Face ``model_type`` mapped onto mmjax modules.
 
@@ -111,9 +108,9 @@ class Architecture:
 
     def tower_options(self, cfg: Mapping[str, Any], kind: str | None) -> tuple[str, dict]:
         """(tower name in the folder, encoder options) for a training tower of ``kind``
-        (``config.model.<modality>.init_from``); an error when the folder has no such tower."""
-        image = kind in IMAGE_KINDS if kind is not None else self.tower == "image"
-        if image != (self.tower == "image") or kind in AUDIO_KINDS:
+        (``config.model.encoders.<modality>.init_from``); an error when the folder has no
+        such tower."""
+        if kind is not None and modalities.of_tower(kind) != self.tower:
             raise HFError(f"a {self.model_type} model has no tower for kind={kind!r}")
         if kind == "resnet":
             raise HFError(f"Hugging Face {self.model_type} towers load into kind='vit', not "

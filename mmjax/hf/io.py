@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mmjax.data.audio import FrontEnd
 from mmjax.hf import registry
 from mmjax.hf.common import HFError, max_abs_diff
+from mmjax.pp.audio_features import FrontEnd
 
 # Non-persistent buffers that older checkpoints still contain; they are not weights.
 _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids", "num_batches_tracked")

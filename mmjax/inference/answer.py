@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.data import pipeline
-from mmjax.data.device import normalize_images
 from mmjax.inference import quantize as quantize_lib
 from mmjax.models.heads import CONTRASTIVE_KINDS
 from mmjax.models.multimodal import MultimodalModel
@@ -33,12 +32,11 @@ def output_fn(model: MultimodalModel, task: str, kind: str
               ) -> Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, jax.Array]]:
     """``fn(variables, inputs) -> {name: array}``, traceable: class probabilities
     ``{"probs"}`` [B, C] (float32 softmax), regression ``{"values"}``, generated caption ids
-    ``{"tokens"}`` [B, L], or the contrastive embeddings ``{"<modality>_embeds"}``. uint8
-    images are scaled to [-1, 1] inside, as the train and eval steps do."""
+    ``{"tokens"}`` [B, L], or the contrastive embeddings ``{"<modality>_embeds"}``. The model
+    itself scales what the pipeline sends (uint8 pixels)."""
 
     def fn(variables: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict[str, jax.Array]:
         variables = quantize_lib.dequantize(variables)
-        inputs = normalize_images(inputs)
         if kind in CONTRASTIVE_KINDS:
             return model.apply(variables, inputs, task=task, method="embed")
         if kind == "caption":

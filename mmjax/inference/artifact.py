@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmjax.data import ops
+from mmjax import modalities
+from mmjax.data import records
 from mmjax.data.records import DEFAULT_PP_EVAL
 from mmjax.trainer import runs
 
@@ -21,59 +22,14 @@ _OUTPUTS = {
 }
 
 
-def _image_steps(data: Any, spec: str, size: int) -> list[str]:
-    """``size``: the side of the image input (what the ops' defaults and arguments give)."""
-    steps = []
-    for op in ops.parse(spec, ops.Context(image_size=size, max_len=int(data.max_len))):
-        if op.name == "decode":
-            steps.append("decode the file to RGB, uint8 [H, W, 3] (Pillow)")
-        elif op.name == "resize":
-            steps.append(f"resize to {size} x {size} (Pillow `Image.BILINEAR`)")
-        elif op.name == "center_crop":
-            steps.append(f"crop the central square and resize it to {size} x {size} (Pillow "
-                         "`Image.BILINEAR`)")
-        elif op.name == "normalize" and getattr(op.fn, "on_device", False):
-            steps.append("pass the pixels as uint8 [0, 255]: the function itself converts them "
-                         "to float32 and scales them, `x / 127.5 - 1`, to [-1, 1]")
-        elif op.name == "normalize":
-            steps.append("convert to float32 and scale: `x / 127.5 - 1`, so [0, 255] → [-1, 1]")
-    return steps
-
-
-def _text_steps(run: runs.Run, tokenizer_file: str) -> list[str]:
-    data = run.config.data
-    tok = run.tokenizer
-    if tokenizer_file == "vocab.txt":
-        how = ("lower-case, split on whitespace, and map each word to its line number in "
-               "`vocab.txt` (unknown words: [UNK] = 1)")
-    elif tokenizer_file:
-        how = (f"word-piece with the Hugging Face `tokenizers` file `{tokenizer_file}` "
-               "(`Tokenizer.from_file`), encoded without special tokens")
-    else:
-        how = f"the Hugging Face tokenizer of `{data.get('tokenizer', '')}`"
-    return [
-        how,
-        f"lay out each row as `[CLS] pieces [SEP]` then [PAD] up to {int(data.max_len)} ids "
-        f"([CLS] = {tok.CLS}, [SEP] = {tok.SEP}, [PAD] = {tok.PAD}); pieces beyond "
-        f"{int(data.max_len) - 2} are dropped, never the [SEP]",
-        "mask: 1 where the id is not [PAD], else 0",
-    ]
-
-
 def _shape(shape: list) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
 def _meaning(name: str, dtype: str) -> str:
-    if name.endswith(".ids"):
-        return "token ids (see Text)"
-    if name.endswith(".mask"):
-        return "1 on real tokens ([CLS], pieces, [SEP]), 0 on padding"
-    if name.endswith(".segment_ids"):
-        return "segment ids (0 for a single text)"
-    if dtype == "uint8":
-        return "RGB pixels, uint8 in [0, 255], scaled inside the function (see Images)"
-    return "pixels in [-1, 1] (see Images)"
+    """What input leaf ``name`` (``"image"``, ``"text.ids"``) holds, as its modality says."""
+    modality, _, leaf = name.partition(".")
+    return modalities.get(modality).describe(leaf, dtype)
 
 
 def _call_jax(signature: dict[str, Any]) -> list[str]:
@@ -147,13 +103,11 @@ def readme(run: runs.Run, signature: dict[str, Any], *, size: int, note: str,
         "rows of the test split after it, and `example_outputs.npz` the model's outputs on them.",
         "",
     ]
-    images = [x for x in signature["inputs"] if len(x["shape"]) == 4]
-    if images:
-        steps = _image_steps(data, spec, int(images[0]["shape"][1]))
-        lines += ["Images:", ""] + [f"{i}. {s}" for i, s in enumerate(steps, 1)] + [""]
-    if any(x["name"].startswith("text") for x in signature["inputs"]):
-        lines += ["Text:", ""] + [f"{i}. {s}" for i, s in enumerate(
-            _text_steps(run, tokenizer_file), 1)]
-        lines.append("")
+    ctx = records.context(data, run.tokenizer)
+    for m in dict.fromkeys(x["name"].partition(".")[0] for x in signature["inputs"]):
+        steps = modalities.get(m).steps(ctx, spec, tokenizer_file)
+        if steps:
+            lines += [f"{m.capitalize()}:", ""] + [f"{i}. {s}" for i, s in enumerate(steps, 1)]
+            lines.append("")
     lines += ["`signature.json` has the same inputs and output in machine-readable form.", ""]
     return "\n".join(lines)

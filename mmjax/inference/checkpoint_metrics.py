@@ -22,7 +22,6 @@ import numpy as np
 from mmjax.data import pipeline
 from mmjax.data.records import SPLITS
 from mmjax.inference import quantize as quantize_lib
-from mmjax.optim import weighting
 from mmjax.robust import attacks as attacks_lib
 from mmjax.robust import corruptions, drop
 from mmjax.trainer import loop, runs
@@ -32,16 +31,13 @@ log = logging.getLogger(__name__)
 
 
 def _quantized_params(run: runs.Run, mode: str) -> dict[str, Any]:
-    """The run's params with the model's weights through int8 and back (what an int8 export
-    computes with); learned loss weights kept, so the weighted ``loss`` is the run's own."""
+    """The run's params (adapters merged) with the model's weights through int8 and back:
+    what an int8 export computes with."""
     quantized = quantize_lib.quantize(run.model_params(), mode)
     summary = quantize_lib.summary(quantized)
-    params = quantize_lib.dequantize(quantized)
-    if weighting.PARAMS_KEY in run.params:
-        params = {**params, weighting.PARAMS_KEY: run.params[weighting.PARAMS_KEY]}
     log.info("%s: %d weight leaves (%s elements) through int8", mode,
              summary["quantized_leaves"], f"{summary['quantized_elements']:,}")
-    return params
+    return quantize_lib.dequantize(quantized)
 
 
 def _chain(*fns: Callable[[dict], dict] | None) -> Callable[[dict], dict] | None:
@@ -68,12 +64,12 @@ def _attacks(run: runs.Run, split: str, batch_size: int, *, method: str,
         raise attacks_lib.AttackError(f"--attack needs a classification head; {task!r} is a "
                                       f"{kind} head")
     model = run.build_model()
-    kinds = {m: k for m, k in attacks_lib.targets(model.encoders).items() if m not in dropped}
-    sets = [[m] for m in kinds] + ([list(kinds)] if len(kinds) > 1 else [])
+    names = [m for m in attacks_lib.targets(model.encoders) if m not in dropped]
+    sets = [[m] for m in names] + ([names] if len(names) > 1 else [])
     if not sets:
-        raise attacks_lib.AttackError("--attack: no modality to attack (image towers "
-                                      f"{attacks_lib.IMAGE_KINDS}, text towers "
-                                      f"{attacks_lib.TEXT_KINDS}; dropped: {list(dropped)})")
+        raise attacks_lib.AttackError(
+            f"--attack: no modality to attack (the model's {list(model.encoders)} declare no "
+            f"attack, or are dropped: {list(dropped)})")
     variables = quantize_lib.dequantize(quantize_lib.quantized_variables(run.variables(), quantize))
     out = {}
     for mods in sets:
@@ -83,7 +79,7 @@ def _attacks(run: runs.Run, split: str, batch_size: int, *, method: str,
             if batch_fn is not None:
                 batches = map(batch_fn, batches)
             out[f"{method}:{'+'.join(mods)}:{e:g}"] = attacks_lib.robust_accuracy(
-                model, variables, batches, task=task, kinds={m: kinds[m] for m in mods},
+                model, variables, batches, task=task, names=mods,
                 method=method, eps=e, steps=steps, step_size=step_size)
     return out
 
@@ -126,10 +122,13 @@ def checkpoint_metrics(workdir: str | Path, *, split: str = "test", step: str | 
         log.info("--drop: evaluators %s not run", sorted(s.evaluators))
         s = dataclasses.replace(s, evaluators={})
     # The float path evaluates the params exactly as saved (LoRA adapters applied inside the
-    # step, as in training), so its numbers are training's to the last bit.
-    params = _quantized_params(run, quantize) if quantize else run.params
-    state = TrainState(step=np.asarray(run.step, np.int32), params=params, opt_state=None,
-                       model_state=run.model_state, rng=None)
+    # step, as in training), so its numbers are training's to the last bit; learned loss
+    # weights are kept either way, so the weighted ``loss`` is the run's own.
+    state = TrainState(step=np.asarray(run.step, np.int32), params=run.params, opt_state=None,
+                       model_state=run.model_state, rng=None, adapters=run.adapters,
+                       loss_weights=run.loss_weights)
+    if quantize:
+        state = state.replace(params=_quantized_params(run, quantize), adapters=None)
     state = par.put_state(state)
     eval_fn = loop.compile_eval(s)
     metrics = loop.split_metrics(s, eval_fn, state, split, batch_fn=drop_fn)

@@ -73,7 +73,7 @@ def predict(workdir: str | Path, input_file: str | Path, output: str | Path, *,
     source, batches = pipeline.file_batches(
         run.config.data, input_file, batch_size=_batch_size(run, batch_size),
         tokenizer=run.tokenizer, skip_bad=skip_bad,
-        modalities=tuple(m for m in ("image", "audio", "text") if m in names))
+        modalities=tuple(names))
     par = parallel.MeshParallel(1)  # data-parallel over the devices, params replicated
     variables = par.put_state(run.variables())
     fn = par.compile_eval(answer.output_fn(model, task, kind))

@@ -18,11 +18,13 @@ from typing import Any
 import jax
 import numpy as np
 
+from mmjax import modalities
 from mmjax.data import pipeline
-from mmjax.data.device import normalize_images
 from mmjax.data.records import SPLITS
 from mmjax.inference import answer
-from mmjax.interpret import capture, layout, methods, modalities, report, views
+from mmjax.interpret import capture, contributions, layout, methods, report, views
+from mmjax.models import encoders
+from mmjax.models.multimodal import prepare
 from mmjax.trainer import runs
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ def explain_batch(model: Any, task: str, method: str, names: list[str],
                   kwargs: Mapping[str, Any], variables: Any, batch: Any, perturb: Any
                   ) -> dict[str, Any]:
     """One batch: the method's ``{"probs", "target", "scores"}`` plus ``"modalities"`` (each
-    modality's contribution to the target class, :mod:`mmjax.interpret.modalities`); jittable
+    modality's contribution to the target class, :mod:`mmjax.interpret.contributions`); jittable
     with everything before ``variables`` bound."""
     out = methods.run_method(method, model, task, variables, batch, perturb, **kwargs)
     target = out["target"]
@@ -42,7 +44,7 @@ def explain_batch(model: Any, task: str, method: str, names: list[str],
         p = probs_fn(variables, b, perturb)
         return jax.numpy.take_along_axis(p, target[:, None], axis=1)[:, 0]
 
-    out["modalities"] = (modalities.contributions(prob, batch, names) if len(names) > 1 else {})
+    out["modalities"] = (contributions.contributions(prob, batch, names) if len(names) > 1 else {})
     return out
 
 
@@ -72,17 +74,18 @@ def _record(model: Any, run: runs.Run, names: list[str], batch: Mapping[str, Any
     }
     for m in names:
         s = np.asarray(out["scores"][m][r], np.float64)
-        kind = layout.tower_kind(model, m)
-        if kind == "text":
+        modality = modalities.get(m)
+        if modality.explained_as == "tokens":
             mask = np.asarray(batch[m].get("mask", np.ones_like(batch[m]["ids"])))[r] > 0
             ids = np.asarray(batch[m]["ids"])[r][mask].tolist()
             rec[m] = {"tokens": token_strings(run.tokenizer, ids),
                       "scores": [round(float(v), 6) for v in s[mask]]}
             continue
-        shape = np.asarray(batch[m]).shape[1:]
-        heat = s if s.ndim == 2 else layout.to_map(model, m, s, shape)
-        if kind == "ast" and s.ndim == 2:  # input-shaped [frames, mels] -> [mels, frames]
-            heat = heat.T
+        shape = np.shape(modality.explained_value(batch[m]))[1:]
+        if s.ndim == 2:  # input-shaped scores, drawn as the tower lays its input out
+            heat = encoders.display(layout.tower(model, m), s)
+        else:
+            heat = layout.to_map(model, m, s, shape)
         rec[m] = {"heatmap": np.round(heat, 6).tolist()}
     rec["modalities"] = {m: round(float(v[r]), 6) for m, v in out["modalities"].items()}
     return rec
@@ -123,8 +126,8 @@ def explain(workdir: str | Path, output: str | Path, *, split: str = "test", lim
                                            tokenizer=run.tokenizer):
             valid = np.asarray(batch["valid"]) > 0
             labels = np.asarray(batch["label"])
-            # uint8 images become the [-1, 1] floats the model reads (gradients need floats)
-            inputs = dict(normalize_images(answer.model_inputs(batch, names)))
+            # what the towers read (uint8 pixels as [-1, 1] floats): gradients need floats
+            inputs = prepare(answer.model_inputs(batch, names), model.encoders)
             if perturb is None:
                 perturb = capture.zero_perturbations(model, variables, inputs)
             out = jax.device_get(fn(variables, inputs, perturb))

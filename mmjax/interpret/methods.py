@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mmjax import modalities
 from mmjax.interpret import capture, gradients, layout, relevance
 from mmjax.models.multimodal import MultimodalModel
 
@@ -22,8 +23,9 @@ METHODS = ("relevance", "rollout", "integrated_gradients", "occlusion")
 TEXT_POINT = "token_embeddings"
 
 
-def _text_key(model: MultimodalModel) -> list[str]:
-    return [m for m in model.encoders if layout.tower_kind(model, m) == "text"]
+def _by_tokens(model: MultimodalModel) -> list[str]:
+    """The modalities explained per token, through the tower's token embeddings."""
+    return [m for m in model.encoders if modalities.get(m).explained_as == "tokens"]
 
 
 def attention_method(model: MultimodalModel, task: str, variables: Any, batch: Any,
@@ -66,15 +68,18 @@ def integrated_gradients(model: MultimodalModel, task: str, variables: Any, batc
     prob = _target_prob(model, task, variables, target)
     scores = {}
     for m in model.encoders:
-        if m in _text_key(model):
+        if m in _by_tokens(model):
             emb = _embeddings(model, variables, batch, perturb, m)
             path = f"{m}/{TEXT_POINT}"
             fn = lambda z, m=m, emb=emb, path=path: prob(
                 batch, capture.with_perturbation(perturb, path, z - emb))
             scores[m] = gradients.integrated_gradients(fn, emb, steps=steps).sum(-1)
         else:
-            fn = lambda z, m=m: prob({**batch, m: z}, perturb)
-            attr = gradients.integrated_gradients(fn, batch[m], steps=steps)
+            modality = modalities.get(m)
+            fn = lambda z, m=m, modality=modality: prob(
+                {**batch, m: modality.with_explained(batch[m], z)}, perturb)
+            attr = gradients.integrated_gradients(fn, modality.explained_value(batch[m]),
+                                                  steps=steps)
             scores[m] = attr.sum(-1) if attr.ndim == 4 else attr  # image: over channels
     return {"probs": probs, "target": target, "scores": scores}
 
@@ -90,14 +95,15 @@ def _embeddings(model: MultimodalModel, variables: Any, batch: Any, perturb: Any
 def occlusion(model: MultimodalModel, task: str, variables: Any, batch: Any, perturb: Any,
               *, patch: int = 8, block: tuple[int, int] = (16, 16)) -> dict[str, Any]:
     """Drop in the predicted class's probability when one part is replaced by zeros: image
-    patches of ``patch`` pixels, single text tokens (embedding set to zero), audio blocks of
-    ``block`` (frames, mels) or (mels, frames) as the batch lays them out."""
+    patches of ``patch`` pixels, single tokens of a modality explained per token (embedding set
+    to zero), and blocks of ``block`` over the first two axes of any other input (an audio
+    spectrogram as the batch lays it out, a series' [time, channels])."""
     probs, target = _predict(model, task, variables, batch, perturb)
     prob = _target_prob(model, task, variables, target)
     full = jnp.take_along_axis(probs, target[:, None], axis=1)[:, 0]
     scores = {}
     for m in model.encoders:
-        if m in _text_key(model):
+        if m in _by_tokens(model):
             emb = _embeddings(model, variables, batch, perturb, m)
             path = f"{m}/{TEXT_POINT}"
             length = emb.shape[1]
@@ -108,18 +114,20 @@ def occlusion(model: MultimodalModel, task: str, variables: Any, batch: Any, per
                 return full - prob(batch, capture.with_perturbation(perturb, path, delta))
             scores[m] = jax.lax.map(drop_token, jnp.arange(length)).T
             continue
-        x = batch[m]
+        modality = modalities.get(m)
+        x = modality.explained_value(batch[m])
         ph, pw = (patch, patch) if x.ndim == 4 else block
         rows, cols = -(-x.shape[1] // ph), -(-x.shape[2] // pw)
 
         def drop_block(k: Array, x: Array = x, m: str = m, ph: int = ph, pw: int = pw,
-                       cols: int = cols) -> Array:
+                       cols: int = cols, modality: Any = modality) -> Array:
             r, c = k // cols, k % cols
             ii = jnp.arange(x.shape[1])[:, None]
             jj = jnp.arange(x.shape[2])[None, :]
             inside = (ii // ph == r) & (jj // pw == c)
             inside = inside.reshape(1, *inside.shape, *([1] * (x.ndim - 3)))
-            return full - prob({**batch, m: jnp.where(inside, 0.0, x)}, perturb)
+            dropped = modality.with_explained(batch[m], jnp.where(inside, 0.0, x))
+            return full - prob({**batch, m: dropped}, perturb)
         scores[m] = jax.lax.map(drop_block, jnp.arange(rows * cols)).T.reshape(-1, rows, cols)
     return {"probs": probs, "target": target, "scores": scores}
 

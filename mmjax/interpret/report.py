@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mmjax import modalities
 from mmjax.interpret import layout
+from mmjax.models import encoders
 
 # A perceptually ordered colour ramp (dark blue → red → yellow), sampled at 5 stops.
 _STOPS = np.array([[12, 7, 134], [126, 3, 168], [204, 71, 120], [248, 149, 64], [240, 249, 33]],
@@ -62,13 +64,10 @@ def overlays(out_dir: Path, rec: Mapping[str, Any], batch: Mapping[str, Any], r:
     for m, value in rec.items():
         if not isinstance(value, Mapping) or "heatmap" not in value:
             continue
-        x = np.asarray(batch[m])[r]
-        if layout.tower_kind(model, m) == "whisper":
-            x = x[::-1]  # [mels, frames]: high mels on top
-        elif x.ndim == 2:  # AST [frames, mels] -> mels on rows, high on top
-            x = x.T[::-1]
+        x = np.asarray(modalities.get(m).explained_value(batch[m]))[r]
         heat = np.asarray(value["heatmap"], np.float64)
-        if x.ndim == 2:
+        if x.ndim == 2:  # a spectrogram or a series: drawn as the tower lays it out, row 0 low
+            x = encoders.display(layout.tower(model, m), x)[::-1]
             heat = heat[::-1]
         name = f"img/{rec['index']:05d}_{m}.png"
         overlay(x, heat).save(out_dir / name)

@@ -19,7 +19,9 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mmjax import modalities
 from mmjax.interpret import capture, layout
+from mmjax.models import encoders
 
 
 def features_fn(model: Any) -> Any:
@@ -60,11 +62,12 @@ def _grid_for(model: Any, path: str, batch: Mapping[str, Any], n: int
               ) -> tuple[int, int, int] | None:
     """(prefix, rows, cols) when the path's tokens are a tower's grid; else None."""
     m = path.split("/")[0]
-    if m not in model.encoders or layout.tower_kind(model, m) == "text":
+    if m not in model.encoders or modalities.get(m).explained_as == "tokens":
         return None
-    shape = np.asarray(batch[m]).shape[1:]
-    rows, cols = layout.grid(model, m, shape, n)
-    p = layout.prefix_tokens(model, m)
+    shape = np.shape(modalities.get(m).explained_value(batch[m]))[1:]
+    t = layout.tower(model, m)
+    rows, cols = encoders.token_grid(t, shape, n)
+    p = encoders.prefix_tokens(t)
     return (p, rows, cols) if p + rows * cols == n else None
 
 

@@ -59,6 +59,25 @@ class AST(nn.Module):
     pos_embedding_std: float = 0.02  # AST's; larger makes positions count from the first step
     opts: layers.Options = layers.Options()
 
+    def prefix_tokens(self) -> int:
+        return 2  # [CLS] and the distillation token
+
+    def token_grid(self, input_shape: tuple[int, ...], num_tokens: int) -> tuple[int, int]:
+        """The patch grid is mels-major: rows are mel bands (low first), columns frames."""
+        frames, mels = input_shape
+        rows = (mels - self.patch_size) // self.frequency_stride + 1
+        return rows, (frames - self.patch_size) // self.time_stride + 1
+
+    def pool_rows(self, features: Array, num_tokens: int) -> Array:
+        b = features.shape[0]
+        if self.pool == "gap":
+            return layers.pool_mean(b, num_tokens, 2)
+        return (layers.pool_one_hot(b, num_tokens, 0) + layers.pool_one_hot(b, num_tokens, 1)) / 2
+
+    def display(self, input_map: np.ndarray) -> np.ndarray:
+        """An input-shaped [frames, mels] map as drawn: [mels, frames]."""
+        return input_map.T
+
     @nn.compact
     def __call__(self, features: Array, *, train: bool = False) -> dict[str, Array | None]:
         s = _sizes(self.variant, width=self.width, depth=self.depth, mlp_dim=self.mlp_dim,
@@ -132,6 +151,12 @@ class WhisperEncoder(nn.Module):
     activation: str = "gelu"
     layer_norm_eps: float = 1e-5
     opts: layers.Options = layers.Options()
+
+    def pool_rows(self, features: Array, num_tokens: int) -> Array:
+        b = features.shape[0]
+        if self.pool == "first":
+            return layers.pool_one_hot(b, num_tokens, 0)
+        return layers.pool_mean(b, num_tokens)
 
     @nn.compact
     def __call__(self, features: Array, *, train: bool = False) -> dict[str, Array | None]:

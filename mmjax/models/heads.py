@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models import layers
+from mmjax.models.registry import Registry
 
 Array = jax.Array
 
@@ -323,7 +324,7 @@ class CaptionHead(nn.Module):
         return {"logits": logits.astype(jnp.float32)}
 
 
-HEADS: dict[str, type[nn.Module]] = {
+HEADS: Registry[nn.Module] = Registry("head", {
     "classification": ClassificationHead,
     "regression": RegressionHead,
     "contrastive": ContrastiveHead,
@@ -332,7 +333,7 @@ HEADS: dict[str, type[nn.Module]] = {
     "mlm": MLMHead,
     "mim": MIMHead,
     "caption": CaptionHead,
-}
+})
 
 # Kinds whose outputs are image/text embeddings (``MultimodalModel.embed``, ITM negatives).
 CONTRASTIVE_KINDS = ("contrastive", "siglip")

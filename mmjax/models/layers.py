@@ -339,3 +339,19 @@ class Encoder(nn.Module):
             x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.opts.dtype,
                              name="final_norm")(x)
         return x
+
+
+# --- pooling weights over tokens, as the explainers ask towers for them -----------------------
+
+
+def pool_one_hot(b: int, num_tokens: int, idx: Any) -> Array:
+    """[B, T] rows that pick token ``idx`` (an int or an int [B])."""
+    return jnp.broadcast_to(jnp.eye(num_tokens, dtype=jnp.float32)[idx], (b, num_tokens))
+
+
+def pool_mean(b: int, num_tokens: int, start: int = 0, mask: Any = None) -> Array:
+    """[B, T] rows of the (masked) mean over tokens ``start:``."""
+    w = jnp.zeros((b, num_tokens), jnp.float32).at[:, start:].set(1.0)
+    if mask is not None:
+        w = w * jnp.asarray(mask, jnp.float32)
+    return w / jnp.maximum(w.sum(-1, keepdims=True), 1.0)

@@ -15,40 +15,32 @@ the same towers and fusion; ``objectives.py`` builds them, so this module only c
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax import modalities
+from mmjax.models import encoders as encoders_lib
 from mmjax.models import fusion as fusion_lib
 from mmjax.models import heads as heads_lib
 from mmjax.models import layers, objectives
-from mmjax.models.audio import AST, WhisperEncoder
-from mmjax.models.registry import module_kwargs
-from mmjax.models.resnet import ResNet
-from mmjax.models.series import SeriesEncoder
-from mmjax.models.text import TextEncoder
-from mmjax.models.vit import ViT
 
 Array = jax.Array
 
-ENCODERS: dict[str, type[nn.Module]] = {"vit": ViT, "resnet": ResNet, "text": TextEncoder,
-                                         "ast": AST, "whisper": WhisperEncoder,
-                                         "series": SeriesEncoder}
-# config.model keys that are model-wide options, not modalities.
+# config.model keys besides encoders, fusion and heads: the model-wide options.
 MODEL_OPTIONS = (
-    "fusion", "heads", "dropout", "dtype", "attn_implementation", "remat", "scan_layers",
-    "scan_unroll", "gpu_rewrites", "modality_dropout",
+    "dropout", "dtype", "attn_implementation", "remat", "scan_layers", "scan_unroll",
+    "gpu_rewrites", "modality_dropout",
 )
+MODEL_KEYS = ("encoders", "fusion", "heads", *MODEL_OPTIONS)
+
+
 def make_head(task: str, cfg: Mapping[str, Any], opts: layers.Options, **kw: Any) -> nn.Module:
     """The head module of ``cfg["kind"]`` (``kw``: e.g. ``name`` or ``parent=None``)."""
-    kind = cfg.get("kind")
-    if kind not in heads_lib.HEADS:
-        raise ValueError(f"model.heads.{task}.kind={kind!r}; known: {sorted(heads_lib.HEADS)}")
-    cls = heads_lib.HEADS[kind]
-    return cls(**module_kwargs(cls, cfg, f"model.heads.{task}"), opts=opts, **kw)
+    return heads_lib.HEADS.build(cfg, f"model.heads.{task}", opts=opts, **kw)
 
 
 class Heads(nn.Module):
@@ -87,9 +79,13 @@ class MultimodalModel(nn.Module):
     modality_dropout: float = 0.0
 
     def setup(self) -> None:
-        self.towers = {m: _tower(m, cfg, self.opts) for m, cfg in self.encoders.items()}
+        self.towers = {m: encoders_lib.tower(m, cfg, self.opts, name=m)
+                       for m, cfg in self.encoders.items()}
         self.fuser = fusion_lib.build(self.fusion, self.opts, name="fusion")
         self.task_heads = Heads(self.heads, self.opts, name="heads")
+
+    def inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        return prepare(batch, self.encoders)
 
     def encode_one(self, modality: str, batch: Mapping[str, Any], *, train: bool = False,
                    **extra: Any) -> dict[str, Any]:
@@ -97,7 +93,7 @@ class MultimodalModel(nn.Module):
         if modality not in batch:
             raise ValueError(f"the batch has no {modality!r} input for encoder {modality!r}; "
                              f"batch keys: {sorted(batch)}")
-        x = batch[modality]
+        x = modalities.get(modality).to_model(batch[modality])
         if isinstance(x, Mapping):
             return self.towers[modality](**x, train=train, **extra)
         return self.towers[modality](x, train=train, **extra)
@@ -135,6 +131,7 @@ class MultimodalModel(nn.Module):
 
     def __call__(self, batch: Mapping[str, Any], *, train: bool = False) -> dict[str, Any]:
         """``{task: head outputs}`` for every head."""
+        batch = self.inputs(batch)
         # MAE-only pretraining reads nothing from the full-view pass: skip it.
         full_view = any(c["kind"] != "mim" for c in self.heads.values())
         towers = self.encode(batch, train=train) if full_view else {}
@@ -222,12 +219,12 @@ def _batch_size(x: Any) -> int:
     return jax.tree_util.tree_leaves(x)[0].shape[0]
 
 
-def _tower(modality: str, cfg: Mapping[str, Any], opts: layers.Options) -> nn.Module:
-    kind = cfg.get("kind")
-    if kind not in ENCODERS:
-        raise ValueError(f"model.{modality}.kind={kind!r}; known: {sorted(ENCODERS)}")
-    cls = ENCODERS[kind]
-    return cls(**module_kwargs(cls, cfg, f"model.{modality}"), opts=opts, name=modality)
+def prepare(batch: Mapping[str, Any], towers: Iterable[str]) -> dict[str, Any]:
+    """``batch`` with each tower's entry as the tower reads it: its modality's ``to_model``
+    (uint8 pixels → [-1, 1]). The model calls it first, the one place where this happens;
+    the explainers call it to attribute to what the towers read. Idempotent."""
+    towers = set(towers)
+    return {k: modalities.get(k).to_model(v) if k in towers else v for k, v in batch.items()}
 
 
 def options(model_cfg: Mapping[str, Any], bn_axis_name: str | None = None) -> layers.Options:
@@ -251,6 +248,18 @@ def options(model_cfg: Mapping[str, Any], bn_axis_name: str | None = None) -> la
     )
 
 
+def check_keys(cfg: Mapping[str, Any]) -> None:
+    """Every key of ``config.model`` is one of ``MODEL_KEYS``; a tower given as
+    ``config.model.<modality>`` (the layout before ``encoders``) names its new key."""
+    for key in cfg:
+        if key in MODEL_KEYS:
+            continue
+        if key in modalities.names() or (isinstance(cfg[key], Mapping) and "kind" in cfg[key]):
+            raise ValueError(f"model.{key}: towers are configured under "
+                             f"config.model.encoders.{key} now")
+        raise ValueError(f"model.{key} is not a key of config.model; known: {MODEL_KEYS}")
+
+
 def _head_specs(heads: Mapping[str, Any], encoders: Mapping[str, Any]) -> dict[str, dict]:
     """Head configs, with ``vocab_size`` 0 of mlm/caption heads taken from the text tower."""
     specs = {}
@@ -259,35 +268,30 @@ def _head_specs(heads: Mapping[str, Any], encoders: Mapping[str, Any]) -> dict[s
         if cfg.get("kind") in ("mlm", "caption") and not cfg.get("vocab_size"):
             source = cfg.get("modality", "text") if cfg["kind"] == "mlm" else "text"
             enc = encoders.get(source, {})
-            if enc.get("kind") == "text" and enc.get("vocab_size"):
+            if enc.get("vocab_size"):
                 cfg["vocab_size"] = enc["vocab_size"]
         specs[task] = cfg
     return specs
 
 
 def build_model(model_cfg: Any, *, bn_axis_name: str | None = None) -> MultimodalModel:
-    """MultimodalModel from ``config.model`` (a ConfigDict or plain mapping).
-
-    Every key of ``config.model`` that is not one of ``MODEL_OPTIONS`` is a modality whose value
-    configures its encoder (``config.model.image``, ``config.model.text``, ...).
-    """
+    """MultimodalModel from ``config.model`` (a ConfigDict or plain mapping): its towers from
+    ``encoders.<modality>``, ``fusion``, ``heads`` and the model-wide options."""
     cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
-    encoders = {}
-    for key, value in cfg.items():
-        if key in MODEL_OPTIONS:
-            continue
-        if not isinstance(value, Mapping) or value.get("kind") not in ENCODERS:
-            raise ValueError(f"model.{key} is neither a model option {MODEL_OPTIONS} nor an "
-                             f"encoder config with kind in {sorted(ENCODERS)}")
-        encoders[key] = value
+    check_keys(cfg)
+    encoders = dict(cfg.get("encoders") or {})
     if not encoders:
-        raise ValueError("config.model has no encoder (e.g. model.image, model.text)")
+        raise ValueError("config.model.encoders is empty (e.g. model.encoders.image, "
+                         "model.encoders.text)")
+    for m, enc in encoders.items():
+        if m not in modalities.names():
+            raise ValueError(f"model.encoders.{m}: no modality {m!r}; known: "
+                             f"{modalities.names()}")
+        encoders_lib.ENCODERS.get(enc.get("kind"), f"model.encoders.{m}")
     if not cfg.get("heads"):
         raise ValueError("config.model.heads is empty: a model needs at least one task head")
     for task, head in cfg["heads"].items():
-        if head.get("kind") not in heads_lib.HEADS:
-            raise ValueError(f"model.heads.{task}.kind={head.get('kind')!r}; "
-                             f"known: {sorted(heads_lib.HEADS)}")
+        heads_lib.HEADS.get(head.get("kind"), f"model.heads.{task}")
     p = cfg.get("modality_dropout", 0.0)
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
         raise ValueError(f"model.modality_dropout={p!r} must be a probability in [0, 1)")

@@ -198,11 +198,11 @@ def mlm_inputs(model: Any, task: str, *, towers: Mapping[str, Any], fused: Any,
     if model.encoders.get(m, {}).get("kind") != "text" or not isinstance(batch.get(m), Mapping):
         raise ValueError(f"model.heads.{task}.modality={m!r} is not a text tower")
     fuser = model.fuser
-    if fuser is not None and (fuser.kind != "cross_attention" or fuser.query != m):
+    if fuser is not None and fuser.reads().get("query") != m:
         raise ValueError(
             f"model.heads.{task}: mlm needs one fused token per text position, i.e. "
             f"model.fusion.kind='cross_attention' with query={m!r}, or no fusion; got "
-            f"kind={fuser.kind!r}, query={fuser.query!r}"
+            f"kind={model.fusion.get('kind')!r}, query={fuser.reads().get('query')!r}"
         )
     text = batch[m]
     ids = jnp.asarray(text["ids"], jnp.int32)

@@ -87,6 +87,11 @@ class ResNet(nn.Module):
     stem: bool = True
     opts: Options = Options()
 
+    def token_grid(self, input_shape: tuple[int, ...], num_tokens: int) -> tuple[int, int]:
+        """The final feature map, square for a square image."""
+        side = round(num_tokens ** 0.5)
+        return (side, side) if side * side == num_tokens else (1, num_tokens)
+
     @nn.compact
     def __call__(self, image: Array, *, train: bool = False) -> dict[str, Array | None]:
         if self.variant not in _VARIANTS:

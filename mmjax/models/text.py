@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mmjax.models import layers
+from mmjax.models.flops import dense_flops, layer_flops
 
 Array = jax.Array
 
@@ -60,6 +63,29 @@ class TextEncoder(nn.Module):
         )
         size.pop("patch_size", None)
         return size
+
+    def pool_rows(self, ids: Array, num_tokens: int, mask: Array | None = None,
+                  **unused: Any) -> Array:
+        """The pooling's weights over the tokens (called with the text entry's keywords)."""
+        ids = jnp.asarray(ids)
+        mask = jnp.ones_like(ids) if mask is None else jnp.asarray(mask)
+        b = ids.shape[0]
+        if self.pool == "cls":
+            return layers.pool_one_hot(b, num_tokens, 0)
+        if self.pool == "mean":
+            return layers.pool_mean(b, num_tokens, 0, mask)
+        if self.pool == "last":
+            return layers.pool_one_hot(b, num_tokens, jnp.maximum(mask.sum(-1) - 1, 0))
+        if self.pool == "argmax":
+            return layers.pool_one_hot(b, num_tokens, jnp.argmax(ids, -1))
+        return layers.pool_one_hot(b, num_tokens, jnp.argmax(ids == self.eos_token_id, -1))
+
+    def flops(self, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """``input_shape``: the ids' ``[L]``; token embeddings are look-ups (0 FLOPs)."""
+        s = self.sizes()
+        t, d = input_shape[0], s["width"]
+        total = s["depth"] * layer_flops(t, d, s["mlp_dim"])
+        return total + (dense_flops(1, d, d) if self.pooler else 0), t, d
 
     @nn.compact
     def __call__(

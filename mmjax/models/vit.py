@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models import layers
+from mmjax.models.flops import dense_flops, layer_flops
 
 Array = jax.Array
 
@@ -66,6 +67,30 @@ class ViT(nn.Module):
         if "patch_size" not in size:
             raise ValueError(f"ViT variant {self.variant!r} names no patch size (e.g. 'B/16')")
         return size
+
+    # --- what the explainers and the benchmark ask (mmjax.models.encoders) ---------------------
+
+    def prefix_tokens(self) -> int:
+        return int(self.class_token)
+
+    def token_grid(self, input_shape: tuple[int, ...], num_tokens: int) -> tuple[int, int]:
+        p = self.sizes()["patch_size"]
+        return input_shape[0] // p, input_shape[1] // p
+
+    def pool_rows(self, image: Array, num_tokens: int) -> Array:
+        b = image.shape[0]
+        if self.pool in ("cls", "none"):
+            return layers.pool_one_hot(b, num_tokens, 0)
+        return layers.pool_mean(b, num_tokens, int(self.class_token))
+
+    def flops(self, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        s = self.sizes()
+        p, d = s["patch_size"], s["width"]
+        n = (input_shape[0] // p) * (input_shape[1] // p)
+        t = n + int(self.class_token)
+        total = dense_flops(n, p * p * input_shape[2], d) + s["depth"] * layer_flops(
+            t, d, s["mlp_dim"])
+        return total + (dense_flops(1, d, d) if self.pooler else 0), t, d
 
     @nn.compact
     def __call__(

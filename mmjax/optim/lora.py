@@ -1,4 +1,4 @@
-"""LoRA (low-rank adapters) for any mmjax model, as a pure function of the params tree.
+"""LoRA (low-rank adapters) for any mmjax model, as pure functions of the optimizer's tree.
 
 ``config.lora = {rank, alpha, targets, train}`` (absent, or ``rank`` 0, turns it off):
 
@@ -11,19 +11,20 @@
 * ``train`` (regex, default ``"^heads/"``): base params that stay trainable next to the adapters
   (a new task head must learn); ``""`` trains the adapters alone.
 
-Nothing in the model code changes. :func:`add_adapters` puts a ``params["lora"]`` subtree next to
-the model's params, mirroring the targeted kernels' paths: ``lora/<kernel path>/a`` [n_in, r]
+Nothing in the model code changes. :func:`add_adapters` puts a ``lora`` subtree next to the model's
+params in the tree the optimizer updates (``mmjax.optim.trainable``; the train state keeps it as
+``TrainState.adapters``), mirroring the targeted kernels' paths: ``lora/<kernel path>/a`` [n_in, r]
 (random, std 1/sqrt(n_in)) and ``lora/<kernel path>/b`` [r, n_out] (zeros, so the model starts
 exactly as the base), and ``lora/scale`` = alpha/rank. The trainer's ``forward`` calls
-:func:`effective_params`, which returns the plain tree the model expects with every targeted
-kernel replaced by ``W + scale · (a @ b)`` reshaped to W's shape;
+:func:`effective_params`, which returns the plain tree the model expects with every targeted kernel
+replaced by ``W + scale · (a @ b)`` reshaped to W's shape;
 ``mmjax.optim.optimizers.make_optimizer`` gives every base param not matched by ``train`` a zero
 update (``optax.set_to_zero``), so only the adapters (and the heads) move and only they carry
 optimizer state.
 
-The scale lives in the params tree (a frozen scalar leaf) rather than only in the config
-because ``forward`` sees nothing but params: a checkpoint therefore merges on its own, with no
-config at hand (:func:`merge`, :func:`merged_params_from_workdir`).
+The scale lives with the adapters (a frozen scalar leaf) rather than only in the config, so a
+checkpoint merges on its own, with no config at hand (:func:`merge`,
+:func:`merged_params_from_workdir`).
 
 Kernels are flattened to matrices the way ``nn.DenseGeneral`` contracts them: a Dense kernel
 [n_in, n_out] as is; the attention query/key/value kernels [D, H, hd] as [D, H·hd]; the attention
@@ -56,10 +57,11 @@ from mmjax.io import checkpoint
 from mmjax.models import scan
 from mmjax.models.paths import leaves as path_leaves
 from mmjax.models.paths import match_per_layer, searcher
+from mmjax.optim import trainable
 
 log = logging.getLogger(__name__)
 
-KEY = "lora"  # the params subtree holding the adapters
+KEY = trainable.ADAPTERS  # the subtree of the optimizer's tree that holds the adapters
 SCALE = "scale"  # params["lora"]["scale"] = alpha / rank
 _TOWER_PREFIX = r"^(?!heads/|lora/)(?:.*/)?"
 DEFAULT_TARGETS = (
@@ -279,11 +281,16 @@ def read_model_params(path: str | Path) -> dict[str, Any]:
     """The plain model params of an mmjax checkpoint (``io.checkpoint`` paths), as numpy, with
     a LoRA run's adapters folded into their kernels: what every consumer of a checkpoint's
     weights (tower ``init_from``, ``config.init_from``, ``convert``) wants."""
-    params = checkpoint.read_checkpoint_params(path)
-    if isinstance(params, Mapping) and KEY in params:
+    params, adapters, _ = _read(path)
+    if adapters is not None:
         log.info("%s: LoRA adapters merged into their kernels", path)
-        params = merge(params)
-    return params
+    return merge(trainable.join(params, adapters))
+
+
+def _read(path: str | Path) -> tuple[dict[str, Any], Any, Any]:
+    """(params, adapters, loss weights) of a checkpoint (``io.checkpoint`` paths), as numpy."""
+    state = checkpoint.read_state(checkpoint.checkpoint_state_dir(path), trainable.SAVED)
+    return trainable.from_saved(jax.tree.map(np.asarray, state))
 
 
 def merged_params_from_workdir(workdir: str | Path) -> dict[str, Any]:
@@ -294,7 +301,8 @@ def merged_params_from_workdir(workdir: str | Path) -> dict[str, Any]:
     edited after training fails instead of exporting a different model. A checkpoint without
     adapters (LoRA off) is returned as it is.
     """
-    params = checkpoint.read_checkpoint_params(workdir)
+    params, adapters, _ = _read(workdir)
+    params = trainable.join(params, adapters)
     cfg_file = Path(workdir) / "config.json"
     cfg = parse_config(json.loads(cfg_file.read_text()).get("lora")) if cfg_file.is_file() \
         else None

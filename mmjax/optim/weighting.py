@@ -11,7 +11,8 @@ Three choices, from ``config.loss_weighting`` (absent = fixed):
 * ``kind="uncertainty"``: learned homoscedastic-uncertainty weighting (Kendall, Gal &
   Cipolla, CVPR 2018) in the common log-variance form: L = Σᵢ λᵢ·(exp(-sᵢ)·Lᵢ + sᵢ), one
   learnable scalar sᵢ = log sigma_i^2 per task (initialised at ``init_log_var``, 0 = weight 1),
-  stored in the params under ``loss_weights/<task>`` so the optimizer trains it and checkpoints
+  kept in the train state's ``loss_weights`` (``loss_weights/<task>`` in the tree the
+  optimizer updates, ``mmjax.optim.trainable``), so the optimizer trains it and checkpoints
   keep it. The effective weight λᵢ·exp(-sᵢ) shrinks for tasks whose loss stays high (noisy), and
   the +sᵢ term stops every sᵢ from growing without bound. (The paper writes 1/(2 sigma^2) for
   regression and 1/sigma^2 for classification; the single form here is the one most
@@ -32,10 +33,11 @@ import jax.numpy as jnp
 import optax
 
 from mmjax.models import losses
+from mmjax.optim import trainable
 
 KINDS = ("fixed", "uncertainty")
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "step")
-PARAMS_KEY = "loss_weights"  # top-level params subtree of the uncertainty weights
+PARAMS_KEY = trainable.LOSS_WEIGHTS  # the uncertainty weights' key in the optimizer's tree
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,41 +25,35 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
+from mmjax import modalities
+from mmjax.data import records
+from mmjax.models import encoders, layers
 from mmjax.models import fusion as fusion_lib
-from mmjax.models import layers
-from mmjax.models.flops import dense_flops, layer_flops
+from mmjax.models.flops import dense_flops
 from mmjax.models.heads import CONTRASTIVE_KINDS
-from mmjax.models.multimodal import MODEL_OPTIONS
 
 
-def tower_sizes(cfg: Mapping[str, Any]) -> dict[str, int]:
-    """Width, depth, MLP width, heads (and patch) of a tower config: its variant plus overrides."""
-    size = layers.decode_variant(cfg.get("variant", "mu"))
-    for key in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
-        if cfg.get(key) is not None:
-            size[key] = cfg[key]
-    return size
+def input_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """One example's input shape per tower of ``config.model.encoders``, as the pipeline makes
+    it (the first array of the modality's ``synthetic`` entry: pixels, token ids, features)."""
+    ctx = records.context(config.data, None)
+    rng = np.random.default_rng(0)
+    out = {}
+    for m, enc in config.model.encoders.items():
+        entry = modalities.get(m).synthetic(1, ctx, dict(enc), rng)
+        leaf = next(iter(entry.values())) if isinstance(entry, Mapping) else entry
+        out[m] = tuple(np.shape(leaf)[1:])
+    return out
 
 
-def encoder_flops(cfg: Mapping[str, Any], data: Mapping[str, Any]) -> tuple[int, int, int]:
-    """(forward FLOPs per example, output tokens, width) of one tower of ``config.model``."""
-    kind = cfg.get("kind")
-    s = tower_sizes(cfg)
-    d = s["width"]
-    if kind == "vit":
-        p = s["patch_size"]
-        n = (data["image_size"] // p) ** 2
-        t = n + (1 if cfg.get("class_token", False) else 0)
-        total = dense_flops(n, p * p * 3, d)
-    elif kind == "text":
-        t = data["max_len"]
-        total = 0
-    else:
-        raise NotImplementedError(f"no analytic FLOP count for encoder kind {kind!r}")
-    total += s["depth"] * layer_flops(t, d, s["mlp_dim"])
-    if cfg.get("pooler", False):
-        total += dense_flops(1, d, d)
-    return total, t, d
+def encoder_flops(modality: str, cfg: Mapping[str, Any], input_shape: tuple[int, ...]
+                  ) -> tuple[int, int, int]:
+    """(forward FLOPs per example, output tokens, width) of one tower, as the tower counts
+    itself (``mmjax.models.encoders.flops``)."""
+    t = encoders.tower(modality, cfg, layers.Options(), parent=None)
+    return encoders.flops(t, input_shape)
 
 
 def fusion_flops(
@@ -92,19 +86,16 @@ def head_flops(
 def model_flops(config: Any, device_batch: int | None = None) -> dict[str, int]:
     """Per-example forward FLOPs by part, their sum ``forward``, and ``train`` = 3·forward.
 
-    ``config`` is a full run config (the model plus ``data.image_size``/``data.max_len``, the
-    input shapes); ``device_batch`` (default: ``config.batch_size``) sizes the contrastive logits.
+    ``config`` is a full run config (the model, and the data config that gives the input
+    shapes); ``device_batch`` (default: ``config.batch_size``) sizes the contrastive logits.
     """
     model = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
-    data = config.data
     device_batch = config.batch_size if device_batch is None else device_batch
     out: dict[str, int] = {}
     towers: dict[str, tuple[int, int]] = {}
-    for name, cfg in model.items():
-        if name in MODEL_OPTIONS:
-            continue
-        out[name], t, d = encoder_flops(cfg, data)
-        towers[name] = (t, d)
+    for m, shape in input_shapes(config).items():
+        out[m], t, d = encoder_flops(m, model["encoders"][m], shape)
+        towers[m] = (t, d)
     out["fusion"], fused_width = fusion_flops(model.get("fusion", {"kind": "none"}), towers)
     widths = {m: d for m, (_, d) in towers.items()}
     out["heads"] = sum(

@@ -11,8 +11,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmjax.models import layers
-from mmjax.models.multimodal import MODEL_OPTIONS, build_model
+from mmjax import modalities
+from mmjax.data import records
+from mmjax.models import encoders, layers
+from mmjax.models.multimodal import build_model
 from mmjax.optim import weighting
 from mmjax.perf import flops as flops_lib
 from mmjax.runtime import parallel
@@ -25,27 +27,15 @@ def synthetic_batch(
 ) -> dict[str, Any]:
     """A host batch of the shapes the data pipeline would give this config, filled at random.
 
-    Images are float32 [B, S, S, 3] with S = ``data.image_size``; text is ``{"ids", "mask"}``
-    int32 [B, L] with L = ``data.max_len`` and between L/2 and L valid tokens per row; each
-    classification head gets integer labels and each regression head float targets. Random, not
-    zero, values: zeros can run faster than real data .
+    Each tower's entry is its modality's ``synthetic`` input (uint8 pixels; token ids below
+    the tower's vocabulary with between L/2 and L real tokens per row; features...); each
+    classification head gets integer labels and each regression head float targets. Random,
+    not zero, values: zeros can run faster than real data.
     """
     rng = np.random.default_rng(seed)
-    batch: dict[str, Any] = {}
-    for name, enc in config.model.items():
-        if name in MODEL_OPTIONS:
-            continue
-        if enc.kind in ("vit", "resnet"):
-            s = config.data.image_size
-            batch[name] = rng.standard_normal((batch_size, s, s, 3), dtype=np.float32)
-        elif enc.kind == "text":
-            length = config.data.max_len
-            lengths = rng.integers(max(length // 2, 1), length + 1, size=batch_size)
-            mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
-            ids = rng.integers(1, enc.vocab_size, size=(batch_size, length), dtype=np.int32)
-            batch[name] = {"ids": ids * mask, "mask": mask}
-        else:
-            raise ValueError(f"model.{name}.kind={enc.kind!r}: no synthetic input for it")
+    ctx = records.context(config.data, None)
+    batch: dict[str, Any] = {m: modalities.get(m).synthetic(batch_size, ctx, dict(enc), rng)
+                             for m, enc in config.model.encoders.items()}
     for head in config.model.heads.values():
         target = head.get("target", "label")
         if head.kind == "classification":
@@ -58,7 +48,8 @@ def synthetic_batch(
 
 
 def attention_backends(config: ml_collections.ConfigDict) -> dict[str, str]:
-    """Which attention each tower's self-attention runs with, for the report.
+    """Which attention each tower's self-attention runs with, for the report (towers that
+    count their tokens, ``mmjax.models.encoders.flops``).
 
     ``"auto"`` is resolved as :func:`mmjax.models.layers.resolve_attention` will resolve it
     inside the model; other values are reported as configured ("" = JAX's default, XLA).
@@ -66,21 +57,18 @@ def attention_backends(config: ml_collections.ConfigDict) -> dict[str, str]:
     impl = config.model.get("attn_implementation", "") or ""
     dtype = layers.DTYPES[config.model.dtype]
     out = {}
-    for name, enc in config.model.items():
-        if name in MODEL_OPTIONS or enc.kind not in ("vit", "text"):
+    for m, shape in flops_lib.input_shapes(config).items():
+        t = encoders.tower(m, config.model.encoders[m].to_dict(), layers.Options(), parent=None)
+        if not hasattr(t, "flops") or not hasattr(t, "sizes"):
             continue
-        sizes = flops_lib.tower_sizes(enc.to_dict())
-        if enc.kind == "vit":
-            tokens = (config.data.image_size // sizes["patch_size"]) ** 2
-            tokens += int(enc.get("class_token", False))
-        else:
-            tokens = config.data.max_len
+        _, tokens, _ = t.flops(shape)
+        sizes = t.sizes()
         if impl == "auto":
             head_dim = sizes["width"] // sizes["num_heads"]
             chosen = layers.resolve_attention(dtype, tokens, tokens, head_dim) or "xla"
         else:
             chosen = impl or "xla"
-        out[name] = f"{chosen} ({tokens} tokens)"
+        out[m] = f"{chosen} ({tokens} tokens)"
     return out
 
 

@@ -1,19 +1,19 @@
 """L∞ adversarial attacks on a classification head: FGSM and PGD, on pixels and token embeddings.
 
-FGSM (Goodfellow et al. 2015) takes one step of size ``eps`` along the sign of the loss
-gradient; PGD (Madry et al. 2018) takes ``steps`` steps of ``step_size`` (default
-``2.5 * eps / steps``), each projected back onto the ``eps`` ball around the clean input, from
-the clean input (no random start, so ``eps = 0`` changes nothing). Images are attacked on the
-``[0, 1]`` pixel scale (``eps = 8/255`` is eight grey levels) and clipped to it; text on the
-tower's input token embeddings (``TextEncoder``'s ``token_embeds``), only at real tokens, in
-embedding units. Robust accuracy counts an example as correct if the model is right on every
-input the attack evaluated (the clean one and each iterate), so more iterates never raise it.
+FGSM (Goodfellow et al. 2015) takes one step of size ``eps`` along the sign of the loss gradient;
+PGD (Madry et al. 2018) takes ``steps`` steps of ``step_size`` (default ``2.5 * eps / steps``), each
+projected back onto the ``eps`` ball around the clean input, from the clean input (no random start,
+so ``eps = 0`` changes nothing). Each modality says where it is attacked (``mmjax.modalities``'
+``Attack``): images on the ``[0, 1]`` pixel scale (``eps = 8/255`` is eight grey levels), clipped to
+it; text on the tower's input token embeddings, only at real tokens, in embedding units. Robust
+accuracy counts an example as correct if the model is right on every input the attack evaluated (the
+clean one and each iterate), so more iterates never raise it.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -21,83 +21,48 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmjax.data.device import normalize_images
+from mmjax import modalities
 from mmjax.errors import ExplainedError
 
 METHODS = ("fgsm", "pgd")
-IMAGE_KINDS = ("vit", "resnet")  # towers whose input is an image: attacked as pixels
-TEXT_KINDS = ("text",)  # towers whose input is token ids: attacked as embeddings
 
 
 class AttackError(ValueError, ExplainedError):
     """A bad attack option or a model the attack cannot act on; the message says."""
 
 
-def targets(encoders: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
-    """``{modality: "pixels" | "embeddings"}`` for the towers an attack can perturb."""
-    out = {}
-    for m, cfg in encoders.items():
-        kind = cfg.get("kind")
-        if kind in IMAGE_KINDS:
-            out[m] = "pixels"
-        elif kind in TEXT_KINDS:
-            out[m] = "embeddings"
-    return out
+def targets(encoders: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The towers' modalities an attack can perturb (those that declare an ``attack``)."""
+    return [m for m in encoders if modalities.get(m).attack is not None]
 
 
-def pixels01(images: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
-    """(images on the [0, 1] scale, the map back to the batch's representation): the
-    ``normalize`` op's ``[-1, 1]`` floats, or uint8 pixels (given back as the [-1, 1] floats
-    the steps would have made of them: ``data.device.normalize_images`` leaves floats as they
-    are)."""
-    if images.dtype == jnp.uint8:
-        return images.astype(jnp.float32) / 255.0, lambda x: x * 2.0 - 1.0
-    return (images.astype(jnp.float32) + 1.0) * 0.5, lambda x: (x * 2.0 - 1.0).astype(
-        images.dtype)
-
-
-def _inputs(variables: Mapping[str, Any], batch: Mapping[str, Any], kinds: Mapping[str, str]
+def _inputs(variables: Mapping[str, Any], batch: Mapping[str, Any], names: Sequence[str]
             ) -> tuple[dict, dict, dict, dict]:
     """(clean attacked inputs, L∞ step masks, lower bounds, upper bounds) per modality."""
     x0, masks, lo, hi = {}, {}, {}, {}
-    for m, kind in kinds.items():
-        if kind == "pixels":
-            x0[m], _ = pixels01(batch[m])
-            masks[m] = jnp.ones((), jnp.float32)
-            lo[m], hi[m] = 0.0, 1.0
-        else:
-            table = variables["params"][m]["token_embedding"]["embedding"]
-            x0[m] = jnp.take(table, batch[m]["ids"], axis=0).astype(jnp.float32)
-            masks[m] = batch[m]["mask"].astype(jnp.float32)[..., None]
-            lo[m], hi[m] = -jnp.inf, jnp.inf
+    for m in names:
+        attack = modalities.get(m).attack
+        x0[m], masks[m], lo[m], hi[m] = attack.start(batch[m], variables["params"][m])
     return x0, masks, lo, hi
 
 
-def _with(batch: Mapping[str, Any], x: Mapping[str, jax.Array], kinds: Mapping[str, str]
-          ) -> dict[str, Any]:
-    out = dict(batch)
-    for m, kind in kinds.items():
-        if kind == "pixels":
-            out[m] = pixels01(batch[m])[1](x[m])
-        else:
-            out[m] = {**batch[m], "token_embeds": x[m]}
-    return out
+def _with(batch: Mapping[str, Any], x: Mapping[str, jax.Array]) -> dict[str, Any]:
+    return {**batch, **{m: modalities.get(m).attack.put(batch[m], v) for m, v in x.items()}}
 
 
 def attack_batch(model: Any, variables: Mapping[str, Any], batch: Mapping[str, Any], *,
-                 task: str, kinds: Mapping[str, str], method: str, eps: jax.Array,
+                 task: str, names: Sequence[str], method: str, eps: jax.Array,
                  steps: int = 10, step_size: jax.Array | None = None
                  ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
     """(adversarial inputs per modality, clean correct [B], robust correct [B]) of one batch;
-    traceable (``eps`` and ``step_size`` may be traced, ``steps`` and ``kinds`` are static)."""
+    traceable (``eps`` and ``step_size`` may be traced, ``steps`` and ``names`` are static)."""
     if method not in METHODS:
         raise AttackError(f"--attack={method!r}; expected one of {METHODS}")
     labels = batch["label"]
-    x0, masks, lo, hi = _inputs(variables, batch, kinds)
+    x0, masks, lo, hi = _inputs(variables, batch, names)
 
     def loss_and_correct(x: dict) -> tuple[jax.Array, jax.Array]:
-        # normalize_images: an image that is not attacked may still be uint8
-        logits = model.apply(variables, normalize_images(_with(batch, x, kinds)))[task]["logits"]
+        logits = model.apply(variables, _with(batch, x))[task]["logits"]
         logits = logits.astype(jnp.float32)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
         return loss, jnp.argmax(logits, axis=-1) == labels
@@ -125,7 +90,7 @@ def attack_batch(model: Any, variables: Mapping[str, Any], batch: Mapping[str, A
 
 
 def robust_accuracy(model: Any, variables: Mapping[str, Any], batches: Iterable[dict], *,
-                    task: str, kinds: Mapping[str, str], method: str, eps: float,
+                    task: str, names: Sequence[str], method: str, eps: float,
                     steps: int = 10, step_size: float | None = None) -> dict[str, float]:
     """``{"accuracy", "clean_accuracy", "eps", "steps", "step_size", "count"}`` of the attack
     over the valid rows of ``batches`` (one device, ``jax.jit``)."""
@@ -135,10 +100,10 @@ def robust_accuracy(model: Any, variables: Mapping[str, Any], batches: Iterable[
         raise AttackError(f"--eps={eps!r} must be >= 0")
     if method == "pgd" and int(steps) < 1:
         raise AttackError(f"--steps={steps!r} must be >= 1")
-    if not kinds:
-        raise AttackError("the model has no tower an attack can perturb (image towers "
-                          f"{IMAGE_KINDS} or text towers {TEXT_KINDS})")
-    fn = jax.jit(functools.partial(attack_batch, model, task=task, kinds=dict(kinds),
+    if not names:
+        raise AttackError("the model has no tower an attack can perturb (modalities with an "
+                          f"attack: {[m for m in modalities.names() if modalities.get(m).attack]})")
+    fn = jax.jit(functools.partial(attack_batch, model, task=task, names=tuple(names),
                                    method=method, steps=int(steps)))
     variables = jax.device_put(variables)
     clean_sum = robust_sum = count = 0.0

@@ -35,7 +35,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from mmjax.data.device import normalize_images
 from mmjax.data.records import TOKENIZER_FILE
 from mmjax.errors import ExplainedError
 from mmjax.models.multimodal import MultimodalModel
@@ -76,10 +75,8 @@ class Spec:
 
     def teacher_logits(self, variables: Mapping[str, Any], batch: Mapping[str, Any]
                        ) -> jax.Array:
-        """The frozen teacher's logits on ``batch`` (eval mode, no gradient; uint8 images are
-        scaled as the steps scale them)."""
-        out = self.model.apply(variables, normalize_images(batch),
-                               train=False)[self.teacher_task]["logits"]
+        """The frozen teacher's logits on ``batch`` (eval mode, no gradient)."""
+        out = self.model.apply(variables, batch, train=False)[self.teacher_task]["logits"]
         return jax.lax.stop_gradient(out)
 
     def add_term(self, total: jax.Array, metrics: dict[str, jax.Array],

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mmjax import config as config_lib
 from mmjax import evaluators as evaluators_lib
 from mmjax.data import pipeline
 from mmjax.errors import ExplainedError
@@ -33,9 +34,8 @@ from mmjax.models.multimodal import MultimodalModel, build_model
 from mmjax.optim import optimizers, weighting
 from mmjax.runtime import parallel
 from mmjax.trainer import distill as distill_lib
-from mmjax.trainer import modalities as modalities_lib
+from mmjax.trainer import fit, transfer
 from mmjax.trainer import step as step_lib
-from mmjax.trainer import transfer
 from mmjax.trainer import workdir as workdir_lib
 from mmjax.trainer.state import (
     Task,
@@ -74,10 +74,12 @@ class Setup:
 def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Setup:
     """Validates the config against the devices and data, and builds the run's parts.
 
-    Towers of modalities the train records lack are removed (``modalities.fit_to_data``), sizes
-    left at 0 in ``config.model`` (vocabulary, classes) are filled in from the data, and
-    towers with ``init_from`` take their architecture from it: ``config.json`` records the result.
+    The modules of ``config.imports`` are imported first (parts of your own register there).
+    Towers of modalities the train records lack are removed (``fit.fit_to_data``), sizes left
+    at 0 in ``config.model`` (vocabulary, classes) are filled in from the data, and towers with
+    ``init_from`` take their architecture from it: ``config.json`` records the result.
     """
+    config_lib.import_modules(config)
     par = parallel.make_parallel(config.parallel)
     n_dev = jax.device_count()
     if config.batch_size % n_dev:
@@ -92,7 +94,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> Setup:
     distill_lib.adopt_tokenizer(config, workdir)
     tokenizer = pipeline.build_tokenizer(config.data, workdir=workdir)
     data_info = pipeline.dataset_info(config.data, tokenizer, workdir=workdir)
-    modalities_lib.fit_to_data(config, pipeline.modalities(config.data))
+    fit.fit_to_data(config, pipeline.modalities(config.data))
     _fill_from_data(config, data_info)
     _fill_special_ids(config, tokenizer)
     return assemble(config, workdir, par=par, tokenizer=tokenizer, data_info=data_info,
@@ -135,10 +137,8 @@ def assemble(config: ml_collections.ConfigDict, workdir: str | Path, *, par: Any
 def _fill_from_data(config: ml_collections.ConfigDict, info: Mapping[str, int]) -> None:
     """Sizes left at 0 in the config (vocabulary, classes) are taken from the data."""
     model = config.model
-    for key in model:
-        enc = model[key]
-        if isinstance(enc, ml_collections.ConfigDict) and enc.get("kind") == "text" \
-                and not enc.get("vocab_size"):
+    for enc in model.encoders.values():  # a tower over token ids: the tokenizer's vocabulary
+        if "vocab_size" in enc and not enc.get("vocab_size"):
             enc.vocab_size = info["vocab_size"]
     for head in model.heads.values():
         if head.get("kind") == "classification" and not head.get("num_classes"):
@@ -164,7 +164,7 @@ def _fill_special_ids(config: ml_collections.ConfigDict, tokenizer: Any) -> None
 
 
 def initial_state(s: Setup) -> tuple[TrainState, optax.GradientTransformation]:
-    """A fresh state with pretrained towers (``model.<tower>.init_from``) and then
+    """A fresh state with pretrained towers (``model.encoders.<modality>.init_from``) and then
     ``config.init_from`` (``init_subtrees`` of an earlier run) loaded over it."""
     batch = next(iter(pipeline.eval_batches(s.config.data, "val", batch_size=2)))
     batch = {k: v for k, v in batch.items() if k != "valid"}
@@ -209,7 +209,7 @@ def split_metrics(s: Setup, eval_fn: Any, state: Any, split: str, *,
             out.setdefault("accuracy", out[f"{t.name}_accuracy"])
     if s.evaluators:
         host = jax.device_get(s.par.state_for_checkpoint(state))
-        variables = {"params": model_params(host.params), **host.model_state}
+        variables = {"params": model_params(host.trainable()), **host.model_state}
         out.update(evaluators_lib.run_all(s.evaluators, variables, split))
     return out
 

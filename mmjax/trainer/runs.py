@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from mmjax import config as config_lib
 from mmjax.data import pipeline
 from mmjax.data.folder import LABELS_FILE
 from mmjax.data.records import TOKENIZER_FILE
@@ -25,7 +26,7 @@ from mmjax.errors import ExplainedError
 from mmjax.io import checkpoint
 from mmjax.models.heads import CONTRASTIVE_KINDS
 from mmjax.models.multimodal import MultimodalModel, build_model
-from mmjax.optim import lora, weighting
+from mmjax.optim import lora, trainable
 from mmjax.runtime import parallel
 from mmjax.trainer.state import primary_metric, tasks_from_config
 
@@ -46,18 +47,19 @@ class Run:
     workdir: Path
     config: ml_collections.ConfigDict
     step: int
-    params: dict[str, Any]  # as saved: may hold loss_weights/ and lora/ subtrees
+    params: dict[str, Any]  # the model's own, as saved
     model_state: dict[str, Any]  # e.g. {"batch_stats": ...}
     tokenizer: Any
     label_names: list[str]
+    adapters: Any = None  # LoRA adapters, if the run has them
+    loss_weights: Any = None  # learned loss weights, if the run has them
 
     def build_model(self, bn_axis_name: str | None = None) -> MultimodalModel:
         return build_model(self.config.model, bn_axis_name=bn_axis_name)
 
     def model_params(self) -> dict[str, Any]:
-        """Plain model params (LoRA merged, loss weights dropped)."""
-        params = lora.merge(self.params) if lora.KEY in self.params else self.params
-        return {k: v for k, v in params.items() if k != weighting.PARAMS_KEY}
+        """The params inference applies: LoRA adapters merged into their kernels."""
+        return lora.merge(trainable.join(self.params, self.adapters))
 
     def variables(self) -> dict[str, Any]:
         """``{"params", **model_state}`` for ``model.apply``."""
@@ -130,16 +132,19 @@ def load(workdir: str | Path, step: str | int | None = None) -> Run:
     """Reads checkpoint ``step`` (see :func:`resolve_step`) of the run in ``workdir``."""
     workdir = Path(workdir)
     config = read_config(workdir)
+    config_lib.import_modules(config)  # parts of your own that the run was trained with
     step = resolve_step(workdir, step, config)
     state = checkpoint.read_state(workdir / "checkpoints" / str(step) / "state",
-                                  ("params", "model_state"))
+                                  (*trainable.SAVED, "model_state"))
+    params, adapters, loss_weights = trainable.from_saved(state)
     if config.data.name == "folder" and not (workdir / LABELS_FILE).is_file():
         raise RunError(f"{workdir.absolute()}: no {LABELS_FILE} (the run's classes)")
     tokenizer = _tokenizer(config, workdir)
     log.info("%s: checkpoint step %d", workdir, step)
-    return Run(workdir=workdir, config=config, step=step, params=state["params"],
+    return Run(workdir=workdir, config=config, step=step, params=params,
                model_state=dict(state.get("model_state") or {}), tokenizer=tokenizer,
-               label_names=pipeline.label_names(config.data, workdir=workdir))
+               label_names=pipeline.label_names(config.data, workdir=workdir),
+               adapters=adapters, loss_weights=loss_weights)
 
 
 def parallel_for(config: ml_collections.ConfigDict) -> Any:

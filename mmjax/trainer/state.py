@@ -14,22 +14,37 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mmjax.data.device import normalize_images
 from mmjax.models import losses as losses_lib
 from mmjax.models.multimodal import loss_spec
 from mmjax.optim import lora, optimizers, weighting
+from mmjax.optim import trainable as trainable_lib
 
 log = logging.getLogger(__name__)
 
 
 class TrainState(flax.struct.PyTreeNode):
-    """Everything a step reads and writes. ``rng`` holds raw uint32 key data so Orbax saves it."""
+    """Everything a step reads and writes. ``rng`` holds raw uint32 key data so Orbax saves it.
+
+    ``params`` are the model's own; LoRA adapters and learned loss weights, when a run has them,
+    are fields of their own (None otherwise). The optimizer updates the three as one tree
+    (:meth:`trainable`, ``mmjax.optim.trainable``).
+    """
 
     step: jax.Array
     params: Any
     opt_state: Any
     model_state: Any  # non-parameter collections, e.g. {"batch_stats": ...}
     rng: jax.Array
+    adapters: Any = None  # config.lora's adapters
+    loss_weights: Any = None  # loss_weighting.kind="uncertainty"'s log-variances
+
+    def trainable(self) -> dict[str, Any]:
+        """The tree the optimizer updates (and the steps differentiate)."""
+        return trainable_lib.join(self.params, self.adapters, self.loss_weights)
+
+    def with_trainable(self, tree: Mapping[str, Any]) -> TrainState:
+        params, adapters, loss_weights = trainable_lib.split(tree)
+        return self.replace(params=params, adapters=adapters, loss_weights=loss_weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,11 +80,13 @@ def primary_metric(tasks: tuple[Task, ...]) -> tuple[str, str]:
     return "loss", "min"
 
 
-def model_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The params the model applies: without learned loss weights, LoRA adapters folded in
-    (as ``W + scale·(a @ b)``, so gradients reach both W and the adapters)."""
-    params = {k: v for k, v in params.items() if k != weighting.PARAMS_KEY}
-    return lora.effective_params(params)
+def model_params(tree: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The params the model applies, from the optimizer's tree (:meth:`TrainState.trainable`):
+    without learned loss weights, LoRA adapters folded in (as ``W + scale·(a @ b)``, so
+    gradients reach both W and the adapters). Traceable; on host arrays it is what inference
+    applies."""
+    params, adapters, _ = trainable_lib.split(tree)
+    return lora.effective_params(trainable_lib.join(params, adapters))
 
 
 def create_state(
@@ -87,26 +104,27 @@ def create_state(
     """
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     init = jax.jit(functools.partial(model.init, train=False))
-    # The step scales uint8 images before the model sees them; init sees what the model sees.
-    variables = dict(init({"params": init_rng, "dropout": init_rng},
-                          normalize_images(sample_batch)))
+    variables = dict(init({"params": init_rng, "dropout": init_rng}, sample_batch))
     params = variables.pop("params")
     if params_hook is not None:
         params = params_hook(params)
-    learned_weights = weighting.from_config(config).init_params()
-    if learned_weights is not None:  # Kendall et al.'s log-variances, trained with the model
-        params = {**params, weighting.PARAMS_KEY: learned_weights}
+    # The optimizer's tree: the model's params, then Kendall et al.'s log-variances (trained with
+    # the model) and the LoRA adapters beside them; the state keeps the three apart.
+    params = trainable_lib.join(params, loss_weights=weighting.from_config(config).init_params())
     lora_cfg = config.get("lora", None)
     if lora.enabled(lora_cfg):
         params = lora.add_adapters(params, lora_cfg, jax.random.fold_in(init_rng, 1))
     tx = optimizers.make_optimizer(config.optimizer, params, config.total_steps, lora_cfg=lora_cfg)
     n_train, n_total = optimizers.trainable_count(config.optimizer, params, lora_cfg)
     log.info("trainable parameters: %s of %s", f"{n_train:,}", f"{n_total:,}")
+    params, adapters, loss_weights = trainable_lib.split(params)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=tx.init(params),
+        opt_state=None,
         model_state=variables,
         rng=train_rng,
+        adapters=adapters,
+        loss_weights=loss_weights,
     )
-    return state, tx
+    return state.replace(opt_state=tx.init(state.trainable())), tx

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from mmjax.data.device import normalize_images
 from mmjax.models import losses as losses_lib
 from mmjax.optim import weighting
 from mmjax.trainer.state import Task, TrainState, model_params
@@ -26,7 +25,10 @@ Metrics = dict[str, jax.Array]
 
 def forward(params: Any, model_state: Any, batch: Mapping[str, Any], rng: jax.Array | None, *,
             model: Any, train: bool) -> tuple[dict[str, Any], Any]:
-    """Model outputs per task, and the updated non-parameter state (BatchNorm statistics)."""
+    """Model outputs per task, and the updated non-parameter state (BatchNorm statistics).
+
+    ``params`` here and below is the optimizer's tree (``TrainState.trainable``): the model's
+    params with the adapters and loss weights beside them."""
     variables = {"params": model_params(params), **model_state}
     # "masking" drives the objectives' random choices; without it (evaluation) they use a fixed
     # key, so val metrics are deterministic.
@@ -170,32 +172,32 @@ def train_step(state: TrainState, batch: Mapping[str, Any], teacher: Any = None,
     share and ``lax.pmean`` averages them; under the mesh path the batch is one global array.
     ``teacher``: the frozen teacher's variables, read when ``distill`` is given
     (``trainer.distill``)."""
-    batch = normalize_images(batch)  # uint8 pixels from the host → [-1, 1], here on device
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
+    trainable = state.trainable()
     if accum_steps > 1:
         if weights.learned:
             raise ValueError("loss_weighting.kind='uncertainty' does not support "
                              f"grad_accum_steps > 1 (got {accum_steps}): use 'fixed' weights "
                              "or no accumulation")
         grads, metrics, model_state = accumulated_grads(
-            state.params, state.model_state, batch, rng, state.step, model=model, tasks=tasks,
+            trainable, state.model_state, batch, rng, state.step, model=model, tasks=tasks,
             weights=weights, accum_steps=accum_steps)
     else:
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, (metrics, model_state)), grads = grad_fn(
-            state.params, state.model_state, batch, rng, state.step, model=model, tasks=tasks,
+            trainable, state.model_state, batch, rng, state.step, model=model, tasks=tasks,
             weights=weights, train=True, teacher=teacher, distill=distill)
     if axis_name is not None:
         grads = lax.pmean(grads, axis_name)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
     if axis_name is not None:
         metrics = lax.pmean(metrics, axis_name)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              model_state=model_state)
+    new_state = state.with_trainable(trainable).replace(
+        step=state.step + 1, opt_state=opt_state, model_state=model_state)
     return new_state, metrics
 
 
@@ -203,8 +205,7 @@ def eval_step(state: TrainState, batch: Mapping[str, Any], *, model: Any,
               tasks: tuple[Task, ...], weights: weighting.Weighting,
               axis_name: str | None = None) -> Metrics:
     """Sums of per-example metrics over the valid examples of the batch, and their count."""
-    batch = normalize_images(batch)
-    _, (metrics, _) = loss_fn(state.params, state.model_state, batch, None, state.step,
+    _, (metrics, _) = loss_fn(state.trainable(), state.model_state, batch, None, state.step,
                               model=model, tasks=tasks, weights=weights, train=False)
     n = batch["valid"].sum()
     sums = {k: jnp.where(n > 0, v * n, 0.0) for k, v in metrics.items()}

@@ -1,4 +1,4 @@
-"""Pretrained towers in training: ``config.model.<modality>.init_from``.
+"""Pretrained towers in training: ``config.model.encoders.<modality>.init_from``.
 
 A tower starts from a Hugging Face folder (BERT, ViT, either tower of CLIP, AST, the encoder of
 a Whisper model) or from an mmjax checkpoint (a workdir written by ``python -m mmjax.convert`` or
@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from mmjax import hf
+from mmjax import hf, modalities
 from mmjax.io.checkpoint import (
     HF_CONFIG,
     CheckpointReadError,
@@ -34,7 +34,6 @@ from mmjax.io.checkpoint import (
     workdir_of,
 )
 from mmjax.models import scan
-from mmjax.models.multimodal import MODEL_OPTIONS
 from mmjax.optim import lora
 
 
@@ -56,7 +55,8 @@ def encoder_overrides(init_from: str, kind: str | None = None,
 
     ``kind`` ("text"/"vit") picks the tower of a CLIP folder. For an mmjax checkpoint the
     options come from its ``hf_config.json`` (written by ``mmjax.convert``) or, for a training
-    workdir, from ``config.json``'s ``model.<modality>``; the BERT/ViT pooler is assumed present.
+    workdir, from ``config.json``'s ``model.encoders.<modality>``; the BERT/ViT pooler is
+    assumed present.
     """
     where = f"init_from={init_from!r}"
     if hf.is_hf_folder(init_from):
@@ -73,7 +73,7 @@ def encoder_overrides(init_from: str, kind: str | None = None,
         return dict(_hf_tower(cfg, kind, where)[1])
     if work is not None and (work / "config.json").is_file() and modality:
         model = json.loads((work / "config.json").read_text()).get("model", {})
-        enc = dict(model.get(modality) or {})
+        enc = dict((model.get("encoders") or model).get(modality) or {})
         # (model-wide keys that older configs repeated per tower are dropped too)
         for key in ("kind", "init_from", "dropout", "dtype", "attn_implementation", "remat",
                     "padding", "scan_layers", "scan_unroll"):
@@ -93,14 +93,13 @@ def _weight_names(path: str | Path) -> list[str]:
 
 
 def encoder_entries(model_cfg: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-    """``{modality: encoder config}`` of ``config.model`` (every key but the model options)."""
-    return {k: v for k, v in model_cfg.items()
-            if k not in MODEL_OPTIONS and (isinstance(v, Mapping) or hasattr(v, "to_dict"))
-            and "kind" in v}
+    """``{modality: encoder config}`` of ``config.model.encoders``."""
+    return dict(model_cfg.get("encoders") or {})
 
 
 def apply_encoder_overrides(config: Any, log: logging.Logger | None = None) -> None:
-    """Writes ``encoder_overrides`` into every ``config.model.<modality>`` that has init_from.
+    """Writes ``encoder_overrides`` into every ``config.model.encoders.<modality>`` with an
+    ``init_from``.
 
     The source's architecture wins over values in the config (a pretrained tower cannot change
     shape); a changed value is logged.
@@ -116,18 +115,18 @@ def apply_encoder_overrides(config: Any, log: logging.Logger | None = None) -> N
             for key, value in over.items():
                 old = enc.get(key, None)
                 if old not in (None, 0, "") and old != value:
-                    log.info("model.%s.%s=%r replaced by %r from %s", modality, key, old, value,
-                             init_from)
+                    log.info("model.encoders.%s.%s=%r replaced by %r from %s", modality, key,
+                             old, value, init_from)
                 try:
                     enc[key] = value
                 except (TypeError, AttributeError) as e:
-                    raise TransferError(f"model.{modality}.{key}: cannot take {value!r} from "
-                                        f"{init_from}: {e}") from e
+                    raise TransferError(f"model.encoders.{modality}.{key}: cannot take "
+                                        f"{value!r} from {init_from}: {e}") from e
 
 
 def load_tower(init_from: str, modality: str, kind: str | None = None) -> dict[str, Any]:
     """The params subtree of one tower from a Hugging Face folder or an mmjax checkpoint."""
-    where = f"model.{modality}.init_from={init_from!r}"
+    where = f"model.encoders.{modality}.init_from={init_from!r}"
     if hf.is_hf_folder(init_from):
         cfg = hf.read_config(init_from)
         part = _hf_tower(cfg, kind, where)[0]
@@ -136,9 +135,8 @@ def load_tower(init_from: str, modality: str, kind: str | None = None) -> dict[s
     params = lora.read_model_params(init_from)
     if modality in params:
         return params[modality]
-    part = ("image" if kind in hf.IMAGE_KINDS else "audio" if kind in hf.AUDIO_KINDS
-            else "text")
-    if part in params:  # a converted checkpoint names towers "text"/"image"/"audio"
+    part = modalities.of_tower(kind)
+    if part in params:  # a converted checkpoint names its tower by the modality it reads
         return params[part]
     raise TransferError(f"{where}: the checkpoint has no params/{modality} "
                         f"(it has {sorted(params)})")
@@ -208,7 +206,7 @@ def apply_init_from(config: Any, params: Mapping[str, Any],
         init_from = enc.get("init_from", "")
         if not init_from:
             continue
-        where = f"model.{modality}.init_from={init_from!r}"
+        where = f"model.encoders.{modality}.init_from={init_from!r}"
         if modality not in params:
             raise TransferError(f"{where}: the model has no params/{modality}")
         tower = scan.match_layers(load_tower(init_from, modality, enc.get("kind")),
@@ -302,7 +300,8 @@ def load_subtrees(source: str | Path, params: Mapping[str, Any],
     where = f"init_from={str(source)!r}"
     if hf.is_hf_folder(source):
         raise TransferError(f"{where}: {source} is a Hugging Face folder; config.init_from takes "
-                            "an mmjax checkpoint (use model.<tower>.init_from for a HF tower)")
+                            "an mmjax checkpoint (use model.encoders.<modality>.init_from for a "
+                            "HF tower)")
     try:  # fails first, naming the path, if it is not a checkpoint
         checkpoint_state_dir(source)
     except CheckpointReadError as e:
@@ -355,8 +354,8 @@ def apply_config_init_from(config: Any, params: Mapping[str, Any],
     towers = {m for m, enc in encoder_entries(config.model).items() if enc.get("init_from")}
     overridden = sorted(t for t in towers if any(n.split("/")[0] == t for n in report.loaded))
     if overridden:
-        log.warning("config.init_from=%r replaces towers %s that model.<tower>.init_from loaded",
-                    source, overridden)
+        log.warning("config.init_from=%r replaces towers %s that "
+                    "model.encoders.<modality>.init_from loaded", source, overridden)
     log.info("%s", report.summary())
     if report.missing or report.unexpected:
         log.warning("config.init_from=%r: %d missing keys keep their fresh init, %d unexpected "

@@ -5,11 +5,10 @@ encoded bytes, an array or a ``(samples, rate)`` pair, averages stereo to mono a
 with ``soxr`` (high quality) to the front end's rate, so clips of any rate and channel count
 reach the model alike. Empty or non-finite audio is an error, as a broken image is.
 
-The ops (registered in ``mmjax.data.ops``'s registry when this module is imported, which
-``mmjax.data.folder`` does):
+The ops (registered in ``mmjax.pp.ops``'s registry when ``mmjax.pp`` is imported):
 
 - ``decode_audio``: ``"audio"`` path/bytes/pair → float32 waveform at ``data.audio``'s rate;
-- ``audio_features``: waveform → log-mel features of the front end (``mmjax.data.audio``):
+- ``audio_features``: waveform → log-mel features of the front end (``mmjax.pp.audio_features``):
   ``[frames, mels]`` for an ``ast`` front end, ``[mels, frames]`` for ``whisper``;
 - ``spec_augment(freq_masks, freq_width, time_masks, time_width)``: train-only masking.
 
@@ -33,12 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from mmjax.data import ops
-from mmjax.data.audio import FrontEnd, spec_augment
+from mmjax.pp import ops
+from mmjax.pp.audio_features import FrontEnd, spec_augment
 
 MODALITY = "audio"
-# Ops that need only the record: their output can be cached per record.
-CACHEABLE = frozenset({"decode_audio", "audio_features"})
 PCM_SCALE = 32768.0  # integer samples are taken as 16-bit PCM (TFDS Audio's default)
 
 
@@ -154,7 +151,7 @@ def _front_end(ctx: ops.Context, op: str) -> FrontEnd:
     return ctx.audio
 
 
-@ops.register("decode_audio")
+@ops.register("decode_audio", cacheable=True)
 def _decode_op(ctx: ops.Context, key: str = MODALITY) -> ops.OpFn:
     def fn(ex: ops.Example, rng: Any) -> ops.Example:
         if key not in ex or isinstance(ex[key], np.ndarray):  # absent, or decoded already
@@ -180,7 +177,7 @@ def audio_features_op(fe: FrontEnd) -> Any:
     return fn
 
 
-@ops.register("audio_features")
+@ops.register("audio_features", cacheable=True)
 def _features_op(ctx: ops.Context, key: str = MODALITY) -> ops.OpFn:
     features = None if ctx.audio is None else audio_features_op(ctx.audio)
 
@@ -208,8 +205,3 @@ def _spec_augment_op(ctx: ops.Context, freq_masks: int = 2, freq_width: int = 8,
                                         time_masks=time_masks, time_width=time_width)}
 
     return fn
-
-
-def cacheable(parsed: list[ops.Op]) -> list[ops.Op]:
-    """The audio ops of a parsed spec whose output depends only on the record."""
-    return [op for op in parsed if op.name in CACHEABLE]

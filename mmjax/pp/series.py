@@ -1,13 +1,12 @@
 """Time series (sensor data) in the data pipeline: ``"series": "path.npy"`` records.
 
-A series is a ``.npy`` file of floats ``[time, channels]`` (``[time]`` is one channel); empty,
-non-numeric or non-finite series are bad records, named like a broken image. The ``series``
-op (registered in ``mmjax.data.ops``'s registry when this module is imported, which
-``mmjax.data.folder`` does) loads it and pads with zeros or cuts it to ``length`` steps, so every
-example has one shape: ``{"values": [length, channels], "mask": [length]}`` (mask 1 on the
-series' own steps, the keyword arguments of the ``series`` tower, ``mmjax/models/series.py``).
-A record without a series gets zero values and an all-ones mask (finite inputs; its
-``present`` flag says it is absent).
+A series is a ``.npy`` file of floats ``[time, channels]`` (``[time]`` is one channel); empty, non-
+numeric or non-finite series are bad records, named like a broken image. The ``series`` op
+(registered in ``mmjax.pp.ops``'s registry when ``mmjax.pp`` is imported) loads it and pads with
+zeros or cuts it to ``length`` steps, so every example has one shape: ``{"values": [length,
+channels], "mask": [length]}`` (mask 1 on the series' own steps, the keyword arguments of the
+``series`` tower, ``mmjax/models/series.py``). A record without a series gets zero values and an
+all-ones mask (finite inputs; its ``present`` flag says it is absent).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mmjax.data import ops
+from mmjax.pp import ops
 
 MODALITY = "series"
 
@@ -45,7 +44,7 @@ def placeholder() -> np.ndarray:
     return np.zeros((0, 0), np.float32)
 
 
-@ops.register("series")
+@ops.register("series", cacheable=True)
 def _series_op(ctx: ops.Context, length: int = 64, channels: int = 1,
                key: str = MODALITY) -> ops.OpFn:
     """Loads a series and fits it to ``length`` steps of ``channels`` (zero-padded, masked,

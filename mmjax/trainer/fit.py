@@ -1,10 +1,10 @@
 """Fit a model config to the modalities its data has: one tower per modality present.
 
-A config such as ``configs/folder.py`` carries towers for image, audio and text; a dataset
-whose train records have only images and texts trains the image and text towers, and the
-audio tower is removed before the model is built (a tower with no input could not be
-initialised). What the remaining parts need must be there: a fusion query, a head or an
-evaluator that reads a modality the data lacks makes the run fail at once, naming the key.
+A config such as ``configs/folder.py`` carries towers (``config.model.encoders``) for image, audio,
+series and text; a dataset whose train records have only images and texts trains the image and text
+towers, and the others are removed before the model is built (a tower with no input could not be
+initialised). What the remaining parts need must be there: a fusion query, a head or an evaluator
+that reads a modality the data lacks makes the run fail at once, naming the key.
 """
 
 from __future__ import annotations
@@ -19,16 +19,13 @@ import ml_collections
 from mmjax import evaluators
 from mmjax.models import fusion as fusion_lib
 from mmjax.models import heads as heads_lib
-from mmjax.models.multimodal import ENCODERS, MODEL_OPTIONS
 
 log = logging.getLogger(__name__)
 
 
 def towers(model_cfg: Any) -> list[str]:
-    """The modality names of ``config.model``'s encoder entries."""
-    return [k for k in model_cfg if k not in MODEL_OPTIONS
-            and isinstance(model_cfg[k], ml_collections.ConfigDict | dict)
-            and model_cfg[k].get("kind") in ENCODERS]
+    """The modalities of ``config.model.encoders``."""
+    return list(model_cfg.get("encoders") or {})
 
 
 def _default(cls: type, name: str) -> Any:
@@ -47,7 +44,9 @@ def _needs(config: Any) -> list[tuple[str, str]]:
     for key, m in (fusion.reads() if fusion is not None else {}).items():
         out.append((f"model.fusion.{key}={m!r}", m))
     for task, head in (model.get("heads") or {}).items():
-        cls = heads_lib.HEADS.get(head.get("kind"))
+        kind = head.get("kind")
+        cls = heads_lib.HEADS.get(kind, f"model.heads.{task}") if kind in heads_lib.HEADS \
+            else None
         for key in ("modality", "modalities") if cls is not None else ():
             value = head.get(key, _default(cls, key))
             if value is None or value is dataclasses.MISSING:
@@ -84,6 +83,6 @@ def fit_to_data(config: ml_collections.ConfigDict, present: Sequence[str]) -> li
                          f"records have only {left}: set --config.model.fusion.kind=none")
     with config.unlocked():
         for m in absent:
-            del model[m]
+            del model.encoders[m]
     log.info("data has no %s: towers %s removed from the model", absent, absent)
     return absent
