@@ -148,15 +148,15 @@ class FolderSource:
         ("" if it is not). Callbacks run only once the whole record is good."""
         decoded = {}
         for m in have:
-            modality = modalities.get(m)
-            if not modality.from_file:
+            load = modalities.get(m).load
+            if load is None:  # the record holds the value itself
                 record[m] = rec[m]
                 continue
             path = record[m] = os.path.join(self.root, rec[m])
             if not os.path.isfile(path):
                 return f"{m} file {path} not found"
             try:
-                decoded[m] = modality.load(path, self._ctx)
+                decoded[m] = load(path, self._ctx)
             except Exception as e:
                 return f"cannot decode {m} file {path}: {e}"
         i = len(self.records)

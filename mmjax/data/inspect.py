@@ -62,7 +62,7 @@ def grid(images: np.ndarray, captions: list[str], *, cell: int = 160) -> Any:
         pixels = np.asarray(im)  # uint8 as the workers send it, or float32 in [-1, 1]
         if pixels.dtype != np.uint8:
             pixels = np.clip((pixels.astype(np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
-        tile = Image.fromarray(pixels).resize((cell, cell), Image.NEAREST)
+        tile = Image.fromarray(pixels).resize((cell, cell), Image.Resampling.NEAREST)
         x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
         canvas.paste(tile, (x, y))
         for j, line in enumerate(textwrap.wrap(caption, width=cell // 6)[:4]):

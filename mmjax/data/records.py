@@ -89,13 +89,12 @@ class _SplitData:
 
         t = time.perf_counter()
         if key[0] in ("folder", "file"):
-            media = {"ctx": self.ctx, "on_loaded": on_loaded}
             self.source: Any = folder.FolderSource(
-                key[1], split, skip_bad=key[2], **media
+                key[1], split, skip_bad=key[2], ctx=self.ctx, on_loaded=on_loaded
             ) if key[0] == "folder" else folder.FolderSource.from_file(
-                key[1], skip_bad=key[2], **media)
+                key[1], skip_bad=key[2], ctx=self.ctx, on_loaded=on_loaded)
             self.skipped = self.source.skipped
-            self._lines = self.source.lines
+            self._lines: list[int] | None = self.source.lines
             self._file = self.source.file
             for m, measures in self.source.measures.items():
                 modalities.get(m).report(measures, self.ctx, split or key[1])
@@ -243,17 +242,17 @@ def labels(data_config: Any, workdir: str) -> list:
     key = _data_key(data_config)
     if data_config.name == "folder" and saved is not None and saved.exists():
         # The run's own classes, as saved; train is not read (it may have changed since).
-        vocab = _LABEL_CACHE[key] = folder.label_vocab([], workdir)
-        return vocab
-    vocab = _LABEL_CACHE.get(key)
-    if vocab is not None and not workdir:
-        return vocab
+        _LABEL_CACHE[key] = folder.label_vocab([], workdir)
+        return _LABEL_CACHE[key]
+    cached = _LABEL_CACHE.get(key)
+    if cached is not None and not workdir:
+        return cached
     if data_config.name == "tfds":
         from mmjax.data import tfds_source
 
         vocab = tfds_source.label_names(data_config)
     else:
-        raw = vocab if vocab is not None else _train_raw_labels(data_config)
+        raw = cached if cached is not None else _train_raw_labels(data_config)
         vocab = folder.label_vocab(raw, workdir)
     _LABEL_CACHE[key] = vocab
     return vocab

@@ -33,7 +33,8 @@ class ShapesConfig(tfds.core.BuilderConfig):
 
 
 # Under ``python -m`` this file also runs as ``__main__``: register only the importable copy.
-class MmjaxShapes(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == "__main__"):
+class MmjaxShapes(tfds.core.GeneratorBasedBuilder,  # type: ignore[call-arg]
+                  skip_registration=__name__ == "__main__"):
     """Two coloured objects per image and a question about them (see ``mmjax.data.shapes``)."""
 
     VERSION = tfds.core.Version("1.0.0")

@@ -28,7 +28,7 @@ KINDS = ("retrieval", "zeroshot", "qa", "agreement", "caption")
 __all__ = ["KINDS", "Env", "Evaluator", "build", "get", "run_all"]
 
 
-def get(kind: str, where: str = "evals") -> type[Evaluator]:
+def get(kind: Any, where: str = "evals") -> type[Evaluator]:
     """The ``Evaluator`` class of ``kind``: module ``mmjax.evaluators.<kind>``, or the module a
     dotted ``kind`` names."""
     if not isinstance(kind, str) or not kind:

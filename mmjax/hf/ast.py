@@ -44,7 +44,7 @@ class HFAST(nn.Module):
     hf_config: str = ""
 
     @nn.compact
-    def __call__(self, input_values: jax.Array) -> dict[str, jax.Array]:
+    def __call__(self, input_values: jax.Array) -> dict[str, Any]:
         out = AST(**self.audio, name="audio")(input_values)
         return {"last_hidden_state": out["tokens"], "pooler_output": out["pooled"]}
 

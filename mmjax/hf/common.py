@@ -93,7 +93,7 @@ class Architecture:
         """The wrapper for ``cfg``; ``hf_config`` is kept so that export writes it back."""
         raise NotImplementedError
 
-    def table(self, model: nn.Module) -> list[Entry]:
+    def table(self, model: Any) -> list[Entry]:
         """Weight table of a wrapper ``build`` made; mmjax paths start at the collection."""
         raise NotImplementedError
 
@@ -129,12 +129,12 @@ class Architecture:
             return {k.removeprefix(p): v for k, v in weights.items()}
         return weights
 
-    def fixed(self, model: nn.Module) -> dict[str, np.ndarray]:
+    def fixed(self, model: Any) -> dict[str, np.ndarray]:
         """Hugging Face tensors that mmjax computes instead of storing (Whisper's sinusoidal
         positions): loading checks the folder's against them, saving writes them."""
         return {}
 
-    def implied(self, model: nn.Module) -> dict[tuple[str, ...], np.ndarray]:
+    def implied(self, model: Any) -> dict[tuple[str, ...], np.ndarray]:
         """mmjax variables (paths below the collection) with no Hugging Face tensor and no effect
         on the outputs (Whisper's key bias, which softmax cancels): loading sets these values,
         saving leaves them out."""

@@ -63,7 +63,8 @@ def compare(
     def keep(mdl: nn.Module, method: str) -> bool:
         return method == "__call__" and (mdl.name or "").startswith(arch.captured)
 
-    out, state = model.apply(variables, **inputs, capture_intermediates=keep)
+    out, state = model.apply(variables, **inputs,  # type: ignore[arg-type]
+                             capture_intermediates=keep)
     inter = state["intermediates"]
     rows: Rows = []
     for tower, states in ref_states.items():

@@ -54,12 +54,12 @@ class HFResNet(nn.Module):
     hf_config: str = ""
 
     @nn.compact
-    def __call__(self, pixel_values: jax.Array) -> dict[str, jax.Array]:
+    def __call__(self, pixel_values: jax.Array) -> dict[str, Any]:
         out = ResNet(**self.image, name="image")(pixel_values, train=False)
         h, w = pixel_values.shape[1:3]
         for k, st, p in [(7, 2, 3), (3, 2, 1)] + [(3, 2, 1)] * (self._stages() - 1):
             h, w = (h + 2 * p - k) // st + 1, (w + 2 * p - k) // st + 1
-        tokens = out["tokens"]
+        tokens: Any = out["tokens"]
         return {"last_hidden_state": tokens.reshape(tokens.shape[0], h, w, -1),
                 "pooler_output": out["pooled"]}
 

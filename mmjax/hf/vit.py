@@ -58,7 +58,7 @@ class HFViT(nn.Module):
     hf_config: str = ""
 
     @nn.compact
-    def __call__(self, pixel_values: jax.Array) -> dict[str, jax.Array]:
+    def __call__(self, pixel_values: jax.Array) -> dict[str, Any]:
         out = ViT(**self.image, name="image")(crop_to_patches(pixel_values, self.image))
         res = {"last_hidden_state": out["tokens"]}
         if self.image.get("pooler"):

@@ -55,7 +55,7 @@ class HFWhisperEncoder(nn.Module):
     hf_config: str = ""
 
     @nn.compact
-    def __call__(self, input_features: jax.Array) -> dict[str, jax.Array]:
+    def __call__(self, input_features: jax.Array) -> dict[str, Any]:
         out = WhisperEncoder(**self.audio, name="audio")(input_features)
         return {"last_hidden_state": out["tokens"]}
 

@@ -37,11 +37,15 @@ def output_fn(model: MultimodalModel, task: str, kind: str
 
     def fn(variables: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict[str, jax.Array]:
         variables = quantize_lib.dequantize(variables)
+        out: Any
         if kind in CONTRASTIVE_KINDS:
-            return model.apply(variables, inputs, task=task, method="embed")
+            out = model.apply(variables, inputs, task=task, method="embed")
+            return out
         if kind == "caption":
-            return {"tokens": model.apply(variables, inputs, task=task, method="generate")}
-        out = model.apply(variables, inputs)[task]
+            out = model.apply(variables, inputs, task=task, method="generate")
+            return {"tokens": out}
+        out = model.apply(variables, inputs)
+        out = out[task]
         if kind == "classification":
             return {"probs": jax.nn.softmax(out["logits"].astype(jnp.float32), axis=-1)}
         return {"values": out["predictions"].astype(jnp.float32)}

@@ -41,12 +41,12 @@ def _quantized_params(run: runs.Run, mode: str) -> dict[str, Any]:
 
 
 def _chain(*fns: Callable[[dict], dict] | None) -> Callable[[dict], dict] | None:
-    fns = tuple(f for f in fns if f is not None)
-    if not fns:
+    chain = [f for f in fns if f is not None]
+    if not chain:
         return None
 
     def fn(batch: dict) -> dict:
-        for f in fns:
+        for f in chain:
             batch = f(batch)
         return batch
 

@@ -123,6 +123,7 @@ def export(workdir: str | Path, output_dir: str | Path, *, step: str | int | Non
 
     # The in-process model: the same answer, jitted with the weights as arguments.
     expected = np.asarray(jax.jit(answer_fn)(variables, examples)[output_name])
+    blob: bytes | bytearray
     if fmt == "onnx":
         blob, note, lowered = _onnx(serve, leaves, names, output_name, expected), "", ["onnx"]
     else:
@@ -133,8 +134,10 @@ def export(workdir: str | Path, output_dir: str | Path, *, step: str | int | Non
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / file).write_bytes(blob)
-    np.savez(out / "example_inputs.npz", **{f"arg{i}": x for i, x in enumerate(leaves)})
-    np.savez(out / "example_outputs.npz", **{output_name: expected})
+    # (numpy's stubs type savez's keyword arrays as its allow_pickle flag)
+    np.savez(out / "example_inputs.npz",
+             **{f"arg{i}": x for i, x in enumerate(leaves)})  # type: ignore[arg-type]
+    np.savez(out / "example_outputs.npz", **{output_name: expected})  # type: ignore[arg-type]
     if kind == "classification":
         (out / "labels.json").write_text(json.dumps(run.label_names) + "\n")
     signature = {

@@ -97,9 +97,10 @@ def predict(workdir: str | Path, input_file: str | Path, output: str | Path, *,
                 if bar is not None:
                     bar.update(int(keep.sum()))
         if embed:
-            with open(tmp, "wb") as f:
+            arrays = {k: np.concatenate(v) for k, v in embeds.items()}
+            with open(tmp, "wb") as f:  # (numpy's stubs type savez's keywords as allow_pickle)
                 np.savez(f, index=np.asarray(source.indices, np.int64),
-                         **{k: np.concatenate(v) for k, v in embeds.items()})
+                         **arrays)  # type: ignore[arg-type]
         os.replace(tmp, out_path)
     finally:
         if bar is not None:

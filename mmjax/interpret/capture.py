@@ -58,7 +58,7 @@ def zero_perturbations(model: MultimodalModel, variables: Mapping[str, Any],
 
 def with_perturbation(perturb: Mapping[str, Any], path: str, value: Array) -> dict[str, Any]:
     """``perturb`` with the entry at ``path`` (e.g. ``text/token_embeddings``) set."""
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(perturb), sep="/")
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(dict(perturb)), sep="/")
     if path not in flat:
         raise ValueError(f"the model has no perturbation point {path!r}; it has {sorted(flat)}")
     flat[path] = value
@@ -69,8 +69,8 @@ def probs_fn(model: MultimodalModel, task: str
              ) -> Callable[[Mapping[str, Any], Mapping[str, Any], Any], Array]:
     """``fn(variables, batch, perturbations) -> probs [B, C]`` of classification head ``task``."""
     def fn(variables: Mapping[str, Any], batch: Mapping[str, Any], perturb: Any) -> Array:
-        out = model.apply({**variables, PERTURB: perturb}, batch)[task]
-        return jax.nn.softmax(out["logits"].astype(jnp.float32), axis=-1)
+        out: Any = model.apply({**variables, PERTURB: perturb}, batch)
+        return jax.nn.softmax(out[task]["logits"].astype(jnp.float32), axis=-1)
     return fn
 
 
@@ -84,7 +84,7 @@ def capture(model: MultimodalModel, task: str, variables: Mapping[str, Any],
     "grads": {path: same}, "tokens": {block path: [B, T, D]}}`` (paths like
     ``fusion/encoder/layer_0/cross_attn``).
     """
-    def logits_of(p: Any) -> tuple[Array, tuple[Array, Any]]:
+    def logits_of(p: Any) -> tuple[Array, tuple[Array, Array, Any]]:
         out, state = model.apply({**variables, PERTURB: p}, batch, mutable=["intermediates"])
         logits = out[task]["logits"].astype(jnp.float32)
         chosen = jnp.argmax(logits, -1) if target is None else target

@@ -50,7 +50,7 @@ def explain_batch(model: Any, task: str, method: str, names: list[str],
 
 def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
     """One string per token id (word pieces, special tokens kept)."""
-    inner = getattr(tokenizer, "_tok", None)
+    inner: Any = getattr(tokenizer, "_tok", None)
     if hasattr(inner, "convert_ids_to_tokens"):
         return [str(t) for t in inner.convert_ids_to_tokens(ids)]
     if hasattr(inner, "id_to_token"):

@@ -33,7 +33,7 @@ def attention_method(model: MultimodalModel, task: str, variables: Any, batch: A
     """Chefer relevance (``gradient=True``) or rollout scores of every modality's tokens."""
     cap = capture.capture(model, task, variables, batch, perturb)
     rules = relevance.Rules(cap["attention"], cap["grads"], gradient)
-    towers = model.apply(variables, batch, method="encode")
+    towers: Any = model.apply(variables, batch, method="encode")
     b = cap["probs"].shape[0]
     sizes = {m: f["tokens"].shape[1] for m, f in towers.items()}
     rs = {m: relevance.tower(rules, m, sizes[m], b) for m in towers}
@@ -71,14 +71,14 @@ def integrated_gradients(model: MultimodalModel, task: str, variables: Any, batc
         if m in _by_tokens(model):
             emb = _embeddings(model, variables, batch, perturb, m)
             path = f"{m}/{TEXT_POINT}"
-            fn = lambda z, m=m, emb=emb, path=path: prob(
+            on_tokens = lambda z, emb=emb, path=path: prob(
                 batch, capture.with_perturbation(perturb, path, z - emb))
-            scores[m] = gradients.integrated_gradients(fn, emb, steps=steps).sum(-1)
+            scores[m] = gradients.integrated_gradients(on_tokens, emb, steps=steps).sum(-1)
         else:
             modality = modalities.get(m)
-            fn = lambda z, m=m, modality=modality: prob(
+            on_input = lambda z, m=m, modality=modality: prob(
                 {**batch, m: modality.with_explained(batch[m], z)}, perturb)
-            attr = gradients.integrated_gradients(fn, modality.explained_value(batch[m]),
+            attr = gradients.integrated_gradients(on_input, modality.explained_value(batch[m]),
                                                   steps=steps)
             scores[m] = attr.sum(-1) if attr.ndim == 4 else attr  # image: over channels
     return {"probs": probs, "target": target, "scores": scores}

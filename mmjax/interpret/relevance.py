@@ -32,6 +32,8 @@ Array = jax.Array
 def head_mean(a: Array, g: Array | None, gradient: bool) -> Array:
     """[B, H, Q, K] → [B, Q, K]: ``mean((g ⊙ a)⁺)`` (relevance) or ``mean(a)`` (rollout)."""
     if gradient:
+        if g is None:
+            raise ValueError("relevance needs the attention map's gradient")
         return jnp.maximum(a * g, 0.0).mean(axis=1)
     return a.mean(axis=1)
 

@@ -36,7 +36,8 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 def _resize(a: np.ndarray, size: tuple[int, int], smooth: bool = False) -> np.ndarray:
     im = Image.fromarray(a)
-    return np.asarray(im.resize(size, Image.BILINEAR if smooth else Image.NEAREST))
+    mode = Image.Resampling.BILINEAR if smooth else Image.Resampling.NEAREST
+    return np.asarray(im.resize(size, mode))
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, size: int = 160) -> Image.Image:

@@ -96,7 +96,7 @@ def write(out_dir: Path, model: Any, feats: tuple[dict, dict], batch: Mapping[st
         pic = rgb.reshape(1, -1, 3) if g is None else rgb.reshape(g[1], g[2], 3)
         im = Image.fromarray(np.round(pic * 255).astype(np.uint8))
         scale = max(1, 96 // max(pic.shape[:2]))
-        im = im.resize((pic.shape[1] * scale, pic.shape[0] * scale), Image.NEAREST)
+        im = im.resize((pic.shape[1] * scale, pic.shape[0] * scale), Image.Resampling.NEAREST)
         name = path.replace("/", ".")
         im.save(folder / f"{index:05d}_{name}.png")
         numbers[path] = {"tokens": int(x.shape[0])}

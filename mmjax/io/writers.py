@@ -63,6 +63,7 @@ class MetricWriter:
         if not self.enabled:
             return
         record = {"step": int(step), "split": split, **{k: _plain(v) for k, v in metrics.items()}}
+        assert self._file is not None  # opened when enabled
         self._file.write(json_line(record) + "\n")
         self._file.flush()
         if self._tb is not None:

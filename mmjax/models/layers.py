@@ -202,7 +202,7 @@ class Attention(nn.Module):
         q, k, v = dense("query")(x), dense("key")(context), dense("value")(context)
         if mask is not None:
             mask = jnp.broadcast_to(mask, (x.shape[0], 1, x.shape[1], context.shape[1]))
-        implementation = self.opts.attn_implementation
+        implementation: Any = self.opts.attn_implementation  # None, "xla", "cudnn" or "auto"
         if implementation == "auto":
             implementation = resolve_attention(q.dtype, q.shape[1], k.shape[1], head_dim)
         if self.opts.explain:

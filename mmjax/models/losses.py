@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-LossFn = Callable[[dict, dict, Mapping], tuple[jax.Array, dict[str, jax.Array]]]
+LossFn = Callable[[Any, Any, Mapping], tuple[jax.Array, dict[str, jax.Array]]]
 
 LOSSES: dict[str, LossFn] = {}
 

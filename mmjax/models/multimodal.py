@@ -119,8 +119,9 @@ class MultimodalModel(nn.Module):
             return present
         names = list(self.encoders)
         b = _batch_size(batch[names[0]])
-        base = jnp.stack([jnp.ones((b,), bool) if present[m] is None else present[m]
-                          for m in names], axis=1)
+        given_or_all: list[Any] = [jnp.ones((b,), bool) if present[m] is None else present[m]
+                                   for m in names]
+        base = jnp.stack(given_or_all, axis=1)
         k_drop, k_pick = jax.random.split(self.make_rng("dropout"))
         keep = base & (jax.random.uniform(k_drop, base.shape) >= self.modality_dropout)
         # An example that lost all its modalities keeps one of them, drawn uniformly.
@@ -193,7 +194,8 @@ class MultimodalModel(nn.Module):
 
         def step(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
             seq, done = carry
-            logits = head.apply({"params": params}, {**features, "ids": seq[:, :-1]})["logits"]
+            out: Any = head.apply({"params": params}, {**features, "ids": seq[:, :-1]})
+            logits = out["logits"]
             token = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, i, 1, False), axis=-1)
             token = jnp.where(done, head.pad_id, token).astype(jnp.int32)
             seq = jax.lax.dynamic_update_index_in_dim(seq, token, i + 1, 1)

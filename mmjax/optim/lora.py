@@ -238,6 +238,7 @@ def _fold(params: Mapping[str, Any], *, host: bool) -> dict[str, Any]:
         if path not in flat:
             raise ValueError(f"LoRA adapter lora/{path} has no base parameter {path}")
         kernel = flat[path]
+        delta: Any
         if host:
             delta = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
         else:

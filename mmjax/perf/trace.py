@@ -80,7 +80,7 @@ def summarize(events: Iterable[Mapping[str, Any]], steps: int) -> dict[str, Any]
         slot[0] += float(e["dur"]) / 1e3
         slot[1] += 1
     total = sum(ms for ms, _ in per_op.values())
-    ops = sorted(
+    ops: list[dict[str, Any]] = sorted(
         ({"name": n, "category": category(n), "ms_per_step": ms / steps,
           "share": ms / total if total else 0.0, "calls_per_step": calls / steps}
          for n, (ms, calls) in per_op.items()),

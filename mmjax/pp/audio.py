@@ -184,8 +184,8 @@ def _features_op(ctx: ops.Context, key: str = MODALITY) -> ops.OpFn:
     def fn(ex: ops.Example, rng: Any) -> ops.Example:
         if key not in ex or np.ndim(ex[key]) == 2:  # absent, or features already
             return ex
-        if features is None:
-            _front_end(ctx, "audio_features")
+        if features is None:  # no front end: names data.audio
+            return {**ex, key: audio_features_op(_front_end(ctx, "audio_features"))(ex[key])}
         return {**ex, key: features(ex[key])}
 
     return fn

@@ -52,7 +52,7 @@ def slaney_mel_filters(num_bins: int, fft_length: int, sampling_rate: float,
                        low_freq: float = 0.0, high_freq: float = 8000.0) -> np.ndarray:
     """Slaney-scale, area-normalised mel filters ``[fft_length // 2 + 1, num_bins]``, as
     ``librosa.filters.mel(norm="slaney")`` and transformers' ``mel_filter_bank`` make them."""
-    def to_mel(f: np.ndarray) -> np.ndarray:
+    def to_mel(f: np.ndarray | float) -> np.ndarray:
         f = np.asarray(f, np.float64)
         log = 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) * (27.0 / np.log(6.4))
         return np.where(f >= 1000.0, log, 3.0 * f / 200.0)

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from mmjax.pp import image_io as image_lib
-from mmjax.pp.ops import Context, Example, OpFn, register
+from mmjax.pp.ops import Context, Example, OpFn, register, tag
 
 
 def decode_image(value: Any, root: str = "") -> np.ndarray:
@@ -37,7 +37,7 @@ def decode_image(value: Any, root: str = "") -> np.ndarray:
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
     if image.shape[0] == size and image.shape[1] == size:
         return image
-    im = Image.fromarray(image).resize((size, size), Image.BILINEAR)
+    im = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(im)
 
 
@@ -52,8 +52,7 @@ def _decode(ctx: Context, key: str = "image") -> OpFn:
             return fn(ex, rng)
         return {**ex, key: image_lib.read_encoded(value, ctx.root)}
 
-    fn.lazy = lazy  # used by ops._fuse_decode
-    return fn
+    return tag(fn, lazy=lazy)  # used by ops._fuse_decode
 
 
 @register("resize", cacheable=True)
@@ -96,8 +95,7 @@ def _crop_op(ctx: Context, size: int, key: str, scale: tuple[float, float],
         box = image_lib.inception_box(rng, h, w, (lo, hi), (r_lo, r_hi))
         return {**ex, key: image_lib.crop_resize(im, box, size)}
 
-    fn.reads_files = key  # a decode right before it only reads the header (_fuse_decode)
-    return fn
+    return tag(fn, reads_files=key)  # a decode right before it only reads the header
 
 
 @register("random_crop", deterministic=False)
@@ -149,7 +147,6 @@ def _normalize(ctx: Context, where: str = "device", key: str = "image") -> OpFn:
             return ex
         return {**ex, key: to_unit_range(pixels)}
 
-    fn.where = where  # read by the exported README
-    return fn
+    return tag(fn, where=where)  # read by the exported README
 
 

@@ -30,7 +30,16 @@ from typing import Any
 import numpy as np
 
 Example = dict[str, Any]
-OpFn = Callable[[Example, np.random.Generator | None], Example]
+# ``fn(example, rng)``: ``rng`` is a ``numpy.random.Generator`` (None where no op draws)
+OpFn = Callable[[Example, Any], Example]
+
+
+def tag(fn: OpFn, **attributes: Any) -> OpFn:
+    """``fn`` with attributes that other ops or readers look for (``lazy``, ``reads_files``,
+    ``where``)."""
+    for name, value in attributes.items():
+        setattr(fn, name, value)
+    return fn
 
 
 @dataclasses.dataclass(frozen=True)

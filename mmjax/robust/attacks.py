@@ -36,18 +36,24 @@ def targets(encoders: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return [m for m in encoders if modalities.get(m).attack is not None]
 
 
+def _attack(modality: str) -> modalities.Attack:
+    attack = modalities.get(modality).attack
+    if attack is None:
+        raise AttackError(f"modality {modality!r} declares no attack")
+    return attack
+
+
 def _inputs(variables: Mapping[str, Any], batch: Mapping[str, Any], names: Sequence[str]
             ) -> tuple[dict, dict, dict, dict]:
     """(clean attacked inputs, L∞ step masks, lower bounds, upper bounds) per modality."""
     x0, masks, lo, hi = {}, {}, {}, {}
     for m in names:
-        attack = modalities.get(m).attack
-        x0[m], masks[m], lo[m], hi[m] = attack.start(batch[m], variables["params"][m])
+        x0[m], masks[m], lo[m], hi[m] = _attack(m).start(batch[m], variables["params"][m])
     return x0, masks, lo, hi
 
 
 def _with(batch: Mapping[str, Any], x: Mapping[str, jax.Array]) -> dict[str, Any]:
-    return {**batch, **{m: modalities.get(m).attack.put(batch[m], v) for m, v in x.items()}}
+    return {**batch, **{m: _attack(m).put(batch[m], v) for m, v in x.items()}}
 
 
 def attack_batch(model: Any, variables: Mapping[str, Any], batch: Mapping[str, Any], *,

@@ -62,7 +62,7 @@ def maybe_initialize_distributed(
     )
     if not coordinator and not cluster:
         return
-    if jax.config.jax_platforms in (None, "", "cpu") and not cluster:
+    if jax.config.jax_platforms in (None, "", "cpu") and not cluster:  # type: ignore[attr-defined]
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator:
         if num_processes < 1 or not 0 <= process_id < num_processes:
@@ -166,7 +166,7 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 2**10, *,
         return PartitionSpec()
     for dim in sorted(range(int(stacked), len(shape)), key=lambda d: -shape[d]):
         if shape[dim] % fsdp == 0:
-            spec = [None] * len(shape)
+            spec: list[str | None] = [None] * len(shape)
             spec[dim] = FSDP_AXIS
             return PartitionSpec(*spec)
     return PartitionSpec()

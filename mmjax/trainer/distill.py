@@ -76,8 +76,8 @@ class Spec:
     def teacher_logits(self, variables: Mapping[str, Any], batch: Mapping[str, Any]
                        ) -> jax.Array:
         """The frozen teacher's logits on ``batch`` (eval mode, no gradient)."""
-        out = self.model.apply(variables, batch, train=False)[self.teacher_task]["logits"]
-        return jax.lax.stop_gradient(out)
+        out: Any = self.model.apply(variables, batch, train=False)
+        return jax.lax.stop_gradient(out[self.teacher_task]["logits"])
 
     def add_term(self, total: jax.Array, metrics: dict[str, jax.Array],
                  outputs: Mapping[str, Any], batch: Mapping[str, Any],

@@ -45,9 +45,10 @@ def _needs(config: Any) -> list[tuple[str, str]]:
         out.append((f"model.fusion.{key}={m!r}", m))
     for task, head in (model.get("heads") or {}).items():
         kind = head.get("kind")
-        cls = heads_lib.HEADS.get(kind, f"model.heads.{task}") if kind in heads_lib.HEADS \
-            else None
-        for key in ("modality", "modalities") if cls is not None else ():
+        if kind not in heads_lib.HEADS:
+            continue
+        cls = heads_lib.HEADS.get(kind, f"model.heads.{task}")
+        for key in ("modality", "modalities"):
             value = head.get(key, _default(cls, key))
             if value is None or value is dataclasses.MISSING:
                 continue

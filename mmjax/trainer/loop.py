@@ -15,7 +15,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -312,7 +312,7 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, is_main: bool) -> dic
 
 
 def _loop(s: Setup, state: TrainState, tx: optax.GradientTransformation,
-          data_iter: Iterator[Any], ckpt: Checkpointer, writer: MetricWriter, bar: Progress,
+          data_iter: Any, ckpt: Checkpointer, writer: MetricWriter, bar: Progress,
           preemption: _Preemption) -> dict[str, Any]:
     cfg, par = s.config, s.par
     total_steps = cfg.total_steps

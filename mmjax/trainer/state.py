@@ -30,11 +30,11 @@ class TrainState(flax.struct.PyTreeNode):
     (:meth:`trainable`, ``mmjax.optim.trainable``).
     """
 
-    step: jax.Array
+    step: Any  # int32 scalar
     params: Any
     opt_state: Any
     model_state: Any  # non-parameter collections, e.g. {"batch_stats": ...}
-    rng: jax.Array
+    rng: Any  # uint32 key data (None where nothing draws: evaluation of a saved run)
     adapters: Any = None  # config.lora's adapters
     loss_weights: Any = None  # loss_weighting.kind="uncertainty"'s log-variances
 

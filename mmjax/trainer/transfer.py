@@ -105,7 +105,8 @@ def apply_encoder_overrides(config: Any, log: logging.Logger | None = None) -> N
     shape); a changed value is logged.
     """
     log = log or logging.getLogger(__name__)
-    for modality, enc in encoder_entries(config.model).items():
+    towers: dict[str, Any] = encoder_entries(config.model)  # the config's own (mutable) entries
+    for modality, enc in towers.items():
         init_from = enc.get("init_from", "")
         if not init_from:
             continue
@@ -135,9 +136,9 @@ def load_tower(init_from: str, modality: str, kind: str | None = None) -> dict[s
     params = lora.read_model_params(init_from)
     if modality in params:
         return params[modality]
-    part = modalities.of_tower(kind)
-    if part in params:  # a converted checkpoint names its tower by the modality it reads
-        return params[part]
+    reads = modalities.of_tower(kind)
+    if reads is not None and reads in params:  # a converted checkpoint names its tower by the
+        return params[reads]  # modality it reads
     raise TransferError(f"{where}: the checkpoint has no params/{modality} "
                         f"(it has {sorted(params)})")
 

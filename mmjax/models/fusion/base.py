@@ -22,7 +22,7 @@ from mmjax.models import layers
 from mmjax.models.flops import dense_flops
 
 Array = jax.Array
-Features = Mapping[str, Mapping[str, Array | None]]
+Features = Mapping[str, Mapping[str, Any]]  # {"tokens", "pooled", "mask", "present"}
 
 
 def ones_if_none(mask: Array | None, x: Array) -> Array:
@@ -85,8 +85,9 @@ class Fusion(nn.Module):
         present = {m: features[m].get("present") for m in order}
         for m in order:  # the learned stand-ins exist whether or not this batch needs them
             absent = self.param(f"{m}_absent", nn.initializers.normal(0.02), (self.width,))
-            if present[m] is not None:
-                tokens[m], given[m] = fill_absent(tokens[m], given[m], present[m], absent)
+            here = present[m]
+            if here is not None:
+                tokens[m], given[m] = fill_absent(tokens[m], given[m], here, absent)
         masks = {m: ones_if_none(given[m], tokens[m]) for m in order}
         return Projected(order, tokens, given, masks, present)
 
@@ -106,7 +107,7 @@ class Fusion(nn.Module):
         None when the pooled feature is not a pooling of token rows."""
         return None
 
-    def relevance(self, rules: Any, towers: Mapping[str, Array], fusion_rows: Array | None
+    def relevance(self, rules: Any, towers: Mapping[str, Array], fusion_rows: Any
                   ) -> dict[str, Array] | None:
         """Relevance [B, T_m] of each modality's tokens through the fusion, from the towers'
         relevance matrices ``towers`` (``rules``: ``mmjax.interpret.relevance.Rules``); None

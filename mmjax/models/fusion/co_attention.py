@@ -93,7 +93,7 @@ class CoAttentionFusion(base.Fusion):
         ms = [self.mask_of(masks, sizes, m, b) for m in sorted(sizes)]
         return jnp.concatenate([m / jnp.maximum(m.sum(-1, keepdims=True), 1.0) for m in ms], 1)
 
-    def relevance(self, rules: Any, towers: Mapping[str, Array], fusion_rows: Array | None
+    def relevance(self, rules: Any, towers: Mapping[str, Array], fusion_rows: Any
                   ) -> dict[str, Array]:
         a, b = sorted(towers)
         ta, tb = towers[a].shape[-1], towers[b].shape[-1]

@@ -45,7 +45,7 @@ class ConcatFusion(base.Fusion):
                                                      for m in order], 1)
         return base.first_or_mean(self.pool, mask)
 
-    def relevance(self, rules: Any, towers: Mapping[str, Array], fusion_rows: Array | None
+    def relevance(self, rules: Any, towers: Mapping[str, Array], fusion_rows: Any
                   ) -> dict[str, Array]:
         order = sorted(towers)
         b = towers[order[0]].shape[0]

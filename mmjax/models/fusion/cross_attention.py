@@ -44,7 +44,7 @@ class CrossAttentionFusion(base.Fusion):
                   b: int) -> Array:
         return base.first_or_mean(self.pool, self.mask_of(masks, sizes, self.query, b))
 
-    def relevance(self, rules: Any, towers: Mapping[str, Array], fusion_rows: Array | None
+    def relevance(self, rules: Any, towers: Mapping[str, Array], fusion_rows: Any
                   ) -> dict[str, Array]:
         others = [m for m in sorted(towers) if m != self.query]
         r_ss = towers[self.query]

@@ -28,8 +28,9 @@ class LateFusion(base.Fusion):
             x = features[m]["pooled"].astype(dtype)
             absent = self.param(f"{m}_absent_pooled", nn.initializers.normal(0.02),
                                 (x.shape[-1],))
-            if p.present[m] is not None:
-                x = jnp.where(p.present[m][:, None], x, absent.astype(dtype))
+            here = p.present[m]
+            if here is not None:
+                x = jnp.where(here[:, None], x, absent.astype(dtype))
             pooled.append(x)
         h = nn.Dense(self.hidden, dtype=dtype, name="mlp_fc1")(jnp.concatenate(pooled, -1))
         h = layers.get_activation(self.activation, self.opts)(h)
@@ -40,7 +41,7 @@ class LateFusion(base.Fusion):
             "mask": jnp.concatenate([p.masks[m] for m in p.order], axis=1),
         }
 
-    def relevance(self, rules: Any, towers: Mapping[str, Array], fusion_rows: Array | None
+    def relevance(self, rules: Any, towers: Mapping[str, Array], fusion_rows: Any
                   ) -> None:
         return None  # the head reads the towers' pooled features
 
