@@ -13,11 +13,11 @@ towers are frozen) is a config value, so sweeps and fine-tuning recipes need no 
 * ``mu_dtype`` (default ``""`` = the params' float32): ``"bfloat16"`` stores Adam's first moment
   in bf16, halving that buffer on accelerators (the second moment stays float32 for stability);
 * ``clip_norm`` (default 0 = off): clip the global gradient norm of trainable leaves first;
-* ``freeze`` (default ``""``): a regex searched in each leaf's path (``tree.path_str``); matching
-  leaves get exactly zero updates and carry no optimizer state, so a frozen pretrained tower stays
-  bit-identical and costs no Adam moments. In a scanned model (``model.scan_layers``) the regex
-  is also searched in each layer's unrolled name, so ``"image/encoder/layer_[0-5]/"`` freezes
-  those six layers in either layout; a stacked leaf that is only partly frozen keeps (zero)
+* ``freeze`` (default ``""``): a regex searched in each leaf's path (``models.paths.path_str``);
+  matching leaves get exactly zero updates and carry no optimizer state, so a frozen pretrained
+  tower stays bit-identical and costs no Adam moments. In a scanned model (``model.scan_layers``)
+  the regex is also searched in each layer's unrolled name, so ``"image/encoder/layer_[0-5]/"``
+  freezes those six layers in either layout; a stacked leaf that is only partly frozen keeps (zero)
   Adam moments for its frozen layers (:func:`keep_layers`);
 * ``layer_decay`` (default 0 = off; 1 is off too): layer-wise learning-rate decay (BEiT, ELECTRA).
   In each tower (a top-level subtree other than ``fusion``, ``heads`` and ``lora``) of depth N (its

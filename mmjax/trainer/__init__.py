@@ -1,4 +1,6 @@
-"""Training: the state (``state``), the pure steps (``step``) and the loop (``loop``)."""
+"""Training: the state (``state``), the pure steps (``step``), the loop (``loop``), a run read
+back from its workdir (``runs``), distillation, transfer from pretrained towers and runs, and
+fitting a config to the data's modalities (``fit``)."""
 
 from mmjax.trainer.loop import NonFiniteLossError, Setup, setup, train_and_evaluate
 from mmjax.trainer.state import Task, TrainState, create_state, tasks_from_config
