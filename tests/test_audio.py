@@ -1,4 +1,4 @@
-"""Audio front ends (#17) against transformers' feature extractors, and SpecAugment.
+"""Audio front ends against transformers' feature extractors, and SpecAugment.
 
 Extractors are configured here (odd mel counts, lengths, normalisation constants), saved with
 ``save_pretrained`` and read back with ``mmjax.hf.load_feature_extractor``; the waveforms are

@@ -1,4 +1,4 @@
-"""The #6 benchmark on the CPU: the CLI's JSON, the FLOP count against a hand count and XLA's
+"""The benchmark on the CPU: the CLI's JSON, the FLOP count against a hand count and XLA's
 cost analysis, where "auto" attention picks cuDNN, the XLA flags, the torch peer.
 
 Tiny variants only. The CLI runs are subprocesses; the two mmjax.benchmark runs start together in

@@ -1,4 +1,4 @@
-"""Hugging Face towers (#3): tiny random PyTorch models built here, loaded into mmjax, compared.
+"""Hugging Face towers: tiny random PyTorch models built here, loaded into mmjax, compared.
 
 Every model is built at test time with odd shapes (head counts, depths, qkv without bias,
 non-default LayerNorm eps, non-square images, padded text), so nothing is downloaded.

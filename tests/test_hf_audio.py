@@ -1,4 +1,4 @@
-"""Audio towers from Hugging Face (#17): AST and the Whisper encoder against transformers.
+"""Audio towers from Hugging Face: AST and the Whisper encoder against transformers.
 
 Tiny random PyTorch models are built here with odd shapes (odd frame counts, non-default
 strides, head sizes of 4 and 12, few layers) and every weight re-drawn (transformers initialises

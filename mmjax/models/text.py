@@ -1,4 +1,4 @@
-"""BERT-style text encoder; the one text tower of mmjax (BERT and CLIP text load into it, #3)."""
+"""BERT-style text encoder; the one text tower of mmjax (BERT and CLIP text load into it)."""
 
 from __future__ import annotations
 

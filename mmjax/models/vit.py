@@ -18,7 +18,7 @@ class ViT(nn.Module):
     ``width``/``depth``/``mlp_dim``/``num_heads``/``patch_size`` override the variant's values
     (None keeps them), so a demo-sized tower needs no new variant name. The layout options
     (``class_token``, ``embed_norm``, ``final_norm``, ``pool_norm``, ``pooler``) exist so the
-    Hugging Face ViT and CLIP vision towers load into this same module (#3).
+    Hugging Face ViT and CLIP vision towers load into this same module.
 
     ``patch_bias=False`` drops the patch-embedding bias, as CLIP's vision tower does.
 
