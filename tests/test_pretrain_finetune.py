@@ -1,4 +1,5 @@
-"""Pretraining and transfer end to end on the embedded data: pretrain → fine-tune, and captioning with a locked tower.
+"""Pretraining and transfer end to end on the embedded data: pretrain → fine-tune, and
+captioning with a locked tower.
 
 Short real runs of the shipped configs' ``:tiny`` variants (10 steps each): they check wiring
 (every objective trains, weights and evaluator metrics reach ``metrics.jsonl``, ``init_from``
