@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The one-shot H200 measurement (docs/performance.md): mmjax's two benchmark configs and
-# their PyTorch peers in one call, main numbers first, ablations last, each under `timeout` so one
-# failure costs only its own line. Results go to $OUT/results.jsonl (one JSON object per run, or
+# The GPU measurement (docs/performance.md): mmjax's two benchmark configs and their PyTorch
+# peers in one call, main numbers first, ablations last, each under `timeout` so one failure
+# costs only its own line. Results go to $OUT/results.jsonl (one JSON object per run, or
 # {"failed": ...}); stderr of each side to $OUT/jax.err / $OUT/torch.err.
 #
 # Run from the repository root on the device machine, after installing the carried wheels:
@@ -25,7 +25,7 @@ PEER_TINY=${PEER_TINY:-}
 python3 -c "import mmjax.benchmark, mmjax.trainer" 2> "$OUT/import.err" || { cat "$OUT/import.err"; exit 3; }
 
 # XLA aborts on a flag it does not know: if this jax rejects mmjax's defaults, run without them.
-DEFAULT_XLA_FLAGS=$(python3 -c "from mmjax import xla_flags; print(' '.join(xla_flags.DEFAULT_FLAGS))")
+DEFAULT_XLA_FLAGS=$(python3 -c "from mmjax.runtime import xla_flags; print(' '.join(xla_flags.DEFAULT_FLAGS))")
 XLA_FLAGS="${XLA_FLAGS:-} $DEFAULT_XLA_FLAGS" \
   python3 -c "import jax.numpy as jnp; print(jnp.ones(3).sum())" > /dev/null 2>> "$OUT/import.err" \
   || { echo "default XLA flags rejected; MMJAX_NO_XLA_FLAGS=1" >> "$OUT/env.txt"; export MMJAX_NO_XLA_FLAGS=1; }
@@ -56,18 +56,18 @@ p() { timeout "$1" python3 scripts/bench_torch_peer.py --batch_size "$B" --steps
 #   scan_unroll=0, and the opt-in model.gpu_rewrites on), each also tracing 5 steps after its
 #   timing (--profile_steps: the summary joins the same JSON line; one process, one compile);
 # plain / plain_fusion = clip / fusion with model.gpu_rewrites=False: the A/B of the rewrites;
-# unrolled / unrolled_fusion = clip / fusion with scan_layers=False (the layout §5 measured): the
-#   A/B of the stacked layout on the same image;
+# unrolled / unrolled_fusion = clip / fusion with scan_layers=False (the layout of the 2026-11-28
+#   H200 measurement): the A/B of the stacked layout;
 # scanloop = clip scanned as a loop (scan_unroll=1), profiled: what the H200-compiled step says
-#   costs 38 GiB of zero-fill and 70 % more memory (docs/performance.md §8);
+#   costs 38 GiB of zero-fill and 70 % more memory (docs/performance.md);
 # scan = the same as mmjax plus clip under parallel.mode=mesh (plain jit, no pmap wrapper);
 # mesh = both configs under jit over a one-device mesh (on a CPU it dispatched no faster);
 # profile / profile_fusion = mmjax.profile_step: 5 steps traced, device time summed per kernel and
 #   per category (matmul, attention, fusion, copy, ...) into $OUT/profile_*.jsonl (the trace
 #   itself stays in /tmp: too big to bring back); PROFILE_ARGS adds overrides (e.g. scan_layers);
 # gelu / nomerge / xla / flags = the ablations: tanh-GELU (with gpu_rewrites XLA can put it into
-# the fc1 matmul's cuBLASLt epilogue; docs §10), XLA's dot merger off (docs §12), XLA attention
-# instead of cuDNN, mmjax's two XLA flags off.
+# the fc1 matmul's cuBLASLt epilogue), XLA's dot merger off (no merged text q/k/v matmuls), XLA
+# attention instead of cuDNN, mmjax's two XLA flags off (all in docs/performance.md).
 PARTS=${PARTS:-main plain gelu nomerge xla flags}
 for part in $PARTS; do
   case $part in
