@@ -25,9 +25,9 @@ def config_get(config: Any, key: str, default: Any) -> Any:
 class GlobalOrder:
     """Step → the global batch's example indices: a fresh permutation of the split each epoch.
 
-    Whole-batch numpy indexing instead of grain's per-record ``shuffle``: grain spends ~28 us of
-    Python per record, which was most of a batch's cost. Batches run across epoch boundaries,
-    so every example is seen once per epoch and no data is dropped.
+    Whole-batch numpy indexing instead of grain's per-record ``shuffle``, whose Python work per
+    record would be most of a batch's cost. Batches run across epoch boundaries, so every
+    example is seen once per epoch and no data is dropped.
     """
 
     def __init__(self, num_examples: int, batch_size: int, seed: int):
@@ -55,8 +55,8 @@ class GlobalOrder:
         return out
 
 
-# No worker threads: a batch takes a few ms on the caller's thread, while prefetch threads would
-# compete with XLA for the two cores of the demo machine and make start-up eager.
+# No worker threads: a batch is cheap on the caller's thread, while prefetch threads would
+# compete with XLA for the cores of a small machine and make start-up eager.
 READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 

@@ -2,16 +2,15 @@
 
 Every image is black with exactly two objects, each centred in its own cell of a 4x4 grid, so
 with an image of 32 px each object lies inside one 8x8 ViT patch. That alignment is what lets a
-tiny ViT learn the task on a 2-core CPU in a couple of minutes; objects placed freely did not
-learn in that budget (docs/training.md). The two objects always differ in shape *and* colour, so
+tiny ViT learn the task in a few hundred steps on a CPU (docs/training.md); objects placed freely
+take far longer. The two objects always differ in shape *and* colour, so
 "what colour is the circle ?" and "what shape is the red one ?" each have exactly one answer,
 and neither the picture alone nor the question alone determines it.
 
 Nothing is stored or downloaded: example ``i`` of a split is a pure function of
 ``(seed, split, i)``. Randomness comes from a counter-based hash rather than a stateful RNG so a
-whole batch of arbitrary indices can be drawn with a handful of vectorised numpy operations
-(a batch of 128 takes about a millisecond), and so that drawing one example or a batch that
-contains it gives identical pixels.
+whole batch of arbitrary indices can be drawn with a handful of vectorised numpy operations,
+and so that drawing one example or a batch that contains it gives identical pixels.
 """
 
 from __future__ import annotations
@@ -156,7 +155,7 @@ def _masks(cell: int) -> np.ndarray:
 
     Crisp masks from pixel centres rather than anti-aliased ones: at 8 px a soft-edged square
     and circle differ by a few tens of grey levels in their corners, while crisp ones differ in
-    twelve whole pixels, which a tiny ViT separates within the demo's step budget.
+    twelve whole pixels, which a tiny ViT separates within the demo's few hundred steps.
     """
     t = np.arange(cell) + 0.5 - cell / 2  # pixel-centre offsets from the cell centre
     dy, dx = np.meshgrid(t, t, indexing="ij")
@@ -179,8 +178,8 @@ def render(layout: Layout, image_size: int = 32) -> np.ndarray:
     cell = image_size // GRID
     n = layout.cells.shape[0]
     masks = _masks(cell)
-    # Work in uint8 and only write the two occupied cells: a float canvas was 4x the memory
-    # traffic and dominated the batch time.
+    # Work in uint8 and only write the two occupied cells: a float canvas would move 4x the
+    # bytes, the bulk of a batch's time.
     cells = np.zeros((n, GRID * GRID, cell, cell, 3), np.uint8)
     rows = np.arange(n)
     for obj in range(2):

@@ -16,9 +16,10 @@ no two modalities can do better than the majority answer, 50%:
   often as not, and a "no" names one of the five other colours uniformly.
 
 Naming the colour in a "no" is what makes the task learnable in minutes: a yes/no answer alone
-depends on the three inputs only through a three-way interaction (no signal from any pair) and
-a model sat at 50% for 1,500 steps; with the colour named, the asked object's colour is learnt
-as in ``shapes``, and "yes" against "no, it is c" is then linear in that colour and the heard one.
+depends on the three inputs only through a three-way interaction (no signal from any pair),
+which a small model does not pick up (docs/training.md); with the colour named, the asked
+object's colour is learnt as in ``shapes``, and "yes" against "no, it is c" is then linear in
+that colour and the heard one.
 
 The ``variant`` keys make one modality uninformative for ablations: ``no_image`` (blank
 images), ``no_audio`` (one fixed noise clip for every example), ``no_text`` (one constant

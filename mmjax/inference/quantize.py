@@ -18,11 +18,11 @@ Which leaves, and the axes each scale is shared over (its "input" axes):
 * everything else (biases, norms, class tokens, temperatures, BatchNorm statistics) stays
   float32.
 
-Qwix (Google's JAX quantization library) was tried first: its PTQ intercepts ``dot_general``
-inside ``model.apply`` and quantizes those weights cleanly, but refuses weight-only int8 for
-convolutions (the ViT patch embedding) and does not touch embedding gathers, which are most of a
-folder run's text tower; AQT needs its ``dot_general`` injected into each module. This file
-covers every case with one rule and needs no change to the model code.
+Why not Qwix (Google's JAX quantization library): its PTQ intercepts ``dot_general`` inside
+``model.apply``, but refuses weight-only int8 for convolutions (the ViT patch embedding) and does
+not touch embedding gathers, which are most of a folder run's text tower; AQT needs its
+``dot_general`` injected into each module. This file covers every case with one rule and needs
+no change to the model code.
 """
 
 from __future__ import annotations

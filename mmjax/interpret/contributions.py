@@ -4,8 +4,8 @@ when the modality is absent, and Shapley values over modalities when there are t
 Absent follows the batch contract: ``batch["present"][m] = False`` for every row, and the
 modality's entry replaced by a placeholder of the same shape and dtype (zeros; for text, ids 0
 with only the first position unmasked, so no attention row is empty). A model that honours
-``present`` ignores the placeholder; one that does not yet (older checkpoints) sees the
-placeholder instead, which is the documented fallback: ablation by a neutral input.
+``present`` ignores the placeholder; one that does not sees the placeholder instead, which is
+the documented fallback: ablation by a neutral input.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
 """Layer views: per encoder layer, the token features' first three principal components as RGB
-over the token grid, and each attention head's entropy (the seed's "outputs and features of
-every layer").
+over the token grid, and each attention head's entropy.
 
 ``layers/<index>_<layer>.png`` holds the PCA picture (tokens that form no grid, such as text or
 a text-query fusion, are one row); ``layers/<index>_<layer>_entropy.png`` one bar per head, its

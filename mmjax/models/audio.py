@@ -121,8 +121,8 @@ def whisper_sinusoids(length: int, channels: int, max_timescale: float = 10000.0
     """Whisper's fixed positions ``[length, channels]``: [sin | cos] of position * timescales.
 
     The timescales and angles are rounded to float32 as Whisper's torch code rounds them, so the
-    table matches the one checkpoints store to a few float32 ulps of the angle (measured against
-    transformers' ``sinusoids`` at 1500 positions: <= 3.1e-5 for widths 384 to 1280).
+    table matches the one checkpoints store to a few float32 ulps of the angle
+    (docs/pretrained.md).
     """
     if channels % 2 or channels < 4:
         raise ValueError(f"Whisper positions need an even width >= 4, got {channels}")

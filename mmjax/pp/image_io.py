@@ -2,12 +2,11 @@
 
 A train crop reads the file's bytes and header only; the pixels are decoded once, already
 cropped and resized: JPEGs with simplejpeg (libjpeg-turbo), DCT-scaled by 1/2, 1/4 or 1/8 when
-the crop is at least 2, 4 or 8 times the target (libjpeg-turbo's other k/8 scales were
-measurably blurrier), other formats with Pillow (``draft`` does the same scaling for JPEGs it
-decodes); then one OpenCV resize of the crop (a view, no copy): bilinear, or area averaging
-for a shrink over 2x. docs/input_pipeline.md has the measurements that chose these libraries
-and rules (Pillow's antialiased resize cost 5x OpenCV's bilinear and was no closer to a
-Lanczos reference).
+the crop is at least 2, 4 or 8 times the target (libjpeg-turbo's other k/8 scales are
+blurrier), other formats with Pillow (``draft`` does the same scaling for JPEGs it decodes);
+then one OpenCV resize of the crop (a view, no copy): bilinear, or area averaging for a shrink
+over 2x. docs/input_pipeline.md compares these libraries and rules with Pillow's antialiased
+resize (slower, and no closer to a Lanczos reference).
 
 The crop box is drawn as torchvision's ``RandomResizedCrop.get_params`` and big_vision's
 ``inception_crop`` draw it: area fraction uniform in ``scale``, log aspect ratio uniform in
