@@ -10,7 +10,7 @@ same augmentations as an uninterrupted one.
 An op registered ``cacheable`` depends on the record alone (decode, resize, audio features):
 the pipeline may run a modality's leading cacheable ops once per record, during the validation
 pass that decodes every file anyway, and keep their output, which saves decoding the same small
-files every epoch on a 2-core machine. A ``decode`` right before ``random_crop`` reads only the
+files every epoch on a small machine. A ``decode`` right before ``random_crop`` reads only the
 file (the crop decodes it, cropped and DCT-scaled), and ``normalize`` leaves pixels uint8 for
 the model to scale: the cheap train path of docs/input_pipeline.md.
 
