@@ -286,6 +286,7 @@ def test_cli_reports_scanned_and_unrolled_runs():
     assert Path(prof["trace"]).name == "perfetto_trace.json.gz" and Path(prof["trace"]).is_file()
 
 
+@pytest.mark.slow
 def test_torch_peer_prints_the_same_fields():
     (report,) = _run_all("peer")
     assert set(report) >= FIELDS

@@ -26,6 +26,9 @@ from mmjax.trainer import runs as runs_lib
 from mmjax.trainer import step as step_lib
 from tests.test_folder import make_dataset
 
+# Module fixtures train a run once: its tests stay on one worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("distill_runs")
+
 WEIGHT, TEMPERATURE = 0.5, 2.0
 
 

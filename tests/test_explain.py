@@ -63,6 +63,7 @@ def _model(kind: str, text_depth: int = 1, image_depth: int = 1):
     return model, variables, batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["cross_attention", "concat", "co_attention", "late"])
 def test_explain_path_matches_normal_path(kind: str) -> None:
     model, variables, batch = _model(kind)
@@ -110,6 +111,7 @@ def _bert(tmp_path) -> tuple:
     return ref, model, variables, ids, mask
 
 
+@pytest.mark.slow
 def test_attention_weights_match_transformers(tmp_path) -> None:
     ref, model, variables, ids, mask = _bert(tmp_path)
     with torch.no_grad():
@@ -121,6 +123,7 @@ def test_attention_weights_match_transformers(tmp_path) -> None:
         np.testing.assert_allclose(got[f"text/encoder/layer_{i}/attn"], w.numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", gradients.RULES)
 def test_integrated_gradients_bert_embeddings_match_captum(tmp_path, rule: str) -> None:
     ref, model, variables, ids, mask = _bert(tmp_path)
@@ -162,6 +165,7 @@ def test_integrated_gradients_vit_pixels_match_captum(tmp_path) -> None:
     np.testing.assert_allclose(got, want.detach().numpy(), atol=IG_TOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_integrated_gradients_completeness() -> None:
     """Per modality, the attributions sum to p(x) - p(baseline) within 1 %: pixels against a
     zero image, token embeddings against zero embeddings (64 Gauss-Legendre nodes)."""
@@ -218,6 +222,7 @@ def _chefer_reference(cap: dict, text_len: int, image_len: int, b: int) -> tuple
     return r_tt[0].numpy(), r_ti[0].numpy()
 
 
+@pytest.mark.slow
 def test_relevance_matches_chefer_rules() -> None:
     model, variables, batch = _model("cross_attention")
     em, ev = capture.explained_model(model, variables)
@@ -231,6 +236,7 @@ def test_relevance_matches_chefer_rules() -> None:
         assert np.abs(want_image).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_attention_gradients_are_the_logit_gradients() -> None:
     model, variables, batch = _model("concat")
     em, ev = capture.explained_model(model, variables)
@@ -250,6 +256,7 @@ def test_attention_gradients_are_the_logit_gradients() -> None:
                                rtol=2e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["concat", "co_attention", "late"])
 def test_relevance_and_rollout_cover_every_fusion(kind: str) -> None:
     model, variables, batch = _model(kind)
@@ -337,6 +344,7 @@ def test_layer_view_statistics() -> None:
                                                                       atol=1e-9)
 
 
+@pytest.mark.slow
 def test_three_modalities_with_audio() -> None:
     """An AST audio tower beside image and text (concat fusion): relevance maps onto its patch
     grid (mels x time), and the modality contributions are Shapley values (their sum is

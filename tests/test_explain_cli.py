@@ -75,6 +75,7 @@ def _boards(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, n
     return (images / 127.5 - 1).astype(np.float32), labels, cells
 
 
+@pytest.mark.slow
 def test_pointing_game_on_a_trained_model() -> None:
     """The answer (the colour) is only in one cell; relevance must peak there. A wrong token
     order, a transposed grid or a dropped cross-attention rule fails this (chance: 1/16).

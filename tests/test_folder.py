@@ -268,6 +268,7 @@ def test_folder_config_trains_end_to_end(dataset, tmp_path):
     assert all(np.isfinite(r["loss"]) for r in records if r["split"] == "train")
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches_and_resume(dataset):
     ref = pipeline.train_iterator(_config(dataset), batch_size=8, seed=2)
     want = [next(ref) for _ in range(4)]

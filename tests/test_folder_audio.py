@@ -392,6 +392,7 @@ def test_series_records_are_fitted_flagged_and_validated(dataset, tmp_path):
         folder.FolderSource(root, "val")
 
 
+@pytest.mark.slow
 def test_series_tower_is_built_for_series_records(dataset, tmp_path):
     import jax
 

@@ -302,6 +302,7 @@ def _objective(model, batch, weights):
     return f
 
 
+@pytest.mark.slow
 def test_model_with_rewrites_matches_plain_model_and_float64():
     """The same params through ``build_model`` with and without ``gpu_rewrites`` (float32): equal
     param trees, outputs and gradients of a random functional of all outputs; both as close to

@@ -92,6 +92,7 @@ def _round_trip(src: Path, dst: Path) -> None:
             == json.loads((src / "config.json").read_text())["model_type"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw,pooler", [
     ({}, True),
     ({"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
@@ -105,6 +106,7 @@ def test_bert_matches_transformers(tmp_path: Path, kw: dict, pooler: bool) -> No
     _check(hf.compare(tmp_path / "back", seed=4), ("last_hidden_state",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [
     {},
     {"image_size": 12, "patch_size": 4, "num_attention_heads": 2, "num_hidden_layers": 1,
@@ -120,6 +122,7 @@ def test_vit_matches_transformers(tmp_path: Path, kw: dict) -> None:
     _round_trip(src, tmp_path / "back")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eos", [7, 2])  # eos pooling, and the legacy argmax pooling
 def test_clip_matches_transformers(tmp_path: Path, eos: int) -> None:
     src = _clip(tmp_path / "clip", eos)
@@ -178,6 +181,7 @@ def test_bad_folders_name_the_culprit(tmp_path: Path) -> None:
         hf.load(other)
 
 
+@pytest.mark.slow
 def test_convert_cli_round_trip_and_verify(tmp_path: Path) -> None:
     from safetensors.numpy import load_file
 

@@ -123,6 +123,7 @@ def test_ast_classification_checkpoint_loads_its_tower(tmp_path: Path) -> None:
         variables["params"]["audio"]["encoder"]["final_norm"]["scale"], weights[tower])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls,kw", [
     ("WhisperForConditionalGeneration", {}),  # model.encoder.*; 26 frames -> 13 tokens
     ("WhisperModel", {"d_model": 20, "encoder_attention_heads": 5, "encoder_layers": 1,
@@ -179,6 +180,7 @@ def test_whisper_positions_are_checked(tmp_path: Path) -> None:
         hf.load(src)
 
 
+@pytest.mark.slow
 def test_convert_verify_cli_and_checkpoint_round_trip(tmp_path: Path) -> None:
     src = _ast(tmp_path / "ast", seed=2)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
@@ -217,6 +219,7 @@ def _batch(audio: np.ndarray) -> dict:
                                      "mask": np.ones((2, 5), np.int32)}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ast", "whisper"])
 def test_init_from_loads_an_audio_tower(tmp_path: Path, kind: str) -> None:
     src = _ast(tmp_path / "hf") if kind == "ast" else _whisper(tmp_path / "hf", "WhisperModel")
@@ -251,6 +254,7 @@ def test_init_from_loads_an_audio_tower(tmp_path: Path, kind: str) -> None:
         transfer.apply_encoder_overrides(_config({"kind": other, "init_from": str(src)}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ast", "whisper"])
 def test_audio_towers_take_the_model_options(kind: str) -> None:
     """dtype, dropout, remat and scan_layers reach the audio towers (the one Options object)."""

@@ -26,6 +26,9 @@ from mmjax.io.checkpoint import Checkpointer, saved_steps
 from mmjax.trainer import runs
 from tests.test_folder import make_dataset
 
+# Module fixtures train a run once: its tests stay on one worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("inference_run")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -76,6 +79,7 @@ def _close(got: dict, want: dict, keys: list[str]) -> None:
         assert abs(got[k] - want[k]) <= 1e-6, (k, got[k], want[k])
 
 
+@pytest.mark.slow
 def test_predict_evaluate_and_training_agree(folder_run, tmp_path):
     data, workdir, lines = folder_run
     before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
@@ -103,6 +107,7 @@ def test_predict_evaluate_and_training_agree(folder_run, tmp_path):
     assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_evaluate_picks_the_step_asked_for(folder_run):
     _, workdir, lines = folder_run
     val = {r["step"]: r for r in lines if r["split"] == "val"}
@@ -168,6 +173,7 @@ def _call_exported(directory: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_export_runs_without_mmjax_and_int8_is_smaller(folder_run, tmp_path):
     data, workdir, lines = folder_run
     sizes, probs = {}, {}
@@ -232,6 +238,7 @@ print(json.dumps({"names": names, "full": full.tolist(), "three": three.tolist()
 """
 
 
+@pytest.mark.slow
 def test_onnx_export_runs_in_onnxruntime(folder_run, tmp_path):
     _, workdir, _ = folder_run
     out = tmp_path / "onnx"
@@ -249,6 +256,7 @@ def test_onnx_export_runs_in_onnxruntime(folder_run, tmp_path):
     assert "onnxruntime.InferenceSession" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_bad_input_lines_are_named_or_skipped(folder_run, tmp_path):
     data, workdir, _ = folder_run
     good = [json.loads(line) for line in (data / "test.jsonl").open()][:4]
@@ -278,6 +286,7 @@ def test_bad_input_lines_are_named_or_skipped(folder_run, tmp_path):
     assert [r["index"] for r in rows] == [0, 1, 4]  # positions among the non-blank lines
 
 
+@pytest.mark.slow
 def test_checkpoint_of_8_devices_mesh_fsdp_predicts_on_1(folder_run, tmp_path):
     data, _, _ = folder_run
     workdir = tmp_path / "mesh"
@@ -292,6 +301,7 @@ def test_checkpoint_of_8_devices_mesh_fsdp_predicts_on_1(folder_run, tmp_path):
     assert accuracy == _logged(lines, "test")["accuracy"]
 
 
+@pytest.mark.slow
 def test_caption_and_embed_answers_match_the_model(tmp_path):
     """A caption + contrastive model (configs/shapes_caption.py, initialised, not trained):
     predict's captions and --embed's embeddings of PNG files equal the model's own on the

@@ -66,6 +66,7 @@ def _changed(batch: dict, modality: str, seed: int) -> dict:
     return {**batch, modality: other[modality]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS_N)
 def test_every_fusion_kind_reads_all_three_modalities(kind):
     model = build_model(_cfg(kind))
@@ -104,6 +105,7 @@ def test_bottleneck_exchanges_only_through_its_tokens():
     assert np.abs(image_stream(2, batch) - image_stream(2, other_text)).max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", (*KINDS_N, "co_attention"))
 def test_absent_modality_is_replaced_by_its_learned_token(kind):
     cfg = _cfg(kind)
@@ -159,6 +161,7 @@ def test_modality_dropout_rate_and_never_all():
     assert kept["image"] is None and np.array_equal(kept["audio"], batch["present"]["audio"])
 
 
+@pytest.mark.slow
 def test_modality_dropout_trains_on_a_subset():
     """A train step with modality dropout sees examples whose image is replaced: the loss
     differs from the same step without dropout, and the image stand-in gets a gradient."""

@@ -897,6 +897,7 @@ def test_dropout_train_vs_eval():
 # --------------------------------------------------------------------------------- remat (10)
 
 
+@pytest.mark.slow
 def test_remat_same_loss_and_grads():
     """Rematerialisation changes memory, not maths; dropout 0.1 with one rng checks that the
     recomputed forward pass draws the same masks."""

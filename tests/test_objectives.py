@@ -440,6 +440,7 @@ def setup():
     return model, tasks, batch, params, _jit(evaluate)
 
 
+@pytest.mark.slow
 def test_all_objectives_train_together(setup):
     model, tasks, batch, params, _ = setup
     assert {t.name: t.loss for t in tasks} == {

@@ -83,6 +83,7 @@ def test_a_real_cpu_trace_is_found_and_read(tmp_path):
         trace.find_trace(tmp_path / "empty")
 
 
+@pytest.mark.slow
 def test_cli_prints_ops_then_the_summary(tmp_path):
     """``python -m mmjax.profile_step``: one JSON line per op (heaviest first), then the summary;
     the trace stays in --out."""

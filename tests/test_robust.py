@@ -33,6 +33,9 @@ from mmjax.robust import attacks, corruptions, drop, report
 from mmjax.trainer import loop, runs
 from tests.test_folder import _texture, make_dataset
 
+# Module fixtures train a run once: its tests stay on one worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("robust_trained")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -228,6 +231,7 @@ def _model_batch(workdir: Path, rows: int = 96):
     return run, model, run.variables(), answer.first_rows(run, "test", rows)
 
 
+@pytest.mark.slow
 def test_token_embeds_entry_point_matches_ids(trained):
     _run, model, variables, batch = _model_batch(trained[1], 24)
     table = variables["params"]["text"]["token_embedding"]["embedding"]
@@ -237,6 +241,7 @@ def test_token_embeds_entry_point_matches_ids(trained):
     np.testing.assert_allclose(via_embeds, logits(batch), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_attacks_reduce_accuracy_within_the_eps_ball(trained):
     # 24 rows and 5 PGD steps: the tests' XLA flags (no LLVM optimisation) make these
     # gradient loops slow to run.
@@ -282,6 +287,7 @@ def test_attacks_reduce_accuracy_within_the_eps_ball(trained):
 # --- --drop ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_drop_hands_the_model_present_masks(trained, monkeypatch):
     seen = []
     compile_eval = loop.compile_eval
@@ -310,6 +316,7 @@ def test_drop_hands_the_model_present_masks(trained, monkeypatch):
         assert batch["image"].shape[:present["image"].ndim] == present["image"].shape
 
 
+@pytest.mark.slow
 def test_dropping_the_image_changes_accuracy(trained):
     """"is there a disc/square?" cannot be answered without the image: marking it absent must
     move the accuracy (the model replaces it by its stand-in token)."""
@@ -319,6 +326,7 @@ def test_dropping_the_image_changes_accuracy(trained):
     assert abs(no_image["accuracy"] - clean["accuracy"]) >= 0.05, (no_image, clean)
 
 
+@pytest.mark.slow
 def test_drop_of_an_unknown_modality_is_a_clear_error(trained):
     with pytest.raises(drop.DropError, match=r"'audio'.*modalities: \['image', 'text'\]"):
         checkpoint_metrics(trained[1], drop_modalities="image,audio")
@@ -334,6 +342,7 @@ def test_drop_of_an_unknown_modality_is_a_clear_error(trained):
 # --- the CLI -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evaluate_cli_corrupt_attack_report(trained, tmp_path):
     _data, workdir = trained
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]

@@ -113,6 +113,7 @@ def _unrolled_reference() -> tuple:
     return _outputs_and_grads(_model(False), _random_params(2), _batch(3), 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("unroll", "remat"), [(1, None), (0, "nothing_saveable"), (2, None)])
 def test_scanned_model_matches_unrolled_outputs_and_grads(unroll, remat):
     """ViT, causal text and cross-attention fusion, scanned: one layer per loop iteration, all
@@ -136,6 +137,7 @@ def test_scanned_model_matches_unrolled_outputs_and_grads(unroll, remat):
 CO_FUSION = {"kind": "co_attention", "width": 16, "depth": 3, "num_heads": 2}
 
 
+@pytest.mark.slow
 def test_scanned_co_attention_matches_unrolled():
     """The co-attention fusion scans its layer pairs: co_layers/<stream>/... with depth 3, as a
     loop (scan_unroll=1) under remat."""
@@ -165,6 +167,7 @@ def test_scanned_co_attention_matches_unrolled():
     assert not mask["fusion/co_layers/image/mlp/fc1/bias"]
 
 
+@pytest.mark.slow
 def test_scanned_dropout_follows_its_key():
     """Train mode inside the scan: dropout is on, reproducible per key, different across keys."""
     params = scan_lib.match_layers(_random_params(5), _shapes(True))
@@ -177,6 +180,7 @@ def test_scanned_dropout_follows_its_key():
     assert not np.allclose(a, evaluated)
 
 
+@pytest.mark.slow
 def test_scanned_optimizer_update_matches_unrolled():
     """Weight decay skips stacked biases/norms; layer decay scales each stacked slice."""
     cfg = {"name": "adamw", "lr": 1e-2, "warmup_steps": 0, "decay": "constant",
@@ -278,6 +282,7 @@ OPT = {"name": "adamw", "lr": 1e-2, "warmup_steps": 0, "decay": "constant",
        "weight_decay": 0.3, "clip_norm": 0.5, "layer_decay": 0.7}
 
 
+@pytest.mark.slow
 def test_freezing_some_layers_of_a_scanned_model_matches_unrolled():
     """``freeze`` names unrolled layers; in a scanned model it freezes those slices of the stacked
     leaves: exactly zero updates there, and the other layers' updates (clipped by a global norm
@@ -313,6 +318,7 @@ def _lora_pair(targets: str | None = None):
     return cfg, unrolled, scan_lib.match_layers(unrolled, target)
 
 
+@pytest.mark.slow
 def test_lora_adapts_stacked_kernels_as_the_unrolled_layers():
     cfg, unrolled, scanned = _lora_pair()
     a = scanned["lora"]["image"]["encoder"]["layers"]["attn"]["out"]["kernel"]["a"]

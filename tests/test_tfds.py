@@ -92,6 +92,7 @@ def test_missing_feature_is_named(built):
         pipeline.build_tokenizer(cfg)
 
 
+@pytest.mark.slow
 def test_tfds_config_trains_from_the_command_line(built, tmp_path):
     import json
     import subprocess

@@ -31,6 +31,9 @@ from mmjax.data.tokenize import (
 )
 from mmjax.models.multimodal import build_model
 
+# Module fixtures train a run once: its tests stay on one worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("hf_evaluators")
+
 SENTENCES = ["is there a red disc", "a blue square and a green disc", "what colour is the circle",
              "the square is left of the disc", "is there a yellow triangle"]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -172,6 +175,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> tuple[evaluators.Env, dict]
     return env, variables
 
 
+@pytest.mark.slow
 def test_qa_evaluator_with_an_hf_tokenizer(env: tuple[evaluators.Env, dict]) -> None:
     env_, variables = env
     qa = evaluators.build({"qa": {"kind": "qa", "task": "answer"}}, env_)
@@ -182,26 +186,76 @@ def test_qa_evaluator_with_an_hf_tokenizer(env: tuple[evaluators.Env, dict]) -> 
     assert out["qa_accuracy"] in {k / 5 for k in range(6)}  # 5 val examples
 
 
+def _scored(hyps: list[np.ndarray], refs: list[np.ndarray], tok_dir: str) -> dict:
+    """Exact match and corpus BLEU-4 of id rows, decoded by transformers, scored by nltk."""
+    from nltk.translate.bleu_score import corpus_bleu
+
+    hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    words = lambda rows: [hf_tok.decode(r, skip_special_tokens=True).split() for r in rows]
+    h, r = words(hyps), words(refs)
+    bleu = corpus_bleu([[x] for x in r], h) if any(h) else 0.0
+    return {"exact_match": float(np.mean([a == b for a, b in zip(h, r, strict=True)])),
+            "bleu": float(bleu)}
+
+
+class _Captioner(evaluators.Env):
+    """An Env whose "model" captions each row with ``rows(batch)``: stand-ins of known output."""
+
+    def __init__(self, env: evaluators.Env, rows) -> None:
+        super().__init__(model=env.model, model_cfg=env.model_cfg, data_config=env.data_config,
+                         tokenizer=env.tokenizer, label_names=env.label_names, batch_size=4)
+        self.rows = rows
+
+    def batches(self, split):
+        for batch in super().batches(split):
+            self.last = batch
+            yield batch
+
+    def apply(self, method, **kwargs):
+        if method == "generate":
+            return lambda variables, inputs: self.rows(self.last)
+        return super().apply(method, **kwargs)
+
+
+@pytest.mark.slow
 def test_caption_evaluator_with_an_hf_tokenizer(env: tuple[evaluators.Env, dict]) -> None:
     env_, variables = env
+    tok_dir = env_.data_config.tokenizer
     cfg = {"greedy": {"kind": "caption", "task": "caption", "max_len": 8}}
     out = evaluators.run_all(evaluators.build(cfg, env_), variables, "val")
-    assert 0.0 <= out["greedy_exact_match"] <= 1.0 and 0.0 <= out["greedy_bleu"] <= 1.0
+    # The same numbers from the model's own greedy ids, decoded and scored independently.
+    hyps, refs = [], []
+    for batch in env_.batches("val"):
+        keep = np.asarray(batch["valid"]) > 0
+        ids = env_.model.apply(variables, {"image": batch["image"]}, task="caption", max_len=8,
+                               method="generate")
+        hyps += list(np.asarray(ids)[keep])
+        refs += list(np.asarray(batch["text"]["ids"])[keep])
+    want = _scored(hyps, refs, tok_dir)
+    assert out["greedy_exact_match"] == want["exact_match"]
+    assert out["greedy_bleu"] == pytest.approx(want["bleu"], abs=1e-9)
 
-    # A captioner that returns each batch's own reference ids must score exactly 1: the
-    # decoded hypotheses and references are the same words (padding and specials dropped).
-    class Perfect(evaluators.Env):
-        def batches(self, split):
-            for batch in super().batches(split):
-                self.last = batch
-                yield batch
+    # Captioners of known output: every reference (exactly 1), and the reference on even rows
+    # with its words in reverse order on odd ones (nltk's BLEU of the same rows).
+    def half(batch):
+        ids = np.asarray(batch["text"]["ids"]).copy()
+        for i in range(1, len(ids), 2):
+            n = int(np.asarray(batch["text"]["mask"])[i].sum())
+            ids[i, 1:n - 1] = ids[i, 1:n - 1][::-1]
+        return ids
 
-        def apply(self, method, **kwargs):
-            if method == "generate":
-                return lambda variables, inputs: np.asarray(self.last["text"]["ids"])
-            return super().apply(method, **kwargs)
-
-    perfect = Perfect(model=env_.model, model_cfg=env_.model_cfg, data_config=env_.data_config,
-                      tokenizer=env_.tokenizer, label_names=env_.label_names, batch_size=4)
-    cap = evaluators.build({"greedy": {"kind": "caption", "task": "caption"}}, perfect)["greedy"]
-    assert cap(variables, "val") == {"exact_match": 1.0, "bleu": 1.0}
+    cfg = {"greedy": {"kind": "caption", "task": "caption"}}
+    perfect = _Captioner(env_, lambda batch: np.asarray(batch["text"]["ids"]))
+    assert evaluators.build(cfg, perfect)["greedy"](variables, "val") == {
+        "exact_match": 1.0, "bleu": 1.0}
+    halves = _Captioner(env_, half)
+    got = evaluators.build(cfg, halves)["greedy"](variables, "val")
+    hyps, refs = [], []
+    for batch in env_.batches("val"):
+        keep = np.asarray(batch["valid"]) > 0
+        hyps += list(half(batch)[keep])
+        refs += list(np.asarray(batch["text"]["ids"])[keep])
+    want = _scored(hyps, refs, tok_dir)
+    assert 0 < want["bleu"] < 1 and 0 < want["exact_match"] < 1, want
+    assert got["exact_match"] == pytest.approx(want["exact_match"])
+    assert got["bleu"] == pytest.approx(want["bleu"], abs=1e-9)

@@ -98,6 +98,7 @@ def _tiny(**overrides) -> object:
     return config
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
     config = _tiny(**{"optimizer.lr": 1e30, "optimizer.clip_norm": 0.0, "log_every": 1})
     with pytest.raises(trainer.NonFiniteLossError, match=r"at step \d+"):
@@ -167,6 +168,7 @@ def test_metric_writer_drops_a_torn_last_line(tmp_path):
     assert lines[1]["accuracy"] == 0.5 and lines[1]["loss"] == "nan"
 
 
+@pytest.mark.slow
 def test_initial_state_loads_hf_bert_and_vit_towers(tmp_path):
     """config.model.{text,image}.init_from = HF folders: the towers take their architecture and
     weights from them (compared with transformers' own tensors), the rest starts fresh."""

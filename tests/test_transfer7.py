@@ -326,6 +326,7 @@ def _trainer_config(src: str) -> ml_collections.ConfigDict:
     return config
 
 
+@pytest.mark.slow
 def test_trainer_init_from_lora_freeze_train_restore_and_export(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     src, workdir = tmp_path / "src", tmp_path / "run"
