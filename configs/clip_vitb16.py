@@ -22,7 +22,7 @@ tokens, and 77 tokens under a causal mask, on an H200 (docs/performance.md):
 ``model.attn_implementation="auto"`` resolves per call to cuDNN on a GPU where the shapes allow
 and to XLA elsewhere (mmjax/models/layers.py ``resolve_attention``), so this config runs as is on
 a CPU. Layers are stacked (``scan_layers``, no loop) and the opt-in ``gpu_rewrites`` are on: the
-layout the prepared H200 measurement times (docs/performance.md); train on your own image-text
+layout scripts/gpu_bench.sh times (docs/performance.md); train on your own image-text
 folder with ``--config.data.name=folder --config.data.path=DIR``. The benchmark never reads data,
 it builds synthetic batches of the configured shapes.
 

@@ -4,8 +4,8 @@ r"""PyTorch peers of mmjax's benchmark workloads, timed the same way, printing t
     python scripts/bench_torch_peer.py --workload fusion --batch_size 256          # GPU
     python scripts/bench_torch_peer.py --workload clip --tiny --modes eager        # CPU test
 
-Why it exists: a samples/s figure means little alone; the goals are ratios to PyTorch run on the
-same GPU in the same session (docs/performance.md). The peers are what a PyTorch user would write
+Why it exists: a samples/s figure means little alone; what matters is its ratio to PyTorch run on
+the same GPU in the same run (docs/performance.md). The peers are what a PyTorch user would write
 with transformers' models:
 
 * ``clip``: ``ViTModel`` (B/16, 224 px, class token, 197 tokens) + ``CLIPTextModel`` (width 512,

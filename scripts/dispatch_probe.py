@@ -1,4 +1,4 @@
-"""Host dispatch time of a jitted step against the number of arrays it takes (performance.md §6).
+"""Host dispatch time of a jitted step against the number of arrays it takes (docs/performance.md).
 
     python scripts/dispatch_probe.py [--leaves 100,400,1200] [--steps 20]
 

@@ -19,8 +19,8 @@ does to its stacked activation buffers), a first-order time estimate (:func:`ana
 temp/argument buffer sizes (temp + argument ≈ the run's peak memory: 24.4 GiB for the unrolled
 CLIP at batch 256, where an H200 run measured 24.2), two layout checks (the arrays laid out
 batch-minor, :func:`batch_minor_arrays`; activations stored both ways round,
-:func:`transposed_pairs`) and the compile time. It is a static view: the device session's
-profile gives the real times.
+:func:`transposed_pairs`) and the compile time. It is a static view: a profile on the GPU
+gives the real times.
 
 The state is built abstractly (``jax.eval_shape``), so a ViT-B/16 model costs no memory here;
 the step is the trainer's own ``train_step`` under the mesh path (plain ``jax.jit``, state
@@ -109,9 +109,10 @@ def _trip_counts(comps: dict[str, list[str]]) -> dict[str, int]:
 
 
 # The static time estimate's rates (H200, bf16): what cuBLAS reaches on these mid-size GEMMs
-# (below the 787 TFLOP/s of §5's 8192³ ceiling), cuDNN flash attention at 196 tokens, HBM
+# (below the 787 TFLOP/s of the 8192³ matmul ceiling), cuDNN flash attention at 196 tokens, HBM
 # bandwidth as fusions see it, and a launch-and-tail cost per kernel. A first-order model to
-# compare variants of one config; its absolute value is ~15 % under a real step (§8).
+# compare variants of one config; its absolute value is ~15 % under a real step
+# (docs/performance.md).
 GEMM_TFLOPS = 650.0
 ATTENTION_TFLOPS = 400.0
 HBM_TB_PER_S = 3.6
@@ -255,7 +256,7 @@ def batch_minor_arrays(hlo: str, batch: int) -> dict[str, Any]:
     A handful are normal (the patch convolution's own input layout). Hundreds mean that XLA laid a
     whole residual stream out batch-minor, so every elementwise op on it transposes: what a batch
     sum of an activation gradient did to the text tower before ``gpu_rewrites.add_positions``
-    (docs/performance.md §11). Returns the count and the five most frequent shapes.
+    (docs/performance.md, "The fast path"). Returns the count and the five most frequent shapes.
     """
     shapes: dict[str, int] = {}
     for dt, size, layout in _entry_arrays(hlo):
@@ -273,8 +274,8 @@ def transposed_pairs(hlo: str, batch: int) -> dict[str, list[int]]:
     A [B, T, D] stream that XLA stores token-minor ([B, D, T]) next to its row-major GEMM
     inputs and outputs shows up here: the fusion config's co-attention text stream did, as
     ``[256,64,768] / [256,768,64]``, until ``gpu_rewrites.masked_mean`` made it a matmul
-    (docs/performance.md §14). A healthy step has none; :func:`batch_minor_arrays` is the check
-    for a batch-minor stream, which this one does not see.
+    (docs/performance.md, "The fast path"). A healthy step has none; :func:`batch_minor_arrays`
+    is the check for a batch-minor stream, which this one does not see.
     """
     shapes: dict[tuple[int, ...], int] = {}
     for _, size, layout in _entry_arrays(hlo):

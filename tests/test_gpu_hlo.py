@@ -2,7 +2,7 @@
 bytes that zero-filling fusions write, on a hand-written module in XLA:GPU's text format.
 
 (Compiling for a GPU needs the CUDA PJRT plugin, which the test environment does not install;
-docs/performance.md §8 has the numbers the script printed with it.)
+docs/performance.md, "Compiled for an H200", has the numbers the script printed with it.)
 """
 
 # ruff: noqa: E501 - the HLO lines below are kept whole, as XLA prints them.
