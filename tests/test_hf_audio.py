@@ -285,6 +285,30 @@ def test_audio_towers_take_the_model_options(kind: str) -> None:
     assert out["pooled"].shape == (2, 16)
     assert a != step(params, jax.random.key(2))[0][0]  # dropout is on in training
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+    # Remat and scan were applied: the layers run as one scan whose body is a jax.checkpoint
+    # under the asked-for policy.
+    jaxpr = jax.make_jaxpr(step)(params, jax.random.key(1))
+    assert "scan" in _primitives(jaxpr.jaxpr)
+    remats = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "remat2"]
+    assert remats and all(
+        e.params["policy"] is jax.checkpoint_policies.nothing_saveable for e in remats)
+
+
+def _equations(jaxpr) -> list:
+    """Every equation of ``jaxpr`` and of the jaxprs nested in its equations' params."""
+    out = []
+    for e in jaxpr.eqns:
+        out.append(e)
+        for v in e.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else [v]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out += _equations(inner)
+    return out
+
+
+def _primitives(jaxpr) -> set[str]:
+    return {e.primitive.name for e in _equations(jaxpr)}
 
 
 @pytest.mark.parametrize("std", [0.02, 1.0])

@@ -940,3 +940,14 @@ def test_remat_same_loss_and_grads():
         )
     for part in ("image", "text", "fusion", "heads"):  # gradients reach every part
         assert max(np.abs(np.asarray(v)).max() for k, v in f0.items() if k.startswith(part)) > 0
+
+    # Remat was applied: one jax.checkpoint per transformer layer, with the asked-for policy,
+    # and none without it.
+    layers = {k.split("/layer_")[0] + k.split("/layer_")[1].split("/")[0] for k in f0
+              if "/layer_" in k}
+    for model, want in ((plain, 0), (remat, len(layers))):
+        fwd = jax.make_jaxpr(lambda p, m=model: loss_and_grad(m, p, _key(7))[0])(params)
+        found = [e for e in fwd.jaxpr.eqns if e.primitive.name == "remat2"]
+        assert len(found) == want, (len(found), sorted(layers))
+        assert all(e.params["policy"] is jax.checkpoint_policies.nothing_saveable for e in found)
+    assert len(layers) >= 3  # the image, text and fusion layers
