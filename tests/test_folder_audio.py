@@ -1,10 +1,11 @@
 """Audio in folder and TFDS data: decoding and resampling against scipy, features against
 transformers, bad clips named or skipped, records with any subset of the modalities (the
-``present`` flags), towers fitted to the data, and a three-modality training run.
+``present`` flags), towers fitted to the data (time series too).
 
 Datasets are written at test time: handwritten digits, clips of beeps written with soundfile at
 several rates (tests/realdata_audio.py), questions; and a tiny TFDS builder with an ``Audio``
-feature (tests/tfds_audio_builder.py).
+feature (tests/tfds_audio_builder.py). Trained runs with audio and series records (predict,
+evaluate --drop, export) are in tests/test_folder_audio_run.py.
 """
 
 from __future__ import annotations
@@ -273,20 +274,6 @@ def test_a_part_that_reads_an_absent_modality_is_named(dataset, tmp_path):
         loop.setup(_folder_config(root), tmp_path / "w")
     with pytest.raises(ValueError, match=r"evals\.qa\.kind='qa' \(it reads text\).*no 'text'"):
         loop.setup(_folder_config(root, query="image"), tmp_path / "w2")
-
-
-@pytest.mark.slow
-def test_three_modality_folder_run_trains_three_towers(dataset, tmp_path):
-    from mmjax import trainer
-
-    c = _folder_config(dataset)
-    summary = trainer.train_and_evaluate(c, tmp_path / "w")
-    assert summary["step"] == 4 and 0.0 <= summary["val"]["accuracy"] <= 1.0
-    saved = json.loads((tmp_path / "w" / "config.json").read_text())
-    assert sorted(saved["model"]["encoders"]) == ["audio", "image", "text"]
-    lines = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
-    assert {r["split"] for r in lines} == {"train", "val", "test"}
-    assert all(np.isfinite(r["loss"]) for r in lines if r["split"] == "train")
 
 
 # --- TFDS -------------------------------------------------------------------------------------
