@@ -4,9 +4,9 @@ then predicted, evaluated with a modality dropped and exported, each read back f
 Two runs of ``configs/folder.py:tiny`` (8 steps) on handwritten digits, clips of beeps and
 questions (tests/realdata_audio.py), one per module fixture: ``audio_run`` (image, text, audio)
 and ``series_run`` (the same plus a random-walk series per record; val records 2 and 5 have no
-series, so their batches carry ``present`` flags). Expected values are computed here, from the
-checkpoint's params read with Orbax and the model applied to the pipeline's batches with
-``jax.nn.softmax``: never from the inference code under test.
+series, so their batches carry ``present`` flags). Expected values come from
+tests/model_answers.py (the checkpoint's params read with Orbax, the model applied to the
+pipeline's batches, ``jax.nn.softmax``): never from the inference code under test.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from mmjax.data import pipeline
 from mmjax.inference import export, predict
 from mmjax.inference.checkpoint_metrics import checkpoint_metrics
 from mmjax.trainer import loop
+from tests import model_answers
 from tests.realdata_audio import digits_beeps
 from tests.test_folder_audio import _add_series, _folder_config
 from tests.test_inference import _call_exported, _cli
@@ -65,12 +64,7 @@ def _train(data: Path, workdir: Path) -> Trained:
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     s = loop.setup(_config(data), workdir)
     initial, _ = loop.initial_state(s)
-    state = ocp.StandardCheckpointer().restore((workdir / "checkpoints" / str(STEPS) / "state")
-                                               .absolute())
-    assert int(state["step"]) == STEPS
-    # No BatchNorm statistics, no LoRA adapters: the params alone are the model's variables.
-    assert not state["model_state"] and state["adapters"] is None
-    params = jax.tree.map(np.asarray, state["params"])
+    params = model_answers.restored_params(workdir, STEPS)
     labels = json.loads((workdir / "labels.json").read_text())
     return Trained(data, workdir, summary, lines, s, jax.tree.map(np.asarray, initial.params),
                    params, labels)
@@ -101,30 +95,12 @@ def _run(request, name: str) -> Trained:
 
 
 def _batch(r: Trained, split: str) -> dict[str, Any]:
-    """All of ``split`` in one batch, without padding rows."""
-    n = len((r.data / f"{split}.jsonl").read_text().splitlines())
-    batch = next(iter(pipeline.eval_batches(r.setup.config.data, split, batch_size=n,
-                                            tokenizer=r.setup.tokenizer)))
-    assert batch.pop("valid").all()
-    return batch
+    return model_answers.split_batch(r.setup, split)
 
 
 def _probs(r: Trained, batch: dict[str, Any], params: Any = None,
            drop: tuple[str, ...] = ()) -> np.ndarray:
-    """The model's class probabilities: its logits on ``batch`` through ``jax.nn.softmax``,
-    with the modalities in ``drop`` marked absent in every row."""
-    inputs = {k: v for k, v in batch.items() if k != "label"}
-    rows = len(batch["label"])
-    present = {m: np.asarray(v, bool) for m, v in batch.get("present", {}).items()}
-    present.update({m: np.zeros(rows, bool) for m in drop})
-    if present:
-        inputs["present"] = present
-    out = r.setup.model.apply({"params": r.params if params is None else params}, inputs)
-    return np.asarray(jax.nn.softmax(np.asarray(out["answer"]["logits"], np.float32), axis=-1))
-
-
-def _xent(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(-np.mean(np.log(probs[np.arange(len(labels)), labels])))
+    return model_answers.class_probs(r.setup, r.params if params is None else params, batch, drop)
 
 
 # --- training -------------------------------------------------------------------------------
@@ -160,12 +136,12 @@ def test_folder_run_trains_every_tower(request, name, towers):
     probs = _probs(r, val)
     logged = r.logged("val")
     assert logged["step"] == STEPS
-    assert abs(_xent(probs, val["label"]) - logged["answer_loss"]) <= 1e-5
+    assert abs(model_answers.xent(probs, val["label"]) - logged["answer_loss"]) <= 1e-5
     assert np.mean(probs.argmax(1) == val["label"]) == logged["accuracy"]
     # And training lowered the train loss (the model's own, on all 24 train records).
     train_batch = _batch(r, "train")
-    before = _xent(_probs(r, train_batch, r.initial), train_batch["label"])
-    after = _xent(_probs(r, train_batch), train_batch["label"])
+    before = model_answers.xent(_probs(r, train_batch, r.initial), train_batch["label"])
+    after = model_answers.xent(_probs(r, train_batch), train_batch["label"])
     assert after < before - 0.005, (before, after)  # measured: 0.693 -> 0.678
 
 
@@ -212,7 +188,7 @@ def test_evaluate_drop_is_the_model_without_that_modality(request, name):
     assert dropped["drop"] == [name]
     val = _batch(r, "val")
     want = _probs(r, val, drop=(name,))
-    assert abs(dropped["loss"] - _xent(want, val["label"])) <= 1e-5
+    assert abs(dropped["loss"] - model_answers.xent(want, val["label"])) <= 1e-5
     assert dropped["accuracy"] == np.mean(want.argmax(1) == val["label"])
     assert abs(dropped["loss"] - plain["loss"]) > 1e-4, (dropped["loss"], plain["loss"])
     if name == "audio":  # the command line: its last stdout line is the same evaluation
