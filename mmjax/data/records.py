@@ -258,6 +258,12 @@ def labels(data_config: Any, workdir: str) -> list:
     return vocab
 
 
+def train_texts(data_config: Any) -> list[str]:
+    """The ``text`` of every train record that has one."""
+    data = split_data(data_config, "train", labelled=False)
+    return [r["text"] for r in map(data.source.__getitem__, range(len(data))) if "text" in r]
+
+
 def records_tokenizer(data_config: Any, workdir: str) -> Any:
     spec = _get(data_config, "tokenizer", "")
     if spec:
@@ -275,9 +281,7 @@ def records_tokenizer(data_config: Any, workdir: str) -> Any:
         return tok
     tok = _TOKENIZER_CACHE.get(key)
     if tok is None:
-        data = split_data(data_config, "train", labelled=False)
-        texts = [r["text"] for r in map(data.source.__getitem__, range(len(data))) if "text" in r]
-        texts = texts or [""]  # no text in the records: a tokenizer of the special tokens
+        texts = train_texts(data_config) or [""]  # no text: a tokenizer of the special tokens
         tok = WordPieceTokenizer.train(texts, key[-1])
         _TOKENIZER_CACHE[key] = tok
     if saved is not None:

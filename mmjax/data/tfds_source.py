@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from mmjax import modalities
+from mmjax.errors import ExplainedError
 
 _DEFAULTS = {
     "tfds_name": "",
@@ -50,11 +51,27 @@ def key(data_config: Any) -> tuple:
     return tuple(_opt(data_config, k) for k in _DEFAULTS)
 
 
+class TfdsNotPreparedError(ValueError, ExplainedError):
+    """The TFDS dataset is not prepared in its data_dir: mmjax reads prepared data only."""
+
+
 def _data_source(data_config: Any, split: str) -> Any:
+    """The prepared split, never downloaded or generated here (no network, no builder code run
+    on a training host)."""
     import tensorflow_datasets as tfds
 
+    name = _opt(data_config, "tfds_name")
     data_dir = _opt(data_config, "data_dir") or None
-    return tfds.data_source(_opt(data_config, "tfds_name"), split=split, data_dir=data_dir)
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception:  # what TFDS raises for missing data depends on the dataset's file format
+        if tfds.builder(name, data_dir=data_dir).is_prepared():
+            raise
+        where = f"data.data_dir={data_dir!r}" if data_dir else "the default TFDS data_dir"
+        raise TfdsNotPreparedError(
+            f"data.tfds_name={name!r}: no prepared data in {where}; mmjax does not download "
+            f"datasets: prepare it first (`tfds build {name.split('/')[0]}"
+            f"{' --data_dir ' + data_dir if data_dir else ''}`)") from None
 
 
 def _features(data_config: Any) -> Any:

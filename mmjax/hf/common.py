@@ -148,7 +148,7 @@ class Architecture:
         """transformers' PyTorch module of a folder, run by ``compare``."""
         from transformers import AutoModel
 
-        return AutoModel.from_pretrained(str(path), local_files_only=True)
+        return AutoModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
 
     def reference(self, out: Any, to_numpy: Callable[[Any], np.ndarray]
                   ) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]]]:

@@ -129,7 +129,8 @@ class WhisperArchitecture(Architecture):
         cfg = json.loads((Path(path) / "config.json").read_text())
         if self.hf_class in cfg.get("architectures", []):
             return TorchEncoder.from_pretrained(str(path), local_files_only=True)
-        return AutoModel.from_pretrained(str(path), local_files_only=True).get_encoder()
+        return AutoModel.from_pretrained(str(path), local_files_only=True,
+                                         trust_remote_code=False).get_encoder()
 
     def inputs(self, cfg: Mapping[str, Any], rng: np.random.Generator, batch: int,
                length: int) -> dict[str, np.ndarray]:
