@@ -36,8 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = config.shapes_data(variant=variant)
     c.data.name = "shapes_audio"
     model = config.shapes_model()
-    # 16 mels x 32 frames in 16x16 patches: 2 patches, each seeing the whole spectrum (8x8
-    # patches learned the tone much later: docs/training.md), plus [CLS] and distillation.
+    # 16 mels x 32 frames in 16x16 patches: 2 patches, each seeing the whole spectrum (a tone
+    # is one frequency band: a patch that sees all bands finds it at once), plus [CLS] and
+    # distillation.
     model["encoders"]["audio"] = {
         "kind": "ast", "variant": "mu", "width": 64, "depth": 1, "num_heads": 4,
         "mlp_dim": 256, "patch_size": 16, "frequency_stride": 16, "time_stride": 16,

@@ -134,7 +134,7 @@ def shapes_model(width: int = 64, *, text_pool: str = "cls") -> dict[str, Any]:
 
     Depth 0 on purpose: on the shapes data, self-attention layers in the towers blend the two
     objects' features into every token at initialisation and the model sits on a plateau
-    (question type learned, colour not bound to shape); docs/training.md has the numbers.
+    (question type learned, colour not bound to shape; docs/recipes.md, the learning tests).
     """
     return {
         "encoders": {

@@ -17,7 +17,7 @@ no two modalities can do better than the majority answer, 50%:
 
 Naming the colour in a "no" is what makes the task learnable in minutes: a yes/no answer alone
 depends on the three inputs only through a three-way interaction (no signal from any pair),
-which a small model does not pick up (docs/training.md); with the colour named, the asked
+which a small model does not pick up; with the colour named, the asked
 object's colour is learnt as in ``shapes``, and "yes" against "no, it is c" is then linear in
 that colour and the heard one.
 
