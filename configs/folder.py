@@ -65,6 +65,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "audio": {"front_end": "whisper", "preprocessor": "", "sampling_rate": 16000,
                   "num_mel_bins": 64, "max_frames": 128},
         "skip_bad": False,
+        # Records are data, not trusted (docs/security.md): paths leaving DIR are refused, and
+        # so are files whose header promises more than these limits, before decoding.
+        "allow_outside_paths": False,
+        "max_image_pixels": 64_000_000,
+        "max_audio_seconds": 600.0,
+        "max_record_bytes": 1 << 20,  # one JSONL line
         "cache": True,  # keep decoded, resized pixels in memory (bounded by cache_mb)
         "cache_mb": 2048,
         "num_workers": 0,  # >0: decode/augment in grain worker processes

@@ -50,7 +50,8 @@ def _data_key(data_config: Any) -> tuple:
         path = _get(data_config, "path", "")
         if not path:
             raise ValueError("data.path is empty: set --config.data.path=DIR for a folder dataset")
-        return (name, str(Path(path).absolute()), bool(_get(data_config, "skip_bad", False)))
+        return (name, str(Path(path).absolute()), bool(_get(data_config, "skip_bad", False)),
+                *(_get(data_config, k, None) for k in folder.SAFETY_KEYS))
     from mmjax.data import tfds_source
 
     return (name, *tfds_source.key(data_config))
@@ -121,10 +122,9 @@ class _SplitData:
         for i, rec in enumerate(self.source.records):
             cls = index.get(str(rec["label"]))
             if cls is None:
-                message = (
-                    f"{self._file}:{self._lines[i]}: label {rec['label']!r} does not occur in "
-                    "train"
-                )
+                message = folder.printable(
+                    f"{self._file}:{self._lines[i]}: label {folder.shown(rec['label'])} does "
+                    "not occur in train")
                 if not skip_bad:
                     raise folder.BadDataError(message)
                 log.warning("skipping bad record %s", message)

@@ -87,7 +87,8 @@ AUDIO = register(Modality(
     name="audio",
     towers=("ast", "whisper"),
     load=lambda path, ctx: audio_pp.decode_audio(
-        path, ctx.audio.sampling_rate if ctx.audio is not None else 0),
+        path, ctx.audio.sampling_rate if ctx.audio is not None else 0,
+        max_seconds=audio_pp.max_seconds(ctx)),
     placeholder=lambda ctx: audio_pp.placeholder(_front_end(ctx)),
     required_ops=("audio_features",),
     default_pp="decode_audio|audio_features",

@@ -189,7 +189,7 @@ def _steps(ctx: ops.Context, spec: str, tokenizer_file: str) -> list[str]:
 IMAGE = register(Modality(
     name="image",
     towers=("vit", "resnet"),
-    load=lambda path, ctx: image_pp.decode_image(path),
+    load=lambda path, ctx: image_pp.decode_image(path, max_pixels=image_pp.max_pixels(ctx)),
     placeholder=lambda ctx: np.zeros((ctx.image_size, ctx.image_size, 3), np.uint8),
     required_ops=("decode",),
     default_pp="decode|resize|normalize",

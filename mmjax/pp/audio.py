@@ -37,6 +37,22 @@ from mmjax.pp.audio_features import FrontEnd, spec_augment
 
 MODALITY = "audio"
 PCM_SCALE = 32768.0  # integer samples are taken as 16-bit PCM (TFDS Audio's default)
+MAX_SECONDS = 600.0  # data.max_audio_seconds's default
+
+
+def max_seconds(ctx: ops.Context) -> float:
+    """``data.max_audio_seconds``: longer clips are refused from their header."""
+    return float(ctx.setting("max_audio_seconds", MAX_SECONDS))
+
+
+def check_duration(frames: int, rate: int, limit: float) -> None:
+    """Refuses a clip longer than ``limit`` seconds before its samples are read: a small
+    compressed file of silence can decode to gigabytes."""
+    if rate <= 0:
+        raise ValueError(f"a sample rate of {rate} Hz")
+    if frames > limit * rate:
+        raise ops.LimitError(f"{frames / rate:.1f} s long, more than "
+                             f"data.max_audio_seconds={limit:g}")
 
 
 def to_mono(samples: np.ndarray) -> np.ndarray:
@@ -62,12 +78,15 @@ def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
     return soxr.resample(np.asarray(x, np.float32), int(rate), int(target), quality="HQ")
 
 
-def decode_audio(value: Any, rate: int, root: str = "") -> np.ndarray:
+def decode_audio(value: Any, rate: int, root: str = "", max_seconds: float = MAX_SECONDS
+                 ) -> np.ndarray:
     """A path (relative to ``root``), encoded bytes, ``(samples, rate)`` or a 1-D array already
     at ``rate`` → float32 mono waveform at ``rate`` (0: the source's own rate); empty or
-    non-finite audio raises."""
+    non-finite audio raises, and so does a clip over ``max_seconds`` (``LimitError``, from
+    the file's header)."""
     if isinstance(value, tuple):
         samples, source_rate = value
+        check_duration(len(samples), int(source_rate), max_seconds)
         x = resample(to_mono(samples), int(source_rate), rate)
     elif isinstance(value, np.ndarray):
         x = to_mono(value)
@@ -76,7 +95,9 @@ def decode_audio(value: Any, rate: int, root: str = "") -> np.ndarray:
 
         source = io.BytesIO(value) if isinstance(value, bytes | bytearray) else \
             os.path.join(root, str(value))
-        samples, source_rate = soundfile.read(source, dtype="float32", always_2d=True)
+        with soundfile.SoundFile(source) as f:
+            check_duration(f.frames, f.samplerate, max_seconds)
+            samples, source_rate = f.read(dtype="float32", always_2d=True), f.samplerate
         x = resample(to_mono(samples), source_rate, rate)
     if x.size == 0:
         raise ValueError("no audio samples")
@@ -153,11 +174,13 @@ def _front_end(ctx: ops.Context, op: str) -> FrontEnd:
 
 @ops.register("decode_audio", cacheable=True)
 def _decode_op(ctx: ops.Context, key: str = MODALITY) -> ops.OpFn:
+    limit = max_seconds(ctx)
+
     def fn(ex: ops.Example, rng: Any) -> ops.Example:
         if key not in ex or isinstance(ex[key], np.ndarray):  # absent, or decoded already
             return ex
         rate = _front_end(ctx, "decode_audio").sampling_rate
-        return {**ex, key: decode_audio(ex[key], rate, ctx.root)}
+        return {**ex, key: decode_audio(ex[key], rate, ctx.root, limit)}
 
     return fn
 

@@ -13,10 +13,18 @@ from mmjax.pp import image_io as image_lib
 from mmjax.pp.ops import Context, Example, OpFn, register, tag
 
 
-def decode_image(value: Any, root: str = "") -> np.ndarray:
+def max_pixels(ctx: Context) -> int:
+    """``data.max_image_pixels``: larger images are refused from their header."""
+    return int(ctx.setting("max_image_pixels", image_lib.MAX_PIXELS))
+
+
+def decode_image(value: Any, root: str = "", max_pixels: int = image_lib.MAX_PIXELS
+                 ) -> np.ndarray:
     """A path (relative to ``root``), encoded bytes or an array → uint8 ``[H, W, 3]`` RGB.
 
-    ``load()`` forces a full decode, so a truncated file fails here rather than later.
+    A file whose header says it has more than ``max_pixels`` is refused before decoding
+    (``LimitError``); ``load()`` forces a full decode, so a truncated file fails here rather
+    than later.
     """
     if isinstance(value, np.ndarray):
         arr = value
@@ -25,11 +33,9 @@ def decode_image(value: Any, root: str = "") -> np.ndarray:
         if arr.shape[-1] == 1:
             arr = np.repeat(arr, 3, -1)
         return np.ascontiguousarray(arr[..., :3].astype(np.uint8))
-    if isinstance(value, bytes | bytearray):
-        im = Image.open(io.BytesIO(value))
-    else:
-        im = Image.open(os.path.join(root, str(value)))
-    with im:
+    source = io.BytesIO(value) if isinstance(value, bytes | bytearray) else \
+        os.path.join(root, str(value))
+    with image_lib.open_image(source, max_pixels) as im:
         im.load()
         return np.asarray(im.convert("RGB"))
 
@@ -43,14 +49,16 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
 
 @register("decode", cacheable=True)
 def _decode(ctx: Context, key: str = "image") -> OpFn:
+    limit = max_pixels(ctx)
+
     def fn(ex: Example, rng: Any) -> Example:
-        return {**ex, key: decode_image(ex[key], ctx.root)}
+        return {**ex, key: decode_image(ex[key], ctx.root, limit)}
 
     def lazy(ex: Example, rng: Any) -> Example:
         value = ex[key]
         if isinstance(value, np.ndarray):
             return fn(ex, rng)
-        return {**ex, key: image_lib.read_encoded(value, ctx.root)}
+        return {**ex, key: image_lib.read_encoded(value, ctx.root, limit)}
 
     return tag(fn, lazy=lazy)  # used by ops._fuse_decode
 

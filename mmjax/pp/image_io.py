@@ -26,9 +26,39 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from mmjax.pp.ops import LimitError
+
 Box = tuple[int, int, int, int]  # (top, left, height, width) in the full image
 _SIMPLEJPEG_SPACES = frozenset({"YCbCr", "Gray", "RGB"})  # CMYK/YCCK: Pillow converts them
 cv2.setNumThreads(1)  # the data workers are the parallelism; threads per resize only contend
+MAX_PIXELS = 64_000_000  # data.max_image_pixels's default (an 8K frame is 33 megapixels)
+
+
+def check_size(width: int, height: int, limit: int) -> None:
+    """Refuses an image whose header promises more than ``limit`` pixels, before anything
+    decodes it: a few kilobytes of PNG can unpack to gigabytes."""
+    if width * height > limit:
+        raise LimitError(f"{width} x {height} = {width * height} pixels, more than "
+                         f"data.max_image_pixels={limit}")
+
+
+def open_image(source: Any, limit: int) -> Image.Image:
+    """``Image.open`` (header only) of a path or file object, refused over ``limit`` pixels.
+
+    Pillow's own decompression-bomb error (at twice its ``MAX_IMAGE_PIXELS``, which it checks
+    when opening) becomes a :class:`LimitError` too.
+    """
+    try:
+        im = Image.open(source)
+    except Image.DecompressionBombError as e:
+        raise LimitError(f"more pixels than Pillow opens ({e}); data.max_image_pixels="
+                         f"{limit}") from None
+    try:
+        check_size(*im.size, limit)
+    except LimitError:
+        im.close()
+        raise
+    return im
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +72,9 @@ class Encoded:
     name: str  # the file, for error messages
 
 
-def read_encoded(value: Any, root: str = "") -> Encoded:
-    """A path (relative to ``root``) or encoded bytes → :class:`Encoded` (header read only)."""
+def read_encoded(value: Any, root: str = "", max_pixels: int = MAX_PIXELS) -> Encoded:
+    """A path (relative to ``root``) or encoded bytes → :class:`Encoded` (header read only);
+    more than ``max_pixels`` raises :class:`LimitError`."""
     if isinstance(value, bytes | bytearray):
         data, name = bytes(value), "<bytes>"
     else:
@@ -53,13 +84,17 @@ def read_encoded(value: Any, root: str = "") -> Encoded:
     if data[:2] == b"\xff\xd8":
         try:
             height, width, space, _ = simplejpeg.decode_jpeg_header(data)
-            if space in _SIMPLEJPEG_SPACES:
-                return Encoded(data, int(height), int(width), True, name)
         except ValueError:
             pass  # a JPEG libjpeg-turbo's header reader rejects: let Pillow try
+        else:
+            check_size(int(width), int(height), max_pixels)
+            if space in _SIMPLEJPEG_SPACES:
+                return Encoded(data, int(height), int(width), True, name)
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(io.BytesIO(data), max_pixels) as im:
             width, height = im.size
+    except LimitError:
+        raise
     except Exception as e:
         raise ValueError(f"cannot read image {name}: {e}") from None
     return Encoded(data, int(height), int(width), False, name)

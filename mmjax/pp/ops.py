@@ -42,6 +42,11 @@ def tag(fn: OpFn, **attributes: Any) -> OpFn:
     return fn
 
 
+class LimitError(ValueError):
+    """An input over one of the ``data.*`` limits (read from its header, before decoding it);
+    the message names the key."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Context:
     """What ops take from the data config when their arguments are left out."""
@@ -52,6 +57,13 @@ class Context:
     root: str = ""
     audio: Any = None  # the audio front end (mmjax.pp.audio_features.FrontEnd) of the audio ops
     data: Any = None  # the whole data config, for ops that read keys of their own
+
+    def setting(self, key: str, default: Any) -> Any:
+        """``data.<key>`` of the config, or ``default`` where there is none (older configs)."""
+        if self.data is None:
+            return default
+        get = getattr(self.data, "get", None)
+        return get(key, default) if get is not None else getattr(self.data, key, default)
 
 
 @dataclasses.dataclass(frozen=True)

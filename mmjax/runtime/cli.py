@@ -52,13 +52,24 @@ def parse_flags(argv: Sequence[str]) -> None:
         _fail(_explain_override_error(argv, e), code=2)
 
 
+def _escaped(line: str) -> str:
+    """``line`` with control characters other than tabs escaped (``\\x1b``, ``\\r``,
+    ``\\u2028``): text from data cannot move the cursor, erase or split the error line."""
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() or c == "\t" else
+                   c.encode("unicode_escape").decode("ascii") for c in line)
+
+
 def _fail(message: str, code: int = 1) -> None:
     """Exits with ``code``; the last stderr line is ``error: `` + the message's last line.
 
     Multi-line messages (a config file's own traceback, say) are printed whole first, since
-    their last line is the one that names the culprit.
+    their last line is the one that names the culprit. Lines end only at ``\\n``; other
+    controls are escaped.
     """
-    lines = [line for line in message.splitlines() if line.strip()] or ["unknown error"]
+    lines = [_escaped(line) for line in message.split("\n") if line.strip()] or [
+        "unknown error"]
     _quiet_shutdown()
     sys.stderr.flush()
     if len(lines) > 1:
