@@ -71,6 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "max_image_pixels": 64_000_000,
         "max_audio_seconds": 600.0,
         "max_record_bytes": 1 << 20,  # one JSONL line
+        # data.tokenizer may map at most this fraction of the train words to its unknown token.
+        "max_unk_rate": 0.05,
         "cache": True,  # keep decoded, resized pixels in memory (bounded by cache_mb)
         "cache_mb": 2048,
         "num_workers": 0,  # >0: decode/augment in grain worker processes

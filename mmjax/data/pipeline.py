@@ -19,7 +19,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from mmjax.data import order, records, shapes, shapes_audio
+from mmjax.data import order, records, shapes, shapes_audio, tokenize
 from mmjax.data.records import SPLITS
 from mmjax.data.tokenize import WordTokenizer, shapes_tokenizer
 
@@ -62,6 +62,11 @@ def dataset_info(
         answers = EMBEDDED[data_config.name].ANSWERS
         return {"vocab_size": tokenizer.vocab_size, "num_classes": len(answers)}
     workdir = str(workdir or "")
+    if getattr(data_config, "tokenizer", ""):  # a tokenizer of the user's: does it know the words?
+        tokenize.check_coverage(tokenizer, records.train_texts(data_config),
+                                name=str(data_config.tokenizer),
+                                limit=float(data_config.get("max_unk_rate",
+                                                            tokenize.DEFAULT_MAX_UNK_RATE)))
     vocab = records.labels(data_config, workdir)
     info = {"vocab_size": tokenizer.vocab_size, "num_classes": len(vocab)}
     for split in SPLITS:

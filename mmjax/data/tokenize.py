@@ -9,6 +9,7 @@ checkpoints; all three pad on the right, as the text towers expect.
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mmjax.data import shapes
+from mmjax.errors import ExplainedError
 
 _SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _CACHE_LIMIT = 1 << 16
@@ -243,7 +245,18 @@ class HFTokenizer:
         """
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
+        try:  # data, not code: a folder's own tokenizer class (auto_map) is never imported
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                                trust_remote_code=False)
+        except ValueError as e:
+            if "trust_remote_code" not in str(e):
+                raise
+            raise TokenizerError(
+                f"data.tokenizer={str(path)!r} names its own Python tokenizer class (auto_map in "
+                "tokenizer_config.json); mmjax loads tokenizer folders as data only "
+                "(trust_remote_code=False): use a tokenizer saved with a transformers class"
+            ) from None
+        return cls(tok)
 
     @property
     def vocab_size(self) -> int:
@@ -267,3 +280,43 @@ class HFTokenizer:
 def load_hf_tokenizer(path: str | Path) -> HFTokenizer:
     """The Hugging Face tokenizer saved in a local folder, behind the ``Tokenizer`` interface."""
     return HFTokenizer.load(path)
+
+
+class TokenizerError(ValueError, ExplainedError):
+    """A ``data.tokenizer`` folder that cannot serve the dataset."""
+
+
+class TokenizerCoverageError(TokenizerError):
+    """The tokenizer maps too many of the train words to its unknown token."""
+
+
+DEFAULT_MAX_UNK_RATE = 0.05
+
+
+def unknown_rate(tokenizer: Tokenizer, texts: Iterable[str]) -> tuple[float, list[str]]:
+    """The fraction of the whitespace-separated words of ``texts`` that ``tokenizer`` turns
+    into its unknown token (any piece of the word), and those words, most frequent first."""
+    unk = getattr(tokenizer, "UNK", None)
+    counts = collections.Counter(w for t in texts for w in t.split())
+    if unk is None or not counts:
+        return 0.0, []
+    words = list(counts)
+    ids, _ = tokenizer.encode(words, 32)
+    unknown = [w for w, row in zip(words, ids, strict=True) if (row == unk).any()]
+    unknown.sort(key=lambda w: -counts[w])
+    return sum(counts[w] for w in unknown) / sum(counts.values()), unknown
+
+
+def check_coverage(tokenizer: Tokenizer, texts: Iterable[str], *, name: str,
+                   limit: float = DEFAULT_MAX_UNK_RATE) -> float:
+    """Stops a run whose tokenizer does not know the dataset's words (a tokenizer of another
+    language, or one saved without its vocabulary), which would otherwise train on the unknown
+    token alone; returns the rate."""
+    rate, words = unknown_rate(tokenizer, texts)
+    if rate > limit:
+        raise TokenizerCoverageError(
+            f"data.tokenizer={name!r} maps {rate:.1%} of the train words to its unknown token "
+            f"(e.g. {', '.join(map(repr, words[:5]))}); the limit is data.max_unk_rate={limit}. "
+            "It does not know this dataset's words: use a tokenizer of its language and "
+            "vocabulary, or data.tokenizer='' to train one on the train texts")
+    return rate
