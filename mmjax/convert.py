@@ -7,6 +7,9 @@
 A training workdir whose tower started from Hugging Face exports with ``--like HF_DIR`` (the
 architecture) and ``--modality`` (which tower). ``--verify`` runs transformers and mmjax on
 fresh random inputs and prints max |difference| per layer and per output.
+
+A checkpoint is written under the output workdir's lock (a training run in it stops this, and
+the other way round); a Hugging Face folder is never written inside a training workdir.
 """
 
 from __future__ import annotations
@@ -30,9 +33,16 @@ def main() -> None:
     if not FLAGS.output and not FLAGS.verify:
         raise ValueError("nothing to do: give --output and/or --verify")
     from mmjax.hf.convert import convert  # after flag parsing: keeps --help fast
+    from mmjax.hf.io import is_hf_folder
+    from mmjax.trainer import workdir
 
-    convert(FLAGS.input, FLAGS.output, verify=FLAGS.verify, like=FLAGS.like,
-            modality=FLAGS.modality, seed=FLAGS.seed)
+    writes_checkpoint = bool(FLAGS.output) and is_hf_folder(FLAGS.input)
+    if FLAGS.output and not writes_checkpoint:  # a Hugging Face folder: never into a workdir
+        workdir.refuse_output_inside(FLAGS.output)
+    # A checkpoint goes into a workdir: under its lock, as training writes one.
+    with workdir.lock(FLAGS.output, enabled=writes_checkpoint):
+        convert(FLAGS.input, FLAGS.output, verify=FLAGS.verify, like=FLAGS.like,
+                modality=FLAGS.modality, seed=FLAGS.seed)
 
 
 if __name__ == "__main__":

@@ -33,19 +33,29 @@ flags.DEFINE_string("split", "train", "train (with augmentation), val or test")
 flags.DEFINE_integer("num", 16, "how many examples to show")
 flags.DEFINE_string("out", "data_grid.png", "where to write the PNG grid")
 flags.DEFINE_integer("benchmark", 0, "if > 0: time this many train batches instead")
-flags.DEFINE_string("workdir", "", "optional workdir whose tokenizer and labels to use")
+flags.DEFINE_string("workdir", "", "optional workdir whose saved tokenizer and labels to use "
+                    "(only read)")
 cli.define_config_flag()
 FLAGS = flags.FLAGS
 
 
+def _saved(workdir: str, name: str) -> str:
+    """``workdir`` if it holds the file ``name``, else "": the data layer saves a missing
+    tokenizer or label vocabulary into the workdir it is given, and inspecting a workdir must
+    never write into it (only training does, under its lock)."""
+    return workdir if workdir and (Path(workdir) / name).is_file() else ""
+
+
 def _batch(config: Any, split: str, num: int, workdir: str) -> tuple[dict, Any]:
     from mmjax.data import pipeline
+    from mmjax.data.records import TOKENIZER_FILE
 
-    tok = pipeline.build_tokenizer(config.data, workdir=workdir)
+    tok = pipeline.build_tokenizer(config.data, workdir=_saved(workdir, TOKENIZER_FILE))
     if split == "train":
         it = pipeline.train_iterator(config.data, batch_size=num, seed=config.seed, tokenizer=tok)
         return next(it), tok
-    return next(iter(pipeline.eval_batches(config.data, split, batch_size=num))), tok
+    batches = pipeline.eval_batches(config.data, split, batch_size=num, tokenizer=tok)
+    return next(iter(batches)), tok
 
 
 def grid(images: np.ndarray, captions: list[str], *, cell: int = 160) -> Any:
@@ -82,10 +92,12 @@ def _describe(name: str, x: Any, tokenizer: Any) -> str:
 def show(config: Any, split: str, num: int, out: str, workdir: str = "") -> list[str]:
     """Prints ``num`` examples of ``split`` (every modality, the label, what is absent) and
     writes a grid of their images, if they have any, to ``out``; returns the lines."""
-    batch, tok = _batch(config, split, num, workdir)
     from mmjax.data import pipeline
+    from mmjax.data.folder import LABELS_FILE
 
-    names = pipeline.label_names(config.data, workdir=workdir)
+    # first: the batches' class indices then follow the workdir's saved classes
+    names = pipeline.label_names(config.data, workdir=_saved(workdir, LABELS_FILE))
+    batch, tok = _batch(config, split, num, workdir)
     inputs = [m for m in modalities.names() if m in batch]
     lines = []
     for i in range(num):

@@ -10,13 +10,13 @@ checkpoints; all three pad on the right, as the text towers expect.
 from __future__ import annotations
 
 import collections
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from mmjax import files
 from mmjax.data import shapes
 from mmjax.errors import ExplainedError
 
@@ -185,11 +185,9 @@ class WordPieceTokenizer:
         return cls(Tokenizer.from_file(str(path)))
 
     def save(self, path: str | Path) -> None:
-        """Writes atomically, so a run killed mid-save never leaves a half-written tokenizer."""
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        self._tok.save(str(tmp))
-        os.replace(tmp, path)
+        """Writes atomically (``mmjax.files``): a reader never sees a half-written tokenizer,
+        and processes saving into one workdir at once never share a temporary file."""
+        files.write_atomic(path, self._tok.to_str(pretty=True))
 
     @property
     def vocab_size(self) -> int:

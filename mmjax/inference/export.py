@@ -21,18 +21,23 @@ from typing import Any
 import jax
 import numpy as np
 
+from mmjax import files
 from mmjax.data.records import TOKENIZER_FILE
 from mmjax.data.tokenize import WordTokenizer
 from mmjax.inference import answer, artifact
 from mmjax.inference import quantize as quantize_lib
 from mmjax.models.paths import path_str
 from mmjax.trainer import runs
+from mmjax.trainer import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
 SERIALIZED = "model.jaxexport"
 ONNX = "model.onnx"
 FORMATS = ("jaxexport", "onnx")
+# every name an export writes: an existing output folder may hold these and nothing else
+OWNED = (SERIALIZED, ONNX, "example_inputs.npz", "example_outputs.npz", "labels.json",
+         "signature.json", "README.md", TOKENIZER_FILE, "vocab.txt")
 PLATFORMS = ("cpu", "cuda")
 
 
@@ -98,14 +103,22 @@ def _write_tokenizer(run: runs.Run, out: Path) -> str:
 def export(workdir: str | Path, output_dir: str | Path, *, step: str | int | None = None,
            quantize: str = "", task: str = "", num_examples: int = 8,
            platforms: Sequence[str] = PLATFORMS, fmt: str = "jaxexport") -> dict[str, Any]:
-    """Writes the artifact into ``output_dir`` (created; existing files are overwritten) and
-    returns ``{"output", "file", "bytes", "platforms", "step", "task", "inputs", "note"}``.
+    """Writes the artifact into ``output_dir`` and returns ``{"output", "file", "bytes",
+    "platforms", "step", "task", "inputs", "note"}``.
 
     ``fmt="onnx"`` writes ``model.onnx`` (through ``jax2onnx``, checked with ``onnxruntime``)
     instead of ``model.jaxexport``; everything else is the same.
+
+    The files are written into a fresh folder beside ``output_dir`` that then replaces it
+    whole (``mmjax.files.replaced_dir``): an interrupted export leaves the previous artifact
+    as it was. An existing ``output_dir`` may hold only an earlier export's files, and may
+    not lie inside a training workdir.
     """
     if fmt not in FORMATS:
         raise runs.RunError(f"--format={fmt!r}; expected one of {FORMATS}")
+    out = Path(output_dir)
+    workdir_lib.refuse_output_inside(out)
+    files.check_output_dir(out, OWNED)  # before the minutes of lowering, not after
     run = runs.load(workdir, step)
     task, kind = runs.output_task(run.config, task)
     model = run.build_model()
@@ -131,28 +144,28 @@ def export(workdir: str | Path, output_dir: str | Path, *, step: str | int | Non
         blob, lowered = exported.serialize(), list(exported.platforms)
     file = ONNX if fmt == "onnx" else SERIALIZED
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / file).write_bytes(blob)
-    # (numpy's stubs type savez's keyword arrays as its allow_pickle flag)
-    np.savez(out / "example_inputs.npz",
-             **{f"arg{i}": x for i, x in enumerate(leaves)})  # type: ignore[arg-type]
-    np.savez(out / "example_outputs.npz", **{output_name: expected})  # type: ignore[arg-type]
-    if kind == "classification":
-        (out / "labels.json").write_text(json.dumps(run.label_names) + "\n")
-    signature = {
-        "task": task, "kind": kind, "step": run.step, "workdir": str(run.workdir.absolute()),
-        "quantize": quantize or "none", "format": fmt, "file": file, "platforms": lowered,
-        "inputs": [{"arg": i, "name": n, "shape": ["B", *x.shape[1:]], "dtype": str(x.dtype)}
-                   for i, (n, x) in enumerate(zip(names, leaves, strict=True))],
-        "output": {"name": output_name, "shape": ["B", *expected.shape[1:]],
-                   "dtype": str(expected.dtype)},
-    }
-    (out / "signature.json").write_text(json.dumps(signature, indent=2) + "\n")
-    tokenizer_file = _write_tokenizer(run, out)
-    (out / "README.md").write_text(artifact.readme(
-        run, signature, size=len(blob), note=note, tokenizer_file=tokenizer_file,
-        num_classes=len(run.label_names)))
+    with files.replaced_dir(out, owned=OWNED) as tmp:
+        (tmp / file).write_bytes(blob)
+        # (numpy's stubs type savez's keyword arrays as its allow_pickle flag)
+        np.savez(tmp / "example_inputs.npz",
+                 **{f"arg{i}": x for i, x in enumerate(leaves)})  # type: ignore[arg-type]
+        np.savez(tmp / "example_outputs.npz", **{output_name: expected})  # type: ignore[arg-type]
+        if kind == "classification":
+            (tmp / "labels.json").write_text(json.dumps(run.label_names) + "\n")
+        signature = {
+            "task": task, "kind": kind, "step": run.step,
+            "workdir": str(run.workdir.absolute()), "quantize": quantize or "none",
+            "format": fmt, "file": file, "platforms": lowered,
+            "inputs": [{"arg": i, "name": n, "shape": ["B", *x.shape[1:]], "dtype": str(x.dtype)}
+                       for i, (n, x) in enumerate(zip(names, leaves, strict=True))],
+            "output": {"name": output_name, "shape": ["B", *expected.shape[1:]],
+                       "dtype": str(expected.dtype)},
+        }
+        (tmp / "signature.json").write_text(json.dumps(signature, indent=2) + "\n")
+        tokenizer_file = _write_tokenizer(run, tmp)
+        (tmp / "README.md").write_text(artifact.readme(
+            run, signature, size=len(blob), note=note, tokenizer_file=tokenizer_file,
+            num_classes=len(run.label_names)))
     log.info("exported %s (%d bytes, %s) to %s", task, len(blob), lowered, out / file)
     return {"output": str(out), "file": file, "bytes": len(blob), "platforms": lowered,
             "step": run.step, "task": task, "inputs": names, "note": note}

@@ -5,7 +5,8 @@ Every input line is validated first (as training validates its splits), so a bad
 the command before anything is written, naming FILE:LINE; with ``skip_bad`` it is dropped and
 counted. The inputs then go through the run's eval preprocessing (``data.pp_eval``, the
 workdir's tokenizer) and the model runs data-parallel over all local devices. The output is
-written to a temporary name and renamed when complete.
+written to a temporary name and renamed when complete (``mmjax.files``); it may not lie inside
+a training workdir.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -22,10 +22,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from mmjax import files
 from mmjax.data import pipeline
 from mmjax.inference import answer
 from mmjax.runtime import parallel
 from mmjax.trainer import runs
+from mmjax.trainer import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ def predict(workdir: str | Path, input_file: str | Path, output: str | Path, *,
     and ``<modality>_embeds`` [N, E] for the modalities the contrastive head embeds."""
     if top_k < 1:
         raise runs.RunError(f"--top_k={top_k} must be at least 1")
+    out_path = Path(output).with_suffix(".npz") if embed else Path(output)
+    workdir_lib.refuse_output_inside(out_path)
     run = runs.load(workdir, step)
     task, kind = runs.output_task(run.config, task, embed=embed)
     model = run.build_model()
@@ -77,37 +81,41 @@ def predict(workdir: str | Path, input_file: str | Path, output: str | Path, *,
     par = parallel.MeshParallel(1)  # data-parallel over the devices, params replicated
     variables = par.put_state(run.variables())
     fn = par.compile_eval(answer.output_fn(model, task, kind))
-    out_path = Path(output).with_suffix(".npz") if embed else Path(output)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    indices = iter(source.indices)
-    embeds: dict[str, list[np.ndarray]] = {}
     bar = _bar(len(source), enabled=progress)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for batch in batches:
-                keep = np.asarray(batch["valid"]) > 0
-                inputs = par.put_batch(answer.model_inputs(batch, names))
-                out = {k: np.asarray(v)[keep] for k, v in par.fetch(fn(variables, inputs)).items()}
-                if embed:
+        outputs = _outputs(batches, par, fn, variables, names, bar)
+        with files.atomic_path(out_path) as tmp:
+            if embed:
+                embeds: dict[str, list[np.ndarray]] = {}
+                for out in outputs:
                     for k, v in out.items():
                         embeds.setdefault(k, []).append(v)
-                else:
-                    for row in _rows(kind, out, run, top_k):
-                        f.write(json.dumps({"index": next(indices), **row}) + "\n")
-                if bar is not None:
-                    bar.update(int(keep.sum()))
-        if embed:
-            arrays = {k: np.concatenate(v) for k, v in embeds.items()}
-            with open(tmp, "wb") as f:  # (numpy's stubs type savez's keywords as allow_pickle)
-                np.savez(f, index=np.asarray(source.indices, np.int64),
-                         **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, out_path)
+                arrays = {k: np.concatenate(v) for k, v in embeds.items()}
+                with open(tmp, "wb") as f:  # (numpy's stubs type savez's keywords as allow_pickle)
+                    np.savez(f, index=np.asarray(source.indices, np.int64),
+                             **arrays)  # type: ignore[arg-type]
+            else:
+                indices = iter(source.indices)
+                with open(tmp, "w", encoding="utf-8") as f:
+                    for out in outputs:
+                        for row in _rows(kind, out, run, top_k):
+                            f.write(json.dumps({"index": next(indices), **row}) + "\n")
     finally:
         if bar is not None:
             bar.close()
-        tmp.unlink(missing_ok=True)
     return {"output": str(out_path), "count": len(source), "skipped": source.skipped,
             "step": run.step, "task": task}
+
+
+def _outputs(batches: Iterator[dict], par: Any, fn: Any, variables: Any, names: Any,
+             bar: Any) -> Iterator[dict[str, np.ndarray]]:
+    """The model's answers on each batch, real rows only, as host arrays."""
+    for batch in batches:
+        keep = np.asarray(batch["valid"]) > 0
+        inputs = par.put_batch(answer.model_inputs(batch, names))
+        yield {k: np.asarray(v)[keep] for k, v in par.fetch(fn(variables, inputs)).items()}
+        if bar is not None:
+            bar.update(int(keep.sum()))
 
 
 def _bar(total: int, *, enabled: bool) -> Any:

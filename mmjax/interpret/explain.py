@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mmjax import modalities
+from mmjax import files, modalities
 from mmjax.data import pipeline
 from mmjax.data.records import SPLITS
 from mmjax.inference import answer
@@ -26,8 +26,12 @@ from mmjax.interpret import capture, contributions, layout, methods, report, vie
 from mmjax.models import encoders
 from mmjax.models.multimodal import prepare
 from mmjax.trainer import runs
+from mmjax.trainer import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
+
+EXPLANATIONS = "explanations.jsonl"
+OWNED = (EXPLANATIONS, "index.html", "img", "layers")  # all an explanation writes
 
 
 def explain_batch(model: Any, task: str, method: str, names: list[str],
@@ -100,6 +104,11 @@ def explain(workdir: str | Path, output: str | Path, *, split: str = "test", lim
     ``steps``: integrated-gradients quadrature nodes. ``images``: examples that get PNG
     overlays and a gallery entry (all of them get a JSONL line). ``layers``: also the layer
     views of the first ``images`` examples.
+
+    Everything is written into a fresh folder beside ``output`` that then replaces it whole
+    (``mmjax.files.replaced_dir``): no picture of an earlier run stays in the new gallery, and
+    an interrupted run leaves the earlier output as it was. An existing ``output`` may hold
+    only an earlier explanation's files, and may not lie inside a training workdir.
     """
     if split not in SPLITS:
         raise runs.RunError(f"--split={split!r}; expected one of {SPLITS}")
@@ -107,6 +116,9 @@ def explain(workdir: str | Path, output: str | Path, *, split: str = "test", lim
         raise runs.RunError(f"--limit={limit} must be >= 0 (0: the whole split)")
     if method not in methods.METHODS:
         raise runs.RunError(f"--method={method!r}; known: {list(methods.METHODS)}")
+    out_dir = Path(output)
+    workdir_lib.refuse_output_inside(out_dir)
+    files.check_output_dir(out_dir, OWNED)
     run = runs.load(workdir, step)
     task, kind = runs.output_task(run.config, task)
     if kind != "classification":
@@ -116,12 +128,11 @@ def explain(workdir: str | Path, output: str | Path, *, split: str = "test", lim
     names = answer.input_names(model, task, kind)
     kwargs = {"steps": steps} if method == "integrated_gradients" else {}
     fn = jax.jit(functools.partial(explain_batch, model, task, method, names, kwargs))
-    out_dir = Path(output)
-    out_dir.mkdir(parents=True, exist_ok=True)
     vfn = views.features_fn(model) if layers else None
     start, count, perturb, gallery = time.time(), 0, None, []
     bs = min(batch_size, limit) if limit else batch_size
-    with open(out_dir / "explanations.jsonl", "w", encoding="utf-8") as f:
+    with files.replaced_dir(out_dir, owned=OWNED) as tmp, \
+            open(tmp / EXPLANATIONS, "w", encoding="utf-8") as f:
         for batch in pipeline.eval_batches(run.config.data, split, batch_size=bs,
                                            tokenizer=run.tokenizer):
             valid = np.asarray(batch["valid"]) > 0
@@ -136,16 +147,16 @@ def explain(workdir: str | Path, output: str | Path, *, split: str = "test", lim
                 rec = _record(model, run, names, inputs, out, r, count, int(labels[r]), method)
                 f.write(json.dumps(rec) + "\n")
                 if count < images:
-                    gallery.append(report.overlays(out_dir, rec, inputs, r, model))
+                    gallery.append(report.overlays(tmp, rec, inputs, r, model))
                     if feats is not None:
-                        views.write(out_dir, model, feats, inputs, r, count)
+                        views.write(tmp, model, feats, inputs, r, count)
                 count += 1
                 if limit and count >= limit:
                     break
             if limit and count >= limit:
                 break
-    report.index_html(out_dir, gallery, method=method, step=run.step, split=split,
-                      layers=layers)
+        report.index_html(tmp, gallery, method=method, step=run.step, split=split,
+                          layers=layers)
     seconds = time.time() - start
     log.info("explained %d examples of %s (%s) in %.1f s", count, split, method, seconds)
     return {"count": count, "method": method, "step": run.step, "split": split,

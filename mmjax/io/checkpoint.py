@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from mmjax import files
 from mmjax.errors import ExplainedError
 
 log = logging.getLogger(__name__)
@@ -322,5 +323,6 @@ def write_checkpoint(workdir: str | Path, params: Mapping[str, Any],
     ckpt.save(step, {"params": dict(params)}, {})
     ckpt.close()
     if hf_config is not None:
-        (Path(workdir) / HF_CONFIG).write_text(json.dumps(dict(hf_config), indent=2) + "\n")
+        files.write_atomic(Path(workdir) / HF_CONFIG,
+                           json.dumps(dict(hf_config), indent=2) + "\n")
     return Path(workdir)

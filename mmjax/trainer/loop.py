@@ -26,6 +26,7 @@ import optax
 
 from mmjax import config as config_lib
 from mmjax import evaluators as evaluators_lib
+from mmjax import files
 from mmjax.data import pipeline
 from mmjax.errors import ExplainedError
 from mmjax.io.checkpoint import Checkpointer
@@ -276,7 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 def _run(config: ml_collections.ConfigDict, workdir: Path, is_main: bool) -> dict[str, Any]:
     s = setup(config, workdir)
     if is_main:
-        (s.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        # atomically: predict and evaluate may read it while this run trains
+        files.write_atomic(s.workdir / "config.json", config.to_json_best_effort(indent=2))
     state, tx = initial_state(s)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     log.info("model: %s parameters under %s", f"{n_params:,}", sorted(state.params))

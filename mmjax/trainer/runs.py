@@ -40,6 +40,24 @@ class RunError(ValueError, ExplainedError):
     """The workdir, step or head asked for does not exist; the message names it."""
 
 
+class RunFileError(RunError):
+    """A file of the workdir (``config.json``, ``tokenizer.json``) is damaged or cut short; the
+    message names it. (A damaged ``labels.json`` is named by ``mmjax.data.folder``.)"""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """``path``'s JSON object; :class:`RunFileError` naming the file otherwise."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # JSON, UTF-8, Python's int-str limit
+        raise RunFileError(f"{path.absolute()} is damaged or cut short: not valid JSON "
+                           f"({e})") from None
+    if not isinstance(value, dict):
+        raise RunFileError(f"{path.absolute()} is damaged: expected a JSON object, got "
+                           f"{type(value).__name__}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One checkpoint of a training run and what its inputs and outputs need."""
@@ -71,7 +89,7 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise RunError(f"{Path(workdir).absolute()} is not a training workdir: no config.json")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(_read_json(path))
 
 
 def _logged_val_metrics(workdir: Path) -> dict[int, dict[str, Any]]:
@@ -125,6 +143,9 @@ def _tokenizer(config: ml_collections.ConfigDict, workdir: Path) -> Any:
             and not (workdir / TOKENIZER_FILE).is_file():
         raise RunError(f"{workdir.absolute()}: no {TOKENIZER_FILE} (the run's word-piece "
                        "tokenizer); it is written when training starts")
+    saved = workdir / TOKENIZER_FILE
+    if data.name not in pipeline.EMBEDDED and not data.get("tokenizer") and saved.is_file():
+        _read_json(saved)  # a cut-short file named here, not deep in the tokenizers library
     return pipeline.build_tokenizer(data, workdir=workdir)
 
 

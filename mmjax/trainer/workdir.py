@@ -3,18 +3,26 @@
 ``WORKDIR/.lock`` is locked with ``fcntl.flock``; the kernel releases the lock when the holding
 process ends, however it ends (SIGKILL included), so a stale lock file never blocks a new run.
 The file records the holder (pid, host, start time, command) for the error a second run gets.
-On a filesystem without working ``flock`` across hosts (some NFS setups) the lock only protects
-runs started on the same host.
+It is opened without following a symbolic link and without truncating, so a ``.lock`` planted
+as a link to another file is refused and that file is left as it is. A filesystem without
+``flock`` is an error naming the workdir, never an unlocked run. On a filesystem whose
+``flock`` does not work across hosts (some NFS setups) the lock only protects runs started on
+the same host.
+
+Only training (and ``mmjax.convert`` writing a checkpoint) writes into a workdir: other
+commands refuse an output inside one (:func:`refuse_output_inside`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,14 +30,70 @@ from pathlib import Path
 from mmjax.errors import ExplainedError
 
 LOCK_FILE = ".lock"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
 
 
 class WorkdirInUseError(RuntimeError, ExplainedError):
     """Another run holds the workdir's lock; the message names the workdir and the holder."""
 
 
+class WorkdirLockError(OSError, ExplainedError):
+    """The workdir cannot be locked (a ``.lock`` that is a link or not a plain file, a
+    filesystem without ``flock``); the message names the workdir."""
+
+
 class WorkdirWriteError(OSError, ExplainedError):
     """Writing into the workdir failed (full disk, lost permission, a read-only mount)."""
+
+
+class InsideWorkdirError(ValueError, ExplainedError):
+    """A command other than training was asked to write into a training workdir."""
+
+
+def _holder_record(path: Path) -> dict | None:
+    """The holder record :func:`lock` writes into ``path``, if ``path`` is such a file (other
+    tools name their lock files ``.lock`` too)."""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 65536:
+            return None
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and {"pid", "host", "started"} <= set(info) else None
+
+
+def is_training_workdir(path: str | Path) -> bool:
+    """Whether ``path`` is a training workdir: a folder with mmjax's ``.lock``, a
+    ``metrics.jsonl`` or a checkpoint step under ``checkpoints/``. The one definition mmjax
+    uses."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    if os.path.lexists(p / METRICS_FILE) or _holder_record(p / LOCK_FILE) is not None:
+        return True
+    try:
+        return any(s.name.isdigit() and s.is_dir() for s in (p / CHECKPOINTS_DIR).iterdir())
+    except OSError:  # no checkpoints/ (or not readable)
+        return False
+
+
+def enclosing_workdir(path: str | Path) -> Path | None:
+    """The training workdir that ``path`` (symbolic links resolved) is or lies inside, if any."""
+    p = Path(path).resolve()
+    for q in (p, *p.parents):
+        if is_training_workdir(q):
+            return q
+    return None
+
+
+def refuse_output_inside(path: str | Path, flag: str = "--output") -> None:
+    """:class:`InsideWorkdirError` if ``path`` is or lies inside a training workdir."""
+    work = enclosing_workdir(path)
+    if work is not None:
+        raise InsideWorkdirError(
+            f"{flag} {path} is inside the training workdir {work}: only training writes "
+            "there; choose a path outside it")
 
 
 def _holder_text(raw: str) -> str:
@@ -41,16 +105,37 @@ def _holder_text(raw: str) -> str:
         return "holder unknown"
 
 
+def _open_lock_file(path: Path, workdir: Path) -> int:
+    """The lock file's descriptor: created if absent, never through a link, never truncated."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise WorkdirLockError(
+                f"cannot lock workdir {workdir}: {path} is a symbolic link; mmjax does not "
+                "write through it (remove it)") from None
+        raise WorkdirLockError(f"cannot lock workdir {workdir}: {path}: {e.strerror}") from e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        what = "not a plain file" if not stat.S_ISREG(st.st_mode) else "a hard link"
+        raise WorkdirLockError(f"cannot lock workdir {workdir}: {path} is {what} (remove it)")
+    return fd
+
+
 @contextlib.contextmanager
 def lock(workdir: str | Path, *, enabled: bool = True) -> Iterator[None]:
     """Holds ``WORKDIR/.lock`` while the block runs; :class:`WorkdirInUseError` at once if
-    another process holds it. ``enabled=False`` (processes other than 0) does nothing."""
+    another process holds it, :class:`WorkdirLockError` if it cannot be locked at all.
+    ``enabled=False`` (processes other than 0) does nothing."""
     if not enabled:
         yield
         return
-    path = Path(workdir) / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = path.open("a+", encoding="utf-8")
+    where = Path(workdir).absolute()
+    path = where / LOCK_FILE
+    where.mkdir(parents=True, exist_ok=True)
+    f = os.fdopen(_open_lock_file(path, where), "r+", encoding="utf-8")
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -58,11 +143,16 @@ def lock(workdir: str | Path, *, enabled: bool = True) -> Iterator[None]:
         holder = _holder_text(f.read())
         f.close()
         raise WorkdirInUseError(
-            f"workdir {Path(workdir).absolute()} is in use by another run ({holder}); wait for "
+            f"workdir {where} is in use by another run ({holder}); wait for "
             "it to end or choose another --workdir") from None
+    except OSError as e:
+        f.close()
+        raise WorkdirLockError(
+            f"cannot lock workdir {where}: its filesystem does not support file locks "
+            f"(flock: {e.strerror or e}); use a workdir on a local disk") from e
     try:
         f.seek(0)
-        f.truncate()
+        f.truncate()  # the holder's own record, under the lock
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                             "started": started, "command": " ".join(sys.argv)}) + "\n")
