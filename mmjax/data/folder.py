@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from mmjax import modalities
+from mmjax import files, modalities
 from mmjax.errors import ExplainedError
 from mmjax.pp import ops
 
@@ -299,11 +299,8 @@ def label_vocab(
         return _read_labels(path)
     raw = [r["label"] for r in train.records] if isinstance(train, FolderSource) else train
     vocab = build_label_vocab(raw)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(vocab))
-        os.replace(tmp, path)
+    if path is not None:  # whole or not at all: runs starting together share no temporary file
+        files.write_atomic(path, json.dumps(vocab))
     return vocab
 
 

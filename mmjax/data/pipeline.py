@@ -10,7 +10,6 @@ batches do not depend on the process count and a resumed run sees identical batc
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import sys
 from collections.abc import Iterator
@@ -20,8 +19,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from mmjax import files
-from mmjax.data import folder, order, records, shapes, shapes_audio, tokenize
+from mmjax.data import order, records, shapes, shapes_audio, tokenize
 from mmjax.data.records import SPLITS
 from mmjax.data.tokenize import WordTokenizer, shapes_tokenizer
 
@@ -69,7 +67,7 @@ def dataset_info(
                                 name=str(data_config.tokenizer),
                                 limit=float(data_config.get("max_unk_rate",
                                                             tokenize.DEFAULT_MAX_UNK_RATE)))
-    vocab = records.labels(data_config, _save_labels(data_config, workdir))
+    vocab = records.labels(data_config, workdir)
     info = {"vocab_size": tokenizer.vocab_size, "num_classes": len(vocab)}
     for split in SPLITS:
         info[f"skipped_{split}"] = records.split_data(data_config, split, workdir).skipped
@@ -205,18 +203,7 @@ def label_names(data_config: Any, *, workdir: str | Path = "") -> list[str]:
     """Names of the answer classes, in label-id order (evaluators print and compare them)."""
     if _check_name(data_config) in EMBEDDED:
         return list(EMBEDDED[data_config.name].ANSWERS)
-    return [str(v) for v in records.labels(data_config, _save_labels(data_config, workdir))]
-
-
-def _save_labels(data_config: Any, workdir: str | Path) -> str:
-    """Saves a folder dataset's label vocabulary in ``workdir`` (once, atomically: runs
-    starting together never share a temporary file) so a resumed run keeps its class indices;
-    returns ``workdir`` as ``records`` takes it."""
-    workdir = str(workdir or "")
-    path = Path(workdir) / folder.LABELS_FILE
-    if workdir and data_config.name == "folder" and not path.exists():
-        files.write_atomic(path, json.dumps(records.labels(data_config, "")))
-    return workdir
+    return [str(v) for v in records.labels(data_config, str(workdir or ""))]
 
 
 def file_batches(

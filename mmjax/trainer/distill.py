@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mmjax import files
 from mmjax.data.records import TOKENIZER_FILE
 from mmjax.errors import ExplainedError
 from mmjax.models.multimodal import MultimodalModel
@@ -115,9 +115,8 @@ def adopt_tokenizer(config: ml_collections.ConfigDict, workdir: str | Path) -> N
     mine = Path(workdir) / TOKENIZER_FILE
     if theirs.is_file() and not mine.exists():
         mine.parent.mkdir(parents=True, exist_ok=True)
-        tmp = mine.with_suffix(f".tmp{os.getpid()}")
-        shutil.copyfile(theirs, tmp)
-        os.replace(tmp, mine)  # atomic: processes of one run may copy at once
+        with files.atomic_path(mine) as tmp:  # processes of one run may copy at once
+            shutil.copyfile(theirs, tmp)
         log.info("distill: the student reads text with the teacher's %s", theirs)
 
 
