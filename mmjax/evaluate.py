@@ -4,7 +4,7 @@
 
 The last stdout line is one JSON object: ``step``, ``split`` and the metrics a training line of
 that split carries, plus ``corrupt`` and ``attack`` entries when asked (docs/inference.md).
-Only reads the workdir (``--report`` writes into its own folder).
+Only reads the workdir (``--report`` writes into its own folder, refused inside a workdir).
 """
 
 from __future__ import annotations
@@ -43,7 +43,10 @@ def main() -> None:
         raise ValueError("--workdir is required")
     from mmjax.inference.checkpoint_metrics import checkpoint_metrics
     from mmjax.io import writers
+    from mmjax.trainer import workdir
 
+    if FLAGS.report:  # before the evaluation: refused at once, not after minutes of work
+        workdir.refuse_output_inside(FLAGS.report, "--report")
     result = checkpoint_metrics(FLAGS.workdir, split=FLAGS.split, step=FLAGS.step,
                                 quantize=FLAGS.quantize, drop_modalities=FLAGS.drop,
                                 corrupt=FLAGS.corrupt, attack=FLAGS.attack,

@@ -213,8 +213,10 @@ def test_predict_export_explain_refuse_outputs_inside_a_workdir(trained):
         ("mmjax.export", [], work),
         ("mmjax.export", [], work / "artifact"),
         ("mmjax.explain", ["--limit", "2"], work / "gallery"),
+        ("mmjax.evaluate", ["--corrupt", "gaussian_noise:1"], work / "report"),
     ]:
-        result = _cli(module, "--workdir", str(work), *args, "--output", str(output))
+        flag = "--report" if module == "mmjax.evaluate" else "--output"
+        result = _cli(module, "--workdir", str(work), *args, flag, str(output))
         last = _last_error(result)
         assert "InsideWorkdirError" in last and str(work.resolve()) in last, (module, last)
     assert _hashes(trained["base"]) == before
