@@ -359,3 +359,16 @@ def test_cli_names_an_outside_path_on_one_clean_last_line(tmp_path):
     assert "Traceback" not in proc.stderr and "\x1b" not in proc.stderr
     assert not any(line.startswith("error: all good") for line in lines)
     assert _tree(tmp_path, work) == before  # the dataset and its surroundings are untouched
+
+
+def test_a_missing_split_file_is_named_not_blamed_on_the_workdir(tmp_path):
+    from mmjax.errors import ExplainedError
+    from mmjax.trainer import loop
+    from tests.model_answers import folder_config
+
+    data = make_dataset(tmp_path / "data", {"train": 8, "val": 4, "test": 4}, image_size=16)
+    (data / "val.jsonl").unlink()
+    with pytest.raises(folder.SplitNotFoundError) as e:
+        loop.train_and_evaluate(folder_config(data), tmp_path / "w")
+    assert isinstance(e.value, ExplainedError)  # the CLI prints its message, no traceback
+    assert str(e.value).startswith(f"{data / 'val.jsonl'}: split file not found")

@@ -46,6 +46,10 @@ class BadDataError(ValueError, ExplainedError):
     """A record cannot be used; the message starts with ``file:line``."""
 
 
+class SplitNotFoundError(FileNotFoundError, ExplainedError):
+    """A split's JSONL file is missing; the message names it."""
+
+
 def printable(text: str) -> str:
     """``text`` with every non-printable character (newlines, terminal escapes, bidi
     controls) escaped: a path or value from a record cannot break or forge a message line."""
@@ -183,7 +187,9 @@ class FolderSource:
 
     def _load(self, skip: bool) -> None:
         if not os.path.isfile(self.file):
-            raise FileNotFoundError(f"{self.file}: split file not found")
+            raise SplitNotFoundError(printable(
+                f"{Path(self.file).absolute()}: split file not found (data.path needs "
+                "train.jsonl, val.jsonl and test.jsonl)"))
         labelled = self._labelled
         fields = modalities.names()
         limit = int(self._ctx.setting("max_record_bytes", MAX_RECORD_BYTES))
