@@ -11,6 +11,7 @@ command killed halfway leaves the previous output as it was, not old and new fil
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -108,3 +109,59 @@ def replaced_dir(path: str | Path, *, owned: Collection[str]) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- training workdirs: only training writes into one -------------------------------------
+
+LOCK_FILE = ".lock"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+class InsideWorkdirError(ValueError, ExplainedError):
+    """A command other than training was asked to write into a training workdir."""
+
+
+def _holder_record(path: Path) -> dict | None:
+    """The holder record :func:`lock` writes into ``path``, if ``path`` is such a file (other
+    tools name their lock files ``.lock`` too)."""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 65536:
+            return None
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and {"pid", "host", "started"} <= set(info) else None
+
+
+def is_training_workdir(path: str | Path) -> bool:
+    """Whether ``path`` is a training workdir: a folder with mmjax's ``.lock``, a
+    ``metrics.jsonl`` or a checkpoint step under ``checkpoints/``. The one definition mmjax
+    uses."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    if os.path.lexists(p / METRICS_FILE) or _holder_record(p / LOCK_FILE) is not None:
+        return True
+    try:
+        return any(s.name.isdigit() and s.is_dir() for s in (p / CHECKPOINTS_DIR).iterdir())
+    except OSError:  # no checkpoints/ (or not readable)
+        return False
+
+
+def enclosing_workdir(path: str | Path) -> Path | None:
+    """The training workdir that ``path`` (symbolic links resolved) is or lies inside, if any."""
+    p = Path(path).resolve()
+    for q in (p, *p.parents):
+        if is_training_workdir(q):
+            return q
+    return None
+
+
+def refuse_output_inside(path: str | Path, flag: str = "--output") -> None:
+    """:class:`InsideWorkdirError` if ``path`` is or lies inside a training workdir."""
+    work = enclosing_workdir(path)
+    if work is not None:
+        raise InsideWorkdirError(
+            f"{flag} {path} is inside the training workdir {work}: only training writes "
+            "there; choose a path outside it")

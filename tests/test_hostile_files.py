@@ -140,6 +140,11 @@ def test_inspect_with_a_workdir_writes_nothing_there(tmp_path):
     lines = data_inspect.show(config, "val", 2, str(tmp_path / "grid.png"), str(work))
     assert len(lines) == 2 and (tmp_path / "grid.png").is_file()
     assert list(work.iterdir()) == []
+    # Its grid neither: --out inside a training workdir is refused before anything is read.
+    (work / "metrics.jsonl").write_text("")
+    with pytest.raises(workdir_lib.InsideWorkdirError, match=re.escape(str(work.resolve()))):
+        data_inspect.show(config, "val", 2, str(work / "grid.png"), str(work))
+    assert sorted(p.name for p in work.iterdir()) == ["metrics.jsonl"]
 
 
 def test_truncated_config_json_is_named(tmp_path):

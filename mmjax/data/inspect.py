@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from mmjax import modalities
+from mmjax import files, modalities
 from mmjax.runtime import cli
 
 flags.DEFINE_string("split", "train", "train (with augmentation), val or test")
@@ -95,6 +95,7 @@ def show(config: Any, split: str, num: int, out: str, workdir: str = "") -> list
     from mmjax.data import pipeline
     from mmjax.data.folder import LABELS_FILE
 
+    files.refuse_output_inside(out, "--out")  # only training writes into a training workdir
     # first: the batches' class indices then follow the workdir's saved classes
     names = pipeline.label_names(config.data, workdir=_saved(workdir, LABELS_FILE))
     batch, tok = _batch(config, split, num, workdir)
