@@ -26,9 +26,6 @@ from mmjax.trainer import runs as runs_lib
 from mmjax.trainer import step as step_lib
 from tests.test_folder import make_dataset
 
-# Module fixtures train a run once: its tests stay on one worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("distill_runs")
-
 WEIGHT, TEMPERATURE = 0.5, 2.0
 
 
@@ -188,9 +185,10 @@ def test_mesh_path_computes_what_pmap_does(runs, tmp_path):
 
 
 def _relabelled(data: Path, root: Path) -> Path:
-    """``data`` with answers "true"/"false" instead of "yes"/"no" (same images)."""
+    """``data`` with answers "true"/"false" instead of "yes"/"no" (the same images, copied:
+    a link out of the dataset folder is refused)."""
     root.mkdir()
-    (root / "img").symlink_to(data / "img")
+    shutil.copytree(data / "img", root / "img")
     for split in ("train", "val", "test"):
         lines = [json.loads(x) for x in (data / f"{split}.jsonl").read_text().splitlines()]
         (root / f"{split}.jsonl").write_text("".join(

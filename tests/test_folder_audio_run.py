@@ -30,9 +30,6 @@ from tests.realdata_audio import digits_beeps
 from tests.test_folder_audio import _add_series, _folder_config
 from tests.test_inference import _call_exported, _cli
 
-# Module fixtures train a run once: its tests stay on one worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("folder_audio_run")
-
 STEPS = 8
 NO_SERIES = (2, 5)  # val records of the series run without a series
 

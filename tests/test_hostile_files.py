@@ -33,9 +33,6 @@ from mmjax.trainer import workdir as workdir_lib
 from tests.test_folder import make_dataset
 from tests.test_inference import ROOT, _cli, _env, _train
 
-# The module fixture trains a run once: its tests stay on one worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("hostile_files")
-
 
 def _hashes(root: Path) -> dict[str, str]:
     """Every file under ``root`` (links not followed) → sha256 of its bytes, or its target."""

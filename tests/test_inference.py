@@ -29,9 +29,6 @@ from mmjax.trainer import loop, runs
 from tests import model_answers
 from tests.test_folder import make_dataset
 
-# Module fixtures train a run once: its tests stay on one worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("inference_run")
-
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 60  # of folder_run; checkpoints and val every 30
 

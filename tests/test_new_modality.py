@@ -35,9 +35,6 @@ from mmjax.models import encoders, layers
 from mmjax.pp import ops
 from mmjax.trainer import loop
 
-# Module fixtures train a run once: its tests stay on one worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("points_run")
-
 N_POINTS = 16
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -34,9 +34,6 @@ from mmjax.robust import attacks, corruptions, drop, report
 from mmjax.trainer import loop, runs
 from tests.test_folder import _texture, make_dataset
 
-# Module fixtures train a run once: its tests stay on one worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("robust_trained")
-
 ROOT = Path(__file__).resolve().parents[1]
 
 

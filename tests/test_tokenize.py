@@ -31,9 +31,6 @@ from mmjax.data.tokenize import (
 )
 from mmjax.models.multimodal import build_model
 
-# Module fixtures train a run once: its tests stay on one worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("hf_evaluators")
-
 SENTENCES = ["is there a red disc", "a blue square and a green disc", "what colour is the circle",
              "the square is left of the disc", "is there a yellow triangle"]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
