@@ -206,21 +206,29 @@ def test_training_writes_config_json_as_a_new_file(trained):
 
 @pytest.mark.slow
 def test_predict_export_explain_refuse_outputs_inside_a_workdir(trained):
+    from mmjax.inference import export, predict
+    from mmjax.interpret.explain import explain
+
     work, data = trained["work"], trained["data"]
     before = _hashes(trained["base"])
-    inputs = str(data / "test.jsonl")
-    for module, args, output in [
-        ("mmjax.predict", ["--input", inputs], work / "labels.json"),
-        ("mmjax.predict", ["--input", inputs], work / "sub" / "answers.jsonl"),
-        ("mmjax.export", [], work),
-        ("mmjax.export", [], work / "artifact"),
-        ("mmjax.explain", ["--limit", "2"], work / "gallery"),
-        ("mmjax.evaluate", ["--corrupt", "gaussian_noise:1"], work / "report"),
+    inputs = data / "test.jsonl"
+    for name, call, output in [
+        ("predict", lambda out: predict.predict(work, inputs, out, progress=False),
+         work / "labels.json"),
+        ("predict", lambda out: predict.predict(work, inputs, out, progress=False),
+         work / "sub" / "answers.jsonl"),
+        ("export", lambda out: export.export(work, out), work),
+        ("export", lambda out: export.export(work, out), work / "artifact"),
+        ("explain", lambda out: explain(work, out, limit=2), work / "gallery"),
     ]:
-        flag = "--report" if module == "mmjax.evaluate" else "--output"
-        result = _cli(module, "--workdir", str(work), *args, flag, str(output))
-        last = _last_error(result)
-        assert "InsideWorkdirError" in last and str(work.resolve()) in last, (module, last)
+        with pytest.raises(workdir_lib.InsideWorkdirError) as err:
+            call(output)
+        assert str(work.resolve()) in str(err.value), (name, str(err.value))
+    # On the command line: evaluate --report, refused on the last stderr line.
+    result = _cli("mmjax.evaluate", "--workdir", str(work), "--corrupt", "gaussian_noise:1",
+                  "--report", str(work / "report"))
+    last = _last_error(result)
+    assert "InsideWorkdirError" in last and str(work.resolve()) in last, last
     assert _hashes(trained["base"]) == before
 
 
