@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "vocab_size": 2000,  # word-piece vocabulary target
         # No flip (mirroring changes digits, letters and left/right answers) and no crop (a
         # crop moves content off the patch grid: questions about where things are, or which
-        # of two digits is which colour, stopped learning; docs/recipes.md). The audio ops only
+        # of two digits is which colour, stop learning; docs/recipes.md). The audio ops only
         # act on records with audio; no spec_augment by default: its time masks can erase the
         # very events a question counts (add "|spec_augment(2, 8, 0, 0)" for mel masks only).
         # series(length, channels): sensor series padded or cut to 64 steps of 3 channels.
@@ -80,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model = config.shapes_model()
     # One self-attention layer lets image tokens combine what neighbouring patches show (a
     # digit spans several); positions at the content's scale make every token know its place
-    # from the first step (at ViT's 0.02 such questions stalled near chance).
+    # from the first step (at ViT's 0.02 such questions stay near chance).
     towers = model["encoders"]
     towers["image"].update({"depth": 1, "pos_embedding_std": 1.0})
     # A Whisper-style tower: a conv1d stem (kernel 3, stride 2) turns the [64 mels, 128 frames]
@@ -100,11 +100,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict({
         **model,
         "heads": {"answer": {"kind": "classification", "num_classes": 0}},  # 0: from data
-        **config.model_options(dropout=0.1),  # the regulariser that replaced the crops
+        **config.model_options(dropout=0.1),  # the regulariser in place of crops
     })
     c.losses = ml_collections.ConfigDict({"answer": 1.0})
     c.evals = ml_collections.ConfigDict({"qa": {"kind": "qa", "task": "answer"}})
-    c.optimizer = config.optimizer(lr=5e-4)  # 2e-3 (the shapes calibration) stalls on digits
+    c.optimizer = config.optimizer(lr=5e-4)  # 2e-3 (the shapes setting) stays near chance on digits
 
     if "tiny" in args:
         config.tiny(c, total_steps=12, batch_size=8, eval_batch_size=16, every=6)

@@ -11,7 +11,7 @@ shared by all keys, and saving leaves it out).
 
 Saving writes an encoder-only folder (bare tensor names, ``architectures: ["WhisperEncoder"]``)
 that ``transformers.models.whisper.modeling_whisper.WhisperEncoder.from_pretrained`` loads; a
-full ``WhisperModel`` would need a decoder that mmjax never had.
+full ``WhisperModel`` would need a decoder, which mmjax does not have.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Each function here computes exactly what its plain counterpart in ``layers`` computes (the
 tests compare them), but is written so that XLA's GPU compiler lays the step out differently.
-Their effect was read from the step compiled for an H200 (scripts/gpu_hlo.py), not timed on a
-GPU (docs/performance.md has the estimates and the script that measures them), so they are off
-by default and the default path reads like the math:
+Their effect is estimated from the step compiled for an H200 (scripts/gpu_hlo.py), not timed on
+a GPU (docs/performance.md has the estimates and the script that measures them), so they are
+off by default and the default path reads like the math:
 
 - ``gelu`` / ``gelu_tanh``: a backward pass that keeps only the activation's input, instead of
   the intermediates autodiff saves; for the tanh form XLA can then fuse the activation into the
