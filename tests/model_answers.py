@@ -7,6 +7,7 @@ The params are read from the checkpoint with Orbax itself, the model comes from 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,18 @@ def class_probs(setup: loop.Setup, params: Any, batch: dict[str, Any],
         inputs["present"] = present
     out = setup.model.apply({"params": params}, inputs)
     return np.asarray(jax.nn.softmax(np.asarray(out["answer"]["logits"], np.float32), axis=-1))
+
+
+def predicted_scores(path: Path, labels: list[str]) -> np.ndarray:
+    """``mmjax.predict``'s JSONL output as [N, classes], columns in ``labels`` order; every
+    row must score every label (predict run with ``top_k`` = the number of classes)."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    out = np.zeros((len(rows), len(labels)))
+    for i, row in enumerate(rows):
+        assert sorted(p["label"] for p in row["predictions"]) == sorted(labels), row
+        for p in row["predictions"]:
+            out[i, labels.index(p["label"])] = p["score"]
+    return out
 
 
 def xent(probs: np.ndarray, labels: np.ndarray) -> float:

@@ -85,16 +85,6 @@ def _model_probs(data: Path, workdir: Path, step: int, split: str = "test",
     return model_answers.class_probs(setup, model_answers.restored_params(workdir, step), batch)
 
 
-def _scores(path: Path, labels: list[str]) -> np.ndarray:
-    """predict's output as [N, classes], columns in ``labels`` order."""
-    rows = [json.loads(line) for line in path.open()]
-    out = np.zeros((len(rows), len(labels)))
-    for i, row in enumerate(rows):
-        for p in row["predictions"]:
-            out[i, labels.index(p["label"])] = p["score"]
-    return out
-
-
 def _close(got: dict, want: dict, keys: list[str]) -> None:
     for k in keys:
         assert abs(got[k] - want[k]) <= 1e-6, (k, got[k], want[k])
@@ -118,7 +108,8 @@ def test_predict_evaluate_and_training_agree(folder_run, tmp_path):
     # The scores are the model's softmax on the pipeline's preprocessing of the same files, and
     # the answers differ between examples (measured: 94 "yes" of 200, scores 0.10 to 0.87).
     want = _model_probs(data, workdir, STEPS)
-    np.testing.assert_allclose(_scores(out, ["no", "yes"]), want, atol=1e-5, rtol=0)
+    got = model_answers.predicted_scores(out, ["no", "yes"])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     assert 40 <= (want.argmax(1) == 1).sum() <= 160
 
     test = checkpoint_metrics(workdir, split="test")
@@ -335,8 +326,8 @@ def test_checkpoint_of_8_devices_mesh_fsdp_predicts_on_1(folder_run, tmp_path):
     accuracy = float(np.mean([p == g for p, g in zip(_top1(out), _gold(data), strict=True)]))
     assert accuracy == _logged(lines, "test")["accuracy"]
     # The sharded checkpoint, read onto one device by Orbax here, gives the same scores.
-    np.testing.assert_allclose(_scores(out, ["no", "yes"]), _model_probs(data, workdir, 4),
-                               atol=1e-5, rtol=0)
+    got = model_answers.predicted_scores(out, ["no", "yes"])
+    np.testing.assert_allclose(got, _model_probs(data, workdir, 4), atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
