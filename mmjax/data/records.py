@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from mmjax import modalities
-from mmjax.data import folder, order
+from mmjax.data import folder, order, shards
 from mmjax.data.tokenize import WordPieceTokenizer
 from mmjax.pp import audio as audio_pp
 from mmjax.pp import ops
@@ -74,7 +74,7 @@ class _SplitData:
         parsed = ops.parse(pp, self.ctx)
         self.prefix = {m: ops.cacheable_prefix(parsed, m) for m in modalities.names()}
         self.prefix_ops = {m: [parsed[i] for i in idx] for m, idx in self.prefix.items()}
-        budget = int(_get(data_config, "cache_mb", 2048)) * 2**20
+        budget = self._budget = int(_get(data_config, "cache_mb", 2048)) * 2**20
         use_cache = bool(_get(data_config, "cache", True))
         self.cache: dict[str, dict[int, Any]] = {m: {} for m in modalities.names()}
         self._cached_bytes = 0
@@ -89,13 +89,25 @@ class _SplitData:
             self._cached_bytes += sum(np.asarray(x).nbytes for x in jax.tree.leaves(out))
 
         t = time.perf_counter()
-        if key[0] in ("folder", "file"):
-            self.source: Any = folder.FolderSource(
+        self._lazy_cache = False
+        self._keep = on_loaded
+        self.source: Any
+        self._lines: list[int] | None
+        if key[0] == "folder" and shards.is_shard_set(key[1]):
+            # Validated when written: records are read and decoded when first used, and their
+            # cacheable preprocessing kept then (within data.cache_mb).
+            self.source = shards.ShardSource(key[1], split)
+            self.skipped = 0
+            self._lines = self.source.lines
+            self._file = self.source.file
+            self._lazy_cache = use_cache
+        elif key[0] in ("folder", "file"):
+            self.source = folder.FolderSource(
                 key[1], split, skip_bad=key[2], ctx=self.ctx, on_loaded=on_loaded
             ) if key[0] == "folder" else folder.FolderSource.from_file(
                 key[1], skip_bad=key[2], ctx=self.ctx, on_loaded=on_loaded)
             self.skipped = self.source.skipped
-            self._lines: list[int] | None = self.source.lines
+            self._lines = self.source.lines
             self._file = self.source.file
             for m, measures in self.source.measures.items():
                 modalities.get(m).report(measures, self.ctx, split or key[1])
@@ -134,6 +146,8 @@ class _SplitData:
             keep.append(i)
         if len(keep) != len(self.source.records):
             self.source.records = [self.source.records[i] for i in keep]
+            if isinstance(self.source, shards.ShardSource):
+                self.source.positions = [self.source.positions[i] for i in keep]
             self.source.lines = [self.source.lines[i] for i in keep]
             self.source.indices = [self.source.indices[i] for i in keep]
             self.cache = {m: {new: c[old] for new, old in enumerate(keep) if old in c}
@@ -171,6 +185,11 @@ class _SplitData:
             cached = self.cache[m].get(i)
             if cached is not None:
                 ex[m] = cached
+            elif (load := modalities.get(m).load) is not None and self._lazy_cache and \
+                    present[m] and self.prefix_ops[m] and self._cached_bytes <= self._budget:
+                # What a folder caches: the ops on the decoded file (load), first use here.
+                self._keep(m, i, load(ex[m], self.ctx))
+                ex[m] = self.cache[m][i]
             else:
                 ex = ops.apply(self.prefix_ops[m], ex, None)
         if self.partial:
@@ -261,7 +280,10 @@ def labels(data_config: Any, workdir: str) -> list:
 def train_texts(data_config: Any) -> list[str]:
     """The ``text`` of every train record that has one."""
     data = split_data(data_config, "train", labelled=False)
-    return [r["text"] for r in map(data.source.__getitem__, range(len(data))) if "text" in r]
+    rows = getattr(data.source, "records", None)  # folders and shards: no media read
+    if rows is None:
+        rows = map(data.source.__getitem__, range(len(data)))
+    return [r["text"] for r in rows if "text" in r]
 
 
 def records_tokenizer(data_config: Any, workdir: str) -> Any:

@@ -11,6 +11,7 @@ all-ones mask (finite inputs; its ``present`` flag says it is absent).
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
@@ -22,9 +23,14 @@ MODALITY = "series"
 
 
 def load_series(value: Any, root: str = "") -> np.ndarray:
-    """A ``.npy`` path (relative to ``root``) or an array → float32 ``[time, channels]``."""
-    x = value if isinstance(value, np.ndarray) else \
-        np.load(os.path.join(root, str(value)), allow_pickle=False)
+    """A ``.npy`` path (relative to ``root``), its bytes or an array → float32
+    ``[time, channels]``."""
+    if isinstance(value, np.ndarray):
+        x = value
+    elif isinstance(value, bytes | bytearray):
+        x = np.load(io.BytesIO(value), allow_pickle=False)
+    else:
+        x = np.load(os.path.join(root, str(value)), allow_pickle=False)
     if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
         raise ValueError(f"a series must hold real numbers, got dtype {x.dtype}")
     x = x.astype(np.float32)
