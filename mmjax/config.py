@@ -92,6 +92,9 @@ def model_options(**overrides: Any) -> dict[str, Any]:
         # training only: drop each modality of an example with this probability (never all);
         # the fusion puts a learned token in its place
         "modality_dropout": 0.0,
+        # with modality_dropout > 0: the loss on each example's complete input, added with
+        # this weight beside the loss on its dropped view (0 = dropped view only)
+        "complete_input_weight": 1.0,
         **overrides,
     }
 

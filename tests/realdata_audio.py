@@ -20,6 +20,9 @@ under half the time: a sum equal to K is "no" for both). The digit or the count 
 question reaches about 0.7, the digit with the count about 0.5, all three 1.0.
 ``baselines`` measures how well the best rule that sees only the digit, only the count or only
 the question (their exact latent values, not pixels or samples) does on val: near chance.
+With ``questions="mixed"`` a third of the questions ask about the digit alone and a third
+about the beeps alone, so the best rule without the audio (or without the image) answers
+about 0.8: the set for training with missing modalities.
 
 As a script::
 
@@ -71,25 +74,44 @@ def beeps(n: int, rate: int, rng: np.random.Generator, *, channels: int = 1,
     return (x[:, None] * gains[None, :]).astype(np.float32)
 
 
-def _question(s: int, rng: np.random.Generator, ks: Sequence[int]) -> tuple[str, bool, dict]:
+# What a question asks about: its subject (filled with the relation and K), the value it
+# compares, and the K values drawn (around each value's median).
+ASKS = {
+    "sum": ("is the digit plus the number of beeps {} than {}?", lambda d, n: d + n, (8, 9, 10)),
+    "digit": ("is the digit {} than {}?", lambda d, n: d, (4, 5)),
+    "beeps": ("is the number of beeps {} than {}?", lambda d, n: n, (4, 5)),
+}
+
+
+def _question(d: int, n: int, ask: str, rng: np.random.Generator,
+              ks: Sequence[int] | None) -> tuple[str, bool, dict]:
+    template, value, default_ks = ASKS[ask]
     relation = RELATIONS[int(rng.integers(2))]
-    k = int(rng.choice(ks))
+    k = int(rng.choice(default_ks if ks is None else ks))
     word = WORDS[k] if k < 10 and rng.uniform() < 0.5 else str(k)
-    text = f"is the digit plus the number of beeps {relation} than {word}?"
+    s = value(d, n)
     answer = s > k if relation == "greater" else s < k
-    return text, answer, {"relation": relation, "k": k}
+    return template.format(relation, word), answer, {"ask": ask, "relation": relation, "k": k}
 
 
 def digits_beeps(root: str | Path, *, image_size: int = 32, seed: int = 0, num_val: int = 300,
                  num_test: int = 300, num_train: int | None = None, train_questions: int = 2,
-                 max_beeps: int = 9, ks: Sequence[int] = (8, 9, 10)) -> dict[str, int]:
+                 max_beeps: int = 9, ks: Sequence[int] | None = None,
+                 questions: str = "sum") -> dict[str, int]:
     """Writes the dataset (a pure function of its arguments); returns records per split.
+
+    ``questions="sum"``: every question needs all three modalities; ``"mixed"``: a third ask
+    about the digit alone ("is the digit greater than 4?"), a third about the beeps alone and a
+    third about the sum, so a model missing one modality can still answer some of them.
+    ``ks``: the K values (default: around the compared value's median).
 
     ``train_questions`` records (each with its own clip and question) per train scan (all the
     scans not in val or test, or the first ``num_train``), one per val/test scan.
     ``latent.jsonl`` keeps each record's digit, count, relation and K for :func:`baselines`
     (the model never reads it).
     """
+    if questions not in ("sum", "mixed"):
+        raise ValueError(f"questions={questions!r}; expected 'sum' or 'mixed'")
     root = Path(root)
     (root / "img").mkdir(parents=True, exist_ok=True)
     (root / "audio").mkdir(parents=True, exist_ok=True)
@@ -115,7 +137,8 @@ def digits_beeps(root: str | Path, *, image_size: int = 32, seed: int = 0, num_v
                     clip = f"audio/{split}_{n_rec:05d}.{ext}"
                     soundfile.write(root / clip, beeps(n, rate, rng, channels=channels), rate,
                                     subtype="PCM_16")
-                    text, answer, q = _question(d + n, rng, ks)
+                    ask = "sum" if questions == "sum" else list(ASKS)[int(rng.integers(3))]
+                    text, answer, q = _question(d, n, ask, rng, ks)
                     label = "yes" if answer else "no"
                     f.write(json.dumps({"image": image, "audio": clip, "text": text,
                                         "label": label}) + "\n")
@@ -133,11 +156,12 @@ def baselines(root: str | Path, split: str = "val") -> dict[str, float]:
     value on train, and of the same with all three (the task's ceiling: 1.0)."""
     rows = [json.loads(x) for x in (Path(root) / "latent.jsonl").read_text().splitlines()]
     views = {"image_only": lambda r: r["digit"], "audio_only": lambda r: r["beeps"],
-             "text_only": lambda r: (r["relation"], r["k"]),
-             "image_text": lambda r: (r["digit"], r["relation"], r["k"]),
-             "audio_text": lambda r: (r["beeps"], r["relation"], r["k"]),
+             "text_only": lambda r: (r.get("ask"), r["relation"], r["k"]),
+             "image_text": lambda r: (r.get("ask"), r["digit"], r["relation"], r["k"]),
+             "audio_text": lambda r: (r.get("ask"), r["beeps"], r["relation"], r["k"]),
              "image_audio": lambda r: (r["digit"], r["beeps"]),
-             "all_three": lambda r: (r["digit"], r["beeps"], r["relation"], r["k"])}
+             "all_three": lambda r: (r.get("ask"), r["digit"], r["beeps"], r["relation"],
+                                     r["k"])}
     train = [r for r in rows if r["split"] == "train"]
     evals = [r for r in rows if r["split"] == split]
     overall = Counter(r["label"] for r in train).most_common(1)[0][0]
@@ -161,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num_train", type=int, default=None, help="train scans (default all)")
     parser.add_argument("--train_questions", type=int, default=2)
     parser.add_argument("--max_beeps", type=int, default=9)
+    parser.add_argument("--questions", choices=("sum", "mixed"), default="sum")
     args = vars(parser.parse_args(argv))
     root = args.pop("dir")
     counts = digits_beeps(root, **args)

@@ -33,7 +33,7 @@ Array = jax.Array
 # config.model keys besides encoders, fusion and heads: the model-wide options.
 MODEL_OPTIONS = (
     "dropout", "dtype", "attn_implementation", "remat", "scan_layers", "scan_unroll",
-    "gpu_rewrites", "modality_dropout",
+    "gpu_rewrites", "modality_dropout", "complete_input_weight",
 )
 MODEL_KEYS = ("encoders", "fusion", "heads", *MODEL_OPTIONS)
 
@@ -70,6 +70,8 @@ class MultimodalModel(nn.Module):
     an example lacks it (its batch entry is then a placeholder). In training,
     ``modality_dropout`` = P also drops each modality of an example with probability P, never
     all of an example's modalities. The fusion replaces an absent modality by a learned token.
+    ``complete_input_weight`` is read by the train step (``trainer.step``): with modality
+    dropout, the loss on every example's complete input is added with this weight.
     """
 
     encoders: Mapping[str, Mapping[str, Any]]
@@ -77,6 +79,7 @@ class MultimodalModel(nn.Module):
     heads: Mapping[str, Mapping[str, Any]]
     opts: layers.Options = layers.Options()
     modality_dropout: float = 0.0
+    complete_input_weight: float = 0.0
 
     def setup(self) -> None:
         self.towers = {m: encoders_lib.tower(m, cfg, self.opts, name=m)
@@ -300,12 +303,16 @@ def build_model(model_cfg: Any, *, bn_axis_name: str | None = None) -> Multimoda
     if p and cfg.get("fusion", {}).get("kind", "none") == "none":
         raise ValueError("model.modality_dropout needs a fusion (model.fusion.kind is 'none'): "
                          "an absent modality is replaced inside the fusion")
+    w = cfg.get("complete_input_weight", 1.0)
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+        raise ValueError(f"model.complete_input_weight={w!r} must be a number >= 0")
     return MultimodalModel(
         encoders=encoders,
         fusion=cfg.get("fusion", {"kind": "none"}),
         heads=_head_specs(cfg["heads"], encoders),
         opts=options(cfg, bn_axis_name),
         modality_dropout=float(p),
+        complete_input_weight=float(w) if p else 0.0,
     )
 
 

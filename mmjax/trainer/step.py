@@ -58,17 +58,46 @@ def _combine(per_task: Mapping[str, jax.Array], metrics: Metrics, weights: weigh
     return total
 
 
+def complete_input_term(params: Any, model_state: Any, batch: Mapping[str, Any],
+                        rng: jax.Array, step: jax.Array, *, model: Any,
+                        tasks: tuple[Task, ...], weights: weighting.Weighting,
+                        ) -> tuple[jax.Array, Any] | None:
+    """With modality dropout in training, ``(w · L_complete, model state)``: the weighted task
+    loss of the same batch with no modality dropped (only what the records lack is absent),
+    ``w`` = ``model.complete_input_weight``; None without modality dropout or with w = 0.
+
+    Modality dropout alone trains on fewer complete inputs than the model will mostly see;
+    this term keeps every example's complete input in each step beside its dropped view.
+    """
+    w = getattr(model, "complete_input_weight", 0.0)
+    if not (getattr(model, "modality_dropout", 0.0) > 0 and w > 0):
+        return None
+    full = model.clone(modality_dropout=0.0)
+    outputs, new_state = forward(params, model_state, batch, jax.random.fold_in(rng, 2),
+                                 model=full, train=True)
+    per_task, _ = task_losses(outputs, batch, tasks)
+    return w * weights.combine(per_task, step, None)[0], new_state
+
+
 def loss_fn(params: Any, model_state: Any, batch: Mapping[str, Any], rng: jax.Array | None,
             step: jax.Array, *, model: Any, tasks: tuple[Task, ...],
             weights: weighting.Weighting, train: bool, teacher: Any = None,
             distill: Any = None) -> tuple[jax.Array, tuple[Metrics, Any]]:
     """The weighted total loss, with the metrics and the new model state. With ``distill`` (a
-    ``trainer.distill.Spec``), plus its term from the ``teacher`` variables on this batch."""
+    ``trainer.distill.Spec``), plus its term from the ``teacher`` variables on this batch; in
+    training with modality dropout, plus ``complete_input_term`` (metric ``complete_loss``)."""
     outputs, new_state = forward(params, model_state, batch, rng, model=model, train=train)
     per_task, metrics = task_losses(outputs, batch, tasks)
     total = _combine(per_task, metrics, weights, step, params)
     if distill is not None:
         total = distill.add_term(total, metrics, outputs, batch, teacher)
+    complete = None
+    if train and rng is not None:
+        complete = complete_input_term(params, new_state, batch, rng, step, model=model,
+                                       tasks=tasks, weights=weights)
+    if complete is not None:
+        metrics["complete_loss"], new_state = complete
+        total = metrics["loss"] = total + metrics["complete_loss"]
     return total, (metrics, new_state)
 
 
@@ -108,6 +137,11 @@ def accumulated_grads(params: Any, model_state: Any, batch: Mapping[str, Any], r
     local = tuple(t for t in tasks if t.loss not in losses_lib.BATCH_COUPLED)
     names = [t.name for t in coupled]
     micro_rng = lambda i: jax.random.fold_in(rng, i)
+    if coupled and getattr(model, "modality_dropout", 0.0) > 0 and getattr(
+            model, "complete_input_weight", 0.0) > 0:
+        raise ValueError(f"grad_accum_steps={k} with batch-coupled losses ({names}) does not "
+                         "support model.complete_input_weight > 0 under modality dropout: set "
+                         "it to 0 or use no accumulation")
 
     metrics: Metrics = {}
     cached_grads = None
@@ -136,6 +170,11 @@ def accumulated_grads(params: Any, model_state: Any, batch: Mapping[str, Any], r
         if local:
             per_task, aux = task_losses(out, mb, local)
             value = value + weights.combine(per_task, step, None)[0] / k
+            complete = complete_input_term(p, new_state, mb, micro_rng(i), step, model=model,
+                                           tasks=local, weights=weights)
+            if complete is not None:
+                aux["complete_loss"], new_state = complete
+                value = value + aux["complete_loss"] / k
         if coupled:
             g_i = jax.tree.map(lambda g: g[i], cached_grads)
             value = value + sum(
@@ -161,6 +200,8 @@ def accumulated_grads(params: Any, model_state: Any, batch: Mapping[str, Any], r
     metrics.update(local_metrics)
     per_task = {t.name: metrics[f"{t.name}_loss"] for t in tasks}
     _combine(per_task, metrics, weights, step, None)
+    if "complete_loss" in metrics:
+        metrics["loss"] = metrics["loss"] + metrics["complete_loss"]
     return grads, metrics, model_state
 
 
