@@ -40,30 +40,49 @@ FSDP_AXIS = "fsdp"
 MODES = ("pmap", "mesh")
 
 
+def detected_cluster() -> str:
+    """The multi-process cluster environment this process runs in, as JAX detects it ("" if
+    none): SLURM (``srun``: ``SLURM_NTASKS`` > 1), Open MPI (``mpirun``:
+    ``OMPI_COMM_WORLD_SIZE`` > 1), a Cloud TPU pod (``TPU_WORKER_HOSTNAMES`` lists several
+    hosts), or any environment JAX knows when ``MMJAX_DISTRIBUTED=auto`` (Kubernetes included,
+    which needs the ``kubernetes`` client)."""
+    env = os.environ
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
+        return "SLURM"
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+        return "Open MPI"
+    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        return "TPU pod"
+    if env.get("MMJAX_DISTRIBUTED", "") == "auto":
+        return "auto"
+    return ""
+
+
 def maybe_initialize_distributed(
     coordinator: str = "", num_processes: int = 0, process_id: int = -1
-) -> None:
-    """Starts ``jax.distributed`` when flags or the environment describe a multi-process job.
+) -> str:
+    """Starts ``jax.distributed`` when flags or the environment describe a multi-process job,
+    and returns how the topology was found: ``"flags"``, ``"environment"``, the cluster's
+    name, or ``"single process"``.
 
-    Explicit arguments win; otherwise ``MMJAX_COORDINATOR``/``MMJAX_NUM_PROCESSES``/
-    ``MMJAX_PROCESS_ID``; otherwise the cluster environments JAX detects itself (SLURM, TPU pods,
-    Open MPI) when ``MMJAX_DISTRIBUTED=auto`` (what the scripts/ launchers set), ``SLURM_NTASKS``
-    > 1 or ``TPU_WORKER_HOSTNAMES`` lists several hosts. On CPU the cross-process collectives use
-    gloo.
+    One path, in this order: explicit arguments (``--coordinator_address`` ...); else
+    ``MMJAX_COORDINATOR``/``MMJAX_NUM_PROCESSES``/``MMJAX_PROCESS_ID``; else the cluster JAX
+    detects itself (:func:`detected_cluster`), whose variables give the coordinator, the process
+    count and this process's index; else one process. On a CPU the cross-process collectives
+    use gloo. The topology (processes, devices) is logged.
     """
+    how = "flags" if coordinator else ""
+    if not coordinator and os.environ.get("MMJAX_COORDINATOR"):
+        how = "environment"
     coordinator = coordinator or os.environ.get("MMJAX_COORDINATOR", "")
     num_processes = num_processes or int(os.environ.get("MMJAX_NUM_PROCESSES", "0"))
     if process_id < 0:
         process_id = int(os.environ.get("MMJAX_PROCESS_ID", "-1"))
-    cluster = (
-        os.environ.get("MMJAX_DISTRIBUTED", "") == "auto"
-        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-        or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    )
-    if not coordinator and not cluster:
-        return
-    if jax.config.jax_platforms in (None, "", "cpu") and not cluster:  # type: ignore[attr-defined]
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    cluster = "" if coordinator else detected_cluster()
+    if coordinator or cluster:
+        platforms = jax.config.jax_platforms  # type: ignore[attr-defined]
+        if platforms == "cpu" or (platforms in (None, "") and not cluster):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator:
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise ValueError(
@@ -71,12 +90,15 @@ def maybe_initialize_distributed(
                 f"num_processes, got {num_processes=} {process_id=}"
             )
         jax.distributed.initialize(coordinator, num_processes, process_id)
-    else:
+    elif cluster:
+        how = cluster
         jax.distributed.initialize()
-    log.info(
-        "process %d of %d, %d local / %d global devices",
-        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
-    )
+    else:
+        how = "single process"
+    log.info("topology (%s): process %d of %d, %d local / %d global devices (%s)", how,
+             jax.process_index(), jax.process_count(), jax.local_device_count(),
+             jax.device_count(), jax.default_backend())
+    return how
 
 
 def _first_local(x: jax.Array) -> np.ndarray:

@@ -283,7 +283,8 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, is_main: bool) -> dic
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     log.info("model: %s parameters under %s", f"{n_params:,}", sorted(state.params))
     log.info("parallel: %s over %d devices (%d processes)%s", s.par.mode, jax.device_count(),
-             jax.process_count(), f", fsdp={s.par.fsdp}" if s.par.mode == "mesh" else "")
+             jax.process_count(), f", mesh data={jax.device_count() // s.par.fsdp} x "
+             f"fsdp={s.par.fsdp}" if s.par.mode == "mesh" else "")
     skipped = {k: v for k, v in s.data_info.items() if k.startswith("skipped_")}
     if any(skipped.values()):
         log.warning("skipped bad records (data.skip_bad=True): %s", skipped)
