@@ -21,6 +21,7 @@ under it too: they check the report, not its timings.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
@@ -30,9 +31,17 @@ os.environ["XLA_FLAGS"] = " ".join(
     [_flags] + [f for f in TEST_XLA_FLAGS if f.split("=")[0] not in _flags]
 ).strip()
 
+_OWN_CACHE = None  # the cache folder this process made (xdist workers inherit the variable)
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmjax-test-jax-cache-")
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+        prefix="mmjax-test-jax-cache-")
     # Cache every program, however small or quick to compile: the tests' programs are tiny.
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+
+
+def pytest_unconfigure(config) -> None:
+    """Removes the session's compilation cache once the session (all workers) has ended."""
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
