@@ -46,7 +46,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    checkpoint_every=1_000)
     c.data = ml_collections.ConfigDict({
         "name": "folder",
-        "path": "",  # required: --config.data.path=DIR
+        "path": "",  # --config.data.path=DIR: a folder or a shard set (python -m mmjax.data.shard)
+        # Several folders or shard sets instead of data.path, sampled by weight, e.g.
+        # --config.data.mixture='{"DIR_A": 3, "DIR_B": 1}' (docs/data.md).
+        "mixture": "",
         "image_size": 32,  # patch 8: a 4x4 grid of tokens
         "max_len": 16,
         "tokenizer": "",  # "" = word-piece trained on train texts; else an HF tokenizer folder

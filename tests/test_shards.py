@@ -22,7 +22,8 @@ from mmjax.data import folder, pipeline, records, shards
 WORDS = ("red", "blue", "green", "left", "right", "small", "big", "is", "it", "a")
 
 
-def make_folder(root: Path, sizes: dict[str, int], *, seed: int = 0) -> Path:
+def make_folder(root: Path, sizes: dict[str, int], *, seed: int = 0,
+                labels: tuple = ("yes", "no", "maybe")) -> Path:
     """``root/{split}.jsonl`` with random images, series and texts; every fifth record has no
     series, every seventh no image."""
     (root / "media").mkdir(parents=True, exist_ok=True)
@@ -31,7 +32,7 @@ def make_folder(root: Path, sizes: dict[str, int], *, seed: int = 0) -> Path:
         with open(root / f"{split}.jsonl", "w") as f:
             for i in range(n):
                 rec: dict = {"text": " ".join(rng.choice(WORDS, int(rng.integers(2, 6)))),
-                             "label": str(rng.choice(["yes", "no", "maybe"]))}
+                             "label": labels[int(rng.integers(len(labels)))]}
                 if i % 7:
                     ext = "png" if i % 2 else "jpg"
                     size = int(rng.integers(24, 48))
@@ -99,9 +100,10 @@ def test_shards_give_the_folder_batches(sets, overrides):
     _assert_same(a, b)
     assert pipeline.modalities(a_cfg) == pipeline.modalities(b_cfg) == ("image", "series", "text")
     assert records.labels(b_cfg, "") == records.labels(a_cfg, "")
+    a_cache, b_cache = (records.split_data(c, "train").cache for c in (a_cfg, b_cfg))
+    assert {m: sorted(c) for m, c in a_cache.items()} == {m: sorted(c) for m, c in b_cache.items()}
     if overrides.get("cache_mb") == 0:  # the cache stops at its budget: at most one record
-        data = records.split_data(b_cfg, "train")
-        assert sum(len(c) for c in data.cache.values()) <= 2
+        assert sum(len(c) for c in b_cache.values()) <= 2
 
 
 def test_shard_set_reads_its_own_records_only_when_asked(sets):
@@ -172,3 +174,35 @@ def test_training_from_shards_matches_the_folder(tmp_path):
     assert len(a) == len(b) == 50 and a[0] != a[-1]
     assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= 1e-6
     assert a_val == b_val
+
+
+def test_memory_stays_flat_on_a_set_larger_than_the_cache(tmp_path):
+    """40 images of 160x160 (3 MB decoded) under a 1 MB cache: the cache stops at its budget
+    and three epochs of reading from the shards hold no more memory than the first."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "big"
+    (root / "media").mkdir(parents=True)
+    for split, n in (("train", 40), ("val", 2), ("test", 2)):
+        with open(root / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                pixels = rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / "media" / f"{split}{i}.png")
+                f.write(json.dumps({"image": f"media/{split}{i}.png", "label": "a"}) + "\n")
+    shards.write(root, tmp_path / "big_shards")
+    cfg = data_config(tmp_path / "big_shards", cache_mb=1, pp_train="decode|flip|normalize")
+    it = pipeline.train_iterator(cfg, batch_size=8, seed=0, tokenizer=None)
+    data = records.split_data(cfg, "train")
+    assert 2**20 < data._cached_bytes <= 2**20 + 160 * 160 * 3 and len(data.cache["image"]) < 40
+    tracemalloc.start()
+    try:
+        for _ in range(5):  # one epoch
+            next(it)
+        after_one = tracemalloc.get_traced_memory()[0]
+        for _ in range(10):
+            next(it)
+        growth = tracemalloc.get_traced_memory()[0] - after_one
+    finally:
+        tracemalloc.stop()
+    assert growth < 160 * 160 * 3 * 4, growth  # a leak of the uncached records would be 2.2 MB

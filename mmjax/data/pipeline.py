@@ -224,3 +224,12 @@ def file_batches(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     return records.file_batches(data_config, file, batch_size=batch_size, tokenizer=tokenizer,
                                 skip_bad=skip_bad, modalities=modalities)
+
+
+def source_fractions(data_config: Any, *, batch_size: int, seed: int, start: int,
+                     stop: int) -> dict[str, float]:
+    """``{"data/<source>_fraction": f}``: each ``data.mixture`` source's share of the train rows
+    of iterator elements ``[start, stop)``; ``{}`` for data without a mixture."""
+    if _check_name(data_config) in EMBEDDED:
+        return {}
+    return records.source_fractions(data_config, batch_size, seed, start, stop)

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from mmjax import modalities
-from mmjax.data import folder, order, shards
+from mmjax.data import folder, mixture, order, shards
 from mmjax.data.tokenize import WordPieceTokenizer
 from mmjax.pp import audio as audio_pp
 from mmjax.pp import ops
@@ -38,14 +38,19 @@ TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_PP_TRAIN = "decode|random_crop|flip|normalize|tokenize"  # Inception-style crop
 DEFAULT_PP_EVAL = "decode|resize|normalize|tokenize"
 
-_SPLIT_CACHE: dict[tuple, _SplitData] = {}
+_SPLIT_CACHE: dict[tuple, Any] = {}  # _SplitData or mixture.MixtureData
 _TOKENIZER_CACHE: dict[tuple, Any] = {}
 _LABEL_CACHE: dict[tuple, list] = {}
+_ORDER_CACHE: dict[tuple, Any] = {}
 
 
 def _data_key(data_config: Any) -> tuple:
     """The config keys that determine which records a split holds."""
     name = data_config.name
+    mix = mixture.sources(data_config)
+    if mix:
+        return ("mixture", tuple(mix), bool(_get(data_config, "skip_bad", False)),
+                *(_get(data_config, k, None) for k in folder.SAFETY_KEYS))
     if name == "folder":
         path = _get(data_config, "path", "")
         if not path:
@@ -74,7 +79,7 @@ class _SplitData:
         parsed = ops.parse(pp, self.ctx)
         self.prefix = {m: ops.cacheable_prefix(parsed, m) for m in modalities.names()}
         self.prefix_ops = {m: [parsed[i] for i in idx] for m, idx in self.prefix.items()}
-        budget = self._budget = int(_get(data_config, "cache_mb", 2048)) * 2**20
+        budget = int(_get(data_config, "cache_mb", 2048)) * 2**20
         use_cache = bool(_get(data_config, "cache", True))
         self.cache: dict[str, dict[int, Any]] = {m: {} for m in modalities.names()}
         self._cached_bytes = 0
@@ -89,18 +94,17 @@ class _SplitData:
             self._cached_bytes += sum(np.asarray(x).nbytes for x in jax.tree.leaves(out))
 
         t = time.perf_counter()
-        self._lazy_cache = False
-        self._keep = on_loaded
         self.source: Any
         self._lines: list[int] | None
         if key[0] == "folder" and shards.is_shard_set(key[1]):
-            # Validated when written: records are read and decoded when first used, and their
-            # cacheable preprocessing kept then (within data.cache_mb).
+            # Validated when written: only what the cache holds is decoded now, the first
+            # records up to data.cache_mb as for a folder; the rest is read when used.
             self.source = shards.ShardSource(key[1], split)
             self.skipped = 0
             self._lines = self.source.lines
             self._file = self.source.file
-            self._lazy_cache = use_cache
+            if use_cache:
+                self._fill_cache(on_loaded, budget)
         elif key[0] in ("folder", "file"):
             self.source = folder.FolderSource(
                 key[1], split, skip_bad=key[2], ctx=self.ctx, on_loaded=on_loaded
@@ -123,6 +127,20 @@ class _SplitData:
                  f"{key[0]}/{split}" if split else key[1], len(self.source), self.skipped,
                  cached or "none", time.perf_counter() - t)
         self.labels: np.ndarray | None = None
+
+    def _fill_cache(self, on_loaded: Any, budget: int) -> None:
+        """Decodes records in order into the cache until it holds ``budget`` bytes: the
+        records, and the values, a folder's validation pass caches."""
+        cached = [m for m in modalities.names()
+                  if self.prefix_ops[m] and modalities.get(m).load is not None]
+        for i in range(len(self.source)):
+            if self._cached_bytes > budget or not cached:
+                return
+            rec = self.source[i]
+            for m in cached:
+                load = modalities.get(m).load
+                if m in rec and load is not None:
+                    on_loaded(m, i, load(rec[m], self.ctx))
 
     def set_labels(self, vocab: list, skip_bad: bool) -> None:
         """Maps raw labels to class indices; an unknown label is bad data like any other."""
@@ -177,7 +195,7 @@ class _SplitData:
     def example(self, i: int) -> dict[str, Any]:
         """Record ``i`` after each modality's cacheable ops, with its int label; a modality the
         record lacks gets its placeholder (and ``present`` False when some record lacks one)."""
-        ex = self.source[i]
+        ex = self._record(i)
         present = {m: m in ex for m in self.modalities}
         for m in self.modalities:
             if m not in ex:
@@ -185,11 +203,6 @@ class _SplitData:
             cached = self.cache[m].get(i)
             if cached is not None:
                 ex[m] = cached
-            elif (load := modalities.get(m).load) is not None and self._lazy_cache and \
-                    present[m] and self.prefix_ops[m] and self._cached_bytes <= self._budget:
-                # What a folder caches: the ops on the decoded file (load), first use here.
-                self._keep(m, i, load(ex[m], self.ctx))
-                ex[m] = self.cache[m][i]
             else:
                 ex = ops.apply(self.prefix_ops[m], ex, None)
         if self.partial:
@@ -197,6 +210,15 @@ class _SplitData:
         if self._lines is not None and self.labels is not None:
             ex["label"] = self.labels[i]
         return ex
+
+    def _record(self, i: int) -> dict[str, Any]:
+        """Record ``i``; from a shard set, without reading its media when all are cached."""
+        src = self.source
+        if isinstance(src, shards.ShardSource) and all(
+                i in self.cache[m] for m in modalities.names()
+                if m in src.records[i] and modalities.get(m).load):
+            return dict(src.records[i])
+        return src[i]
 
     def rest(self, all_ops: list[ops.Op]) -> list[ops.Op]:
         """The ops of ``all_ops`` (this split's chain, parsed with a tokenizer) that
@@ -224,7 +246,9 @@ def _pp(data_config: Any, split: str) -> str:
 
 def split_data(
     data_config: Any, split: str, workdir: str = "", *, labelled: bool = True
-) -> _SplitData:
+) -> Any:
+    """Split ``split`` (a ``_SplitData``, or a ``MixtureData`` for ``data.mixture``), loaded
+    and validated once per process; ``labelled``: with class indices."""
     if split not in SPLITS:
         raise ValueError(f"unknown data split {split!r}; expected one of {SPLITS}")
     pp = _pp(data_config, split)
@@ -232,8 +256,14 @@ def split_data(
            bool(_get(data_config, "cache", True)), audio_pp.config_key(data_config))
     data = _SPLIT_CACHE.get(key)
     if data is None:
-        data = _SPLIT_CACHE[key] = _SplitData(data_config, split, pp)
-        data.set_modalities(data.source.modalities() if split == "train"
+        if key[0] == "mixture":
+            data = _SPLIT_CACHE[key] = mixture.MixtureData.load(data_config, split, pp,
+                                                                _SplitData)
+            train_modalities = data.union_modalities()
+        else:
+            data = _SPLIT_CACHE[key] = _SplitData(data_config, split, pp)
+            train_modalities = data.source.modalities()
+        data.set_modalities(train_modalities if split == "train"
                             else data_modalities(data_config), f"data.pp_{_pp_name(split)}")
     if labelled and data.labels is None:
         data.set_labels(labels(data_config, workdir), bool(_get(data_config, "skip_bad", False)))
@@ -252,6 +282,11 @@ def data_modalities(data_config: Any) -> tuple[str, ...]:
 
 def _train_raw_labels(data_config: Any) -> list:
     data = split_data(data_config, "train", labelled=False)
+    if isinstance(data, mixture.MixtureData):
+        named = [(n, [r["label"] for r in p.source.records])
+                 for n, p in zip(data.names, data.parts, strict=True)]
+        mixture.check_label_types(named)
+        return [x for _, labels in named for x in labels]
     return [r["label"] for r in data.source.records]
 
 
@@ -280,10 +315,13 @@ def labels(data_config: Any, workdir: str) -> list:
 def train_texts(data_config: Any) -> list[str]:
     """The ``text`` of every train record that has one."""
     data = split_data(data_config, "train", labelled=False)
-    rows = getattr(data.source, "records", None)  # folders and shards: no media read
-    if rows is None:
-        rows = map(data.source.__getitem__, range(len(data)))
-    return [r["text"] for r in rows if "text" in r]
+    texts = []
+    for part in getattr(data, "parts", [data]):
+        rows = getattr(part.source, "records", None)  # folders and shards: no media read
+        if rows is None:
+            rows = map(part.source.__getitem__, range(len(part)))
+        texts += [r["text"] for r in rows if "text" in r]
+    return texts
 
 
 def records_tokenizer(data_config: Any, workdir: str) -> Any:
@@ -365,7 +403,7 @@ def train_iterator(
     all_ops = ops.parse(_pp(data_config, "train"), context(data_config, tok))
     make = functools.partial(
         _records_batch,
-        order=order.GlobalOrder(len(data), batch_size, int(seed)),
+        order=train_order(data_config, batch_size, seed),
         lo=lo,
         hi=hi,
         data=data,
@@ -384,6 +422,27 @@ def train_iterator(
         # iterator state (one position per worker) stays JSON and exact across a restart.
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return iter(it_ds)
+
+
+def train_order(data_config: Any, batch_size: int, seed: int) -> Any:
+    """Step → the train split's indices of its global batch (``order.GlobalOrder``, or a
+    ``mixture.MixtureOrder`` over the sources of ``data.mixture``)."""
+    data = split_data(data_config, "train", labelled=False)
+    if isinstance(data, mixture.MixtureData):
+        return mixture.MixtureOrder(data, mixture.sources(data_config), batch_size, int(seed))
+    return order.GlobalOrder(len(data), batch_size, int(seed))
+
+
+def source_fractions(data_config: Any, batch_size: int, seed: int, start: int,
+                     stop: int) -> dict[str, float]:
+    """``{"data/<source>_fraction": f}``: each mixture source's share of the train rows of
+    steps ``[start, stop)`` (0-based iterator elements); ``{}`` without ``data.mixture``."""
+    if not mixture.sources(data_config):
+        return {}
+    key = (_data_key(data_config), batch_size, int(seed))
+    if key not in _ORDER_CACHE:
+        _ORDER_CACHE[key] = train_order(data_config, batch_size, seed)
+    return _ORDER_CACHE[key].fractions(start, stop)
 
 
 def eval_batches(

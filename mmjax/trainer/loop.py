@@ -351,6 +351,9 @@ def _loop(s: Setup, state: TrainState, tx: optax.GradientTransformation,
             now = time.time()
             record["steps_per_s"] = steps_since / max(now - t_log, 1e-9)
             record["lr"] = float(s.schedule(step - 1))
+            record.update(pipeline.source_fractions(  # data.mixture: the window's rows
+                cfg.data, batch_size=cfg.batch_size, seed=cfg.seed, start=fetched[0][0] - 1,
+                stop=step))
             writer.write(step, "train", record)
             bar.update(step, record["loss"], record["steps_per_s"])
             window, t_log, steps_since = [], now, 0
