@@ -4,9 +4,10 @@ r"""Bring your own data: a folder of images, audio clips and texts, DIR/{train,v
         --config.data.path=DIR
 
 Each JSONL line is ``{"image": "relative/path.png", "audio": "relative/clip.wav", "text": "...",
-"label": "yes"}`` with any non-empty subset of image, audio, text and ``"series": "x.npy"``
-(floats [time, channels]); the model gets a tower for each modality the train records have (the
-others are removed from ``config.model``), and a record without one of them is marked absent in
+"label": "yes"}`` with any non-empty subset of image, audio, text, ``"series": "x.npy"``
+(floats [time, channels]) and ``"video": "clip.mp4"`` (any FFmpeg format; docs/video.md); the
+model gets a tower for each modality the train records have (the others are removed from
+``config.model``), and a record without one of them is marked absent in
 ``batch["present"]``. Images (any format Pillow reads) are resized to ``data.image_size``; clips
 (WAV/FLAC/OGG, any rate, mono or stereo) are averaged to mono, resampled to
 ``data.audio.sampling_rate`` and turned into Whisper-style log-mel features of ``num_mel_bins``
@@ -60,13 +61,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # act on records with audio; no spec_augment by default: its time masks can erase the
         # very events a question counts (add "|spec_augment(2, 8, 0, 0)" for mel masks only).
         # series(length, channels): sensor series padded or cut to 64 steps of 3 channels.
-        "pp_train": "decode|resize|normalize|tokenize|decode_audio|audio_features|series(64, 3)",
-        "pp_eval": "decode|resize|normalize|tokenize|decode_audio|audio_features|series(64, 3)",
+        # Video: a random window of data.video's frames in train, the centre one in eval.
+        "pp_train": "decode|resize|normalize|tokenize|decode_audio|audio_features|series(64, 3)"
+                    "|decode_video|video_resize",
+        "pp_eval": "decode|resize|normalize|tokenize|decode_audio|audio_features|series(64, 3)"
+                   "|decode_video(window='center')|video_resize",
         # The audio front end: "whisper" (log10 mel, [mels, frames]) or "ast" (Kaldi fbank,
         # [frames, mels]); "preprocessor": an HF folder whose preprocessor_config.json replaces
         # these.
         "audio": {"front_end": "whisper", "preprocessor": "", "sampling_rate": 16000,
                   "num_mel_bins": 64, "max_frames": 128},
+        # Clips ("video": "x.mp4", any FFmpeg format): num_frames taken every stride frames
+        # (or at fps > 0 frames per second), each resized to size x size (mmjax.pp.video).
+        "video": {"num_frames": 8, "stride": 2, "fps": 0.0, "size": 32},
         "skip_bad": False,
         # Records are data, not trusted (docs/security.md): paths leaving DIR are refused, and
         # so are files whose header promises more than these limits, before decoding.
@@ -100,6 +107,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # steps of data.pp_*'s series op, patches of 8 (8 tokens). Removed when there are none.
     towers["series"] = {"kind": "series", "width": 64, "depth": 1, "num_heads": 4,
                         "mlp_dim": 256, "patch_size": 8, "max_patches": 8}
+    # Video: a ViViT of tubelets of 2 frames x 8x8 pixels (4 x 16 tokens for 8 frames of 32 px)
+    # under one joint space-time attention layer. Removed when there are no clips.
+    towers["video"] = {"kind": "vivit", "variant": "mu/8", "width": 64, "depth": 1,
+                       "num_heads": 4, "mlp_dim": 256, "tubelet": 2, "attention": "joint",
+                       "pos_embedding_std": 1.0, "pool": "gap", "init_from": ""}
     c.model = ml_collections.ConfigDict({
         **model,
         "heads": {"answer": {"kind": "classification", "num_classes": 0}},  # 0: from data

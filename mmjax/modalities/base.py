@@ -6,7 +6,7 @@ answer by switching on that name: how a record's file is decoded and validated, 
 for it when a record lacks it, which preprocessing ops make it a model input, which towers read
 it, how the model scales what the pipeline sends, a random input of the right shape, which
 corruptions and attacks act on it, how an explanation of it is drawn, and what an exported
-input of it means. ``register`` adds one (``mmjax/modalities/*.py`` for the built-in four).
+input of it means. ``register`` adds one (``mmjax/modalities/*.py`` for the built-in five).
 """
 
 from __future__ import annotations

@@ -21,11 +21,12 @@ from mmjax.models.registry import Registry
 from mmjax.models.resnet import ResNet
 from mmjax.models.series import SeriesEncoder
 from mmjax.models.text import TextEncoder
+from mmjax.models.video import ViViT
 from mmjax.models.vit import ViT
 
 ENCODERS: Registry[Any] = Registry("encoder", {
     "vit": ViT, "resnet": ResNet, "text": TextEncoder, "ast": AST, "whisper": WhisperEncoder,
-    "series": SeriesEncoder,
+    "series": SeriesEncoder, "vivit": ViViT,
 })
 
 

@@ -1,6 +1,7 @@
 """Audio in the data pipeline: decoding, resampling, and the audio preprocessing ops.
 
-``decode_audio`` reads a file (WAV/FLAC/OGG, anything libsndfile reads, through ``soundfile``),
+``decode_audio`` reads a file (WAV/FLAC/OGG, anything libsndfile reads, through ``soundfile``;
+anything else FFmpeg reads, such as a video's soundtrack, through PyAV),
 encoded bytes, an array or a ``(samples, rate)`` pair, averages stereo to mono and resamples
 with ``soxr`` (high quality) to the front end's rate, so clips of any rate and channel count
 reach the model alike. Empty or non-finite audio is an error, as a broken image is.
@@ -95,10 +96,20 @@ def decode_audio(value: Any, rate: int, root: str = "", max_seconds: float = MAX
 
         source = io.BytesIO(value) if isinstance(value, bytes | bytearray) else \
             os.path.join(root, str(value))
-        with soundfile.SoundFile(source) as f:
-            check_duration(f.frames, f.samplerate, max_seconds)
-            samples, source_rate = f.read(dtype="float32", always_2d=True), f.samplerate
-        x = resample(to_mono(samples), source_rate, rate)
+        try:
+            with soundfile.SoundFile(source) as f:
+                check_duration(f.frames, f.samplerate, max_seconds)
+                samples, source_rate = f.read(dtype="float32", always_2d=True), f.samplerate
+            x = resample(to_mono(samples), source_rate, rate)
+        except soundfile.LibsndfileError as e:
+            if not isinstance(source, str):
+                raise
+            from mmjax.pp import video  # a video file (or any FFmpeg format): its soundtrack
+
+            try:
+                x = video.decode_audio_track(source, rate, max_seconds)
+            except video.NotMediaError:  # neither reads it: libsndfile's reason is the clearer
+                raise e from None
     if x.size == 0:
         raise ValueError("no audio samples")
     if not np.isfinite(x).all():
