@@ -32,7 +32,7 @@ def _torch_outputs(path: str | Path, inputs: Mapping[str, np.ndarray]
     arch = registry.architecture(io.read_config(path))
     hf = arch.reference_model(path).eval()
     tin = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
-    if "pixel_values" in tin:
+    if "pixel_values" in tin and tin["pixel_values"].ndim == 4:  # images: NHWC -> NCHW
         tin["pixel_values"] = tin["pixel_values"].permute(0, 3, 1, 2)
     with torch.no_grad():
         out = hf(**tin, output_hidden_states=True)

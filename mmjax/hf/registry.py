@@ -12,13 +12,14 @@ from typing import Any
 
 import flax.linen as nn
 
-from mmjax.hf import ast, bert, clip, resnet, vit, whisper
+from mmjax.hf import ast, bert, clip, resnet, video, vit, whisper
 from mmjax.hf.common import Architecture, HFError
 from mmjax.hf.table import Entry
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a for a in (bert.ARCHITECTURE, vit.ARCHITECTURE, clip.ARCHITECTURE,
-                              resnet.ARCHITECTURE, ast.ARCHITECTURE, whisper.ARCHITECTURE)
+                              resnet.ARCHITECTURE, ast.ARCHITECTURE, whisper.ARCHITECTURE,
+                              video.VIDEOMAE, video.VIVIT)
 }
 MODEL_TYPES = tuple(ARCHITECTURES)
 
