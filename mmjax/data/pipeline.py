@@ -19,15 +19,19 @@ from typing import Any
 import grain
 import numpy as np
 
-from mmjax.data import order, records, shapes, shapes_audio, tokenize
+from mmjax.data import order, records, shapes, shapes_audio, shapes_video, tokenize
 from mmjax.data.records import SPLITS
 from mmjax.data.tokenize import WordTokenizer, shapes_tokenizer
 
 log = logging.getLogger(__name__)
 
 _TEXT_FIELDS = ("question", "caption")
-_NAMES = ("shapes", "shapes_audio", "folder", "tfds")
-EMBEDDED = {"shapes": shapes, "shapes_audio": shapes_audio}  # generated, batch-at-a-time
+_NAMES = ("shapes", "shapes_audio", "shapes_video", "folder", "tfds")
+# Generated, batch-at-a-time.
+EMBEDDED = {"shapes": shapes, "shapes_audio": shapes_audio, "shapes_video": shapes_video}
+# The embedded sets other than shapes: (modalities, source class).
+_OTHERS = {"shapes_audio": (("audio", "image", "text"), shapes_audio.ShapesAudioSource),
+           "shapes_video": (("text", "video"), shapes_video.ShapesVideoSource)}
 
 
 def _check_name(data_config: Any) -> str:
@@ -45,7 +49,7 @@ def build_tokenizer(data_config: Any, *, workdir: str | Path = "") -> Any:
     tokenizer is saved there, and one already there is reused, so a resumed run keeps its ids.
     """
     if _check_name(data_config) in EMBEDDED:
-        return shapes_audio.tokenizer() if data_config.name == "shapes_audio" \
+        return EMBEDDED[data_config.name].tokenizer() if data_config.name in _OTHERS \
             else shapes_tokenizer()
     return records.records_tokenizer(data_config, str(workdir or ""))
 
@@ -78,7 +82,7 @@ def modalities(data_config: Any) -> tuple[str, ...]:
     """The input modalities the batches carry (folder and TFDS: those of the train records)."""
     name = _check_name(data_config)
     if name in EMBEDDED:
-        return ("audio", "image", "text") if name == "shapes_audio" else ("image", "text")
+        return _OTHERS[name][0] if name in _OTHERS else ("image", "text")
     return records.data_modalities(data_config)
 
 
@@ -90,10 +94,9 @@ def _source(data_config: Any, split: str) -> shapes.ShapesSource:
     text = order.config_get(data_config, "text", "question")
     if text not in _TEXT_FIELDS:
         raise ValueError(f"unknown data.text {text!r}; expected one of {_TEXT_FIELDS}")
-    if data_config.name == "shapes_audio" and text != "question":
-        raise ValueError(f"data.text={text!r}: shapes_audio has questions only")
-    cls = shapes_audio.ShapesAudioSource if data_config.name == "shapes_audio" \
-        else shapes.ShapesSource
+    if data_config.name in _OTHERS and text != "question":
+        raise ValueError(f"data.text={text!r}: {data_config.name} has questions only")
+    cls = _OTHERS[data_config.name][1] if data_config.name in _OTHERS else shapes.ShapesSource
     return cls(
         split,
         int(getattr(data_config, f"num_{split}")),
@@ -118,9 +121,10 @@ def _to_batch(
     raw = source.get_batch(indices)
     ids, mask = tokenizer.encode(raw[text_field], max_len)
     return {
-        "image": raw["image"],
+        **({"image": raw["image"]} if "image" in raw else {}),
         "text": {"ids": ids, "mask": mask},
         **({"audio": raw["audio"]} if "audio" in raw else {}),  # shapes_audio: [B, frames, mels]
+        **({"video": raw["video"]} if "video" in raw else {}),  # shapes_video: [B, T, H, W, 3]
         "label": raw["label"].astype(np.int32),
     }
 
