@@ -119,6 +119,12 @@ class MixtureData:
         k = int(np.searchsorted(self.offsets, i, side="right")) - 1
         return self.parts[k].example(int(i - self.offsets[k]))
 
+    def read_ahead(self, indices: list[int]) -> None:
+        """Each source reads its records among ``indices`` at once (``_SplitData``)."""
+        for k, part in enumerate(self.parts):
+            lo, hi = int(self.offsets[k]), int(self.offsets[k + 1])
+            part.read_ahead([i - lo for i in indices if lo <= i < hi])
+
     def rest(self, all_ops: list[ops.Op]) -> list[ops.Op]:
         return self.parts[0].rest(all_ops)
 

@@ -96,6 +96,8 @@ class _SplitData:
         t = time.perf_counter()
         self.source: Any
         self._lines: list[int] | None
+        self._ahead: dict[int, dict[str, Any]] = {}  # shard records read for the next batch
+        self._whole: set[int] | None = None  # shard records whose media are all cached
         if key[0] == "folder" and shards.is_shard_set(key[1]):
             # Validated when written: only what the cache holds is decoded now, the first
             # records up to data.cache_mb as for a folder; the rest is read when used.
@@ -170,6 +172,7 @@ class _SplitData:
             self.source.indices = [self.source.indices[i] for i in keep]
             self.cache = {m: {new: c[old] for new, old in enumerate(keep) if old in c}
                           for m, c in self.cache.items()}
+            self._whole = None
         self.labels = np.asarray(labels, np.int32)
 
     def set_modalities(self, names: tuple[str, ...], where: str) -> None:
@@ -211,14 +214,30 @@ class _SplitData:
             ex["label"] = self.labels[i]
         return ex
 
+    def _cached(self, i: int) -> bool:
+        """Whether every media input of shard record ``i`` is cached."""
+        if self._whole is None:  # the cache is complete once filled: ask it once per record
+            media = [m for m in modalities.names() if modalities.get(m).load]
+            self._whole = {j for j, entry in enumerate(self.source.records)
+                           if all(j in self.cache[m] for m in media if m in entry)}
+        return i in self._whole
+
+    def read_ahead(self, indices: list[int]) -> None:
+        """Reads the shard records of ``indices`` that are not cached in one call (ArrayRecord
+        reads many records at once several times faster than one by one)."""
+        if isinstance(self.source, shards.ShardSource):
+            need = sorted({i for i in indices if not self._cached(i)})
+            self._ahead = dict(zip(need, self.source.many(need), strict=True))
+
     def _record(self, i: int) -> dict[str, Any]:
         """Record ``i``; from a shard set, without reading its media when all are cached."""
-        src = self.source
-        if isinstance(src, shards.ShardSource) and all(
-                i in self.cache[m] for m in modalities.names()
-                if m in src.records[i] and modalities.get(m).load):
-            return dict(src.records[i])
-        return src[i]
+        if isinstance(self.source, shards.ShardSource):
+            if self._cached(i):
+                return dict(self.source.records[i])
+            ahead = self._ahead.pop(i, None)
+            if ahead is not None:
+                return ahead
+        return self.source[i]
 
     def rest(self, all_ops: list[ops.Op]) -> list[ops.Op]:
         """The ops of ``all_ops`` (this split's chain, parsed with a tokenizer) that
@@ -387,9 +406,10 @@ def _records_batch(
 ) -> dict[str, Any]:
     """Step's rows ``[lo, hi)``; each row's augmentation rng is a function of (seed, step, row)."""
     step = int(step)
-    indices = order(step)[lo:hi]
+    indices = order(step)[lo:hi].tolist()
+    data.read_ahead(indices)
     out = []
-    for row, i in enumerate(indices.tolist(), start=lo):
+    for row, i in enumerate(indices, start=lo):
         rng = np.random.default_rng([seed, step, row])
         out.append(ops.apply(rest, data.example(i), rng))
     return collate(out, data.modalities)

@@ -191,7 +191,7 @@ class ShardSource:
         self.skipped = 0  # bad records were counted (and dropped) when the shards were written
         self.measures: dict[str, list[float]] = {}
         paths = [os.path.join(self.root, name) for name in info["files"]]
-        self._reader = grain.sources.ArrayRecordDataSource(paths) if paths else []
+        self._reader: Any = grain.sources.ArrayRecordDataSource(paths) if paths else []
 
     def modalities(self) -> tuple[str, ...]:
         """The modality fields that occur in at least one record, in registry order."""
@@ -200,6 +200,12 @@ class ShardSource:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def many(self, indices: list[int]) -> list[dict[str, Any]]:
+        """``[self[i] for i in indices]``, read in one call."""
+        blobs = self._reader.__getitems__([self.positions[i] for i in indices]) \
+            if indices else []
+        return [dict(msgpack.unpackb(b, raw=False)) for b in blobs]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return dict(msgpack.unpackb(self._reader[self.positions[index]], raw=False))
