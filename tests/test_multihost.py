@@ -1,20 +1,24 @@
-"""Many hosts on one machine: processes started as SLURM starts them, training from shards.
+"""Shards and many hosts on one machine: folder vs shards, and processes started as SLURM does.
 
 Two processes on localhost get SLURM's variables (``SLURM_JOB_ID``, ``SLURM_STEP_NODELIST``,
 ``SLURM_NTASKS``, ``SLURM_PROCID``, ``SLURM_LOCALID``) and no mmjax flags, so ``jax.distributed``
 finds the coordinator, the process count and each index itself, as under ``srun``. They must
 train to the losses of one process with the same global batch, and after one of them is killed
-mid-run (and the job with it, as ``srun`` does), the relaunched job must resume exactly.
+mid-run (and the job with it, as ``srun`` does), the relaunched job must resume exactly. The
+one-process runs (on the folder, and on its shards, which must give the same losses) run in
+this process while the two-process job runs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -84,8 +88,42 @@ def _losses(workdir: Path) -> dict[int, list[float]]:
     return out
 
 
+def _in_process(workdir: Path, data: Path) -> dict[int, list[float]]:
+    """One process: this one, with configs/folder.py:tiny as the subprocesses run it."""
+    from configs.folder import get_config
+    from mmjax import trainer
+
+    cfg = get_config("tiny")
+    with cfg.unlocked():
+        cfg.data.path = str(data)
+        cfg.total_steps, cfg.log_every, cfg.checkpoint_every = STEPS, 1, EVERY
+        cfg.eval_every, cfg.model.dropout = STEPS, 0.0
+    trainer.train_and_evaluate(cfg, workdir)
+    return _losses(workdir)
+
+
+def _kill_after_checkpoint(workdir: Path, job: list[subprocess.Popen]) -> threading.Thread:
+    """Kills process 1 once the first checkpoint is committed and a later step logged; srun
+    then ends the whole step, so process 0 goes too."""
+
+    def watch() -> None:
+        deadline = time.time() + 500
+        while not ((workdir / "checkpoints" / str(EVERY)).is_dir()
+                   and max(_losses(workdir) if (workdir / "metrics.jsonl").exists() else [0])
+                   > EVERY + 1):
+            if time.time() > deadline or job[0].poll() is not None:
+                return
+            time.sleep(0.2)
+        job[1].send_signal(signal.SIGKILL)
+        job[0].send_signal(signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
 @pytest.mark.slow
-def test_slurm_processes_match_one_process_and_resume_after_a_kill(tmp_path):
+def test_shards_train_like_the_folder_and_slurm_processes_like_one(tmp_path):
     realdata.digits_colour(tmp_path / "digits", num_train=200, num_val=40, num_test=40)
     shard = subprocess.run(
         [sys.executable, "-m", "mmjax.data.shard", "--input", str(tmp_path / "digits"),
@@ -94,17 +132,15 @@ def test_slurm_processes_match_one_process_and_resume_after_a_kill(tmp_path):
     assert shard.returncode == 0, shard.stderr[-3000:]
     assert "train: 200 records in" in shard.stdout
 
-    one = _train(tmp_path / "one", tmp_path / "shards")
     two = _srun(tmp_path / "two", tmp_path / "shards")
-    # Kill process 1 once the first checkpoint is committed and a later step is logged; srun
-    # then ends the whole step, so process 0 goes too.
-    deadline = time.time() + 500
-    while not ((tmp_path / "two/checkpoints" / str(EVERY)).is_dir()
-               and max(_losses(tmp_path / "two"), default=0) > EVERY + 1):
-        assert time.time() < deadline and two[0].poll() is None, "no checkpoint in time"
-        time.sleep(0.2)
-    two[1].send_signal(signal.SIGKILL)
-    two[0].send_signal(signal.SIGKILL)
+    killer = _kill_after_checkpoint(tmp_path / "two", two)
+    # Meanwhile, one process here: on the folder, then on its shards (same tokenizer file:
+    # word-piece training may break frequency ties differently between runs).
+    folder_losses = _in_process(tmp_path / "folder", tmp_path / "digits")
+    (tmp_path / "one").mkdir()
+    shutil.copy(tmp_path / "folder/tokenizer.json", tmp_path / "one")
+    reference = _in_process(tmp_path / "one", tmp_path / "shards")
+    killer.join(timeout=600)
     for p in two:
         p.communicate(timeout=60)
     before = _losses(tmp_path / "two")
@@ -113,14 +149,15 @@ def test_slurm_processes_match_one_process_and_resume_after_a_kill(tmp_path):
     errs = _finish(_srun(tmp_path / "two", tmp_path / "shards"))
     assert f"resumed from checkpoint step {EVERY}" in errs[0]
     assert "topology (SLURM): process 1 of 2" in errs[1]
-    _finish([one])
 
-    reference = _losses(tmp_path / "one")
     resumed = _losses(tmp_path / "two")
-    assert sorted(reference) == sorted(resumed) == list(range(1, STEPS + 1))
+    assert sorted(reference) == sorted(resumed) == sorted(folder_losses) == \
+        list(range(1, STEPS + 1))
     want = np.asarray([reference[s][0] for s in range(1, STEPS + 1)])
-    got = np.asarray([resumed[s][-1] for s in range(1, STEPS + 1)])
     assert want[0] != want[-1]
+    from_folder = np.asarray([folder_losses[s][0] for s in range(1, STEPS + 1)])
+    assert np.abs(from_folder - want).max() <= 1e-6, "folder and shards: different losses"
+    got = np.asarray([resumed[s][-1] for s in range(1, STEPS + 1)])
     rel = np.abs(got - want) / np.abs(want)
     assert rel.max() <= RTOL, f"1 vs 2 processes: worst relative loss difference {rel.max():.2e}"
     for step, values in resumed.items():  # logged before the kill and again after the resume

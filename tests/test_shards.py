@@ -142,40 +142,6 @@ def test_writer_names_bad_records_and_skips_them(sets, tmp_path):
     assert shards.read_manifest(tmp_path / "out")["splits"]["train"]["records"] == 29
 
 
-def _train_losses(workdir: Path) -> tuple[list[float], list[float]]:
-    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return ([x["loss"] for x in lines if x["split"] == "train"],
-            [x["accuracy"] for x in lines if x["split"] == "val"])
-
-
-@pytest.mark.slow
-def test_training_from_shards_matches_the_folder(tmp_path):
-    """configs/folder.py unchanged, 50 steps on real digits: the same losses step for step."""
-    from configs.folder import get_config
-    from mmjax import trainer
-    from tests import realdata
-
-    realdata.digits_colour(tmp_path / "digits", num_train=400, num_val=100, num_test=60)
-    shards.write(tmp_path / "digits", tmp_path / "digits_shards", shard_mb=0.1)
-    runs = {}
-    for name in ("digits", "digits_shards"):
-        cfg = get_config("tiny")
-        with cfg.unlocked():
-            cfg.data.path = str(tmp_path / name)
-            cfg.total_steps, cfg.log_every, cfg.eval_every = 50, 1, 50
-            cfg.checkpoint_every = 50
-        workdir = tmp_path / f"w_{name}"
-        if name == "digits_shards":  # word-piece training breaks ties in hash order
-            workdir.mkdir()
-            shutil.copy(tmp_path / "w_digits" / records.TOKENIZER_FILE, workdir)
-        trainer.train_and_evaluate(cfg, workdir)
-        runs[name] = _train_losses(workdir)
-    (a, a_val), (b, b_val) = runs["digits"], runs["digits_shards"]
-    assert len(a) == len(b) == 50 and a[0] != a[-1]
-    assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= 1e-6
-    assert a_val == b_val
-
-
 def test_memory_stays_flat_on_a_set_larger_than_the_cache(tmp_path):
     """40 images of 160x160 (3 MB decoded) under a 1 MB cache: the cache stops at its budget
     and three epochs of reading from the shards hold no more memory than the first."""
