@@ -202,20 +202,24 @@ def digits_colour(
     num_test: int = 400,
     grid: int = 4,
     questions: str = "both",
+    style: str = "ink",
 ) -> dict[str, int]:
     """Two different digits in two cells of a ``grid`` x ``grid`` board, each in its own colour.
 
     ``questions="both"``: half the questions ask "what colour is the <digit>?" (a colour name),
     half "which digit is <colour>?" (a digit word); ``"colour"``: only the first kind. Digit
-    scans for val and test (300 each) are disjoint from train's; the board is white, a digit's
-    ink is blended from white to its colour. With ``"colour"`` each split also gets
-    ``<split>_cells.json``: per record the grid cell (row-major) of the named digit, for
-    pointing games (explanations must point at it).
+    scans for val and test (300 each) are disjoint from train's; the board is white. ``style``:
+    ``"ink"`` blends a digit's ink from white to its colour; ``"tint"`` fills its cell with a
+    light tint of the colour and draws the digit in dark grey. With ``"colour"`` each split
+    also gets ``<split>_cells.json``: per record the grid cell (row-major) of the named digit,
+    for pointing games (explanations must point at it).
     """
     if image_size % grid:
         raise ValueError(f"image_size {image_size} is not a multiple of grid {grid}")
     if questions not in ("both", "colour"):
         raise ValueError(f"questions={questions!r}; expected 'both' or 'colour'")
+    if style not in ("ink", "tint"):
+        raise ValueError(f"style={style!r}; expected 'ink' or 'tint'")
     root = Path(root)
     cell = image_size // grid
     ink, target = load_digits()
@@ -239,7 +243,11 @@ def digits_colour(
                 )[..., None] / 255.0
                 y, x = divmod(pos, grid)
                 tile = board[y * cell : (y + 1) * cell, x * cell : (x + 1) * cell]
-                tile[:] = (1 - alpha) * tile + alpha * np.asarray(COLOURS[names[c]], np.float32)
+                colour = np.asarray(COLOURS[names[c]], np.float32)
+                if style == "ink":
+                    tile[:] = (1 - alpha) * tile + alpha * colour
+                else:
+                    tile[:] = (1 - alpha) * (0.55 * tile + 0.45 * colour) + alpha * 40.0
             which = int(rng.integers(2))
             named_cells.append(int(cells[which]))
             if rng.uniform() < 0.5 or questions == "colour":
@@ -390,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--resample", choices=sorted(_RESAMPLE), help="upscaling (digits_qa)")
     parser.add_argument("--questions", choices=("both", "colour"),
                         help="digits_colour: both question kinds, or colour questions only")
+    parser.add_argument("--style", choices=("ink", "tint"),
+                        help="digits_colour: coloured ink, or tinted cells with grey digits")
     parser.add_argument("--natural", dest="balanced", action="store_const", const=False,
                         help="digits_qa: uniform asked numbers, not answers balanced per digit")
     args = vars(parser.parse_args(argv))
