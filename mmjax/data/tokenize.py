@@ -162,21 +162,36 @@ class WordPieceTokenizer:
     def train(cls, texts: Iterable[str], vocab_size: int = 2000) -> WordPieceTokenizer:
         from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
+        def fresh(model: Any) -> Any:
+            tok = Tokenizer(model)
+            tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+            tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+            tok.decoder = decoders.WordPiece()
+            return tok
+
+        texts = list(texts)
+        tok = fresh(models.WordPiece(unk_token="[UNK]"))
+        # The trainer numbers the initial symbols in hash order and breaks frequency ties by
+        # those numbers, so the same texts could give different vocabularies (and processes of
+        # one run different ids). Given as leading tokens, in sorted order, the symbols get
+        # fixed numbers and the merges a fixed order.
+        first, inner = set(), set()
+        for text in texts:
+            for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)):
+                first.add(word[0])
+                inner.update(word[1:])
+        symbols = sorted(first | inner) + sorted("##" + c for c in inner)
         trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, special_tokens=list(_SPECIALS), show_progress=False
+            vocab_size=vocab_size, special_tokens=[*_SPECIALS, *symbols], show_progress=False
         )
-        tok.train_from_iterator(list(texts), trainer)
-        # The trainer breaks frequency ties in hash order, so ids differ between runs; renumber
-        # in a fixed order (specials, then by string) so the same texts give the same ids.
-        vocab = tok.get_vocab()
-        rest = sorted(set(vocab) - set(_SPECIALS))
+        tok.train_from_iterator(texts, trainer)
+        # Renumber in a fixed order (specials, then by string); only the real specials are
+        # special tokens of the result.
+        rest = sorted(set(tok.get_vocab()) - set(_SPECIALS))
         ordered = {w: i for i, w in enumerate([*_SPECIALS, *rest])}
-        tok.model = models.WordPiece(ordered, unk_token="[UNK]", continuing_subword_prefix="##")
-        return cls(tok)
+        out = fresh(models.WordPiece(ordered, unk_token="[UNK]", continuing_subword_prefix="##"))
+        out.add_special_tokens(list(_SPECIALS))
+        return cls(out)
 
     @classmethod
     def load(cls, path: str | Path) -> WordPieceTokenizer:
