@@ -75,3 +75,26 @@ def test_mixture_refuses_disagreeing_label_types_and_bad_specs(parts, tmp_path):
                         ("[1]", "must map dataset folders")):
         with pytest.raises(ValueError, match=match):
             records.labels(data_config(tmp_path, mixture=spec), "")
+
+
+@pytest.mark.slow
+def test_training_on_a_mixture_logs_each_sources_fraction_and_loss(parts, tmp_path):
+    """configs/folder.py:tiny on a 3:1 mixture: train lines carry both sources' fractions (exact:
+    the interleaving is fixed) and their losses."""
+    from configs.folder import get_config
+    from mmjax import trainer
+
+    cfg = get_config("tiny")
+    with cfg.unlocked():
+        cfg.data.mixture = json.dumps({str(parts / "a"): 3, str(parts / "b_shards"): 1})
+        cfg.data.pp_train = cfg.data.pp_eval = "decode|resize|normalize|tokenize|series(16, 2)"
+        cfg.total_steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every = 6, 2, 6, 6
+    trainer.train_and_evaluate(cfg, tmp_path / "w")
+    lines = [json.loads(x) for x in (tmp_path / "w/metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["split"] == "train"]
+    assert [x["step"] for x in train] == [2, 4, 6]
+    for x in train:
+        assert x["data/a_fraction"] == 0.75 and x["data/b_shards_fraction"] == 0.25
+        assert np.isfinite(x["data/a_loss"]) and np.isfinite(x["data/b_shards_loss"])
+    assert train[-1]["data/a_loss"] != train[-1]["data/b_shards_loss"]  # at first both log(5)
+    assert {x["split"] for x in lines} == {"train", "val", "test"}

@@ -153,6 +153,11 @@ class MixtureOrder:
                    for k in range(len(sizes))]
         self._mix = grain.MapDataset.mix(streams, list(weights))
 
+    def row_sources(self, element: int) -> np.ndarray:
+        """The source index of each row of iterator element ``element``'s global batch."""
+        rows = range(element * self.batch_size, (element + 1) * self.batch_size)
+        return np.asarray([self._mix[r][0] for r in rows], np.int64)
+
     def fractions(self, start: int, stop: int) -> dict[str, float]:
         """``{"data/<source>_fraction": f}`` over the rows of the global batches of iterator
         elements ``[start, stop)``."""

@@ -19,11 +19,12 @@ from typing import Any
 import grain
 import numpy as np
 
-from mmjax.data import order, records, shapes, shapes_audio, shapes_video, tokenize
+from mmjax.data import mixture, order, records, shapes, shapes_audio, shapes_video, tokenize
 from mmjax.data.records import SPLITS
 from mmjax.data.tokenize import WordTokenizer, shapes_tokenizer
 
 log = logging.getLogger(__name__)
+_ORDER_CACHE: dict[tuple, Any] = {}  # data.mixture's train order, for its metrics
 
 _TEXT_FIELDS = ("question", "caption")
 _NAMES = ("shapes", "shapes_audio", "shapes_video", "folder", "tfds")
@@ -94,8 +95,8 @@ def _source(data_config: Any, split: str) -> shapes.ShapesSource:
     text = order.config_get(data_config, "text", "question")
     if text not in _TEXT_FIELDS:
         raise ValueError(f"unknown data.text {text!r}; expected one of {_TEXT_FIELDS}")
-    if data_config.name in _OTHERS and text != "question":
-        raise ValueError(f"data.text={text!r}: {data_config.name} has questions only")
+    if data_config.name == "shapes_audio" and text != "question":
+        raise ValueError(f"data.text={text!r}: shapes_audio has questions only")
     cls = _OTHERS[data_config.name][1] if data_config.name in _OTHERS else shapes.ShapesSource
     return cls(
         split,
@@ -230,10 +231,29 @@ def file_batches(
                                 skip_bad=skip_bad, modalities=modalities)
 
 
+def _mixture_order(data_config: Any, batch_size: int, seed: int) -> Any:
+    key = (tuple(mixture.sources(data_config)), batch_size, int(seed))
+    if key not in _ORDER_CACHE:
+        _ORDER_CACHE[key] = records.train_order(data_config, batch_size, seed)
+    return _ORDER_CACHE[key]
+
+
 def source_fractions(data_config: Any, *, batch_size: int, seed: int, start: int,
                      stop: int) -> dict[str, float]:
     """``{"data/<source>_fraction": f}``: each ``data.mixture`` source's share of the train rows
     of iterator elements ``[start, stop)``; ``{}`` for data without a mixture."""
-    if _check_name(data_config) in EMBEDDED:
+    if _check_name(data_config) in EMBEDDED or not mixture.sources(data_config):
         return {}
-    return records.source_fractions(data_config, batch_size, seed, start, stop)
+    return _mixture_order(data_config, batch_size, seed).fractions(start, stop)
+
+
+def source_masks(data_config: Any, *, batch_size: int, seed: int, element: int,
+                 process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
+    """Per ``data.mixture`` source with rows in iterator element ``element``'s global batch,
+    float32 1/0 over this process's rows: which come from it; ``{}`` without a mixture."""
+    if _check_name(data_config) in EMBEDDED or not mixture.sources(data_config):
+        return {}
+    rows = _mixture_order(data_config, batch_size, seed).row_sources(element)
+    n = batch_size // process_count
+    return {name: (rows == k)[process_index * n:(process_index + 1) * n].astype(np.float32)
+            for k, (name, _, _) in enumerate(mixture.sources(data_config)) if (rows == k).any()}

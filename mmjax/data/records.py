@@ -41,7 +41,6 @@ DEFAULT_PP_EVAL = "decode|resize|normalize|tokenize"
 _SPLIT_CACHE: dict[tuple, Any] = {}  # _SplitData or mixture.MixtureData
 _TOKENIZER_CACHE: dict[tuple, Any] = {}
 _LABEL_CACHE: dict[tuple, list] = {}
-_ORDER_CACHE: dict[tuple, Any] = {}
 
 
 def _data_key(data_config: Any) -> tuple:
@@ -451,18 +450,6 @@ def train_order(data_config: Any, batch_size: int, seed: int) -> Any:
     if isinstance(data, mixture.MixtureData):
         return mixture.MixtureOrder(data, mixture.sources(data_config), batch_size, int(seed))
     return order.GlobalOrder(len(data), batch_size, int(seed))
-
-
-def source_fractions(data_config: Any, batch_size: int, seed: int, start: int,
-                     stop: int) -> dict[str, float]:
-    """``{"data/<source>_fraction": f}``: each mixture source's share of the train rows of
-    steps ``[start, stop)`` (0-based iterator elements); ``{}`` without ``data.mixture``."""
-    if not mixture.sources(data_config):
-        return {}
-    key = (_data_key(data_config), batch_size, int(seed))
-    if key not in _ORDER_CACHE:
-        _ORDER_CACHE[key] = train_order(data_config, batch_size, seed)
-    return _ORDER_CACHE[key].fractions(start, stop)
 
 
 def eval_batches(

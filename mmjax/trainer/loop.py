@@ -240,6 +240,21 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def _source_losses(s: Setup, eval_fn: Any, state: Any, batch: Any, step: int
+                   ) -> dict[str, float]:
+    """``{"data/<source>_loss": l}`` for a ``data.mixture``: the loss of this step's rows from
+    each source (eval mode, before the step's update); ``{}`` without a mixture."""
+    masks = pipeline.source_masks(s.config.data, batch_size=s.config.batch_size,
+                                  seed=s.config.seed, element=step - 1,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+    out = {}
+    for name, valid in masks.items():
+        sums = s.par.fetch(eval_fn(state, s.par.put_batch({**batch, "valid": valid})))
+        out[f"data/{name}_loss"] = float(sums["loss"]) / max(float(sums["count"]), 1.0)
+    return out
+
+
 def _check_finite(window: list[tuple[int, dict[str, Any]]]) -> None:
     for step, m in window:
         value = float(m["loss"])
@@ -334,17 +349,21 @@ def _loop(s: Setup, state: TrainState, tx: optax.GradientTransformation,
     last_saved = first_step - 1
     bar.update(first_step - 1)
     t_log, steps_since = time.time(), 0
-    next_batch = par.put_batch(next(data_iter)) if first_step <= total_steps else None
+    host_batch = next(data_iter) if first_step <= total_steps else None
+    next_batch = par.put_batch(host_batch) if host_batch is not None else None
     for step in range(first_step, total_steps + 1):
+        log_now = step % cfg.log_every == 0 or step == total_steps
+        by_source = _source_losses(s, eval_fn, dstate, host_batch, step) if log_now else {}
         dstate, metrics = train_fn(dstate, next_batch, *teacher)
         window.append((step, metrics))
         steps_since += 1
         data_state = data_iter.get_state()
         if step < total_steps:  # the host prepares the next batch while the device computes
-            next_batch = par.put_batch(next(data_iter))
+            host_batch = next(data_iter)
+            next_batch = par.put_batch(host_batch)
         stop = preemption.requested or (
             jax.process_count() > 1 and ckpt.manager.reached_preemption(step))
-        if step % cfg.log_every == 0 or step == total_steps or stop:
+        if log_now or stop:
             fetched = [(i, par.fetch(m)) for i, m in window]
             _check_finite(fetched)
             record = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]}
@@ -354,6 +373,7 @@ def _loop(s: Setup, state: TrainState, tx: optax.GradientTransformation,
             record.update(pipeline.source_fractions(  # data.mixture: the window's rows
                 cfg.data, batch_size=cfg.batch_size, seed=cfg.seed, start=fetched[0][0] - 1,
                 stop=step))
+            record.update(by_source)
             writer.write(step, "train", record)
             bar.update(step, record["loss"], record["steps_per_s"])
             window, t_log, steps_since = [], now, 0
