@@ -60,3 +60,28 @@ def test_shapes_video_learns_from_motion_and_question(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [x["accuracy"] for x in lines if x["split"] == "val"][-1]
     assert val >= 0.58, val
+
+
+@pytest.mark.slow
+def test_video_text_contrastive_training_retrieves(tmp_path):
+    """A CLIP-style head over the ViViT and text towers on the demo's captions; the
+    ``video_retrieval`` evaluator's recalls rise far above chance (500 val captions, 119
+    distinct: R@10 about 0.08 at random; measured after 300 steps: video→text 0.32, text→video
+    0.80)."""
+    import ml_collections
+
+    c = shapes_video_config.get_config()
+    with c.unlocked():
+        c.data.text = "caption"
+        c.model.encoders.text.pool = "mean"
+        c.model.heads = ml_collections.ConfigDict({"itc": {
+            "kind": "contrastive", "embed_dim": 64, "modalities": ("video", "text")}})
+        c.losses = ml_collections.ConfigDict({"itc": 1.0})
+        c.evals = ml_collections.ConfigDict({"vr": {"kind": "video_retrieval", "task": "itc"}})
+    c.total_steps, c.eval_every, c.checkpoint_every = 300, 300, 300
+    c.data.num_val = c.data.num_test = 500
+    loop.train_and_evaluate(c, tmp_path / "run")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [x for x in lines if x["split"] == "val"][-1]
+    assert val["vr_v2t_recall@10"] >= 0.15 and val["vr_t2v_recall@10"] >= 0.15, val
+    assert val["vr_v2t_recall@1"] <= val["vr_v2t_recall@5"] <= val["vr_v2t_recall@10"]

@@ -184,3 +184,46 @@ def test_an_inflated_image_vit_sees_the_image(how):
     want = jax.jit(vit.apply)({"params": vparams}, image)["tokens"]
     np.testing.assert_allclose(np.asarray(got[:, :6]), np.asarray(want), atol=2e-5)
     np.testing.assert_allclose(np.asarray(got[:, 6:]), np.asarray(want), atol=2e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["concat", "cross_attention", "co_attention", "late",
+                                  "bottleneck"])
+def test_every_fusion_kind_reads_the_video(kind):
+    """Video + audio + text (co-attention: video + text, it pairs two) under each fusion kind:
+    the answer moves when any one input changes."""
+    from mmjax.models.multimodal import build_model
+
+    encoders = {
+        "video": {"kind": "vivit", "width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64,
+                  "patch_size": 4, "tubelet": 2},
+        "text": {"kind": "text", "variant": "mu", "width": 32, "depth": 1, "num_heads": 2,
+                 "mlp_dim": 64, "vocab_size": 60, "max_len": 8},
+        "audio": {"kind": "ast", "width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64,
+                  "patch_size": 4, "frequency_stride": 4, "time_stride": 4},
+    }
+    if kind == "co_attention":
+        del encoders["audio"]
+    model = build_model({"encoders": encoders, "fusion": {
+        "kind": kind, "width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64},
+        "heads": {"answer": {"kind": "classification", "num_classes": 5}}})
+
+    def batch(seed: int) -> dict:
+        rng = np.random.default_rng(seed)
+        return {"video": rng.integers(0, 256, (3, 4, 8, 8, 3), dtype=np.uint8),
+                "text": {"ids": rng.integers(5, 60, (3, 8)).astype(np.int32),
+                         "mask": np.ones((3, 8), np.int32)},
+                "audio": rng.normal(size=(3, 12, 8)).astype(np.float32)}
+
+    b0 = {k: v for k, v in batch(0).items() if k in encoders}
+    params = jax.jit(model.init)(jax.random.key(0), b0)["params"]
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree_util.tree_unflatten(tree, [0.3 * jax.random.normal(k, x.shape, x.dtype)
+                                                 for k, x in zip(keys, leaves, strict=True)])
+    apply = jax.jit(lambda b: model.apply({"params": params}, b)["answer"]["logits"])
+    base = np.asarray(apply(b0))
+    assert np.isfinite(base).all()
+    for m in encoders:
+        moved = np.abs(np.asarray(apply({**b0, m: batch(1)[m]})) - base).max()
+        assert moved > 1e-3, (kind, m)

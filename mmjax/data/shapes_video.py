@@ -3,7 +3,9 @@
 Each example is a clip of ``NUM_FRAMES`` frames in which two squares of different colours move,
 each in its own direction (right, left, down or up, ``SPEED`` pixels a frame, wrapping around
 the edges), and the question "which way does the <colour> square move ?" names one of them.
-The answer is that square's direction (4 classes, balanced). So:
+The answer is that square's direction (4 classes, balanced); ``data.text="caption"`` gives
+"the red square moves left and the blue square moves up" instead (video-text contrastive
+training). So:
 
 - video alone: the answer is one of the two directions on screen (50%);
 - text alone: the colour says nothing about the direction (25%);
@@ -77,24 +79,29 @@ def make_example(split: str, index: int, *, image_size: int = 32, variant: str =
         clip[:] = clip[0]
     question = CONSTANT_TEXT if variant == "no_text" else \
         f"which way does the {shapes.COLOURS[colours[asked]]} square move ?"
-    return {"video": clip, "question": question, "label": int(directions[asked])}
+    first = int(rng.integers(2))
+    caption = " and ".join(f"the {shapes.COLOURS[colours[k]]} square moves "
+                           f"{DIRECTIONS[directions[k]]}" for k in (first, 1 - first))
+    return {"video": clip, "question": question, "caption": caption,
+            "label": int(directions[asked])}
 
 
 def make_batch(split: str, indices: Sequence[int] | np.ndarray, *, image_size: int = 32,
                variant: str = "", seed: int = 0) -> dict:
     """Examples ``indices`` stacked: ``{"video": uint8 [B, T, S, S, 3], "question":
-    list[str], "label": int32 [B]}``."""
+    list[str], "caption": list[str], "label": int32 [B]}``."""
     rows = [make_example(split, int(i), image_size=image_size, variant=variant, seed=seed)
             for i in np.asarray(indices).reshape(-1)]
     return {"video": np.stack([r["video"] for r in rows]),
             "question": [r["question"] for r in rows],
+            "caption": [r["caption"] for r in rows],
             "label": np.asarray([r["label"] for r in rows], np.int32)}
 
 
 def tokenizer() -> WordTokenizer:
     """The fixed vocabulary of the questions (ids stable across runs)."""
-    words = ["which", "way", "does", "the", "square", "move", "?", *CONSTANT_TEXT.split(),
-             *shapes.COLOURS]
+    words = ["which", "way", "does", "the", "square", "move", "?", "moves", "and",
+             *CONSTANT_TEXT.split(), *shapes.COLOURS, *DIRECTIONS]
     return WordTokenizer(words)
 
 

@@ -7,8 +7,9 @@ its metrics go into the same ``metrics.jsonl`` line as ``<name>_<metric>``.
 A kind is a module, loaded by name as big_vision loads its evaluators: ``kind="qa"`` is
 ``mmjax.evaluators.qa``, and a dotted kind (``"my_project.my_eval"``) is that module, so an
 evaluator of your own needs no change to mmjax. The module defines ``Evaluator``, a subclass of
-:class:`mmjax.evaluators.base.Evaluator`. The kinds shipped: ``retrieval``, ``zeroshot``,
-``qa``, ``agreement`` and ``caption`` (each module's docstring says what it measures).
+:class:`mmjax.evaluators.base.Evaluator`. The kinds shipped: ``retrieval``, ``video_retrieval``,
+``zeroshot``, ``qa``, ``agreement`` and ``caption`` (each module's docstring says what it
+measures).
 
 Evaluators run the model with ``jax.jit`` on the first local device, on params copied to it
 once per evaluation; fine for the model sizes of the embedded configs, and the reason
@@ -23,7 +24,7 @@ from typing import Any
 
 from mmjax.evaluators.base import Env, Evaluator
 
-KINDS = ("retrieval", "zeroshot", "qa", "agreement", "caption")
+KINDS = ("retrieval", "video_retrieval", "zeroshot", "qa", "agreement", "caption")
 
 __all__ = ["KINDS", "Env", "Evaluator", "build", "get", "run_all"]
 
