@@ -41,6 +41,8 @@ MANIFEST = "shards.json"
 FORMAT = "mmjax-shards"
 VERSION = 1
 _WRITER_OPTIONS = "group_size:1"  # one record per chunk: cheap random reads (grain's advice)
+# The file modalities whose decoders read encoded bytes as well as paths.
+FROM_BYTES = ("image", "audio", "series")
 
 
 class ShardSetError(ValueError, ExplainedError):
@@ -130,6 +132,10 @@ def _write_split(src: folder.FolderSource, out: Path, split: str, known: dict[st
                 continue
             if modalities.get(m).load is None:
                 payload[m] = entry[m] = rec[m]
+            elif m not in FROM_BYTES:
+                raise ShardSetError(folder.printable(
+                    f"{src.file}:{line}: {m} files cannot go into a shard set yet (its decoder "
+                    f"reads paths only; shard sets hold {', '.join(FROM_BYTES)} files)"))
             else:
                 payload[m] = Path(rec[m]).read_bytes()
                 entry[m] = os.path.relpath(rec[m], src.root)
