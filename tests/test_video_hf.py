@@ -115,3 +115,39 @@ def test_convert_verify_and_init_from(tmp_path: Path, kind: str) -> None:
         np.asarray(tower["embedding"]["kernel"]),
         np.asarray(variables["params"]["video"]["embedding"]["kernel"]))
     assert build_model(model_cfg) is not None
+
+
+@pytest.mark.slow
+def test_an_image_vit_folder_starts_a_video_tower(tmp_path: Path) -> None:
+    """``model.encoders.video.init_from`` = an HF ViT folder: the patch kernel arrives
+    inflated onto the tubelet's central frame, the blocks, positions, [CLS] and pooler as they
+    are, the temporal positions fresh."""
+    import jax
+
+    torch.manual_seed(6)
+    cfg = transformers.ViTConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=40, image_size=12, patch_size=4,
+                                 layer_norm_eps=1e-6)
+    transformers.ViTModel(cfg).save_pretrained(tmp_path / "vit")
+    config = ml_collections.ConfigDict({"model": {
+        "encoders": {"video": {"kind": "vivit", "tubelet": 3, "init_from": str(tmp_path / "vit")},
+                     "text": {"kind": "text", "variant": "mu", "vocab_size": 20, "max_len": 4}},
+        "fusion": {"kind": "concat"},
+        "heads": {"y": {"kind": "classification", "num_classes": 3}}}})
+    transfer.apply_encoder_overrides(config)
+    model = build_model(config.model)
+    clip = np.random.default_rng(0).standard_normal((2, 6, 12, 12, 3)).astype(np.float32)
+    text = {"ids": np.ones((2, 4), np.int32), "mask": np.ones((2, 4), np.int32)}
+    fresh = jax.jit(model.init)(jax.random.key(0), {"video": clip, "text": text})["params"]
+    params = transfer.apply_init_from(config, fresh)
+    _, vit_vars = hf.load(tmp_path / "vit")
+    want_kernel = np.asarray(vit_vars["params"]["image"]["embedding"]["kernel"])
+    got = np.asarray(params["video"]["embedding"]["kernel"])
+    assert got.shape == (3, *want_kernel.shape)
+    np.testing.assert_array_equal(got[1], want_kernel)
+    assert not got[0].any() and not got[2].any()
+
+    for name in ("encoder", "pos_embedding", "cls", "pooler"):
+        jax.tree.map(np.testing.assert_array_equal, params["video"][name],
+                     vit_vars["params"]["image"][name])
+    assert params["video"]["time_embedding"].shape == (1, 2, 24)  # kept fresh

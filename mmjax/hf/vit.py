@@ -94,6 +94,16 @@ class ViTArchitecture(Architecture):
     def options(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
         return vit_image_options(cfg)
 
+    def tower_options(self, cfg: Mapping[str, Any], kind: str | None) -> tuple[str, dict]:
+        """The image tower, also for a video tower (``kind="vivit"``): its patch kernel is
+        inflated into a tubelet kernel when loaded (``mmjax.trainer.transfer``)."""
+        if kind != "vivit":
+            return super().tower_options(cfg, kind)
+        opts = vit_image_options(cfg)
+        if opts.pop("embed_norm") or opts.pop("pool_norm") or not opts.pop("patch_bias", True):
+            raise HFError("this ViT's layout (embedding or pooling norm) has no video tower")
+        return self.tower, opts
+
     def table(self, model: HFViT) -> list[tb.Entry]:
         return tb.under(("params",), vit_table(model.image))
 

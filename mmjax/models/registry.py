@@ -13,8 +13,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 # Config keys that describe a part but are not arguments of its module.
-NON_MODULE_KEYS = frozenset({"kind", "init_from", "loss", "target", "label_smoothing",
-                             "tokenizer"})
+NON_MODULE_KEYS = frozenset({"kind", "init_from", "inflate", "loss", "target",
+                             "label_smoothing", "tokenizer"})
 T = TypeVar("T")
 
 

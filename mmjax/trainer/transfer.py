@@ -34,6 +34,7 @@ from mmjax.io.checkpoint import (
     workdir_of,
 )
 from mmjax.models import scan
+from mmjax.models import video as video_model
 from mmjax.optim import lora
 
 
@@ -191,6 +192,26 @@ def _fit_positions(tower: dict[str, Any], fresh: Mapping[str, Any], modality: st
     return {**tower, "pos_embedding": pos}
 
 
+def _inflated(tower: dict[str, Any], fresh: Mapping[str, Any], how: str, where: str,
+              log: logging.Logger) -> dict[str, Any]:
+    """An image ViT's params as a video tower's: the patch kernel inflated into the fresh
+    tower's tubelet (``models.video.inflate``: ``how`` is ``model.encoders.video.inflate``),
+    the temporal positions kept fresh. A video tower's own params pass unchanged."""
+    kernel = np.asarray(tower.get("embedding", {}).get("kernel", np.zeros(0)))
+    want = np.shape(fresh.get("embedding", {}).get("kernel", np.zeros(0)))
+    if kernel.ndim != 4 or len(want) != 5:
+        return tower
+    try:
+        out = video_model.inflate_params(tower, int(want[0]), how)
+    except ValueError as e:
+        raise TransferError(f"{where}: {e}") from None
+    for name in ("time_embedding",):
+        if name in fresh and name not in out:
+            out[name] = np.asarray(fresh[name])
+    log.info("%s: image patch kernel inflated to %d frames (%s)", where, want[0], how)
+    return out
+
+
 def apply_init_from(config: Any, params: Mapping[str, Any],
                     log: logging.Logger | None = None) -> dict[str, Any]:
     """``params`` with every tower that has ``init_from`` replaced by its pretrained subtree.
@@ -212,7 +233,10 @@ def apply_init_from(config: Any, params: Mapping[str, Any],
             raise TransferError(f"{where}: the model has no params/{modality}")
         tower = scan.match_layers(load_tower(init_from, modality, enc.get("kind")),
                                     params[modality])  # scanned model or checkpoint
-        if enc.get("kind") == "vit":
+        if enc.get("kind") == "vivit":
+            tower = _inflated(tower, params[modality], str(enc.get("inflate", "central")),
+                              where, log)
+        if enc.get("kind") in ("vit", "vivit"):
             tower = _fit_positions(tower, params[modality], modality, where, log)
         _check_fit(tower, params[modality], modality, where)
         dtypes = _flat(params[modality])
