@@ -33,7 +33,7 @@ from mmjax.pp import image_io
 from mmjax.pp.ops import Context, Example, LimitError, OpFn, register
 
 SEEK_AFTER_S = 2.0  # windows starting later than this are reached by seeking
-THREADED_PIXELS = 320 * 240  # frames at least this large are decoded by FFmpeg's threads
+THREADED_PIXELS = 640 * 480  # frames at least this large are decoded by FFmpeg's threads
 
 
 @dataclasses.dataclass(frozen=True)
