@@ -95,6 +95,9 @@ def model_options(**overrides: Any) -> dict[str, Any]:
         # with modality_dropout > 0: the loss on each example's complete input, added with
         # this weight beside the loss on its dropped view (0 = dropped view only)
         "complete_input_weight": 1.0,
+        # with modality_dropout > 0: the fraction of total_steps trained on complete inputs
+        # alone before dropped views enter the loss
+        "modality_dropout_start": 0.5,
         **overrides,
     }
 

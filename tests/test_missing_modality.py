@@ -1,7 +1,8 @@
 """Training for missing modalities: the complete-input term beside modality dropout.
 
-With ``model.modality_dropout`` > 0 the train loss is the loss on the dropped view plus
-``model.complete_input_weight`` times the loss on every example's complete input. The tests
+With ``model.modality_dropout`` > 0 the train loss is the loss on every example's complete
+input alone until ``model.modality_dropout_start`` of the run, then the loss on the dropped
+view plus ``model.complete_input_weight`` times the complete-input loss. The tests
 compute that second loss outside the train step (the model's logits with no modality dropped,
 optax's cross-entropy) and check how the step adds it.
 """
@@ -18,6 +19,7 @@ import pytest
 from mmjax import config
 from mmjax.models.multimodal import MultimodalModel, build_model
 from mmjax.optim import weighting
+from mmjax.trainer import loop
 from mmjax.trainer import step as step_lib
 from mmjax.trainer.state import Task
 from tests.test_modalities import _random_params
@@ -25,9 +27,9 @@ from tests.test_modalities import _random_params
 B, CLASSES = 8, 5
 
 
-def _setup(p: float, w: float | None, lam: float = 1.0):
+def _setup(p: float, w: float | None, lam: float = 1.0, **more):
     """A small image + text model with cross-attention fusion, a random batch with labels."""
-    extra = {"modality_dropout": p}
+    extra = {"modality_dropout": p, **more}
     if w is not None:
         extra["complete_input_weight"] = w
     model = build_model({
@@ -117,3 +119,40 @@ def test_complete_input_term_under_gradient_accumulation():
     want = 0.7 * complete(params, batch)
     np.testing.assert_allclose(metrics["complete_loss"], want, rtol=1e-5)
     np.testing.assert_allclose(metrics["loss"], metrics["answer_loss"] + float(want), rtol=1e-5)
+
+
+@pytest.mark.parametrize("w", [0.4, 0.0])
+def test_dropped_view_enters_the_loss_from_its_start_step(w):
+    """Before ``dropped_from`` the step trains on complete inputs alone (weight 1, whatever
+    ``complete_input_weight``); from it on, on the dropped view plus w times the complete one."""
+    model, batch, params, tasks, weights = _setup(0.5, w)
+    complete = _complete_xent(model, params, batch)
+    rng = jax.random.PRNGKey(3)
+
+    def at(step: int) -> tuple[float, dict]:
+        loss, (metrics, _) = step_lib.loss_fn(params, {}, batch, rng, jnp.int32(step),
+                                              model=model, tasks=tasks, weights=weights,
+                                              train=True, dropped_from=7)
+        return float(loss), {k: float(v) for k, v in metrics.items()}
+
+    before, m_before = at(6)
+    np.testing.assert_allclose(before, complete, rtol=1e-5)
+    np.testing.assert_allclose(m_before["complete_loss"], complete, rtol=1e-5)
+    after, m_after = at(7)
+    np.testing.assert_allclose(m_after["complete_loss"], w * complete, rtol=1e-5)
+    np.testing.assert_allclose(after, m_after["answer_loss"] + w * complete, rtol=1e-5)
+    # The dropped view differs from the complete one, so the two phases give different losses.
+    assert abs(m_after["answer_loss"] - complete) > 1e-3
+
+
+def test_dropout_start_is_a_fraction_of_the_run():
+    cfg = ml_collections.ConfigDict({"total_steps": 3000, "model": config.model_options(
+        modality_dropout=0.3)})
+    assert config.model_options()["modality_dropout_start"] == 0.5
+    assert loop._dropped_from(cfg) == 1500
+    cfg.model.modality_dropout_start = 0.25
+    assert loop._dropped_from(cfg) == 750
+    cfg.model.modality_dropout = 0.0  # no modality dropout: nothing to delay
+    assert loop._dropped_from(cfg) == 0
+    with pytest.raises(ValueError, match=r"modality_dropout_start=1\.5"):
+        _setup(0.3, None, modality_dropout_start=1.5)

@@ -33,7 +33,7 @@ Array = jax.Array
 # config.model keys besides encoders, fusion and heads: the model-wide options.
 MODEL_OPTIONS = (
     "dropout", "dtype", "attn_implementation", "remat", "scan_layers", "scan_unroll",
-    "gpu_rewrites", "modality_dropout", "complete_input_weight",
+    "gpu_rewrites", "modality_dropout", "complete_input_weight", "modality_dropout_start",
 )
 MODEL_KEYS = ("encoders", "fusion", "heads", *MODEL_OPTIONS)
 
@@ -306,6 +306,10 @@ def build_model(model_cfg: Any, *, bn_axis_name: str | None = None) -> Multimoda
     w = cfg.get("complete_input_weight", 1.0)
     if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
         raise ValueError(f"model.complete_input_weight={w!r} must be a number >= 0")
+    start = cfg.get("modality_dropout_start", 0.0)
+    if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 <= start < 1:
+        raise ValueError(f"model.modality_dropout_start={start!r} must be a fraction of "
+                         "total_steps in [0, 1)")
     return MultimodalModel(
         encoders=encoders,
         fusion=cfg.get("fusion", {"kind": "none"}),

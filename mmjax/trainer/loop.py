@@ -255,6 +255,13 @@ def _source_losses(s: Setup, eval_fn: Any, state: Any, batch: Any, step: int
     return out
 
 
+def _dropped_from(cfg: ml_collections.ConfigDict) -> int:
+    """The first step (0-based) whose loss includes modality-dropped views."""
+    if not cfg.model.get("modality_dropout", 0.0):
+        return 0
+    return round(cfg.model.get("modality_dropout_start", 0.0) * cfg.total_steps)
+
+
 def _check_finite(window: list[tuple[int, dict[str, Any]]]) -> None:
     for step, m in window:
         value = float(m["loss"])
@@ -342,7 +349,8 @@ def _loop(s: Setup, state: TrainState, tx: optax.GradientTransformation,
     teacher = () if s.teacher is None else (par.put_frozen(s.teacher.variables),)
     train_fn = par.compile_train(functools.partial(
         step_lib.train_step, tx=tx, accum_steps=s.accum_steps,
-        distill=s.teacher.spec if s.teacher else None, **common), *teacher)
+        distill=s.teacher.spec if s.teacher else None,
+        dropped_from=_dropped_from(cfg), **common), *teacher)
     eval_fn = compile_eval(s)
     window: list[tuple[int, Any]] = []
     val: dict[str, float] = {}

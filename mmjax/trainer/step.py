@@ -61,31 +61,38 @@ def _combine(per_task: Mapping[str, jax.Array], metrics: Metrics, weights: weigh
 def complete_input_term(params: Any, model_state: Any, batch: Mapping[str, Any],
                         rng: jax.Array, step: jax.Array, *, model: Any,
                         tasks: tuple[Task, ...], weights: weighting.Weighting,
-                        ) -> tuple[jax.Array, Any] | None:
-    """With modality dropout in training, ``(w · L_complete, model state)``: the weighted task
-    loss of the same batch with no modality dropped (only what the records lack is absent),
-    ``w`` = ``model.complete_input_weight``; None without modality dropout or with w = 0.
+                        dropped_from: int = 0) -> tuple[jax.Array, jax.Array, Any] | None:
+    """With modality dropout in training, ``(g, c · L_complete, model state)``: the weighted
+    task loss of the same batch with no modality dropped (only what the records lack is
+    absent). ``g`` (0 or 1) gates the dropped view's loss: 0 before step ``dropped_from``,
+    where the step trains on complete inputs alone (c = 1); from it on g = 1 and
+    c = ``model.complete_input_weight``. None without modality dropout, or when the term
+    would always be 0 (weight 0, no delayed start).
 
-    Modality dropout alone trains on fewer complete inputs than the model will mostly see;
-    this term keeps every example's complete input in each step beside its dropped view.
+    Modality dropout from the first step trains on fewer complete inputs than the model will
+    mostly see and can settle on ignoring a modality; starting it once the model uses every
+    modality (ModDrop's schedule) and keeping the complete input in each step avoids both.
     """
     w = getattr(model, "complete_input_weight", 0.0)
-    if not (getattr(model, "modality_dropout", 0.0) > 0 and w > 0):
+    if not (getattr(model, "modality_dropout", 0.0) > 0 and (w > 0 or dropped_from > 0)):
         return None
     full = model.clone(modality_dropout=0.0)
     outputs, new_state = forward(params, model_state, batch, jax.random.fold_in(rng, 2),
                                  model=full, train=True)
     per_task, _ = task_losses(outputs, batch, tasks)
-    return w * weights.combine(per_task, step, None)[0], new_state
+    g = (step >= dropped_from).astype(jnp.float32)
+    c = g * w + (1.0 - g)
+    return g, c * weights.combine(per_task, step, None)[0], new_state
 
 
 def loss_fn(params: Any, model_state: Any, batch: Mapping[str, Any], rng: jax.Array | None,
             step: jax.Array, *, model: Any, tasks: tuple[Task, ...],
             weights: weighting.Weighting, train: bool, teacher: Any = None,
-            distill: Any = None) -> tuple[jax.Array, tuple[Metrics, Any]]:
+            distill: Any = None, dropped_from: int = 0) -> tuple[jax.Array, tuple[Metrics, Any]]:
     """The weighted total loss, with the metrics and the new model state. With ``distill`` (a
     ``trainer.distill.Spec``), plus its term from the ``teacher`` variables on this batch; in
-    training with modality dropout, plus ``complete_input_term`` (metric ``complete_loss``)."""
+    training with modality dropout, gated and added to ``complete_input_term`` (metric
+    ``complete_loss``)."""
     outputs, new_state = forward(params, model_state, batch, rng, model=model, train=train)
     per_task, metrics = task_losses(outputs, batch, tasks)
     total = _combine(per_task, metrics, weights, step, params)
@@ -94,10 +101,10 @@ def loss_fn(params: Any, model_state: Any, batch: Mapping[str, Any], rng: jax.Ar
     complete = None
     if train and rng is not None:
         complete = complete_input_term(params, new_state, batch, rng, step, model=model,
-                                       tasks=tasks, weights=weights)
+                                       tasks=tasks, weights=weights, dropped_from=dropped_from)
     if complete is not None:
-        metrics["complete_loss"], new_state = complete
-        total = metrics["loss"] = total + metrics["complete_loss"]
+        gate, metrics["complete_loss"], new_state = complete
+        total = metrics["loss"] = gate * total + metrics["complete_loss"]
     return total, (metrics, new_state)
 
 
@@ -121,7 +128,8 @@ def _merge_micro(x: jax.Array) -> jax.Array:
 
 def accumulated_grads(params: Any, model_state: Any, batch: Mapping[str, Any], rng: jax.Array,
                       step: jax.Array, *, model: Any, tasks: tuple[Task, ...],
-                      weights: weighting.Weighting, accum_steps: int) -> tuple[Any, Metrics, Any]:
+                      weights: weighting.Weighting, accum_steps: int,
+                      dropped_from: int = 0) -> tuple[Any, Metrics, Any]:
     """Gradients of the batch's loss computed in ``accum_steps`` micro-batches.
 
     Per-example losses: the mean of micro-batch gradients, identical to the full batch.
@@ -137,11 +145,12 @@ def accumulated_grads(params: Any, model_state: Any, batch: Mapping[str, Any], r
     local = tuple(t for t in tasks if t.loss not in losses_lib.BATCH_COUPLED)
     names = [t.name for t in coupled]
     micro_rng = lambda i: jax.random.fold_in(rng, i)
-    if coupled and getattr(model, "modality_dropout", 0.0) > 0 and getattr(
-            model, "complete_input_weight", 0.0) > 0:
+    if coupled and getattr(model, "modality_dropout", 0.0) > 0 and (getattr(
+            model, "complete_input_weight", 0.0) > 0 or dropped_from > 0):
         raise ValueError(f"grad_accum_steps={k} with batch-coupled losses ({names}) does not "
-                         "support model.complete_input_weight > 0 under modality dropout: set "
-                         "it to 0 or use no accumulation")
+                         "support model.complete_input_weight > 0 or a delayed "
+                         "model.modality_dropout_start under modality dropout: set both to 0 "
+                         "or use no accumulation")
 
     metrics: Metrics = {}
     cached_grads = None
@@ -171,10 +180,11 @@ def accumulated_grads(params: Any, model_state: Any, batch: Mapping[str, Any], r
             per_task, aux = task_losses(out, mb, local)
             value = value + weights.combine(per_task, step, None)[0] / k
             complete = complete_input_term(p, new_state, mb, micro_rng(i), step, model=model,
-                                           tasks=local, weights=weights)
+                                           tasks=local, weights=weights,
+                                           dropped_from=dropped_from)
             if complete is not None:
-                aux["complete_loss"], new_state = complete
-                value = value + aux["complete_loss"] / k
+                gate, aux["complete_loss"], new_state = complete
+                value = gate * value + aux["complete_loss"] / k
         if coupled:
             g_i = jax.tree.map(lambda g: g[i], cached_grads)
             value = value + sum(
@@ -201,18 +211,21 @@ def accumulated_grads(params: Any, model_state: Any, batch: Mapping[str, Any], r
     per_task = {t.name: metrics[f"{t.name}_loss"] for t in tasks}
     _combine(per_task, metrics, weights, step, None)
     if "complete_loss" in metrics:
-        metrics["loss"] = metrics["loss"] + metrics["complete_loss"]
+        gate = (step >= dropped_from).astype(jnp.float32)
+        metrics["loss"] = gate * metrics["loss"] + metrics["complete_loss"]
     return grads, metrics, model_state
 
 
 def train_step(state: TrainState, batch: Mapping[str, Any], teacher: Any = None, *,
                model: Any, tx: optax.GradientTransformation, tasks: tuple[Task, ...],
                weights: weighting.Weighting, axis_name: str | None = None,
-               accum_steps: int = 1, distill: Any = None) -> tuple[TrainState, Metrics]:
+               accum_steps: int = 1, distill: Any = None,
+               dropped_from: int = 0) -> tuple[TrainState, Metrics]:
     """One optimizer step. Under pmap (``axis_name``) each device computes gradients of its
     share and ``lax.pmean`` averages them; under the mesh path the batch is one global array.
     ``teacher``: the frozen teacher's variables, read when ``distill`` is given
-    (``trainer.distill``)."""
+    (``trainer.distill``). ``dropped_from``: the first step whose loss includes the
+    modality-dropped view (``complete_input_term``)."""
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
@@ -224,12 +237,13 @@ def train_step(state: TrainState, batch: Mapping[str, Any], teacher: Any = None,
                              "or no accumulation")
         grads, metrics, model_state = accumulated_grads(
             trainable, state.model_state, batch, rng, state.step, model=model, tasks=tasks,
-            weights=weights, accum_steps=accum_steps)
+            weights=weights, accum_steps=accum_steps, dropped_from=dropped_from)
     else:
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, (metrics, model_state)), grads = grad_fn(
             trainable, state.model_state, batch, rng, state.step, model=model, tasks=tasks,
-            weights=weights, train=True, teacher=teacher, distill=distill)
+            weights=weights, train=True, teacher=teacher, distill=distill,
+            dropped_from=dropped_from)
     if axis_name is not None:
         grads = lax.pmean(grads, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
