@@ -74,7 +74,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   "num_mel_bins": 64, "max_frames": 128},
         # Clips ("video": "x.mp4", any FFmpeg format): num_frames taken every stride frames
         # (or at fps > 0 frames per second), each resized to size x size (mmjax.pp.video).
-        "video": {"num_frames": 8, "stride": 2, "fps": 0.0, "size": 32},
+        # Evaluation and predict average the class probabilities over num_clips windows x
+        # num_crops square crops per clip (1 x 1: the centre window, whole frames).
+        "video": {"num_frames": 8, "stride": 2, "fps": 0.0, "size": 32, "num_clips": 1,
+                  "num_crops": 1},
         "skip_bad": False,
         # Records are data, not trusted (docs/security.md): paths leaving DIR are refused, and
         # so are files whose header promises more than these limits, before decoding.

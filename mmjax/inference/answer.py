@@ -15,6 +15,7 @@ from mmjax.data import pipeline
 from mmjax.inference import quantize as quantize_lib
 from mmjax.models.heads import CONTRASTIVE_KINDS
 from mmjax.models.multimodal import MultimodalModel
+from mmjax.pp import video as video_pp
 from mmjax.trainer.runs import Run, RunError
 
 
@@ -70,8 +71,9 @@ def model_inputs(batch: Mapping[str, Any], names: list[str], *,
 
 def first_rows(run: Run, split: str, n: int) -> dict[str, Any]:
     """The first ``n`` examples of ``split`` (fewer if it is smaller), preprocessed as
-    evaluation does, without padding rows."""
-    batch = next(iter(pipeline.eval_batches(run.config.data, split, batch_size=n,
-                                            tokenizer=run.tokenizer)))
+    evaluation does with one view per example (an exported function takes one clip), without
+    padding rows."""
+    batch = next(iter(pipeline.eval_batches(video_pp.single_view(run.config.data), split,
+                                            batch_size=n, tokenizer=run.tokenizer)))
     keep = np.asarray(batch.pop("valid")) > 0
     return jax.tree.map(lambda x: np.asarray(x)[keep], batch)

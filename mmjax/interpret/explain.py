@@ -25,6 +25,7 @@ from mmjax.inference import answer
 from mmjax.interpret import capture, contributions, layout, methods, report, views
 from mmjax.models import encoders
 from mmjax.models.multimodal import prepare
+from mmjax.pp import video as video_pp
 from mmjax.trainer import runs
 from mmjax.trainer import workdir as workdir_lib
 
@@ -133,8 +134,9 @@ def explain(workdir: str | Path, output: str | Path, *, split: str = "test", lim
     bs = min(batch_size, limit) if limit else batch_size
     with files.replaced_dir(out_dir, owned=OWNED) as tmp, \
             open(tmp / EXPLANATIONS, "w", encoding="utf-8") as f:
-        for batch in pipeline.eval_batches(run.config.data, split, batch_size=bs,
-                                           tokenizer=run.tokenizer):
+        # One view per example (the centre clip): the maps are drawn over the input itself.
+        for batch in pipeline.eval_batches(video_pp.single_view(run.config.data), split,
+                                           batch_size=bs, tokenizer=run.tokenizer):
             valid = np.asarray(batch["valid"]) > 0
             labels = np.asarray(batch["label"])
             # what the towers read (uint8 pixels as [-1, 1] floats): gradients need floats

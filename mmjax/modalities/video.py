@@ -42,10 +42,10 @@ def _per_frame(name: str) -> Corruption:
     def apply(entry: np.ndarray, severity: int, rng: np.random.Generator, tokenizer: Any
               ) -> np.ndarray:
         clips = np.asarray(entry)
-        if clips.ndim != 5:
-            raise CorruptionError(f"video_{name}: expected clips [B, T, H, W, 3], got "
+        if clips.ndim not in (5, 6):
+            raise CorruptionError(f"video_{name}: expected clips [B, (V,) T, H, W, 3], got "
                                   f"{clips.shape}")
-        pixels, back = image.image_pixels(clips.reshape(-1, *clips.shape[2:]))
+        pixels, back = image.image_pixels(clips.reshape(-1, *clips.shape[-3:]))
         out = np.stack([image.corrupt_image(p, name, severity, rng) for p in pixels])
         return back(out).reshape(clips.shape)
 
@@ -55,9 +55,12 @@ def _per_frame(name: str) -> Corruption:
 def _frame_drop(entry: np.ndarray, severity: int, rng: np.random.Generator, tokenizer: Any
                 ) -> np.ndarray:
     clips = np.asarray(entry)
-    if clips.ndim != 5:
-        raise CorruptionError(f"frame_drop: expected clips [B, T, H, W, 3], got {clips.shape}")
-    return np.stack([frame_drop(c, FRAME_DROP[severity - 1], rng) for c in clips])
+    if clips.ndim not in (5, 6):
+        raise CorruptionError(f"frame_drop: expected clips [B, (V,) T, H, W, 3], got "
+                              f"{clips.shape}")
+    flat = clips.reshape(-1, *clips.shape[-4:])  # each view of a clip drops its own frames
+    return np.stack([frame_drop(c, FRAME_DROP[severity - 1], rng) for c in flat]
+                    ).reshape(clips.shape)
 
 
 def strip(entry: Any) -> Any:

@@ -15,11 +15,17 @@ The ops (registered in ``mmjax.pp.ops``'s registry when ``mmjax.pp`` is imported
   and ``video_flip(p)``: one spatial transform drawn per clip and applied alike to all its
   frames (a flip turns "left" into "right": name it only where the labels allow).
 
-``data.video`` configures them: ``{"num_frames", "stride", "fps", "size"}``.
+``data.video`` configures them: ``{"num_frames", "stride", "fps", "size", "num_clips",
+"num_crops"}``. At evaluation (``window="center"``) ``num_clips`` x ``num_crops`` > 1 makes
+``decode_video`` emit views ``[V, T, H, W, 3]`` (the Kinetics test protocol): windows spread
+evenly over the clip, times square crops at both ends and the centre of the longer side; the
+model averages its class probabilities over them (``mmjax.models.views``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import os
 import threading
@@ -44,6 +50,12 @@ class Sampling:
     stride: int = 2
     fps: float = 0.0  # > 0: frames at this rate by timestamp (``stride`` is then unused)
     size: int = 32
+    num_clips: int = 1  # evaluation: windows spread evenly over the clip (1: the centre one)
+    num_crops: int = 1  # evaluation: square crops along the longer side (1: none, as today)
+
+    @property
+    def num_views(self) -> int:
+        return self.num_clips * self.num_crops
 
 
 def sampling(ctx: Context) -> Sampling:
@@ -57,10 +69,23 @@ def sampling(ctx: Context) -> Sampling:
     if unknown:
         raise ValueError(f"data.video has unknown keys {unknown}; known: {sorted(known)}")
     s = Sampling(**cfg)
-    if s.num_frames < 1 or s.stride < 1 or s.fps < 0 or s.size < 1:
-        raise ValueError(f"data.video: num_frames, stride and size must be positive and fps "
-                         f">= 0, got {cfg}")
+    if min(s.num_frames, s.stride, s.size, s.num_clips, s.num_crops) < 1 or s.fps < 0:
+        raise ValueError(f"data.video: num_frames, stride, size, num_clips and num_crops must be "
+                         f"positive and fps >= 0, got {cfg}")
     return s
+
+
+def single_view(data_config: Any) -> Any:
+    """``data_config`` with ``data.video.num_clips = num_crops = 1`` (a copy; the same object
+    when it has no views): for what reads one clip per example (export, explanations)."""
+    video = getattr(data_config, "get", lambda k, d: d)("video", None)
+    if video is None or (video.get("num_clips", 1), video.get("num_crops", 1)) == (1, 1):
+        return data_config
+    out = copy.deepcopy(data_config)
+    unlocked = out.unlocked() if hasattr(out, "unlocked") else contextlib.nullcontext()
+    with unlocked:
+        out.video.num_clips = out.video.num_crops = 1
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +149,27 @@ def window_indices(n: int, s: Sampling, fps: float, start: int | None) -> np.nda
         start = max(n - covered, 0) // 2
     return np.minimum(start + np.floor(np.arange(s.num_frames) * step).astype(np.int64),
                       max(n - 1, 0))
+
+
+def clip_starts(n: int, s: Sampling, fps: float) -> np.ndarray:
+    """First source frame of each of the ``s.num_clips`` evaluation windows: one (the centre
+    window) or spread evenly from the first frame to the last full window."""
+    slack = max(n - span(s, fps)[1], 0)
+    if s.num_clips == 1:
+        return np.asarray([slack // 2], np.int64)
+    return np.arange(s.num_clips, dtype=np.int64) * slack // (s.num_clips - 1)
+
+
+def crop_boxes(height: int, width: int, num_crops: int) -> list[tuple[int, int, int, int]]:
+    """(left, top, right, bottom) of ``num_crops`` squares of the shorter side spread evenly
+    along the longer one: 3 = both ends and the centre (SlowFast's test crops)."""
+    side = min(height, width)
+    slack = max(height, width) - side
+    offsets = [slack // 2] if num_crops == 1 else \
+        [i * slack // (num_crops - 1) for i in range(num_crops)]
+    if width >= height:
+        return [(o, 0, o + side, side) for o in offsets]
+    return [(0, o, side, o + side) for o in offsets]
 
 
 def _start(n: int, s: Sampling, fps: float, window: str, rng: Any) -> int | None:
@@ -235,6 +281,36 @@ def decode_video(value: Any, s: Sampling, window: str = "center", rng: Any = Non
         return read_frames(path, idx, info, container, size)
 
 
+def decode_views(value: Any, s: Sampling, root: str = "") -> np.ndarray:
+    """The evaluation views of a clip: uint8 ``[V, T, H, W, 3]``, ``V = num_clips x
+    num_crops`` (clip-major). Windows at ``clip_starts``; with ``num_crops`` > 1 each is cut
+    into ``crop_boxes`` resized to ``s.size``, else its frames stay whole. Frames shared by
+    overlapping windows are decoded once."""
+    if isinstance(value, np.ndarray):
+        frames = value if value.ndim == 4 else value[None]
+        n, fps = len(frames), 0.0
+        windows = [window_indices(n, s, fps, int(a)) for a in clip_starts(n, s, fps)]
+        clips = [frames[w].astype(np.uint8, copy=False) for w in windows]
+    else:
+        path = os.path.join(root, str(value))
+        with _open(path) as container:
+            stream = _video_stream(container, path)
+            info = _info(container, stream)
+            windows = [window_indices(info.num_frames, s, info.fps, int(a))
+                       for a in clip_starts(info.num_frames, s, info.fps)]
+            flat = np.concatenate(windows)
+            order = np.argsort(flat, kind="stable")
+            got = read_frames(path, flat[order], info, container)
+            decoded = np.empty((len(flat), *got.shape[1:]), np.uint8)
+            decoded[order] = got
+        clips = list(decoded.reshape(len(windows), s.num_frames, *decoded.shape[1:]))
+    if s.num_crops > 1:
+        h, w = clips[0].shape[1:3]
+        clips = [_resize_frames(c, s.size, box) for c in clips
+                 for box in crop_boxes(h, w, s.num_crops)]
+    return np.ascontiguousarray(np.stack(clips))
+
+
 def decode_audio_track(path: str, rate: int, max_seconds: float) -> np.ndarray:
     """The first audio stream of a media file (a video's soundtrack) → float32 mono at
     ``rate`` Hz (0: its own), through FFmpeg's resampler."""
@@ -266,6 +342,8 @@ def _decode_video(ctx: Context, window: str = "random", key: str = "video") -> O
     s = sampling(ctx)
 
     def fn(ex: Example, rng: Any) -> Example:
+        if window == "center" and s.num_views > 1:
+            return {**ex, key: decode_views(ex[key], s, ctx.root)}
         return {**ex, key: decode_video(ex[key], s, window, rng, ctx.root)}
 
     return fn
@@ -273,14 +351,17 @@ def _decode_video(ctx: Context, window: str = "random", key: str = "video") -> O
 
 def _resize_frames(frames: np.ndarray, size: int, box: tuple[int, int, int, int] | None = None
                    ) -> np.ndarray:
-    """Each frame's ``box`` (left, top, right, bottom; None: whole) resized to size x size."""
-    if box is None and frames.shape[1] == frames.shape[2] == size:
+    """Each frame's ``box`` (left, top, right, bottom; None: whole) resized to size x size;
+    ``frames`` [..., H, W, 3] (a clip, or views of one)."""
+    h, w = frames.shape[-3:-1]
+    if box in (None, (0, 0, w, h)) and h == w == size:
         return frames
-    out = np.empty((len(frames), size, size, 3), np.uint8)
-    for i, f in enumerate(frames):
+    flat = frames.reshape(-1, h, w, 3)
+    out = np.empty((len(flat), size, size, 3), np.uint8)
+    for i, f in enumerate(flat):
         im = Image.fromarray(f)
         out[i] = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR, box=box))
-    return out
+    return out.reshape(*frames.shape[:-3], size, size, 3)
 
 
 @register("video_resize")
@@ -298,7 +379,7 @@ def _video_center_crop(ctx: Context, size: int = 0, key: str = "video") -> OpFn:
     size = size or sampling(ctx).size
 
     def fn(ex: Example, rng: Any) -> Example:
-        h, w = ex[key].shape[1:3]
+        h, w = ex[key].shape[-3:-1]
         s = min(h, w)
         top, left = (h - s) // 2, (w - s) // 2
         return {**ex, key: _resize_frames(ex[key], size, (left, top, left + s, top + s))}
