@@ -25,18 +25,23 @@ def _eval_op(**video: float) -> ops.Op:
     return ops.parse("decode_video(window='center')", _ctx(**video))[0]
 
 
-@pytest.mark.parametrize("n,stride,frames,clips", [(40, 3, 4, 3), (31, 2, 5, 4), (13, 2, 5, 2),
-                                                   (9, 1, 9, 3)])
-def test_windows_are_spread_evenly_over_a_real_clip(tmp_path, n, stride, frames, clips):
-    path = write_clip(tmp_path / "c.mp4", level_frames(n, 16, 16))
-    video = _eval_op(num_frames=frames, stride=stride, num_clips=clips, size=16)(
-        {"video": str(path)})["video"]
-    assert video.shape == (clips, frames, 16, 16, 3) and video.dtype == np.uint8
+@pytest.mark.parametrize("n,stride,frames,clips,crops", [
+    (40, 3, 4, 3, 1), (31, 2, 5, 4, 1), (13, 2, 5, 2, 1), (9, 1, 9, 3, 1), (30, 3, 4, 1, 3),
+    (31, 2, 4, 2, 3)])
+def test_windows_are_spread_evenly_over_a_real_clip(tmp_path, n, stride, frames, clips, crops):
+    path = write_clip(tmp_path / "c.mp4", level_frames(n, 16, 24))
+    video = _eval_op(num_frames=frames, stride=stride, num_clips=clips, num_crops=crops,
+                     size=16)({"video": str(path)})["video"]
+    assert video.shape == (clips * crops, frames, 16, 16 if crops > 1 else 24, 3)
+    assert video.dtype == np.uint8
     covered = (frames - 1) * stride + 1
-    # first window at frame 0, last one ending on the last frame, the others evenly between
-    starts = np.floor(np.linspace(0, n - covered, clips) + 1e-9).astype(int)
+    # one window: the centre one; several: the first at frame 0, the last ending on the last
+    # frame, the others evenly between
+    starts = np.floor(np.linspace(0, n - covered, clips) + 1e-9).astype(int) if clips > 1 \
+        else np.asarray([(n - covered) // 2])
     want = starts[:, None] + stride * np.arange(frames)[None]
-    np.testing.assert_array_equal(np.stack([frame_index(v) for v in video]), want)
+    got = np.stack([frame_index(v) for v in video]).reshape(clips, crops, frames)
+    np.testing.assert_array_equal(got, np.broadcast_to(want[:, None], got.shape))
     np.testing.assert_array_equal(
         video_pp.clip_starts(n, video_pp.Sampling(frames, stride, num_clips=clips), 0.0), starts)
 
