@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,12 @@ import pytest
 from PIL import Image
 
 from configs import folder as folder_config
-from mmjax.data import pipeline
-from mmjax.inference import answer
+from mmjax.data import pipeline, shapes_video
+from mmjax.inference import answer, predict
+from mmjax.inference.checkpoint_metrics import checkpoint_metrics
 from mmjax.models.multimodal import build_model
 from mmjax.trainer import loop, runs
-from tests.test_video_folder import write_set
+from tests.video_clips import write_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,9 +54,31 @@ def _probs(model: object, variables: dict, batches: object, *, drop: bool = Fals
     return np.concatenate(probs), np.concatenate(labels)
 
 
-@pytest.mark.slow
-def test_predict_evaluate_explain_export_on_a_video_model(tmp_path):
-    data = write_set(tmp_path / "data", {"train": 8, "val": 4, "test": 6})
+def write_set(root: Path, sizes: dict[str, int]) -> Path:
+    """``shapes_video`` examples as 16-frame H.264 clips with their JSONL records; frames of
+    val and test are 48 x 32 (the 32-px clip on the left, a grey ramp on the right), so that
+    square crops along their width differ."""
+    (root / "clips").mkdir(parents=True)
+    ramp = np.broadcast_to(np.linspace(0, 255, 16).astype(np.uint8)[None, None, :, None],
+                           (16, 32, 16, 3))
+    for split, n in sizes.items():
+        lines = []
+        for i in range(n):
+            ex = shapes_video.make_example(split, i, frames=16)
+            frames = ex["video"] if split == "train" else np.concatenate([ex["video"], ramp], 2)
+            name = f"clips/{split}_{i}.mp4"
+            write_clip(root / name, frames)
+            lines.append(json.dumps({"video": name, "text": ex["question"],
+                                     "label": shapes_video.DIRECTIONS[ex["label"]]}) + "\n")
+        (root / f"{split}.jsonl").write_text("".join(lines))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The smallest video + text folder model (``configs/folder.py:tiny``), two steps."""
+    base = tmp_path_factory.mktemp("video_cli")
+    data = write_set(base / "data", {"train": 8, "val": 4, "test": 6})
     c = folder_config.get_config("tiny")
     c.data.path = str(data)
     c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 2, 2, 2, 2
@@ -62,9 +86,13 @@ def test_predict_evaluate_explain_export_on_a_video_model(tmp_path):
     c.batch_size, c.eval_batch_size = 4, 8
     c.evals = ml_collections.ConfigDict()  # the per-question-type evaluator: not needed here
     c.model.encoders.video.update(width=32, mlp_dim=64)
-    work = tmp_path / "run"
-    loop.train_and_evaluate(c, work)
+    loop.train_and_evaluate(c, base / "run")
+    return data, base / "run"
 
+
+@pytest.mark.slow
+def test_predict_evaluate_explain_export_on_a_video_model(trained, tmp_path):
+    data, work = trained
     procs = {
         "predict": _start("mmjax.predict", f"--workdir={work}", f"--input={data}/test.jsonl",
                           f"--output={tmp_path}/answers.jsonl", "--top_k=4"),
@@ -127,3 +155,41 @@ def test_predict_evaluate_explain_export_on_a_video_model(tmp_path):
     want = jax.nn.softmax(model.apply(variables, {"video": video, "text": text})["answer"]
                           ["logits"])
     np.testing.assert_allclose(np.asarray(exported.call(*args)), np.asarray(want), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_evaluate_and_predict_average_the_views(trained, tmp_path):
+    """The run evaluated with 2 windows x 3 crops per clip (set in its config.json): the
+    metrics and answers are those of the class probabilities averaged over the 6 views, each
+    view answered alone by the plain model here."""
+    data, work = trained
+    shutil.copytree(work, tmp_path / "run")
+    work = tmp_path / "run"
+    config = json.loads((work / "config.json").read_text())
+    config["data"]["video"].update(num_clips=2, num_crops=3)
+    (work / "config.json").write_text(json.dumps(config))
+
+    metrics = checkpoint_metrics(work, split="test")
+    predict.predict(work, data / "test.jsonl", tmp_path / "answers.jsonl", top_k=4)
+
+    run = runs.load(work)
+    model = build_model(run.config.model)
+    one = jax.jit(lambda x: jax.nn.softmax(model.apply(run.variables(), x)["answer"]["logits"]))
+    batch = next(iter(pipeline.eval_batches(run.config.data, "test", batch_size=8,
+                                            tokenizer=run.tokenizer)))
+    assert batch["video"].shape == (8, 6, 8, 32, 32, 3)
+    keep = np.asarray(batch["valid"]) > 0
+    each = np.stack([np.asarray(one({"video": batch["video"][:, v], "text": batch["text"]}))
+                     for v in range(6)])[:, keep]
+    assert each.std(axis=0).max() > 1e-4  # the views are answered differently
+    probs, labels = each.mean(axis=0), np.asarray(batch["label"])[keep]
+    assert metrics["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == labels), abs=1e-6)
+    nll = -np.log(probs[np.arange(len(labels)), labels]).mean()
+    np.testing.assert_allclose(metrics["answer_loss"], nll, rtol=1e-5)
+    centre = -np.log(each[0][np.arange(len(labels)), labels]).mean()
+    assert abs(nll / centre - 1) > 1e-4  # not one view's answer
+
+    answers = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    got = np.asarray([[{x["label"]: x["score"] for x in a["predictions"]}[k]
+                       for k in run.label_names] for a in answers])
+    np.testing.assert_allclose(got, probs, rtol=1e-4)
