@@ -27,8 +27,9 @@ at the scale of the patch content, an embedding-only text tower, a one-layer Whi
 tower (tokens of 20 ms), two cross-attention fusion layers (the question attends to the other
 modalities' tokens), AdamW at lr 5e-4 for 3,000 steps of 64, no dropout, and neither crops nor
 flips (a crop moves content off the patch grid, a flip changes a digit, a letter or "left of";
-dropout slows questions about where things are). With ``model.modality_dropout`` > 0 every step
-also trains on each example's complete input (``model.complete_input_weight``). The ``qa``
+dropout slows questions about where things are). With ``model.modality_dropout`` > 0 the run
+trains on complete inputs alone until ``model.modality_dropout_start`` of its steps, then on each
+example's dropped view and its complete input (``model.complete_input_weight``). The ``qa``
 evaluator adds the accuracy per question type (the question's first two words).
 
 Arguments: ``tiny`` (few steps, for tests).

@@ -71,7 +71,8 @@ class MultimodalModel(nn.Module):
     ``modality_dropout`` = P also drops each modality of an example with probability P, never
     all of an example's modalities. The fusion replaces an absent modality by a learned token.
     ``complete_input_weight`` is read by the train step (``trainer.step``): with modality
-    dropout, the loss on every example's complete input is added with this weight.
+    dropout, the loss on every example's complete input is added with this weight (after the
+    run's ``modality_dropout_start``; before it, the step trains on complete inputs alone).
     """
 
     encoders: Mapping[str, Mapping[str, Any]]
