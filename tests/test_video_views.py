@@ -112,6 +112,26 @@ def test_the_answer_is_the_mean_of_each_views_probabilities():
                                atol=1e-7)
 
 
+def test_contrastive_embeddings_of_views_are_their_normalised_mean():
+    model = build_model({"encoders": {
+        "video": {"kind": "vivit", "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32,
+                  "patch_size": 4, "tubelet": 2}},
+        "heads": {"itc": {"kind": "contrastive", "embed_dim": 8, "modalities": ("video",)}}})
+    rng = np.random.default_rng(2)
+    video = rng.integers(0, 256, (2, 3, 4, 8, 8, 3), dtype=np.uint8)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), {"video": video[:, 0]})["params"]
+    variables = {"params": jax.tree.map(
+        lambda x: (0.5 * rng.normal(size=x.shape)).astype(x.dtype), shapes)}
+    def embed(m: object, x: np.ndarray) -> np.ndarray:
+        return np.asarray(jax.jit(lambda x: m.apply(  # type: ignore[attr-defined]
+            variables, x, task="itc", method="embed")["video_embeds"])({"video": x}))
+
+    each = np.stack([embed(model, video[:, v]) for v in range(3)])
+    want = each.mean(0) / np.linalg.norm(each.mean(0), axis=-1, keepdims=True)
+    got = embed(views.with_views(model), video)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_one_view_is_exactly_the_centre_window_of_before(tmp_path):
     path = write_clip(tmp_path / "c.mp4", level_frames(30, 16, 24))
     s = video_pp.Sampling(num_frames=4, stride=3, size=16)
@@ -136,3 +156,22 @@ def test_one_view_is_exactly_the_centre_window_of_before(tmp_path):
     single = video_pp.single_view(data)
     assert (single.video.num_clips, single.video.num_crops) == (1, 1)
     assert (data.video.num_clips, data.video.num_crops) == (3, 3)
+
+
+def test_corruptions_act_on_each_view_of_a_clip():
+    """``evaluate --corrupt`` on batches with views: shapes kept, frames never cross views."""
+    from mmjax import modalities
+
+    clips = np.zeros((2, 3, 6, 8, 8, 3), np.uint8)
+    clips += (np.arange(2 * 3 * 6).reshape(2, 3, 6) * 4).astype(np.uint8)[..., None, None, None]
+    video = modalities.get("video")
+    rng = np.random.default_rng(0)
+    dropped = video.corruptions["frame_drop"].apply(clips, 5, rng, None)
+    assert dropped.shape == clips.shape
+    for b in range(2):
+        for v in range(3):
+            own = set(clips[b, v, :, 0, 0, 0].tolist())
+            assert set(dropped[b, v, :, 0, 0, 0].tolist()) <= own
+            assert len(set(dropped[b, v, :, 0, 0, 0].tolist())) < len(own)  # some frames gone
+    noisy = video.corruptions["video_gaussian_noise"].apply(clips, 3, rng, None)
+    assert noisy.shape == clips.shape and noisy.dtype == clips.dtype and (noisy != clips).any()

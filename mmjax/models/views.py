@@ -5,7 +5,8 @@ The eval preprocessing of a clip may emit ``V`` views, ``[B, V, T, H, W, 3]`` fo
 once on the ``B * V`` rows (every other input repeated per view) and averages per example:
 class probabilities for classification heads, returned as logits ``log(mean_v softmax)`` so
 that the loss, accuracy, ``softmax`` in predict and every other reader of ``logits`` see the
-averaged prediction; other per-row outputs by their mean. Without views it is the model.
+averaged prediction; other per-row outputs by their mean (contrastive embeddings: the mean,
+normalised again). Without views it is the model.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def fold(batch: Mapping[str, Any], views: int) -> dict[str, Any]:
 def average(outputs: Mapping[str, Any], heads: Mapping[str, Mapping[str, Any]],
             views: int) -> dict[str, Any]:
     """Per task, the outputs of ``B * views`` rows averaged to ``B``: a classification head's
-    ``logits`` become ``log(mean_v softmax(logits))``, other row arrays their mean."""
+    ``logits`` become ``log(mean_v softmax(logits))``, ``*_embeds`` their mean normalised, other
+    row arrays their mean."""
 
     def per_example(x: Any) -> Any:
         if getattr(x, "ndim", 0) == 0:
@@ -67,10 +69,16 @@ def average(outputs: Mapping[str, Any], heads: Mapping[str, Mapping[str, Any]],
             elif classification and name == "logits":
                 logp = jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
                 entry[name] = jax.nn.logsumexp(logp, axis=1) - jnp.log(float(views))
+            elif name.endswith("_embeds"):  # contrastive: unit vectors stay unit vectors
+                entry[name] = _unit(jnp.mean(x, axis=1))
             else:
                 entry[name] = jnp.mean(x, axis=1).astype(x.dtype)
         out[task] = entry
     return out
+
+
+def _unit(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 class ViewAveraged(MultimodalModel):
@@ -82,6 +90,17 @@ class ViewAveraged(MultimodalModel):
             return super().__call__(batch, train=train)
         out = super().__call__(fold(batch, views), train=train)
         return average(out, self.heads, views)
+
+    def embed(self, batch: Mapping[str, Any], *, task: str) -> dict[str, jax.Array]:
+        """A contrastive head's embeddings, each example's the mean over its views,
+        L2-normalised again (retrieval and ``predict --embed`` on clips with views)."""
+        views = count(batch)
+        if views == 1:
+            return super().embed(batch, task=task)
+        out = super().embed(fold(batch, views), task=task)
+        means = {k: jnp.mean(v.reshape(v.shape[0] // views, views, *v.shape[1:]), axis=1)
+                 for k, v in out.items()}
+        return {k: _unit(v) for k, v in means.items()}
 
 
 def with_views(model: MultimodalModel) -> MultimodalModel:
