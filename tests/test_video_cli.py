@@ -82,7 +82,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     c = folder_config.get_config("tiny")
     c.data.path = str(data)
     c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 2, 2, 2, 2
-    c.optimizer.warmup_steps, c.optimizer.lr = 0, 5e-3  # two steps that move the answers
+    c.optimizer.warmup_steps, c.optimizer.lr = 0, 5e-2  # two steps that move the answers
     c.batch_size, c.eval_batch_size = 4, 8
     c.evals = ml_collections.ConfigDict()  # the per-question-type evaluator: not needed here
     c.model.encoders.video.update(width=32, mlp_dim=64)
@@ -181,7 +181,9 @@ def test_evaluate_and_predict_average_the_views(trained, tmp_path):
     keep = np.asarray(batch["valid"]) > 0
     each = np.stack([np.asarray(one({"video": batch["video"][:, v], "text": batch["text"]}))
                      for v in range(6)])[:, keep]
-    assert each.std(axis=0).max() > 1e-4  # the views are answered differently
+    # the views are answered differently enough that averaging logits instead of
+    # probabilities moves the loss beyond the tolerance below
+    assert each.std(axis=0).max() > 1e-3
     probs, labels = each.mean(axis=0), np.asarray(batch["label"])[keep]
     assert metrics["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == labels), abs=1e-6)
     nll = -np.log(probs[np.arange(len(labels)), labels]).mean()
