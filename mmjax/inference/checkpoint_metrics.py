@@ -22,7 +22,6 @@ import numpy as np
 from mmjax.data import pipeline
 from mmjax.data.records import SPLITS
 from mmjax.inference import quantize as quantize_lib
-from mmjax.models import views
 from mmjax.robust import attacks as attacks_lib
 from mmjax.robust import corruptions, drop
 from mmjax.trainer import loop, runs
@@ -115,11 +114,6 @@ def checkpoint_metrics(workdir: str | Path, *, split: str = "test", step: str | 
     info = {"vocab_size": run.tokenizer.vocab_size, "num_classes": len(run.label_names)}
     s = loop.assemble(run.config, run.workdir, par=par, tokenizer=run.tokenizer,
                       data_info=info, label_names=run.label_names)
-    # Eval inputs with several views per example (data.video.num_clips x num_crops) are
-    # answered by the view average, here and in the evaluators.
-    s = dataclasses.replace(s, model=views.with_views(s.model))
-    for ev in s.evaluators.values():
-        ev.env.model = views.with_views(ev.env.model)
     dropped = drop.parse_drop(drop_modalities, s.model.encoders)
     drop_fn = drop.batch_drop(dropped) if dropped else None
     if dropped and s.evaluators:

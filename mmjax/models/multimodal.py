@@ -26,7 +26,7 @@ from mmjax import modalities
 from mmjax.models import encoders as encoders_lib
 from mmjax.models import fusion as fusion_lib
 from mmjax.models import heads as heads_lib
-from mmjax.models import layers, objectives
+from mmjax.models import layers, objectives, views
 
 Array = jax.Array
 
@@ -135,7 +135,12 @@ class MultimodalModel(nn.Module):
         return {m: keep[:, i] for i, m in enumerate(names)}
 
     def __call__(self, batch: Mapping[str, Any], *, train: bool = False) -> dict[str, Any]:
-        """``{task: head outputs}`` for every head."""
+        """``{task: head outputs}`` for every head. A batch whose clips carry evaluation views
+        (``[B, V, T, H, W, 3]``) is answered per example by the average over its views
+        (``mmjax.models.views``)."""
+        n = views.count(batch)
+        if n > 1:
+            return views.average(self(views.fold(batch, n), train=train), self.heads, n)
         batch = self.inputs(batch)
         # MAE-only pretraining reads nothing from the full-view pass: skip it.
         full_view = any(c["kind"] != "mim" for c in self.heads.values())
@@ -159,7 +164,11 @@ class MultimodalModel(nn.Module):
 
     def embed(self, batch: Mapping[str, Any], *, task: str) -> dict[str, Array]:
         """``{f"{m}_embeds": L2-normalised [B, E]}`` of contrastive head ``task`` for the
-        modalities present in ``batch`` (texts alone, images alone); equal to the forward's."""
+        modalities present in ``batch`` (texts alone, images alone); equal to the forward's.
+        Clips with views: each example's embedding averaged over its views."""
+        n = views.count(batch)
+        if n > 1:
+            return views.average_embeddings(self.embed(views.fold(batch, n), task=task), n)
         if self.heads.get(task, {}).get("kind") not in heads_lib.CONTRASTIVE_KINDS:
             raise ValueError(f"embed needs a contrastive head; {task!r} is not one "
                              f"(heads: {sorted(self.heads)})")

@@ -191,10 +191,6 @@ class ViViT(nn.Module):
     def __call__(self, video: Array, *, train: bool = False) -> dict[str, Array | None]:
         s = self.sizes()
         p, dtype, d = s["patch_size"], self.opts.dtype, s["width"]
-        if video.ndim == 6:
-            raise ValueError(f"video of shape {video.shape} has views [B, V, T, H, W, C] "
-                             "(data.video.num_clips x num_crops > 1): the model must average "
-                             "them (mmjax.models.views.with_views)")
         if video.ndim != 5:
             raise ValueError(f"video must be [B, T, H, W, C], got shape {video.shape}")
         if video.shape[1] % self.tubelet or video.shape[2] % p or video.shape[3] % p:

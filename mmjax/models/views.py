@@ -1,24 +1,22 @@
 """Several views of one example at evaluation: fold them into the batch, average the answers.
 
 The eval preprocessing of a clip may emit ``V`` views, ``[B, V, T, H, W, 3]`` for video
-(``data.video.num_clips`` x ``num_crops``, ``mmjax.pp.video``). ``ViewAveraged`` runs the model
-once on the ``B * V`` rows (every other input repeated per view) and averages per example:
+(``data.video.num_clips`` x ``num_crops``, ``mmjax.pp.video``). ``MultimodalModel`` then runs
+once on the ``B * V`` rows (``fold``: every other input repeated per view) and averages per
+example (``average``, ``average_embeddings``):
 class probabilities for classification heads, returned as logits ``log(mean_v softmax)`` so
 that the loss, accuracy, ``softmax`` in predict and every other reader of ``logits`` see the
 averaged prediction; other per-row outputs by their mean (contrastive embeddings: the mean,
-normalised again). Without views it is the model.
+normalised again).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-
-from mmjax.models.multimodal import MultimodalModel
 
 # Per modality, the rank of a batch entry that carries views (one more than a plain batch).
 VIEW_RANK = {"video": 6}
@@ -81,32 +79,9 @@ def _unit(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-class ViewAveraged(MultimodalModel):
-    """``MultimodalModel`` (same parameters) whose forward accepts views: see the module."""
-
-    def __call__(self, batch: Mapping[str, Any], *, train: bool = False) -> dict[str, Any]:
-        views = count(batch)
-        if views == 1:
-            return super().__call__(batch, train=train)
-        out = super().__call__(fold(batch, views), train=train)
-        return average(out, self.heads, views)
-
-    def embed(self, batch: Mapping[str, Any], *, task: str) -> dict[str, jax.Array]:
-        """A contrastive head's embeddings, each example's the mean over its views,
-        L2-normalised again (retrieval and ``predict --embed`` on clips with views)."""
-        views = count(batch)
-        if views == 1:
-            return super().embed(batch, task=task)
-        out = super().embed(fold(batch, views), task=task)
-        means = {k: jnp.mean(v.reshape(v.shape[0] // views, views, *v.shape[1:]), axis=1)
-                 for k, v in out.items()}
-        return {k: _unit(v) for k, v in means.items()}
-
-
-def with_views(model: MultimodalModel) -> MultimodalModel:
-    """``model`` as a ``ViewAveraged`` model (the same fields, so the same parameters)."""
-    if isinstance(model, ViewAveraged):
-        return model
-    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-              if f.init and f.name not in ("parent", "name")}
-    return ViewAveraged(**fields)
+def average_embeddings(out: Mapping[str, jax.Array], views: int) -> dict[str, jax.Array]:
+    """Contrastive embeddings of ``B * views`` rows: each example's mean over its views,
+    L2-normalised again."""
+    means = {k: jnp.mean(v.reshape(v.shape[0] // views, views, *v.shape[1:]), axis=1)
+             for k, v in out.items()}
+    return {k: _unit(v) for k, v in means.items()}

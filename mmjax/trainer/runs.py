@@ -24,7 +24,6 @@ from mmjax.data.folder import LABELS_FILE
 from mmjax.data.records import TOKENIZER_FILE
 from mmjax.errors import ExplainedError
 from mmjax.io import checkpoint
-from mmjax.models import views
 from mmjax.models.heads import CONTRASTIVE_KINDS
 from mmjax.models.multimodal import MultimodalModel, build_model
 from mmjax.optim import lora, trainable
@@ -74,9 +73,7 @@ class Run:
     loss_weights: Any = None  # learned loss weights, if the run has them
 
     def build_model(self, bn_axis_name: str | None = None) -> MultimodalModel:
-        """The run's model; it averages over the views of eval inputs that have several
-        (``data.video.num_clips`` x ``num_crops``, ``mmjax.models.views``)."""
-        return views.with_views(build_model(self.config.model, bn_axis_name=bn_axis_name))
+        return build_model(self.config.model, bn_axis_name=bn_axis_name)
 
     def model_params(self) -> dict[str, Any]:
         """The params inference applies: LoRA adapters merged into their kernels."""
