@@ -1,5 +1,6 @@
 """Video: decoding real clips (H.264 mp4, VP9 webm, MPEG-4 avi, mkv) with PyAV, temporal
-sampling, seeking in long files, a video's soundtrack as audio, bad files named, the video ops,
+sampling, seeking in long files, a video's soundtrack as audio, bad files named, TFDS ``Video``
+features, the video ops,
 corruptions, and the ViViT tower (shapes, and inflation from an image ViT, exact)."""
 
 from __future__ import annotations
@@ -108,6 +109,47 @@ def test_frame_size_limit_is_read_from_the_header(tmp_path):
     write_clip(tmp_path / "big.mp4", level_frames(8, 64, 64))
     with pytest.raises(ops.LimitError, match="64x64"):
         video_pp.probe(str(tmp_path / "big.mp4"), video_pp.Sampling(num_frames=2), 4000)
+
+
+def test_a_tfds_video_feature_is_the_video_modality(tmp_path):
+    """A TFDS ``Video`` feature (frames stored as PNGs) reaches batches through the same ops:
+    the eval batch holds each clip's centre window, the train batch a window of the clip."""
+    import ml_collections
+
+    from mmjax.data import pipeline
+    from tests import tfds_audio_builder, tfds_video_builder
+
+    cfg = ml_collections.ConfigDict({
+        "name": "tfds", "tfds_name": "mmjax_levels", "data_dir": str(tmp_path),
+        "video_key": "video", "text_key": "", "text": "how long?", "label_key": "label",
+        "train_split": "train", "val_split": "val", "test_split": "test", "max_len": 4,
+        "tokenizer": "", "vocab_size": 20, "cache": True,
+        "pp_train": "tokenize|decode_video|video_resize",
+        "pp_eval": "tokenize|decode_video(window='center')|video_resize",
+        "video": {"num_frames": 4, "stride": 3, "fps": 0.0, "size": 8},
+    })
+    with tfds_audio_builder.without_tensorflow():
+        tfds_video_builder.build(str(tmp_path))
+        import tensorflow_datasets as tfds
+
+        # the frame counts as TFDS stores them (it shuffles the examples when writing)
+        lengths = {s: [len(r["video"]) for r in tfds.data_source(
+            "mmjax_levels", split=s, data_dir=str(tmp_path))] for s in ("train", "val")}
+        tok = pipeline.build_tokenizer(cfg)
+        assert pipeline.modalities(cfg) == ("text", "video")
+        val = next(iter(pipeline.eval_batches(cfg, "val", batch_size=4, tokenizer=tok)))
+        train = next(pipeline.train_iterator(cfg, batch_size=4, seed=0, tokenizer=tok))
+    assert val["video"].shape == (4, 4, 8, 8, 3) and val["video"].dtype == np.uint8
+    covered = 3 * 3 + 1
+    assert sorted(lengths["val"]) == [tfds_video_builder.length("val", i) for i in range(4)]
+    for b, n in enumerate(lengths["val"]):
+        np.testing.assert_array_equal(frame_index(val["video"][b]),
+                                      (n - covered) // 2 + 3 * np.arange(4))
+        assert int(val["label"][b]) == n % 2
+    for clip in train["video"]:  # some window of the clip, frames 3 apart
+        idx = frame_index(clip)
+        np.testing.assert_array_equal(np.diff(idx), [3, 3, 3])
+        assert idx[0] >= 0 and idx[-1] < max(lengths["train"])
 
 
 def test_spatial_ops_treat_every_frame_alike():

@@ -64,21 +64,25 @@ class MmjaxBeeps(tfds.core.GeneratorBasedBuilder):
 
 @contextlib.contextmanager
 def without_tensorflow() -> Iterator[None]:
-    """Lets TFDS's ``Audio`` feature be constructed where TensorFlow is not installed: its
-    dtype conversions (TensorFlow's ``as_dtype``) are answered with numpy dtypes."""
-    from tensorflow_datasets.core.features import audio_feature, feature
+    """Lets TFDS's ``Audio`` and ``Video`` features be constructed where TensorFlow is not
+    installed: their dtype conversions (TensorFlow's ``as_dtype``) are answered with numpy
+    dtypes."""
+    from tensorflow_datasets.core.features import audio_feature, feature, video_feature
 
     try:
         import tensorflow  # noqa: F401
     except ImportError:
         shim = types.SimpleNamespace(dtypes=types.SimpleNamespace(as_dtype=np.dtype),
                                      string=np.dtype(object))
-        saved = audio_feature.tf, feature.tf
-        audio_feature.tf = feature.tf = shim
+        modules = (audio_feature, video_feature, feature)
+        saved = [m.tf for m in modules]
+        for m in modules:
+            m.tf = shim
         try:
             yield
         finally:
-            audio_feature.tf, feature.tf = saved
+            for m, tf in zip(modules, saved, strict=True):
+                m.tf = tf
         return
     yield
 
