@@ -205,6 +205,39 @@ def test_vivit_tokens(attention):
     assert (rows, cols) == ((3 * 2, 3) if attention == "joint" else (3, 1))
 
 
+def test_a_conv_stem_embeds_like_torch():
+    """``stem=2``: two 3x3 stride-2 convolutions (padding 1, tanh GELU) per frame, then the
+    tubelet embedding over a quarter of the patch, against the same layers in torch; the
+    token grid and the FLOP count follow the strided shapes."""
+    torch = pytest.importorskip("torch")
+    model = ViViT(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=8, tubelet=2, stem=2)
+    x = np.random.default_rng(2).uniform(-1, 1, (2, 4, 16, 24, 3)).astype(np.float32)
+    variables = model.init(jax.random.key(3), x)
+    out, inter = model.apply(variables, x, capture_intermediates=lambda m, _: m.name ==
+                             "embedding")
+    got = np.asarray(inter["intermediates"]["embedding"]["__call__"][0])
+    p = jax.tree.map(lambda a: torch.from_numpy(np.array(a, np.float64)), variables["params"])
+    h = torch.from_numpy(x.astype(np.float64)).flatten(0, 1).permute(0, 3, 1, 2)
+    for i in range(2):
+        w = p[f"stem_{i}"]["kernel"][0].permute(3, 2, 0, 1)
+        conv = torch.nn.functional.conv2d(h, w, p[f"stem_{i}"]["bias"], stride=2, padding=1)
+        h = torch.nn.functional.gelu(conv, approximate="tanh")
+    h = h.unflatten(0, (2, 4)).permute(0, 2, 1, 3, 4)  # [B, C, T, H, W]
+    w = p["embedding"]["kernel"].permute(4, 3, 0, 1, 2)
+    want = torch.nn.functional.conv3d(h, w, p["embedding"]["bias"], stride=2)
+    want = want.permute(0, 2, 3, 4, 1).numpy()
+    assert got.shape == want.shape == (2, 2, 2, 3, 32)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert out["tokens"].shape == (2, 2 * 2 * 3, 32)
+    stem_flops = 2 * (4 * 8 * 12 * 9 * 3 * 8 + 4 * 4 * 6 * 9 * 8 * 16)
+    plain = ViViT(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=8, tubelet=2)
+    embed_saved = 2 * 2 * 2 * 3 * 32 * (2 * 8 * 8 * 3 - 2 * 2 * 2 * 16)
+    assert model.flops(x.shape[1:])[0] == plain.flops(x.shape[1:])[0] + stem_flops - embed_saved
+    with pytest.raises(ValueError, match="stem=3"):
+        ViViT(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=4, stem=3).init(
+            jax.random.key(0), x)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["central", "mean"])
 def test_an_inflated_image_vit_sees_the_image(how):

@@ -75,6 +75,12 @@ class ViViT(nn.Module):
     Positions: ``"factorised"`` (a spatial table as the image ViT's plus a temporal one; the
     layout ``inflate_params`` fills), ``"joint"`` (one learnt table over all tokens, HF ViViT),
     ``"sincos"`` (fixed sinusoids, HF VideoMAE). Pooling: ``"gap"`` or ``"cls"``.
+
+    ``stem`` > 0 puts that many 3x3 stride-2 convolutions (GELU) on each frame before the
+    tubelet embedding, which then covers ``patch_size / 2**stem`` of their pixels: the token
+    grid is unchanged, but what a token says about a shape no longer depends on where the
+    shape sits in its patch (Xiao et al. 2021, early convolutions). Such towers start from
+    scratch: an image ViT has no stem to inflate.
     """
 
     variant: str = "mu/8"
@@ -84,6 +90,7 @@ class ViViT(nn.Module):
     num_heads: int | None = None
     patch_size: int | None = None
     tubelet: int = 2
+    stem: int = 0
     attention: str = "joint"
     temporal_depth: int = 1
     positions: str = "factorised"
@@ -133,13 +140,22 @@ class ViViT(nn.Module):
         s = self.sizes()
         p, d = s["patch_size"], s["width"]
         t, h, w = self._grid(input_shape)
-        embed = dense_flops(t * h * w, self.tubelet * p * p * input_shape[3], d)
+        q, c, embed = p, input_shape[3], 0
+        for width in self._stem_widths():
+            q //= 2
+            embed += dense_flops(input_shape[0] * q * q * h * w, 9 * c, width)
+            c = width
+        embed += dense_flops(t * h * w, self.tubelet * q * q * c, d)
         if self.attention == "factorised":
             total = embed + t * s["depth"] * layer_flops(h * w, d, s["mlp_dim"])
             n = t + int(self.class_token)
             return total + self.temporal_depth * layer_flops(n, d, s["mlp_dim"]), n, d
         n = t * h * w + int(self.class_token)
         return embed + s["depth"] * layer_flops(n, d, s["mlp_dim"]), n, d
+
+    def _stem_widths(self) -> list[int]:
+        """Channels of the stem's convolutions: doubling up to half the width."""
+        return [max(self.sizes()["width"] >> (self.stem - i), 1) for i in range(self.stem)]
 
     def _encoder(self, depth: int, final_norm: bool, name: str) -> layers.Encoder:
         s = self.sizes()
@@ -193,13 +209,22 @@ class ViViT(nn.Module):
         p, dtype, d = s["patch_size"], self.opts.dtype, s["width"]
         if video.ndim != 5:
             raise ValueError(f"video must be [B, T, H, W, C], got shape {video.shape}")
+        if p % (1 << self.stem):
+            raise ValueError(f"ViViT stem={self.stem} halves the patch size {p} that often; "
+                             f"it must divide by {1 << self.stem}")
         if video.shape[1] % self.tubelet or video.shape[2] % p or video.shape[3] % p:
             raise ValueError(f"video [T, H, W] = {video.shape[1:4]} is not a multiple of the "
                              f"tubelet ({self.tubelet}, {p}, {p})")
         if self.attention not in ATTENTION:
             raise ValueError(f"unknown ViViT attention {self.attention!r}; known: {ATTENTION}")
-        x = nn.Conv(d, (self.tubelet, p, p), strides=(self.tubelet, p, p), padding="VALID",
-                    dtype=dtype, name="embedding")(video.astype(dtype))
+        x, q = video.astype(dtype), p
+        for i, width in enumerate(self._stem_widths()):
+            x = nn.gelu(nn.Conv(width, (1, 3, 3), strides=(1, 2, 2),  # torch's padding=1
+                                padding=((0, 0), (1, 1), (1, 1)), dtype=dtype,
+                                name=f"stem_{i}")(x))
+            q //= 2
+        x = nn.Conv(d, (self.tubelet, q, q), strides=(self.tubelet, q, q), padding="VALID",
+                    dtype=dtype, name="embedding")(x)
         b, t, h, w, _ = x.shape
         x = x.reshape(b, t, h * w, d)
         if self.attention == "joint":
