@@ -113,10 +113,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     towers["series"] = {"kind": "series", "width": 64, "depth": 1, "num_heads": 4,
                         "mlp_dim": 256, "patch_size": 8, "max_patches": 8}
     # Video: a ViViT of tubelets of 2 frames x 8x8 pixels (4 x 16 tokens for 8 frames of 32 px)
-    # under one joint space-time attention layer. Removed when there are no clips.
+    # under one joint space-time attention layer (stem: 3x3 stride-2 convolutions per frame
+    # before it, docs/video.md). Removed when there are no clips.
     towers["video"] = {"kind": "vivit", "variant": "mu/8", "width": 64, "depth": 1,
                        "num_heads": 4, "mlp_dim": 256, "tubelet": 2, "attention": "joint",
-                       "pos_embedding_std": 1.0, "pool": "gap", "init_from": ""}
+                       "stem": 0, "pos_embedding_std": 1.0, "pool": "gap", "init_from": ""}
     c.model = ml_collections.ConfigDict({
         **model,
         "heads": {"answer": {"kind": "classification", "num_classes": 0}},  # 0: from data
