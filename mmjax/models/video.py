@@ -78,9 +78,9 @@ class ViViT(nn.Module):
 
     ``stem`` > 0 puts that many 3x3 stride-2 convolutions (GELU) on each frame before the
     tubelet embedding, which then covers ``patch_size / 2**stem`` of their pixels: the token
-    grid is unchanged, but what a token says about a shape no longer depends on where the
-    shape sits in its patch (Xiao et al. 2021, early convolutions). Such towers start from
-    scratch: an image ViT has no stem to inflate.
+    grid is unchanged, and what a token says about a shape depends less on where the shape
+    sits in its patch (Xiao et al. 2021, early convolutions). Such towers start from scratch:
+    an image ViT has no stem to inflate.
     """
 
     variant: str = "mu/8"
