@@ -15,6 +15,7 @@ import math
 import shutil
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -163,6 +164,22 @@ def test_spec_augment_masks_train_features_only(dataset):
         cols, rows = row.all(axis=0), row.all(axis=1)
         assert np.array_equal(row, cols[None, :] | rows[:, None])
 
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_audio_batches(dataset):
+    """The audio ops travel to grain worker processes (pickled) and compute there what they
+    compute in this process, spec_augment's random masks included."""
+    pp = "decode|resize|normalize|tokenize|decode_audio|audio_features|spec_augment(1, 6, 1, 8)"
+    cfg = _config(dataset, pp_train=pp)
+    tok = pipeline.build_tokenizer(cfg)
+    here = pipeline.train_iterator(cfg, batch_size=8, seed=3, tokenizer=tok)
+    workers = pipeline.train_iterator(_config(dataset, pp_train=pp, num_workers=2),
+                                      batch_size=8, seed=3, tokenizer=tok)
+    for _ in range(2):
+        want, got = next(here), next(workers)
+        assert got.keys() == want.keys() and "audio" in want
+        jax.tree.map(np.testing.assert_array_equal, got, want)
 
 # --- bad clips ------------------------------------------------------------------------------
 

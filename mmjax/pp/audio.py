@@ -24,6 +24,7 @@ HF folder or preprocessor_config.json ("" = none; it then overrides the rest),
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -196,16 +197,22 @@ def _decode_op(ctx: ops.Context, key: str = MODALITY) -> ops.OpFn:
     return fn
 
 
+@functools.cache
+def _blas() -> Any:
+    """The process's BLAS thread pools (built on first use, so that ops holding no handle to
+    them can be pickled into data worker processes)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 def audio_features_op(fe: FrontEnd) -> Any:
     """``waveform -> features`` of ``fe`` on one BLAS thread: the filterbank's small matmul
     is several times slower when OpenBLAS spreads it over cores that the training step and
     other data work keep busy (docs/data.md)."""
-    from threadpoolctl import ThreadpoolController
-
-    blas = ThreadpoolController()
 
     def fn(waveform: np.ndarray) -> np.ndarray:
-        with blas.limit(limits=1, user_api="blas"):
+        with _blas().limit(limits=1, user_api="blas"):
             return fe.one(waveform)
 
     return fn
