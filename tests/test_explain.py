@@ -74,6 +74,7 @@ def test_explain_path_matches_normal_path(kind: str) -> None:
     np.testing.assert_allclose(explained, normal, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # over 10 s: compiles the scanned, rematerialised model
 def test_scanned_fused_model_is_explained_on_the_xla_path() -> None:
     """A model trained with scanned layers, remat and cuDNN attention (which has no weights to
     show, and no CPU kernel) is explained unrolled, on the XLA path."""

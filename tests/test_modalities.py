@@ -85,6 +85,7 @@ def test_co_attention_takes_two_modalities():
         model.init(jax.random.PRNGKey(0), _batch(0))
 
 
+@pytest.mark.slow  # over 10 s: eager initialisation of two fused models
 def test_bottleneck_exchanges_only_through_its_tokens():
     """One layer: a modality's stream has seen only the initial bottleneck tokens, so it cannot
     depend on another modality; two layers: it does (through the averaged tokens)."""
