@@ -100,11 +100,20 @@ def _random_words(split: str, indices: np.ndarray, seed: int) -> np.ndarray:
     return _mix(base[:, None] ^ _mix(fields)[None, :])
 
 
-def _check(split: str, variant: str, image_size: int) -> None:
+def check_split(name: str, split: str, variant: str, variants: Sequence[str]) -> None:
+    """Names the unknown split or variant of the embedded set ``name``."""
     if split not in SPLIT_SEEDS:
-        raise ValueError(f"unknown shapes split {split!r}; expected one of {sorted(SPLIT_SEEDS)}")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown shapes variant {variant!r}; expected one of {VARIANTS}")
+        raise ValueError(f"unknown {name} split {split!r}; expected one of {sorted(SPLIT_SEEDS)}")
+    if variant not in variants:
+        raise ValueError(f"unknown {name} variant {variant!r}; expected one of {variants}")
+
+
+def _check(split: str, variant: str, image_size: int) -> None:
+    check_split("shapes", split, variant, VARIANTS)
+    _check_size(image_size)
+
+
+def _check_size(image_size: int) -> None:
     if image_size < 4 * GRID or image_size % GRID:
         raise ValueError(
             f"shapes image_size must be a multiple of {GRID} and at least {4 * GRID}, "
@@ -260,7 +269,13 @@ class ShapesSource:
 
     Reading by index (``__getitem__``) serves grain's per-record pipelines; ``get_batch`` draws a
     whole batch of indices vectorised, which the shapes pipeline uses because it is much faster.
+    The other embedded sets (``shapes_audio``, ``shapes_video``) subclass it with their own
+    ``make_batch``, ``make_example`` and argument check.
     """
+
+    name, variants = "shapes", VARIANTS
+    make_batch = staticmethod(make_batch)
+    make_example = staticmethod(make_example)
 
     def __init__(
         self,
@@ -271,7 +286,8 @@ class ShapesSource:
         variant: str = "",
         seed: int = 0,
     ):
-        _check(split, variant, image_size)
+        check_split(self.name, split, variant, self.variants)
+        _check_size(image_size)
         if num_examples <= 0:
             raise ValueError(f"shapes num_examples must be positive, got {num_examples}")
         self.split = split
@@ -291,23 +307,17 @@ class ShapesSource:
 
     def __getitem__(self, index: int) -> dict:
         self._checked(np.asarray([index]))
-        return make_example(
-            self.split,
-            int(index),
-            image_size=self.image_size,
-            variant=self.variant,
-            seed=self.seed,
-        )
+        return self.make_example(self.split, int(index), image_size=self.image_size,
+                                 variant=self.variant, seed=self.seed)
 
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict:
-        """Examples at ``indices`` stacked: see ``make_batch``."""
+        """Examples at ``indices`` stacked: see the module's ``make_batch``."""
         idx = self._checked(np.asarray(indices, dtype=np.int64).reshape(-1))
-        return make_batch(
-            self.split, idx, image_size=self.image_size, variant=self.variant, seed=self.seed
-        )
+        return self.make_batch(self.split, idx, image_size=self.image_size, variant=self.variant,
+                               seed=self.seed)
 
     def __repr__(self) -> str:
         return (
-            f"ShapesSource(split={self.split!r}, num_examples={self.num_examples}, "
+            f"{type(self).__name__}(split={self.split!r}, num_examples={self.num_examples}, "
             f"image_size={self.image_size}, variant={self.variant!r}, seed={self.seed})"
         )

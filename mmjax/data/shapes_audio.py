@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -64,11 +65,7 @@ _SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
 
 
 def _check(split: str, variant: str) -> None:
-    if split not in shapes.SPLIT_SEEDS:
-        raise ValueError(f"unknown shapes_audio split {split!r}; "
-                         f"expected one of {sorted(shapes.SPLIT_SEEDS)}")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown shapes_audio variant {variant!r}; expected one of {VARIANTS}")
+    shapes.check_split("shapes_audio", split, variant, VARIANTS)
 
 
 def synth_clip(rng: np.random.Generator, tone_hz: float | None) -> np.ndarray:
@@ -183,21 +180,9 @@ def tokenizer() -> WordTokenizer:
 class ShapesAudioSource(shapes.ShapesSource):
     """A split of ``shapes_audio``, read a batch of indices at a time (``get_batch``)."""
 
-    def __init__(self, split: str, num_examples: int, *, image_size: int = 32,
-                 variant: str = "", seed: int = 0):
-        _check(split, variant)
-        super().__init__(split, num_examples, image_size=image_size, seed=seed)
-        self.variant = variant
+    name, variants = "shapes_audio", VARIANTS
+    make_batch = staticmethod(make_batch)
 
-    def __getitem__(self, index: int) -> dict:
-        b = self.get_batch([index])
-        return {k: v[0] for k, v in b.items()}
-
-    def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict:
-        """Examples at ``indices`` stacked: see ``make_batch``."""
-        idx = self._checked(np.asarray(indices, dtype=np.int64).reshape(-1))
-        return make_batch(self.split, idx, image_size=self.image_size, variant=self.variant,
-                          seed=self.seed)
-
-    def __repr__(self) -> str:
-        return super().__repr__().replace("ShapesSource", "ShapesAudioSource", 1)
+    @staticmethod
+    def make_example(split: str, index: int, **kwargs: Any) -> dict:
+        return {k: v[0] for k, v in make_batch(split, [index], **kwargs).items()}

@@ -38,11 +38,7 @@ _SALT = 0x51DE0
 
 
 def _check(split: str, variant: str) -> None:
-    if split not in shapes.SPLIT_SEEDS:
-        raise ValueError(f"unknown shapes_video split {split!r}; "
-                         f"expected one of {sorted(shapes.SPLIT_SEEDS)}")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown shapes_video variant {variant!r}; expected one of {VARIANTS}")
+    shapes.check_split("shapes_video", split, variant, VARIANTS)
 
 
 def render(starts: np.ndarray, directions: np.ndarray, colours: np.ndarray, size: int,
@@ -108,21 +104,6 @@ def tokenizer() -> WordTokenizer:
 class ShapesVideoSource(shapes.ShapesSource):
     """A split of ``shapes_video``, read a batch of indices at a time (``get_batch``)."""
 
-    def __init__(self, split: str, num_examples: int, *, image_size: int = 32,
-                 variant: str = "", seed: int = 0):
-        _check(split, variant)
-        super().__init__(split, num_examples, image_size=image_size, seed=seed)
-        self.variant = variant
-
-    def __getitem__(self, index: int) -> dict:
-        self._checked(np.asarray([index]))
-        return make_example(self.split, int(index), image_size=self.image_size,
-                            variant=self.variant, seed=self.seed)
-
-    def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict:
-        idx = self._checked(np.asarray(indices, dtype=np.int64).reshape(-1))
-        return make_batch(self.split, idx, image_size=self.image_size, variant=self.variant,
-                          seed=self.seed)
-
-    def __repr__(self) -> str:
-        return super().__repr__().replace("ShapesSource", "ShapesVideoSource", 1)
+    name, variants = "shapes_video", VARIANTS
+    make_batch = staticmethod(make_batch)
+    make_example = staticmethod(make_example)
