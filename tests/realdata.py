@@ -203,6 +203,7 @@ def digits_colour(
     grid: int = 4,
     questions: str = "both",
     style: str = "ink",
+    placement: str = "grid",
 ) -> dict[str, int]:
     """Two different digits in two cells of a ``grid`` x ``grid`` board, each in its own colour.
 
@@ -212,7 +213,9 @@ def digits_colour(
     ``"ink"`` blends a digit's ink from white to its colour; ``"tint"`` fills its cell with a
     light tint of the colour and draws the digit in dark grey. With ``"colour"`` each split
     also gets ``<split>_cells.json``: per record the grid cell (row-major) of the named digit,
-    for pointing games (explanations must point at it).
+    for pointing games (explanations must point at it). ``placement="anywhere"`` draws each
+    cell-sized digit at a random pixel offset instead (the two never overlap), so a digit
+    straddles patches; its cell is then the one holding its centre.
     """
     if image_size % grid:
         raise ValueError(f"image_size {image_size} is not a multiple of grid {grid}")
@@ -220,6 +223,8 @@ def digits_colour(
         raise ValueError(f"questions={questions!r}; expected 'both' or 'colour'")
     if style not in ("ink", "tint"):
         raise ValueError(f"style={style!r}; expected 'ink' or 'tint'")
+    if placement not in ("grid", "anywhere"):
+        raise ValueError(f"placement={placement!r}; expected 'grid' or 'anywhere'")
     root = Path(root)
     cell = image_size // grid
     ink, target = load_digits()
@@ -235,14 +240,20 @@ def digits_colour(
             digits = rng.choice(10, 2, replace=False)
             colours = rng.choice(len(names), 2, replace=False)
             cells = rng.choice(grid * grid, 2, replace=False)
+            corners = [np.array(divmod(int(c), grid)) * cell for c in cells]  # (y, x) pixels
+            while placement == "anywhere":
+                corners = list(rng.integers(0, image_size - cell + 1, (2, 2)))
+                if np.abs(corners[0] - corners[1]).max() >= cell:
+                    cells = np.array([(y + cell // 2) // cell * grid + (x + cell // 2) // cell
+                                      for y, x in corners])
+                    break
             board = np.full((image_size, image_size, 3), 255.0)
-            for d, c, pos in zip(digits.tolist(), colours.tolist(), cells.tolist(), strict=True):
+            for d, c, (y, x) in zip(digits.tolist(), colours.tolist(), corners, strict=True):
                 scan = ink[int(rng.choice(by_digit[d]))]
                 alpha = np.asarray(
                     Image.fromarray(scan).resize((cell, cell), Image.BILINEAR), np.float32
                 )[..., None] / 255.0
-                y, x = divmod(pos, grid)
-                tile = board[y * cell : (y + 1) * cell, x * cell : (x + 1) * cell]
+                tile = board[y : y + cell, x : x + cell]
                 colour = np.asarray(COLOURS[names[c]], np.float32)
                 if style == "ink":
                     tile[:] = (1 - alpha) * tile + alpha * colour
@@ -400,6 +411,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="digits_colour: both question kinds, or colour questions only")
     parser.add_argument("--style", choices=("ink", "tint"),
                         help="digits_colour: coloured ink, or tinted cells with grey digits")
+    parser.add_argument("--placement", choices=("grid", "anywhere"),
+                        help="digits_colour: digits in grid cells, or at any pixel offset")
     parser.add_argument("--natural", dest="balanced", action="store_const", const=False,
                         help="digits_qa: uniform asked numbers, not answers balanced per digit")
     args = vars(parser.parse_args(argv))
