@@ -289,7 +289,7 @@ class ShapesSource:
         check_split(self.name, split, variant, self.variants)
         _check_size(image_size)
         if num_examples <= 0:
-            raise ValueError(f"shapes num_examples must be positive, got {num_examples}")
+            raise ValueError(f"{self.name} num_examples must be positive, got {num_examples}")
         self.split = split
         self.num_examples = int(num_examples)
         self.image_size = image_size
