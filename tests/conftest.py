@@ -15,9 +15,10 @@ most of the compile time of these tiny programs and buy them nothing (measured: 
 resume and a pretrain → fine-tune run, 145 s → 98 s of CPU). XLA's own graph passes (fusion,
 layout) still run, and without fast-math LLVM may not reorder float arithmetic at any level, so
 the programs compute what they compute at full optimisation. The benchmark CLI tests run
-under it too: they check the report, not its timings. Tests marked ``learning`` step far more
-than they compile, and run about twice as fast at full optimisation; flags already named in
-``XLA_FLAGS`` win, which is how ``.ci/run`` runs them apart.
+under it too: they check the report, not its timings. Tests marked ``compute_bound`` (learning
+runs, attacks) spend their time running programs rather than compiling them and take about
+half the time at full optimisation; flags already named in ``XLA_FLAGS`` win, which is how
+``.ci/run`` runs them apart.
 """
 
 from __future__ import annotations

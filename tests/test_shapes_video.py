@@ -50,7 +50,6 @@ def test_batches_carry_video_and_text():
 
 
 @pytest.mark.slow
-@pytest.mark.learning
 def test_video_text_contrastive_training_retrieves(tmp_path):
     """A CLIP-style head over the ViViT and text towers on the demo's captions; the
     ``video_retrieval`` evaluator's recalls rise far above chance (500 val captions, 119
