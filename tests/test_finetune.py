@@ -29,9 +29,6 @@ from mmjax.perf.step import synthetic_batch
 from mmjax.trainer import loop, transfer
 from mmjax.trainer import step as step_lib
 
-# LLVM's optimisation passes dominate XLA:CPU compile time and buy nothing for tiny test graphs.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
 
 def _leaves(tree) -> dict:
     return {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
@@ -39,7 +36,7 @@ def _leaves(tree) -> dict:
 
 def _first_update(tx, grads, params) -> dict:
     """The first update of ``tx``, as numpy ``{path: array}`` (init and update in one compile)."""
-    fn = jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0], compiler_options=_FAST_COMPILE)
+    fn = jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])
     return _leaves(jax.device_get(fn(grads, params)))
 
 
@@ -367,7 +364,7 @@ def test_trainer_init_from_lora_freeze_train_restore_and_export(tmp_path, caplog
 
     model, tasks = run.model, run.tasks
     step = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx, tasks=tasks,
-                                     weights=run.weights), compiler_options=_FAST_COMPILE)
+                                     weights=run.weights))
     trained = state
     for i in range(3):
         trained, metrics = step(trained, synthetic_batch(config, 8, seed=10 + i))
@@ -398,7 +395,7 @@ def test_trainer_init_from_lora_freeze_train_restore_and_export(tmp_path, caplog
     assert "lora" not in merged and sorted(_leaves(merged)) == sorted(base)
     batch = synthetic_batch(config, 8, seed=20)
 
-    @functools.partial(jax.jit, compiler_options=_FAST_COMPILE)
+    @jax.jit
     def outputs(plain, with_lora):
         run = lambda p: step_lib.forward(p, state.model_state, batch, None, model=model,
                                          train=False)[0]

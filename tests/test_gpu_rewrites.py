@@ -26,11 +26,6 @@ from mmjax.models.multimodal import build_model
 
 PLAIN = layers.Options()
 REWRITES = layers.Options(gpu_rewrites=True)
-_FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _jit(fn):
-    return jax.jit(fn, compiler_options=_FAST)
 
 
 # ------------------------------------------------------------------------------------- GELU
@@ -81,7 +76,7 @@ def test_gelu_rewrite_matches_plain_and_the_float64_formula(name, ref, ref_slope
             # Near the slope's zero (x ≈ -0.75) the two formulas cancel differently (~1e-14).
             np.testing.assert_allclose(grad(f), want_grad, rtol=1e-12, atol=1e-13)
     x32, w32 = jnp.asarray(x64, jnp.float32), jnp.asarray(w64, jnp.float32)
-    outs = _jit(lambda x, w: [(f(x), jax.grad(lambda x, f=f: jnp.vdot(f(x), w))(x))
+    outs = jax.jit(lambda x, w: [(f(x), jax.grad(lambda x, f=f: jnp.vdot(f(x), w))(x))
                               for f in (rewrite, plain)])(x32, w32)
     (y_r, g_r), (y_p, g_p) = outs
     np.testing.assert_array_equal(y_r, y_p)  # the forward is the same function
@@ -149,7 +144,7 @@ def test_add_positions_rewrite_matches_plain_and_numpy():
             np.testing.assert_allclose(gp, w64.sum(0), rtol=1e-13, atol=1e-13)
 
     x32, pos32, w32 = (jnp.asarray(a, jnp.float32) for a in (x64, pos64, w64))
-    f32 = _jit(lambda *a: [value_and_grads(layers.Options(gpu_rewrites=g), *a)
+    f32 = jax.jit(lambda *a: [value_and_grads(layers.Options(gpu_rewrites=g), *a)
                            for g in (True, False)])(x32, pos32, w32)
     for y, (gx, gp) in f32:
         np.testing.assert_array_equal(y, np.asarray(x32) + np.asarray(pos32))
@@ -157,7 +152,7 @@ def test_add_positions_rewrite_matches_plain_and_numpy():
         np.testing.assert_allclose(gp, np.asarray(w32, np.float64).sum(0), rtol=1e-6, atol=1e-6)
 
     wb = jnp.asarray(w64, jnp.bfloat16)
-    bf16 = _jit(lambda *a: [value_and_grads(layers.Options(jnp.bfloat16, gpu_rewrites=g), *a)
+    bf16 = jax.jit(lambda *a: [value_and_grads(layers.Options(jnp.bfloat16, gpu_rewrites=g), *a)
                             for g in (True, False)])(x32, pos32, wb)
     want_gp = np.asarray(wb.astype(jnp.float32), np.float64).sum(0)
     for y, (gx, gp) in bf16:
@@ -204,7 +199,7 @@ def test_masked_mean_rewrite_matches_plain_and_numpy(dtype):
             out.append((f(x), g))
         return out
 
-    results = _jit(run)(xd, jnp.asarray(mask))
+    results = jax.jit(run)(xd, jnp.asarray(mask))
     for got, grad in results:
         assert got.dtype == xd.dtype and got.shape == (4, 5) and grad.dtype == xd.dtype
         np.testing.assert_allclose(np.asarray(got, np.float64), expected, **tol)
@@ -240,7 +235,7 @@ def test_heads_dense_is_dense_general_with_a_flat_bias():
     want, got = Reference().init(jax.random.key(4), x), Rewrite().init(jax.random.key(4), x)
     jax.tree.map(np.testing.assert_array_equal, got, want)
     params = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), want)
-    y, y_ref = _jit(lambda p, x: (Rewrite().apply(p, x), Reference().apply(p, x)))(params, x)
+    y, y_ref = jax.jit(lambda p, x: (Rewrite().apply(p, x), Reference().apply(p, x)))(params, x)
     q = jax.tree.map(lambda a: np.asarray(a, np.float64), params)["params"]["query"]
     y64 = np.einsum("btd,dnh->btnh", np.asarray(x, np.float64), q["kernel"]) + q["bias"]
     assert y.shape == (3, 5, 4, 8)
@@ -321,12 +316,12 @@ def test_model_with_rewrites_matches_plain_model_and_float64():
         return [(m.apply({"params": p}, batch), jax.grad(_objective(m, batch, weights))(p))
                 for m in (rewrite, plain)]
 
-    (out_r, g_r), (out_p, g_p) = jax.device_get(_jit(both)(params))
+    (out_r, g_r), (out_p, g_p) = jax.device_get(jax.jit(both)(params))
     with jax.enable_x64(True):
         p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
         b64 = {"image": batch["image"].astype(np.float64), "text": batch["text"]}
         m64 = plain.clone(opts=layers.Options(dtype=jnp.float64))
-        out64, g64 = jax.device_get(_jit(lambda p: (
+        out64, g64 = jax.device_get(jax.jit(lambda p: (
             m64.apply({"params": p}, b64), jax.grad(_objective(m64, b64, weights))(p)))(p64))
     assert {g.dtype for g in jax.tree.leaves(g64)} == {np.dtype(np.float64)}
 

@@ -48,18 +48,9 @@ def _key(seed: int) -> jax.Array:
     return jax.random.key(seed, impl="unsafe_rbg")  # cheap to compile on CPU
 
 
-# LLVM's optimisation passes dominate XLA:CPU compile time and buy nothing for tiny test graphs.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _jit_run(fn, *args):
-    """``jax.jit(fn)(*args)``, compiled without the expensive LLVM passes."""
-    return jax.jit(fn, compiler_options=_FAST_COMPILE)(*args)
-
-
 def _jitted(model: nn.Module):
     """``model.apply`` jitted (``train``/``mutable`` static): one fast compile per input shape
-    instead of eager mode's compile of every primitive at full optimisation. Equal (hashable)
+    instead of eager mode's compile of every primitive. Equal (hashable)
     modules share one jitted function, so parametrised tests compile once."""
     try:
         return _jitted_cached(model)
@@ -73,9 +64,7 @@ def _jitted_cached(model: nn.Module):
 
 
 def _jit_apply(model: nn.Module):
-    return jax.jit(
-        model.apply, static_argnames=("train", "mutable"), compiler_options=_FAST_COMPILE
-    )
+    return jax.jit(model.apply, static_argnames=("train", "mutable"))
 
 
 def _flat(tree) -> dict[str, Any]:
@@ -440,7 +429,7 @@ def test_padded_rows_are_finite(pre_norm):
     apply = _jitted(blk)
     y = np.asarray(apply(variables, x, mask))
     assert np.isfinite(y).all()
-    grads = _jit_run(jax.grad(lambda v: blk.apply(v, x, mask)[0, :4].sum()), variables)
+    grads = jax.jit(jax.grad(lambda v: blk.apply(v, x, mask)[0, :4].sum()))(variables)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
     # Valid rows do not see the padded positions' content.
     other = x.copy()
@@ -582,8 +571,8 @@ def test_heads_initial_values_and_outputs_against_numpy():
         "clip": {"kind": "contrastive", "embed_dim": 16, "init_temperature": 0.25},
     }
     heads = {t: make_head(t, c, layers.Options(), parent=None) for t, c in specs.items()}
-    both = _jit_run(lambda k: {t: h.init_with_output(k, feats) for t, h in heads.items()},
-                    _key(1))
+    both = jax.jit(lambda k: {t: h.init_with_output(k, feats) for t, h in heads.items()})(
+        _key(1))
     out = {t: o for t, (o, _) in both.items()}
     variables = {t: v["params"] for t, (_, v) in both.items()}
     np.testing.assert_array_equal(np.asarray(out["cls"]["logits"]), np.zeros((B, 5)))
@@ -851,9 +840,8 @@ def test_bfloat16_compute_float32_params():
     params = _fill(f32, batch, seed=5)["params"]
     assert jax.tree.structure(params) == jax.tree.structure(shapes)
     # One compile for both models: the bf16 model and the float32 one with the same weights.
-    out, ref = _jit_run(
-        lambda p: (model.apply({"params": p}, batch), f32.apply({"params": p}, batch)), params
-    )
+    out, ref = jax.jit(
+        lambda p: (model.apply({"params": p}, batch), f32.apply({"params": p}, batch)))(params)
     assert out["cls"]["logits"].dtype == jnp.bfloat16
     assert out["reg"]["predictions"].dtype == jnp.bfloat16
     assert out["clip"]["image_embeds"].dtype == jnp.float32  # normalised in float32
@@ -878,7 +866,7 @@ def test_dropout_train_vs_eval():
             out = model.apply({"params": p}, batch, train=train, rngs={"dropout": key})
             return {t: out[t][k] for t, k in (("cls", "logits"), ("reg", "predictions"))}
 
-        return jax.jit(fn, compiler_options=_FAST_COMPILE)
+        return jax.jit(fn)
 
     train, evaluate = outputs(True), outputs(False)
     a, b, a2 = (jax.tree.map(np.asarray, train(params, _key(k))) for k in (1, 2, 1))
@@ -920,9 +908,8 @@ def test_remat_same_loss_and_grads():
 
     # One compile for both (about half the time of two); jax.checkpoint's optimisation barriers
     # keep the recomputation from being merged with the plain forward pass.
-    (l0, g0), (l1, g1) = _jit_run(
-        lambda p, k: (loss_and_grad(plain, p, k), loss_and_grad(remat, p, k)), params, _key(7)
-    )
+    (l0, g0), (l1, g1) = jax.jit(
+        lambda p, k: (loss_and_grad(plain, p, k), loss_and_grad(remat, p, k)))(params, _key(7))
     np.testing.assert_allclose(float(l1), float(l0), rtol=RTOL)
     f0, f1 = _flat(g0), _flat(g1)
     assert f0.keys() == f1.keys()

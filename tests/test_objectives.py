@@ -24,14 +24,9 @@ from mmjax.optim import weighting
 from mmjax.trainer import state as state_lib
 from mmjax.trainer import step as step_lib
 
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 V, B, L, IMG, P = 24, 4, 8, 16, 4  # vocabulary, batch, text length, image size, patch size
 N = (IMG // P) ** 2  # patches per image
-
-
-def _jit(fn, **kw):
-    return jax.jit(fn, compiler_options=_FAST_COMPILE, **kw)
 
 
 def _key(seed: int) -> jax.Array:
@@ -70,7 +65,7 @@ def test_siglip_loss_matches_numpy():
     txt /= np.linalg.norm(txt, axis=-1, keepdims=True)
     scale, bias = np.float32(1.7), np.float32(-2.3)
     outputs = {"image_embeds": img, "text_embeds": txt, "logit_scale": scale, "logit_bias": bias}
-    fn = _jit(lambda o, b: losses.siglip(o, b, {}))
+    fn = jax.jit(lambda o, b: losses.siglip(o, b, {}))
 
     def reference(i, t):
         logits = np.exp(np.float64(scale)) * (i.astype(np.float64) @ t.T.astype(np.float64))
@@ -108,7 +103,7 @@ def test_siglip_head_defaults_and_registration():
         "clip": {"kind": "contrastive", "embed_dim": 8},
     }
     heads = {t: make_head(t, c, layers.Options(), parent=None) for t, c in specs.items()}
-    both = _jit(lambda k: {t: h.init_with_output(k, feats) for t, h in heads.items()})(_key(0))
+    both = jax.jit(lambda k: {t: h.init_with_output(k, feats) for t, h in heads.items()})(_key(0))
     out = {t: o for t, (o, _) in both.items()}
     params = {t: v["params"] for t, (_, v) in both.items()}
     np.testing.assert_allclose(float(out["sig"]["logit_scale"]), math.log(10.0), rtol=1e-6)
@@ -131,7 +126,7 @@ def test_siglip_gradient_accumulation_matches_full_batch():
     batch = {"image": rng.normal(size=(8, 12)).astype(np.float32),
              "text": rng.normal(size=(8, 10)).astype(np.float32)}
     model = _SigLIPOnly()  # features = the batch itself
-    params = _jit(model.init)(_key(0), batch)["params"]
+    params = jax.jit(model.init)(_key(0), batch)["params"]
     params = {**params, "sig": {**params["sig"], "logit_bias": jnp.float32(-1.5)}}
     tasks = (state_lib.Task("sig", "siglip", 1.0, {"kind": "siglip"}),)
     weights = weighting.Weighting(lambdas=(("sig", 1.0),))
@@ -144,7 +139,7 @@ def test_siglip_gradient_accumulation_matches_full_batch():
                                            weights=weights, accum_steps=2)
         return full, accum
 
-    ((loss, (metrics, _)), grads), (accum_grads, accum_metrics, _) = _jit(both)(params, _key(1))
+    ((loss, (metrics, _)), grads), (accum_grads, accum_metrics, _) = jax.jit(both)(params, _key(1))
     np.testing.assert_allclose(float(accum_metrics["loss"]), float(loss), rtol=1e-6)
     for k in ("sig_loss", "sig_i2t_accuracy", "sig_bias"):
         np.testing.assert_allclose(float(accum_metrics[k]), float(metrics[k]), rtol=1e-6)
@@ -176,7 +171,7 @@ def test_mlm_masking_statistics_and_specials():
     ids[:, 6] = np.where(rng.random(b) < 0.3, MASK, ids[:, 6])
     ids[0], mask[0] = 0, 0  # a row with nothing to mask
     ids[0, :2], mask[0, :2] = (CLS, SEP), 1
-    fn = _jit(lambda k, i, m: objectives.mlm_mask(k, i, m, vocab_size=vocab))
+    fn = jax.jit(lambda k, i, m: objectives.mlm_mask(k, i, m, vocab_size=vocab))
     masked, selected = (np.asarray(x) for x in fn(_key(3), ids, mask))
     maskable = (mask > 0) & (ids > MASK)
     assert not (selected & ~maskable).any()  # PAD, UNK, CLS, SEP, MASK are never selected
@@ -206,7 +201,7 @@ def test_mlm_loss_counts_only_selected_positions():
     weights = (rng.random((3, 6)) < 0.4).astype(np.float32)
     weights[:, 0] = 1
     targets[0, 0] = np.argmax(logits[0, 0])  # at least one correct prediction
-    fn = _jit(lambda o, b: losses.mlm(o, b, {}))
+    fn = jax.jit(lambda o, b: losses.mlm(o, b, {}))
     out = {"logits": logits, "targets": targets, "weights": weights}
     for valid in (np.ones(3, np.float32), np.array([1, 0, 1], np.float32)):
         loss, metrics = fn(out, {"valid": valid})
@@ -231,7 +226,7 @@ def test_mae_keep_indices():
     assert objectives.num_kept(4, 0.99) == 1
     with pytest.raises(ValueError, match="mask_ratio"):
         objectives.num_kept(16, 1.0)
-    keep = np.asarray(_jit(objectives.random_keep, static_argnums=(1, 2, 3))(
+    keep = np.asarray(jax.jit(objectives.random_keep, static_argnums=(1, 2, 3))(
         _key(6), 2000, N, 0.75))
     assert keep.shape == (2000, 4) and keep.dtype == np.int32
     assert ((keep >= 0) & (keep < N)).all()
@@ -277,7 +272,7 @@ def test_vit_keep_equals_blocks_on_gathered_tokens():
     gathered = np.take_along_axis(emb, keep[..., None], axis=1)
     cls = np.broadcast_to(np.asarray(params["cls"])[0] + pos[:1], (3, 1, 16))
     tokens = np.concatenate([cls, gathered], axis=1).astype(np.float32)
-    out, ref = _jit(both)(variables, images, keep, tokens)
+    out, ref = jax.jit(both)(variables, images, keep, tokens)
     assert out["tokens"].shape == (3, 6, 16)
     np.testing.assert_allclose(np.asarray(out["tokens"]), np.asarray(ref), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(out["pooled"]), np.asarray(ref)[:, 1:].mean(1),
@@ -297,7 +292,7 @@ def test_mim_targets_and_loss_match_numpy():
     hidden = (rng.random((3, 6)) < 0.5).astype(np.float32)
     hidden[:, 0] = 1
     valid = np.array([1, 1, 0], np.float32)
-    loss, _ = _jit(lambda o, b: losses.mim(o, b, {}))(
+    loss, _ = jax.jit(lambda o, b: losses.mim(o, b, {}))(
         {"predictions": preds, "targets": patches, "mask": hidden}, {"valid": valid}
     )
     w = hidden * valid[:, None]
@@ -316,7 +311,7 @@ def test_itm_negatives_follow_similarity_and_skip_positive():
     logits[2, 2] = 50.0  # the positive is never a negative, however similar
     valid = np.array([1, 1, 1, 1, 1, 0], np.float32)
     keys = jax.random.split(_key(10), 4000)
-    draw = _jit(jax.vmap(objectives.sample_negatives, in_axes=(0, None, None)))
+    draw = jax.jit(jax.vmap(objectives.sample_negatives, in_axes=(0, None, None)))
     neg = np.asarray(draw(keys, logits, np.ones(n, np.float32)))
     assert neg.shape == (4000, n) and (neg != np.arange(n)).all()
     assert np.mean(neg[:, 0] == 3) > 0.99
@@ -330,7 +325,7 @@ def test_itm_negatives_follow_similarity_and_skip_positive():
     dup = np.zeros((n, n), bool)
     dup[0, 3] = True
     dup[4, :] = True
-    draw_dup = _jit(jax.vmap(objectives.sample_negatives, in_axes=(0, None, None, None)))
+    draw_dup = jax.jit(jax.vmap(objectives.sample_negatives, in_axes=(0, None, None, None)))
     neg_dup = np.asarray(draw_dup(keys, logits, np.ones(n, np.float32), dup))
     assert (neg_dup[:, 0] != 3).all() and (neg_dup != np.arange(n)).all()
     assert set(np.unique(neg_dup[:, 4])) <= {0, 1, 2, 3, 5}
@@ -342,7 +337,7 @@ def test_itm_and_caption_losses_match_numpy():
     rng = np.random.default_rng(11)
     logits = rng.normal(size=(3 * 4, 2)).astype(np.float32)
     valid = np.array([1, 0, 1, 1], np.float32)
-    loss, metrics = _jit(lambda o, b: losses.itm(o, b, {}))({"logits": logits}, {"valid": valid})
+    loss, metrics = jax.jit(lambda o, b: losses.itm(o, b, {}))({"logits": logits}, {"valid": valid})
     labels = np.array([1] * 4 + [0] * 8)
     w = np.tile(valid, 3)
     xent = -_log_softmax(logits)[np.arange(12), labels]
@@ -360,7 +355,7 @@ def test_itm_and_caption_losses_match_numpy():
     targets[2, :3] = np.argmax(logits[2, :3], -1)  # row 2: right, but a padding example
     valid = np.array([1, 1, 0, 1], np.float32)
     out = {"logits": logits, "targets": targets, "weights": weights}
-    loss, metrics = _jit(lambda o, b: losses.caption(o, b, {}))(out, {"valid": valid})
+    loss, metrics = jax.jit(lambda o, b: losses.caption(o, b, {}))(out, {"valid": valid})
     w = weights * valid[:, None]
     xent = -np.take_along_axis(_log_softmax(logits), targets[..., None], -1)[..., 0]
     correct = np.argmax(logits, -1) == targets
@@ -437,7 +432,7 @@ def setup():
         outputs, _ = step_lib.forward(p, {}, b, None, model=model, train=False)
         return outputs, step_lib.task_losses(outputs, b, tasks)[1]
 
-    return model, tasks, batch, params, _jit(evaluate)
+    return model, tasks, batch, params, jax.jit(evaluate)
 
 
 @pytest.mark.slow
@@ -458,7 +453,7 @@ def test_all_objectives_train_together(setup):
         (loss, (metrics, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, rng)
         return loss, metrics, grads, outputs
 
-    step = _jit(step)
+    step = jax.jit(step)
     loss, metrics, grads, out = step(params, _key(1))
     assert np.isfinite(float(loss))
     for name in ("clip_loss", "itm_loss", "mlm_loss", "mim_loss", "cap_loss", "itm_accuracy",
@@ -500,7 +495,7 @@ def test_eval_is_deterministic_and_skips_padding(setup):
     batch = _eval_batch(batch)
     # A second, separately traced and compiled evaluation, on a batch whose padding row holds
     # other content: the same masks and negatives, and metrics that ignore the padding row.
-    again = _jit(lambda p, b: evaluate.__wrapped__(p, b))  # a new function: a fresh trace
+    again = jax.jit(lambda p, b: evaluate.__wrapped__(p, b))  # a new function: a fresh trace
     other = _batch(13)
     padded = _eval_batch(jax.tree.map(lambda x, y: np.concatenate([x[:3], y[3:]]),
                                       {k: batch[k] for k in other}, other))
@@ -531,7 +526,7 @@ def test_embed_matches_forward(setup):
     def embed(p, b):
         return model.apply({"params": p}, b, method=MultimodalModel.embed, task="clip")
 
-    text, image = _jit(lambda p: (embed(p, {"text": batch["text"]}),
+    text, image = jax.jit(lambda p: (embed(p, {"text": batch["text"]}),
                                   embed(p, {"image": batch["image"]})))(params)
     assert set(text) == {"text_embeds"} and set(image) == {"image_embeds"}
     for m, got in (("text", text), ("image", image)):
@@ -544,7 +539,7 @@ def test_embed_matches_forward(setup):
 
 def test_generate_is_greedy_teacher_forcing(setup):
     model, _, batch, params, evaluate = setup
-    generate = _jit(lambda p, b: model.apply({"params": p}, b, method=MultimodalModel.generate,
+    generate = jax.jit(lambda p, b: model.apply({"params": p}, b, method=MultimodalModel.generate,
                                              task="cap"))
     images = {"image": batch["image"]}
     # A second parameter set that ends captions mid-way: decoder position 3 gets a large

@@ -49,12 +49,6 @@ def _batch(seed: int) -> dict:
             "text": {"ids": rng.integers(1, 23, (4, 7)).astype(np.int32) * mask, "mask": mask}}
 
 
-# LLVM's optimisation passes dominate XLA:CPU compile time and buy nothing for tiny test graphs.
-_FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _jit(fn):
-    return jax.jit(fn, compiler_options=_FAST)
 
 
 def _leaves(tree) -> dict:
@@ -95,7 +89,7 @@ def test_layouts_convert_both_ways():
 
 def _outputs_and_grads(model, params, batch, weights_seed: int):
     """The model's outputs, the gradient of a fixed random functional of all of them, and the
-    optimised HLO text of that computation (for loop checks)."""
+    program mmjax hands to XLA (StableHLO text, for loop checks)."""
     def objective(p):
         outs = model.apply({"params": p}, batch)
         rng = np.random.default_rng(weights_seed)
@@ -103,9 +97,9 @@ def _outputs_and_grads(model, params, batch, weights_seed: int):
                     for o in jax.tree.leaves(outs))
         return total, outs
 
-    compiled = _jit(jax.value_and_grad(objective, has_aux=True)).lower(params).compile()
-    (_, outs), grads = compiled(params)
-    return jax.device_get(outs), jax.device_get(grads), compiled.as_text()
+    lowered = jax.jit(jax.value_and_grad(objective, has_aux=True)).lower(params)
+    (_, outs), grads = lowered.compile()(params)
+    return jax.device_get(outs), jax.device_get(grads), lowered.as_text()
 
 
 @functools.cache
@@ -121,11 +115,11 @@ def test_scanned_model_matches_unrolled_outputs_and_grads(unroll, remat):
     iteration (depth 3: a remainder). The co-attention test below runs the loop under remat."""
     scanned = scan_lib.match_layers(_random_params(2), _shapes(True))
     outs_ref, g_ref, _ = _unrolled_reference()
-    outs, g, hlo = _outputs_and_grads(_model(True, scan_unroll=unroll, remat=remat), scanned,
+    outs, g, program = _outputs_and_grads(_model(True, scan_unroll=unroll, remat=remat), scanned,
                                       _batch(3), 4)
-    # Loops (forward and backward) for unroll=1; none for 0, nor for 2 here, where every depth
-    # (3, 2, 2) fits in one iteration and XLA drops a loop that runs once.
-    assert (" while(" in hlo) == (unroll == 1)
+    # A forward and a backward loop per stack that the unroll leaves more than one step: the
+    # three stacks (depths 3, 2, 2) at unroll=1, none at 0, the depth-3 stack alone at 2.
+    assert program.count("stablehlo.while") == {1: 6, 0: 0, 2: 2}[unroll]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  outs, outs_ref)
     assert np.abs(g["image"]["encoder"]["layers"]["attn"]["query"]["kernel"][0]).max() > 0
@@ -172,7 +166,7 @@ def test_scanned_dropout_follows_its_key():
     """Train mode inside the scan: dropout is on, reproducible per key, different across keys."""
     params = scan_lib.match_layers(_random_params(5), _shapes(True))
     model = _model(True, dropout=0.3)
-    fn = _jit(lambda k: [model.apply({"params": params}, _batch(6), train=t,
+    fn = jax.jit(lambda k: [model.apply({"params": params}, _batch(6), train=t,
                                      rngs={"dropout": k})["answer"]["logits"] for t in (1, 0)])
     (a, evaluated), (b, _), (a2, _) = (fn(jax.random.key(k)) for k in (0, 1, 0))
     assert np.isfinite(a).all() and not np.allclose(a, b)
@@ -211,7 +205,7 @@ def _updates(cfg: dict, params, grads, lora_cfg=None):
         u2, _ = tx.update(jax.tree.map(lambda x: -0.5 * x, g), state, p)
         return u1, u2
 
-    return jax.device_get(_jit(two)(grads, params))
+    return jax.device_get(jax.jit(two)(grads, params))
 
 
 def _assert_same_updates(cfg, unrolled, grads, scanned, g_scanned, lora_cfg=None):
