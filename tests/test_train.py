@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -166,6 +167,43 @@ def test_metric_writer_drops_a_torn_last_line(tmp_path):
     lines = _lines(tmp_path)
     assert [r["step"] for r in lines] == [1, 3]
     assert lines[1]["accuracy"] == 0.5 and lines[1]["loss"] == "nan"
+
+
+def _tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the event files under ``logdir``, read record by record (TFRecord
+    framing: a uint64 length, its CRC, the Event proto, its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_tensorboard_gets_every_number_and_pytorch_is_not_imported(tmp_path):
+    """The writer runs in a fresh interpreter (this one may hold torch already) with torch
+    installed: TensorBoard's files get the numbers, and torch is never imported."""
+    script = (
+        "import sys\n"
+        "from mmjax.io.writers import MetricWriter\n"
+        f"w = MetricWriter({str(tmp_path)!r})\n"
+        "w.write(10, 'val', {'accuracy': 0.75, 'retrieval_i2t_recall@5': 0.5, 'note': 'x'})\n"
+        "w.write(20, 'train', {'loss': 1.25})\n"
+        "w.close()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert _tensorboard_scalars(tmp_path / "tensorboard") == {
+        "val/accuracy": [(10, 0.75)], "val/retrieval_i2t_recall_at_5": [(10, 0.5)],
+        "train/loss": [(20, 1.25)]}
 
 
 @pytest.mark.slow

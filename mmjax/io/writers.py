@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,22 @@ def _tb_name(key: str) -> str:
     return re.sub(r"[^\w.\-/]", "_", key.replace("@", "_at_"))
 
 
+def _summary_writer(logdir: Path) -> Any:
+    """tensorboardX's ``SummaryWriter``, imported without PyTorch: tensorboardX imports torch
+    whenever it is installed, only to accept torch tensors, and that import is the largest part
+    of a run's start-up. A ``None`` in ``sys.modules`` makes ``import torch`` fail for that one
+    import; mmjax writes Python numbers only."""
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+        try:
+            import tensorboardX  # noqa: F401
+        finally:
+            del sys.modules["torch"]
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(logdir))
+
+
 class MetricWriter:
     def __init__(self, workdir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
@@ -46,9 +63,7 @@ class MetricWriter:
         self._repair_tail()
         self._file = self.path.open("a", encoding="utf-8")
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            self._tb = _summary_writer(Path(workdir) / "tensorboard")
 
     def _repair_tail(self) -> None:
         """Drops a last line cut short by a kill, so the file stays valid JSON lines."""
