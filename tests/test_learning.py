@@ -66,6 +66,7 @@ def _folder_pairs(root: Path, split: str) -> list[tuple[str, str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.compute_bound
 def test_embedded_default_learns_far_above_its_baselines(tmp_path):
     config = default_config.get_config("tiny")
     _override(config, {"total_steps": 300, "batch_size": 64, "eval_every": 300,
@@ -102,6 +103,7 @@ def digits_run(tmp_path_factory) -> tuple[Path, Path, dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.compute_bound
 def test_folder_config_learns_real_digit_questions(digits_run):
     root, _, summary = digits_run
     base = baselines(_folder_pairs(root, "train"), _folder_pairs(root, "val"))
@@ -111,6 +113,7 @@ def test_folder_config_learns_real_digit_questions(digits_run):
 
 
 @pytest.mark.slow
+@pytest.mark.compute_bound
 def test_distillation_from_a_clean_teacher_outlearns_noisy_labels(digits_run, tmp_path):
     """The run above teaches a student whose train answers are flipped with probability
     ``NOISE``: it ends well above the same student trained on those labels alone."""
@@ -135,6 +138,7 @@ NOISE, DISTILL_WEIGHT = 0.4, 1.0
 
 
 @pytest.mark.slow
+@pytest.mark.compute_bound
 def test_modality_dropout_keeps_complete_input_accuracy(digits_run, tmp_path):
     """``model.modality_dropout=0.3`` (with its complete-input term, on by default) answers
     complete inputs about as well as the run without it, and without the image it answers

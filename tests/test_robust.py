@@ -230,6 +230,7 @@ def _model_batch(workdir: Path, rows: int = 96):
 
 
 @pytest.mark.slow
+@pytest.mark.compute_bound
 def test_token_embeds_entry_point_matches_ids(trained):
     _run, model, variables, batch = _model_batch(trained[1], 24)
     table = variables["params"]["text"]["token_embedding"]["embedding"]
@@ -240,6 +241,7 @@ def test_token_embeds_entry_point_matches_ids(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.compute_bound
 def test_attacks_reduce_accuracy_within_the_eps_ball(trained):
     # 24 rows and 5 PGD steps: the tests' XLA flags (no LLVM optimisation) make these
     # gradient loops slow to run.
@@ -286,6 +288,7 @@ def test_attacks_reduce_accuracy_within_the_eps_ball(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.compute_bound
 def test_drop_hands_the_model_present_masks(trained, monkeypatch):
     seen = []
     compile_eval = loop.compile_eval
@@ -315,6 +318,7 @@ def test_drop_hands_the_model_present_masks(trained, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.compute_bound
 def test_dropping_the_image_changes_accuracy(trained):
     """"is there a disc/square?" cannot be answered without the image: marking it absent must
     move the accuracy (the model replaces it by its stand-in token)."""
@@ -325,6 +329,7 @@ def test_dropping_the_image_changes_accuracy(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.compute_bound
 def test_drop_of_an_unknown_modality_is_a_clear_error(trained):
     with pytest.raises(drop.DropError, match=r"'audio'.*modalities: \['image', 'text'\]"):
         checkpoint_metrics(trained[1], drop_modalities="image,audio")
@@ -338,6 +343,7 @@ def test_drop_of_an_unknown_modality_is_a_clear_error(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.compute_bound
 def test_corrupted_metrics_equal_the_model_on_noisy_batches_made_here(trained):
     """gaussian_noise at severities 2 and 5, redone in numpy from the documented contract:
     ImageNet-C's std (0.12, 0.38 on the [0, 1] scale), batch ``i`` drawing from
@@ -379,6 +385,7 @@ def test_corrupted_metrics_equal_the_model_on_noisy_batches_made_here(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.compute_bound
 def test_evaluate_cli_corrupt_attack_report(trained, tmp_path):
     _data, workdir = trained
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]

@@ -142,6 +142,7 @@ def test_pipeline_serves_three_modalities():
 
 
 @pytest.mark.slow
+@pytest.mark.compute_bound
 def test_tiny_run_learns_far_above_chance(tmp_path):
     """Chance is 0.5: the majority answer, and the best any two modalities allow; with lr 0 the
     zero-initialised head answers "yes" and stays there. ``mmjax.evaluate`` then gives the

@@ -46,6 +46,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.compute_bound
 def test_a_video_folder_trains_and_is_evaluated_under_corruptions_and_attacks(trained):
     """(predict, ``--drop video``, explain and export on a video model: tests/test_video_cli.py)"""
     _, workdir = trained
@@ -70,6 +71,7 @@ def test_a_video_folder_trains_and_is_evaluated_under_corruptions_and_attacks(tr
 
 
 @pytest.mark.slow
+@pytest.mark.compute_bound
 def test_a_720p_clip_with_sound_feeds_the_video_and_audio_towers(tmp_path):
     """One H.264 + AAC file named as both "video" and "audio" of each record: three towers."""
     root = tmp_path / "data"
