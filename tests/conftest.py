@@ -2,23 +2,21 @@
 
 One persistent JAX compilation cache for the whole session, shared by the xdist workers and by
 every subprocess a test starts (they inherit the environment): many tests compile the same tiny
-train and eval steps (the CLI runs, resumes, multi-device equivalence runs), and on this 2-core
-machine compilation is most of their time (a `configs/default.py:tiny` run: 44 s cold, 18 s
-with the cache warm). The cache is keyed by the compiled program, its options and the backend,
-so a hit runs exactly the executable a fresh compile would produce; it starts empty in every
-session (a new temporary folder), so no result depends on an earlier run. A developer's own
-``JAX_COMPILATION_CACHE_DIR`` is respected.
+train and eval steps (the CLI runs, resumes, multi-device equivalence runs), and on a CPU
+compilation is most of their time. The cache is keyed by the compiled program, its options and
+the backend, so a hit runs exactly the executable a fresh compile would produce; it starts empty
+in every session (a new temporary folder), so no result depends on an earlier run. A developer's
+own ``JAX_COMPILATION_CACHE_DIR`` is respected.
 
 The same reason sets ``TEST_XLA_FLAGS`` (added to ``XLA_FLAGS`` unless that already names them;
 subprocesses inherit them): XLA:CPU's LLVM back end at optimisation level 0, whose passes are
 most of the compile time of these tiny programs and buy them nothing, and XLA:CPU's older
 elemental code generator in place of its fusion emitters, which compiles a tiny train step in
-about two thirds of the time. Both are XLA:CPU settings that GPU and TPU runs never see;
-XLA's own graph passes (fusion, layout) still run, and without fast-math LLVM may not reorder
-float arithmetic at any level, so the programs compute what they compute at full optimisation.
-Tests that read a program's structure read what mmjax hands to XLA (``jit(...).lower()``), not
-what XLA:CPU makes of it. The benchmark CLI tests run
-under it too: they check the report, not its timings. Tests marked ``compute_bound`` (learning
+about two thirds of the time. Both are XLA:CPU settings that GPU and TPU runs never see; every
+process of a session uses the same ones, so runs that must agree bit for bit (resumes, 1 vs 8
+devices) compile alike. Tests that read a program's structure read what mmjax hands to XLA
+(``jit(...).lower()``), not what XLA:CPU makes of it. The benchmark CLI tests run under these
+flags too: they check the report, not its timings. Tests marked ``compute_bound`` (learning
 runs, attacks) spend their time running programs rather than compiling them and take about
 half the time at full optimisation; flags already named in ``XLA_FLAGS`` win, which is how
 ``.ci/run`` runs them apart.
