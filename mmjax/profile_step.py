@@ -1,4 +1,4 @@
-"""Where a train step's device time goes: a profiler trace of N steps, summed by kernel.
+"""Where a train step's accelerator time goes: a profiler trace of N steps, summed by kernel.
 
     python -m mmjax.profile_step --config configs/X.py[:arg] --steps 5 [--batch_size B] \
         [--out DIR] [--top 30]

@@ -78,7 +78,7 @@ class _SplitData:
         parsed = ops.parse(pp, self.ctx)
         self.prefix = {m: ops.cacheable_prefix(parsed, m) for m in modalities.names()}
         self.prefix_ops = {m: [parsed[i] for i in idx] for m, idx in self.prefix.items()}
-        budget = int(_get(data_config, "cache_mb", 2048)) * 2**20
+        limit = int(_get(data_config, "cache_mb", 2048)) * 2**20
         use_cache = bool(_get(data_config, "cache", True))
         self.cache: dict[str, dict[int, Any]] = {m: {} for m in modalities.names()}
         self._cached_bytes = 0
@@ -86,7 +86,7 @@ class _SplitData:
         self.partial = False  # some record lacks one of self.modalities
 
         def on_loaded(m: str, i: int, value: Any) -> None:
-            if not use_cache or not self.prefix_ops[m] or self._cached_bytes > budget:
+            if not use_cache or not self.prefix_ops[m] or self._cached_bytes > limit:
                 return
             out = ops.apply(self.prefix_ops[m], {m: value}, None)[m]
             self.cache[m][i] = out
@@ -105,7 +105,7 @@ class _SplitData:
             self._lines = self.source.lines
             self._file = self.source.file
             if use_cache:
-                self._fill_cache(on_loaded, budget)
+                self._fill_cache(on_loaded, limit)
         elif key[0] in ("folder", "file"):
             self.source = folder.FolderSource(
                 key[1], split, skip_bad=key[2], ctx=self.ctx, on_loaded=on_loaded
@@ -129,13 +129,13 @@ class _SplitData:
                  cached or "none", time.perf_counter() - t)
         self.labels: np.ndarray | None = None
 
-    def _fill_cache(self, on_loaded: Any, budget: int) -> None:
-        """Decodes records in order into the cache until it holds ``budget`` bytes: the
+    def _fill_cache(self, on_loaded: Any, limit: int) -> None:
+        """Decodes records in order into the cache until it holds ``limit`` bytes: the
         records, and the values, a folder's validation pass caches."""
         cached = [m for m in modalities.names()
                   if self.prefix_ops[m] and modalities.get(m).load is not None]
         for i in range(len(self.source)):
-            if self._cached_bytes > budget or not cached:
+            if self._cached_bytes > limit or not cached:
                 return
             rec = self.source[i]
             for m in cached:

@@ -1,4 +1,4 @@
-"""Where a train step's device time goes: a profiler trace of N steps, summed by kernel.
+"""Where a train step's accelerator time goes: a profiler trace of N steps, summed by kernel.
 
 The trace's complete events (``"ph": "X"``) on the device's tracks (a process whose name holds
 ``GPU``/``TPU``/``device``; on a CPU, where there is none, every track) are summed per name and
@@ -55,7 +55,7 @@ def load_events(path: str | Path) -> list[dict[str, Any]]:
 
 
 def summarize(events: Iterable[Mapping[str, Any]], steps: int) -> dict[str, Any]:
-    """Per-op and per-category device time of ``steps`` steps' worth of trace events.
+    """Per-op and per-category accelerator time of ``steps`` steps' worth of trace events.
 
     Complete events (``ph == "X"``, ``dur`` in µs) on device tracks are kept; if the trace has no
     device track (a CPU), all complete events are. Nested events on one track (a host op and the
