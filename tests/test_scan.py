@@ -49,8 +49,6 @@ def _batch(seed: int) -> dict:
             "text": {"ids": rng.integers(1, 23, (4, 7)).astype(np.int32) * mask, "mask": mask}}
 
 
-
-
 def _leaves(tree) -> dict:
     return {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
@@ -115,8 +113,8 @@ def test_scanned_model_matches_unrolled_outputs_and_grads(unroll, remat):
     iteration (depth 3: a remainder). The co-attention test below runs the loop under remat."""
     scanned = scan_lib.match_layers(_random_params(2), _shapes(True))
     outs_ref, g_ref, _ = _unrolled_reference()
-    outs, g, program = _outputs_and_grads(_model(True, scan_unroll=unroll, remat=remat), scanned,
-                                      _batch(3), 4)
+    outs, g, program = _outputs_and_grads(_model(True, scan_unroll=unroll, remat=remat),
+                                          scanned, _batch(3), 4)
     # A forward and a backward loop per stack that the unroll leaves more than one step: the
     # three stacks (depths 3, 2, 2) at unroll=1, none at 0, the depth-3 stack alone at 2.
     assert program.count("stablehlo.while") == {1: 6, 0: 0, 2: 2}[unroll]
@@ -167,7 +165,7 @@ def test_scanned_dropout_follows_its_key():
     params = scan_lib.match_layers(_random_params(5), _shapes(True))
     model = _model(True, dropout=0.3)
     fn = jax.jit(lambda k: [model.apply({"params": params}, _batch(6), train=t,
-                                     rngs={"dropout": k})["answer"]["logits"] for t in (1, 0)])
+                                        rngs={"dropout": k})["answer"]["logits"] for t in (1, 0)])
     (a, evaluated), (b, _), (a2, _) = (fn(jax.random.key(k)) for k in (0, 1, 0))
     assert np.isfinite(a).all() and not np.allclose(a, b)
     np.testing.assert_array_equal(a, a2)
