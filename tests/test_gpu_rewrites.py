@@ -77,7 +77,7 @@ def test_gelu_rewrite_matches_plain_and_the_float64_formula(name, ref, ref_slope
             np.testing.assert_allclose(grad(f), want_grad, rtol=1e-12, atol=1e-13)
     x32, w32 = jnp.asarray(x64, jnp.float32), jnp.asarray(w64, jnp.float32)
     outs = jax.jit(lambda x, w: [(f(x), jax.grad(lambda x, f=f: jnp.vdot(f(x), w))(x))
-                              for f in (rewrite, plain)])(x32, w32)
+                                 for f in (rewrite, plain)])(x32, w32)
     (y_r, g_r), (y_p, g_p) = outs
     np.testing.assert_array_equal(y_r, y_p)  # the forward is the same function
     want32 = ref(np.asarray(x32, np.float64))
@@ -145,7 +145,7 @@ def test_add_positions_rewrite_matches_plain_and_numpy():
 
     x32, pos32, w32 = (jnp.asarray(a, jnp.float32) for a in (x64, pos64, w64))
     f32 = jax.jit(lambda *a: [value_and_grads(layers.Options(gpu_rewrites=g), *a)
-                           for g in (True, False)])(x32, pos32, w32)
+                              for g in (True, False)])(x32, pos32, w32)
     for y, (gx, gp) in f32:
         np.testing.assert_array_equal(y, np.asarray(x32) + np.asarray(pos32))
         np.testing.assert_array_equal(gx, w32)
@@ -153,7 +153,7 @@ def test_add_positions_rewrite_matches_plain_and_numpy():
 
     wb = jnp.asarray(w64, jnp.bfloat16)
     bf16 = jax.jit(lambda *a: [value_and_grads(layers.Options(jnp.bfloat16, gpu_rewrites=g), *a)
-                            for g in (True, False)])(x32, pos32, wb)
+                               for g in (True, False)])(x32, pos32, wb)
     want_gp = np.asarray(wb.astype(jnp.float32), np.float64).sum(0)
     for y, (gx, gp) in bf16:
         assert y.dtype == jnp.bfloat16 and gx.dtype == gp.dtype == jnp.float32
